@@ -1,0 +1,1 @@
+"""Conversion: step 0 (weight transfer) and the training steps 1-3."""

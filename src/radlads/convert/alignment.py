@@ -1,0 +1,82 @@
+"""Teacher attention inputs/outputs and the student time mixers run on them (step 0 report, step 1).
+
+The teacher's attention I/O is captured with forward hooks during its ordinary forward, so it is
+exactly what the teacher computes, whatever its transformers version passes between modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..models import RadladsForCausalLM
+
+
+@dataclass
+class AttentionIO:
+    inputs: list[Tensor]  # per layer: the normed hidden states the attention layer received
+    outputs: list[Tensor]  # per layer: what the teacher's attention returned (before the residual add)
+
+
+def teacher_attention_io(teacher, input_ids: Tensor, attention_mask: Tensor | None = None) -> AttentionIO:
+    io = AttentionIO([], [])
+
+    def hook(module, args, kwargs, output):
+        io.inputs.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+        io.outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [
+        layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in teacher.model.layers
+    ]
+    try:
+        with torch.no_grad():
+            teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return io
+
+
+def student_attention_outputs(
+    student: RadladsForCausalLM, io: AttentionIO, position_ids: Tensor | None = None
+) -> list[Tensor | None]:
+    """Each student time mixer applied to its teacher layer's input; None for kept softmax layers.
+
+    The value residual's v_first comes from the student's own first mixer on the teacher's input,
+    as it would in the student's forward.
+    """
+    x0 = io.inputs[0]
+    if position_ids is None:
+        position_ids = torch.arange(x0.shape[1], device=x0.device)[None]
+    position_embeddings = student.model.rotary_emb(x0, position_ids)
+    outs, v_first = [], None
+    for idx, layer in enumerate(student.model.layers):
+        if student.config.is_softmax_layer(idx):
+            outs.append(None)
+            continue
+        y, v_first = layer.self_attn(io.inputs[idx], position_embeddings, v_first=v_first)
+        outs.append(y)
+    return outs
+
+
+def alignment_loss(student_out: list[Tensor | None], teacher_out: list[Tensor]) -> Tensor:
+    """SPEC step-1 loss: sum over layers of mean over tokens of ||y_t - y_s||_2 * C^-1/2."""
+    losses = [
+        (t.float() - s.float()).norm(dim=-1).mean() * t.shape[-1] ** -0.5
+        for s, t in zip(student_out, teacher_out)
+        if s is not None
+    ]
+    return torch.stack(losses).sum()
+
+
+@torch.no_grad()
+def layer_cosines(teacher, student: RadladsForCausalLM, input_ids: Tensor) -> list[float | None]:
+    """Mean per-token cosine between teacher attention output and student mixer output, per layer."""
+    io = teacher_attention_io(teacher, input_ids)
+    return [
+        None if s is None else F.cosine_similarity(s.float(), t.float(), dim=-1).mean().item()
+        for s, t in zip(student_attention_outputs(student, io), io.outputs)
+    ]

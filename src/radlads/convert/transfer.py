@@ -1,0 +1,76 @@
+"""Step 0 — attention weight transfer: build the student from the teacher and copy every weight
+that has a counterpart (SPEC §3). Instant; no training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from ..models import RadladsConfig, RadladsForCausalLM, family_of
+
+
+def load_teacher(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None
+) -> PreTrainedModel:
+    """A teacher HF folder (config.json + safetensors) as a frozen eval-mode model."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved with "
+            "save_pretrained, or a .gguf file through radlads.teachers.resolve_teacher"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    family_of(model.config.model_type)  # fail early, naming the supported families
+    model.requires_grad_(False).eval()
+    return model.to(device) if device else model
+
+
+def student_config(teacher: PreTrainedModel, arch: str = "rad-rwkv7", **options) -> RadladsConfig:
+    tcfg = teacher.config
+    family_of(tcfg.model_type)
+    n = tcfg.num_hidden_layers
+    softmax = sorted({i % n for i in options.pop("softmax_layers", ())})
+    if len(softmax) == n:
+        raise ValueError("softmax_layers keeps every layer: nothing would be converted")
+    return RadladsConfig(arch=arch, teacher_config=tcfg.to_dict(), softmax_layers=softmax, **options)
+
+
+def transfer(teacher: PreTrainedModel | str | Path, arch: str = "rad-rwkv7", **options) -> RadladsForCausalLM:
+    """Teacher module or HF folder -> RadladsForCausalLM with the teacher's weights copied.
+
+    Options are RadladsConfig fields (softmax_layers, decay_rank, groupnorm, init_v0, ...);
+    negative softmax_layers count from the end (-1 keeps the last layer's attention).
+    """
+    if not isinstance(teacher, nn.Module):
+        teacher = load_teacher(teacher)
+    config = student_config(teacher, arch, **options)
+    param = next(teacher.parameters())
+    student = RadladsForCausalLM(config).to(device=param.device, dtype=param.dtype)
+    copy_teacher_weights(teacher, student)
+    return student
+
+
+def copy_teacher_weights(teacher: nn.Module, student: nn.Module) -> list[str]:
+    """Copy every same-named tensor (student layers keep the teacher's names); return their names.
+
+    A name present in both with another shape is a bug in the student, not a choice: raise.
+    """
+    source = teacher.state_dict()
+    copied = []
+    with torch.no_grad():
+        for name, tensor in student.state_dict().items():
+            if name not in source:
+                continue
+            if source[name].shape != tensor.shape:
+                raise RuntimeError(
+                    f"shape mismatch for {name}: teacher {source[name].shape}, student {tensor.shape}"
+                )
+            tensor.copy_(source[name])
+            copied.append(name)
+    missing = [n for n in source if n not in copied and not n.endswith("rotary_emb.inv_freq")]
+    if missing:
+        raise RuntimeError(f"teacher tensors without a counterpart in the student: {missing[:5]}")
+    return copied

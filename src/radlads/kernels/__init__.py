@@ -1,0 +1,90 @@
+"""The two recurrences of the students, one signature, several backends.
+
+    y, final_state = rwkv7_recurrence(r, log_w, k, v, a, b, scale=..., initial_state=..., output_final_state=...)
+    y, final_state = gla_recurrence(r, log_w, k, v, scale=..., initial_state=..., output_final_state=...)
+
+Tensors are [B, T, H, K] (v: [B, T, H, V]); states are fp32 [B, H, K, V]. Backends:
+"fla" (Triton, CUDA), "chunked" (PyTorch, differentiable, any device), "loop" (PyTorch,
+one token at a time: ground truth). "auto" picks fla on CUDA when installed, else chunked.
+The RADLADS_KERNEL_BACKEND environment variable overrides "auto".
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+from torch import Tensor
+
+from .reference import recurrent_chunked, recurrent_loop
+
+BACKENDS = ("auto", "fla", "chunked", "loop")
+
+
+@functools.cache
+def fla_available() -> bool:
+    return importlib.util.find_spec("fla") is not None
+
+
+def resolve_backend(backend: str, on_cuda: bool) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = os.environ.get("RADLADS_KERNEL_BACKEND", "auto")
+    if backend == "auto":
+        return "fla" if on_cuda and fla_available() else "chunked"
+    if backend == "fla" and not (on_cuda and fla_available()):
+        raise RuntimeError(
+            "the 'fla' kernel backend needs a CUDA tensor and flash-linear-attention "
+            "(pip install 'radlads[cuda]'); use backend 'chunked' on CPU"
+        )
+    return backend
+
+
+def _dispatch(backend: str, on_cuda: bool):
+    name = resolve_backend(backend, on_cuda)
+    if name == "fla":
+        from . import fla_ops
+
+        return fla_ops.dplr
+    return recurrent_chunked if name == "chunked" else recurrent_loop
+
+
+def rwkv7_recurrence(
+    r: Tensor,
+    log_w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """RWKV-7 delta rule: h_t = diag(w_t) h + b_t (a_t^T h) + k_t v_t^T, y_t = scale h_t^T r_t."""
+    op = _dispatch(backend, r.is_cuda)
+    return op(
+        r, log_w, k, v, a, b, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+    )
+
+
+def gla_recurrence(
+    r: Tensor,
+    log_w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """Diagonal-decay rule (GLA; RWKV-6 with u = 0): h_t = diag(w_t) h + k_t v_t^T, y_t = scale h_t^T r_t."""
+    op = _dispatch(backend, r.is_cuda)
+    return op(r, log_w, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+
+
+__all__ = ["BACKENDS", "fla_available", "gla_recurrence", "resolve_backend", "rwkv7_recurrence"]

@@ -1,0 +1,61 @@
+"""flash-linear-attention's Triton kernels behind the reference's signature (CUDA only).
+
+Imported lazily by the dispatcher: on a CPU install this module is never loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from fla.ops.gla import chunk_gla, fused_recurrent_gla
+from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+from torch import Tensor
+
+# The fused recurrent kernel wins for decoding (a handful of tokens, no autograd); the chunked
+# kernel for prefill and training. fla's fused recurrent ops have no backward.
+_RECURRENT_MAX_TOKENS = 16
+
+
+def _use_recurrent(r: Tensor) -> bool:
+    return r.shape[1] <= _RECURRENT_MAX_TOKENS and not torch.is_grad_enabled()
+
+
+def dplr(
+    r: Tensor,
+    log_w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    log_w = log_w.to(r.dtype)
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    if a is None:
+        if _use_recurrent(r):
+            return fused_recurrent_gla(
+                r,
+                k,
+                v,
+                gk=log_w,
+                scale=scale,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+            )
+        return chunk_gla(
+            r, k, v, log_w, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        )
+    op = fused_recurrent_rwkv7 if _use_recurrent(r) else chunk_rwkv7
+    return op(
+        r,
+        log_w,
+        k,
+        v,
+        a.to(r.dtype),
+        b.to(r.dtype),
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )

@@ -1,0 +1,124 @@
+"""Pieces every student attention layer shares: the teacher's q/k/v/o projections with RoPE and
+GQA, and the low-rank ("LoRA") maps that produce RWKV's data-dependent parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import initialization as init
+
+from .configuration import RadladsConfig
+from .families import family_of
+
+
+class LowRank(nn.Module):
+    """x -> act(x A) B. A starts at zero and B small, so the map outputs exactly 0 at step 0 while
+    both factors still receive gradient (B's through A's first update, A's through B)."""
+
+    def __init__(self, dim_in: int, rank: int, dim_out: int, activation: str | None = None):
+        super().__init__()
+        self.down = nn.Linear(dim_in, rank, bias=False)
+        self.up = nn.Linear(rank, dim_out, bias=False)
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.down(x)
+        return self.up(torch.tanh(h) if self.activation == "tanh" else h)
+
+    def init_parameters(self) -> None:
+        init.zeros_(self.down.weight)
+        init.orthogonal_(self.up.weight, gain=0.1)
+
+
+class TeacherProjections(nn.Module):
+    """q/k/v/o exactly as the teacher has them (names, biases, per-head q/k norms, RoPE).
+
+    The linear mixers use q_proj as the SPEC's receptance Wr: keeping the teacher's names makes
+    step 0 a copy of same-named tensors.
+    """
+
+    def __init__(self, config: RadladsConfig, layer_idx: int):
+        super().__init__()
+        teacher = config.teacher()
+        self.family = family_of(teacher.model_type)
+        self.layer_idx = layer_idx
+        self.num_heads = teacher.num_attention_heads
+        self.num_kv_heads = teacher.num_key_value_heads or self.num_heads
+        self.head_dim = config.head_dim
+        C, H, Hkv, N = teacher.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        qkv_bias, o_bias = self.family.biases(teacher)
+        self.q_proj = nn.Linear(C, H * N, bias=qkv_bias)
+        self.k_proj = nn.Linear(C, Hkv * N, bias=qkv_bias)
+        self.v_proj = nn.Linear(C, Hkv * N, bias=qkv_bias)
+        self.o_proj = nn.Linear(H * N, C, bias=o_bias)
+        if self.family.qk_norm:
+            self.q_norm = self.family.norm(teacher, N)
+            self.k_norm = self.family.norm(teacher, N)
+
+    def project(self, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as [B, T, heads, N]: q with H heads, k and v with H_kv heads, RoPE applied."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        if self.family.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.family.apply_rotary(q, k, *position_embeddings)
+        return q, k, v
+
+    def expand_kv(self, x: Tensor) -> Tensor:
+        """[B, T, H_kv, N] -> [B, T, H, N]; query head h reads KV head h // G, as in HF's repeat_kv."""
+        return x.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
+
+
+def decay_speed_schedule(
+    layer_idx: int, num_layers: int, dim: int, base: float, span: float, power
+) -> Tensor:
+    """RWKV's per-channel decay speeds: slow in early channels, fast in late ones, varying by depth."""
+    depth = layer_idx / max(num_layers - 1, 1)
+    n = torch.arange(dim, dtype=torch.float32) / max(dim - 1, 1)
+    return base + span * n ** power(depth)
+
+
+class LinearMixer(TeacherProjections):
+    """What both RAD time mixers do around their recurrence: heads in, state in/out, gate out."""
+
+    def __init__(self, config: RadladsConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.config = config
+        D = self.num_heads * self.head_dim
+        self.out_norm = nn.GroupNorm(self.num_heads, D, eps=64e-5) if config.groupnorm else None
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.out_norm is not None else self.head_dim**-0.5
+
+    def heads(self, x: Tensor, position_embeddings, attention_mask: Tensor | None):
+        """r, k, v as [B, T, H, N] with k and v expanded to all query heads."""
+        r, k, v = self.project(x, position_embeddings)
+        k, v = self.expand_kv(k), self.expand_kv(v)
+        if attention_mask is not None:  # padded positions must not write into the state
+            keep = attention_mask[:, -x.shape[1] :, None, None].to(k.dtype)
+            k, v = k * keep, v * keep
+        return r, k, v
+
+    def recur(self, op, *args, cache=None) -> Tensor:
+        """Run a kernel op from the cached state and store its final state back."""
+        state = cache.states[self.layer_idx] if cache is not None else None
+        y, state = op(
+            *args,
+            scale=self.scale,
+            initial_state=state,
+            output_final_state=cache is not None,
+            backend=self.config.kernel_backend,
+        )
+        if cache is not None:
+            cache.states[self.layer_idx] = state
+        return y
+
+    def output(self, y: Tensor, gate: Tensor) -> Tensor:
+        B, T = y.shape[:2]
+        y = y.reshape(B, T, -1)
+        if self.out_norm is not None:
+            y = self.out_norm(y.view(B * T, -1)).view(B, T, -1)
+        return self.o_proj(y * gate)

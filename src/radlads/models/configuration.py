@@ -1,0 +1,100 @@
+"""RadladsConfig: the teacher's config plus the student's choices (architecture, ranks, init)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+ARCHS = ("rad-rwkv7", "rad-rwkv6")
+
+# Fields copied from the teacher to the top level so that generic HF code (generate, pipelines,
+# lm-eval) finds them where it looks for them.
+_MIRRORED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+)
+
+
+def round_up_32(x: float) -> int:
+    return max(32, int(math.ceil(x / 32) * 32))
+
+
+def default_ranks(arch: str, hidden_size: int) -> dict[str, int | None]:
+    """LoRA ranks from the SPEC: round_up_32(C^0.5 * m); the RWKV-6 gate is low rank (<= 128)."""
+    root = hidden_size**0.5
+    ranks = {
+        "decay_rank": round_up_32(root * 1.8),
+        "iclr_rank": round_up_32(root * 1.8),
+        "value_rank": round_up_32(root * 1.3),
+        "gate_rank": None,  # full-rank gate for RAD-RWKV7
+    }
+    if arch == "rad-rwkv6":
+        ranks["gate_rank"] = min(128, round_up_32(0.6 * hidden_size**0.8))
+    return ranks
+
+
+class RadladsConfig(PretrainedConfig):
+    """Config of a RADLADS student.
+
+    `teacher_config` is the teacher's full config dict: embeddings, MLPs, norms and RoPE are the
+    teacher family's own modules built from it. Every other field has a default from the SPEC.
+    """
+
+    model_type = "radlads"
+
+    def __init__(
+        self,
+        arch: str = "rad-rwkv7",
+        teacher_config: dict[str, Any] | None = None,
+        softmax_layers: list[int] | tuple[int, ...] = (),
+        decay_rank: int | None = None,
+        iclr_rank: int | None = None,
+        value_rank: int | None = None,
+        gate_rank: int | None = None,
+        groupnorm: bool = False,
+        kernel_backend: str = "auto",
+        init_k_k: float = 0.85,
+        init_k_a: float = 1.0,
+        init_a0: float = 0.0,
+        init_v0: float = 1.0,
+        **kwargs,
+    ):
+        if arch not in ARCHS:
+            raise ValueError(f"unknown student architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        self.arch = arch
+        self.teacher_config = dict(teacher_config or {})
+        self.softmax_layers = sorted(int(i) for i in softmax_layers)
+        self.groupnorm = groupnorm
+        self.kernel_backend = kernel_backend
+        self.init_k_k, self.init_k_a, self.init_a0, self.init_v0 = init_k_k, init_k_a, init_a0, init_v0
+        for key in _MIRRORED:
+            if key not in kwargs and key in self.teacher_config:
+                kwargs[key] = self.teacher_config[key]
+        hidden = kwargs.get("hidden_size", self.teacher_config.get("hidden_size", 64))
+        given = {"decay_rank": decay_rank, "iclr_rank": iclr_rank, "value_rank": value_rank}
+        for name, default in default_ranks(arch, hidden).items():
+            setattr(self, name, given.get(name) or default)
+        if gate_rank is not None:
+            self.gate_rank = gate_rank
+        self.head_dim = self.teacher_config.get("head_dim") or hidden // self.teacher_config.get(
+            "num_attention_heads", kwargs.get("num_attention_heads", 1)
+        )
+        super().__init__(**kwargs)
+
+    def teacher(self) -> PretrainedConfig:
+        """The teacher family's config object (rebuilt from the stored dict)."""
+        cfg = dict(self.teacher_config)
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+    def is_softmax_layer(self, layer_idx: int) -> bool:
+        return layer_idx in self.softmax_layers

@@ -1,0 +1,238 @@
+"""The HF wrapper: RadladsModel / RadladsForCausalLM, a Llama-layout decoder whose attention
+layers are RAD time mixers (or, in hybrids, the teacher's softmax attention)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .attention import SoftmaxAttention
+from .cache import RadladsCache
+from .common import LinearMixer, LowRank
+from .configuration import RadladsConfig
+from .families import family_of
+from .rwkv6 import RadRWKV6Mixer
+from .rwkv7 import RadRWKV7Mixer
+
+MIXERS = {"rad-rwkv7": RadRWKV7Mixer, "rad-rwkv6": RadRWKV6Mixer}
+
+
+@dataclass
+class RadladsOutput(ModelOutput):
+    last_hidden_state: Tensor | None = None
+    cache: RadladsCache | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class RadladsCausalLMOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    cache: RadladsCache | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+class RadladsDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: RadladsConfig, layer_idx: int):
+        super().__init__()
+        teacher = config.teacher()
+        family = family_of(teacher.model_type)
+        first_linear = min(i for i in range(config.num_hidden_layers) if not config.is_softmax_layer(i))
+        self.input_layernorm = family.norm(teacher)
+        if config.is_softmax_layer(layer_idx):
+            self.self_attn = SoftmaxAttention(config, layer_idx)
+        else:
+            self.self_attn = MIXERS[config.arch](config, layer_idx, first_linear)
+        self.post_attention_layernorm = family.norm(teacher)
+        self.mlp = family.mlp(teacher)
+
+    def forward(self, hidden_states, position_embeddings, cache=None, v_first=None, attention_mask=None):
+        attn, v_first = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, cache, v_first, attention_mask
+        )
+        hidden_states = hidden_states + attn
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, v_first
+
+
+class RadladsPreTrainedModel(PreTrainedModel):
+    config_class = RadladsConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RadladsDecoderLayer"]
+    _is_stateful = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # The RAD parameters have their own init (applied after their Linear children's generic one).
+        if isinstance(module, (LinearMixer, LowRank)):
+            module.init_parameters()
+
+
+class RadladsModel(RadladsPreTrainedModel):
+    def __init__(self, config: RadladsConfig):
+        super().__init__(config)
+        if not config.teacher_config:
+            raise ValueError(
+                "RadladsConfig needs teacher_config (build students with radlads.convert.transfer)"
+            )
+        teacher = config.teacher()
+        family = family_of(teacher.model_type)
+        self.embed_tokens = nn.Embedding(teacher.vocab_size, teacher.hidden_size, teacher.pad_token_id)
+        self.layers = nn.ModuleList(RadladsDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = family.norm(teacher)
+        self.rotary_emb = family.rotary(teacher)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: RadladsCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> RadladsOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        T = hidden.shape[1]
+        if use_cache and cache is None:
+            cache = RadladsCache(self.config.num_hidden_layers)
+        past = cache.seen_tokens if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=hidden.device)[None]
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: take the fast paths
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        all_hidden = (hidden,) if output_hidden_states else None
+        v_first = None
+        for layer in self.layers:
+            hidden, v_first = layer(hidden, position_embeddings, cache, v_first, attention_mask)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        if cache is not None:
+            cache.seen_tokens += T
+        return RadladsOutput(last_hidden_state=self.norm(hidden), cache=cache, hidden_states=all_hidden)
+
+
+class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RadladsConfig):
+        super().__init__(config)
+        self.model = RadladsModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def untie_embeddings(self) -> None:
+        """Give the LM head its own copy of the embedding (SPEC: untied from step 2 on)."""
+        if self.config.tie_word_embeddings or self.lm_head.weight is self.model.embed_tokens.weight:
+            self.lm_head.weight = nn.Parameter(self.model.embed_tokens.weight.detach().clone())
+            self.config.tie_word_embeddings = False
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: RadladsCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        past_key_values: RadladsCache | None = None,
+        **kwargs,
+    ) -> RadladsCausalLMOutput:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
+            )
+        return RadladsCausalLMOutput(
+            loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states
+        )
+
+    # --- generation: the state replaces the KV cache, so generate() must feed only new tokens ---
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        cache: RadladsCache | None = None,
+        past_key_values: RadladsCache | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool = True,
+        **kwargs,
+    ) -> dict:
+        cache = cache if cache is not None else past_key_values
+        seen = cache.seen_tokens if cache is not None else 0
+        inputs = {"cache": cache, "attention_mask": attention_mask, "use_cache": use_cache}
+        if inputs_embeds is not None and seen == 0:
+            inputs["inputs_embeds"], T = inputs_embeds, inputs_embeds.shape[1]
+        else:
+            inputs["input_ids"] = input_ids[:, seen:]
+            T = inputs["input_ids"].shape[1]
+        if attention_mask is not None:
+            inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        return inputs
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1
+    ):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        model_kwargs["cache"] = outputs.cache
+        model_kwargs.pop("past_key_values", None)
+        return model_kwargs
+
+    def _reorder_cache(self, cache: RadladsCache, beam_idx: Tensor) -> RadladsCache:
+        cache.reorder_cache(beam_idx)
+        return cache

@@ -1,0 +1,58 @@
+"""RAD-RWKV6 ("RADFinch") time mixer: RWKV-6 data-dependent decay on the teacher's projections.
+
+Per token, per head (SPEC §2): r, k, v from the teacher's q/k/v with its RoPE and GQA;
+log w = -exp(w0 + tanh(x W1) W2); key tied to decay k <- k (1 - w); S_t = S diag(w) + v k^T,
+y = S r N^-1/2 (a gated-linear-attention recurrence, no bonus u); gate sigmoid(tanh(x G1) G2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import initialization as init
+
+from ..kernels import gla_recurrence
+from .cache import RadladsCache
+from .common import LinearMixer, LowRank, decay_speed_schedule
+from .configuration import RadladsConfig
+
+
+class RadRWKV6Mixer(LinearMixer):
+    def __init__(self, config: RadladsConfig, layer_idx: int, first_linear_layer: int):
+        super().__init__(config, layer_idx)
+        C, D = config.hidden_size, self.num_heads * self.head_dim
+        self.w0 = nn.Parameter(torch.empty(D))
+        self.w_lora = LowRank(C, config.decay_rank, D, activation="tanh")
+        self.gate = LowRank(C, config.gate_rank, D, activation="tanh")
+
+    def init_parameters(self) -> None:
+        """Start near the teacher: LoRAs output 0, decay from RWKV-6's speed schedule, gate 1/2."""
+        schedule = decay_speed_schedule(
+            self.layer_idx,
+            self.config.num_hidden_layers,
+            self.w0.numel(),
+            base=-6.0,
+            span=5.0,
+            power=lambda d: 0.7 + 1.3 * d,
+        )
+        init.copy_(self.w0, schedule)
+        self.w_lora.init_parameters()
+        self.gate.init_parameters()
+
+    def log_decay(self, x: Tensor) -> Tensor:
+        return -torch.exp(self.w0 + self.w_lora(x).float())
+
+    def forward(
+        self,
+        x: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        cache: RadladsCache | None = None,
+        v_first: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        B, T, _ = x.shape
+        r, k, v = self.heads(x, position_embeddings, attention_mask)
+        log_w = self.log_decay(x).view(B, T, self.num_heads, self.head_dim)
+        k = k * -torch.expm1(log_w).to(k.dtype)  # 1 - w, accurate when w is close to 1
+        y = self.recur(gla_recurrence, r, log_w, k, v, cache=cache)
+        return self.output(y, torch.sigmoid(self.gate(x))), v_first

@@ -1,0 +1,115 @@
+"""Student models: decoding equivalence, padding, generate(), save/load, init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from radlads.convert.transfer import transfer
+from radlads.models import RadladsCache, RadladsForCausalLM
+from tiny_models import make_teacher
+
+VARIANTS = {
+    "rwkv7": dict(arch="rad-rwkv7"),
+    "rwkv6": dict(arch="rad-rwkv6"),
+    "rwkv7-hybrid": dict(arch="rad-rwkv7", softmax_layers=[-1]),
+    "rwkv6-hybrid-first": dict(arch="rad-rwkv6", softmax_layers=[0]),
+    "rwkv7-groupnorm-lowrank-gate": dict(arch="rad-rwkv7", groupnorm=True, gate_rank=32),
+}
+
+
+def perturbed_student(family="qwen2", **options) -> RadladsForCausalLM:
+    """A student whose new parameters are random, so every term of the equations is exercised."""
+    student = transfer(make_teacher(family), **options).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if any(key in name for key in ("lora", "gate", "k_k", "k_a", "a0", "v0")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return student
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_prefill_plus_decoding_equals_full_forward(variant):
+    student = perturbed_student(**VARIANTS[variant])
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = student(ids).logits
+        out = student(ids[:, :11], use_cache=True)
+        steps, cache = [out.logits], out.cache
+        for t in range(11, 24):
+            out = student(ids[:, t : t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+    assert isinstance(cache, RadladsCache) and cache.seen_tokens == 24
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-hybrid"])
+def test_generate_matches_greedy_from_full_forward(variant):
+    student = perturbed_student(**VARIANTS[variant])
+    prompt = torch.randint(0, 320, (1, 7), generator=torch.Generator().manual_seed(2))
+    generated = student.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            ids = torch.cat([ids, student(ids).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, ids)
+
+
+def test_recurrent_state_does_not_grow_with_context():
+    student = perturbed_student(arch="rad-rwkv7")
+    cache = student(torch.zeros(1, 8, dtype=torch.long), use_cache=True).cache
+    size = cache.nbytes()
+    with torch.no_grad():
+        for _ in range(20):
+            cache = student(torch.ones(1, 1, dtype=torch.long), cache=cache, use_cache=True).cache
+    assert cache.nbytes() == size
+
+
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6-hybrid-first"])
+def test_left_padding_gives_the_unpadded_result(variant):
+    student = perturbed_student(**VARIANTS[variant])
+    short = torch.randint(1, 320, (1, 9), generator=torch.Generator().manual_seed(3))
+    long = torch.randint(1, 320, (1, 13), generator=torch.Generator().manual_seed(4))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    alone = student.generate(short, max_new_tokens=5, do_sample=False)
+    batched = student.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(batched[0, 4:], alone[0])
+
+
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-hybrid"])
+def test_save_pretrained_round_trip(tmp_path, variant):
+    student = perturbed_student(**VARIANTS[variant])
+    student.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is RadladsForCausalLM
+    ids = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, student(ids).logits)
+
+
+def test_untied_head_survives_round_trip(tmp_path):
+    student = perturbed_student(arch="rad-rwkv7")
+    assert student.lm_head.weight is student.model.embed_tokens.weight  # the Qwen2 teacher ties them
+    student.untie_embeddings()
+    with torch.no_grad():
+        student.lm_head.weight.add_(1.0)
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    torch.testing.assert_close(loaded.lm_head.weight, student.lm_head.weight)
+
+
+def test_new_parameters_start_at_their_documented_values():
+    student = transfer(make_teacher("llama"), arch="rad-rwkv7")
+    mixer = student.model.layers[1].self_attn
+    assert torch.all(mixer.gate.weight == 0)  # gate = 1/2 everywhere
+    assert torch.all(mixer.w_lora.down.weight == 0) and mixer.w_lora.up.weight.abs().max() > 0
+    assert torch.allclose(mixer.k_k, torch.full_like(mixer.k_k, 0.85))
+    assert torch.allclose(mixer.v0, torch.ones_like(mixer.v0))
+    assert not hasattr(student.model.layers[0].self_attn, "v0")  # layer 0 provides v_first
+    assert mixer.w0[0] < mixer.w0[-1]  # the decay-speed schedule rises across channels
