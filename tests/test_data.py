@@ -220,10 +220,14 @@ def test_existing_index_is_reused_until_sources_change(
     assert second.sources[0].documents == 7
 
 
+@pytest.mark.parametrize("rebuild", [False, True])
 def test_crash_while_writing_index_leaves_no_index(
-    tmp_path: Path, tiny_tok: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_tok: Path, monkeypatch: pytest.MonkeyPatch, rebuild: bool
 ) -> None:
     write_jsonl(tmp_path / "src" / "docs.jsonl", DOCS[:5])
+    if rebuild:  # an old index must not survive to describe the new token files
+        prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "out", progress=False)
+        write_jsonl(tmp_path / "src" / "docs.jsonl", DOCS)
 
     def dump_half_then_crash(data: object, f: object, **kwargs: object) -> None:
         f.write(json.dumps(data)[:20])  # type: ignore[attr-defined]

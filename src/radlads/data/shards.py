@@ -63,7 +63,8 @@ def prepare_shards(
     settings = PrepareSettings(held_out_fraction, held_out_tokens, append_eos, seed)
     source_infos = [describe_source(s) for s in normalise_sources(sources)]
     out = Path(out_dir)
-    existing = reusable_index(out, tokenizer_hash(tok), source_infos, settings)
+    tok_hash = tokenizer_hash(tok)
+    existing = reusable_index(out, tok_hash, source_infos, settings)
     if existing is not None:
         logger.info("reusing the token shards in %s (same tokenizer, sources and settings)", out)
         return existing
@@ -73,7 +74,7 @@ def prepare_shards(
     index = ShardIndex(
         dtype=token_dtype(vocab_size).name,
         tokenizer_name=tok.name_or_path,
-        tokenizer_hash=tokenizer_hash(tok),
+        tokenizer_hash=tok_hash,
         vocab_size=vocab_size,
         eos_id=tok.eos_token_id,
         settings=settings,
