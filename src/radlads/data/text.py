@@ -1,0 +1,163 @@
+"""Read documents from .txt / .jsonl files (optionally .gz / .xz compressed)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import TextIO
+
+ACCEPTED_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".txt.xz", ".jsonl.gz", ".jsonl.xz")
+
+# A plain-text file up to this many characters is one document; a bigger one (a book, a dump)
+# is cut at blank lines so that held-out selection and EOS separators stay meaningful.
+WHOLE_FILE_MAX_CHARS = 1_000_000
+SPLIT_DOCUMENT_CHARS = 100_000
+
+StrPath = str | os.PathLike[str]
+
+
+def accepted_suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in ACCEPTED_SUFFIXES if name.endswith(s)), None)
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    accepted: list[Path]
+    skipped: list[Path]
+
+
+def scan_input_files(path: StrPath) -> InputFiles:
+    """Files under `path` (a file or a folder, searched recursively), in sorted order."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"data source {root} does not exist")
+    candidates = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    files = InputFiles(
+        accepted=[p for p in candidates if accepted_suffix(p)],
+        skipped=[p for p in candidates if not accepted_suffix(p)],
+    )
+    if not files.accepted:
+        skipped = f" ({len(files.skipped)} file(s) of unknown type)" if files.skipped else ""
+        raise ValueError(
+            f"no input files in {root}{skipped}; accepted file types: {', '.join(ACCEPTED_SUFFIXES)}"
+        )
+    return files
+
+
+def list_input_files(path: StrPath) -> list[Path]:
+    """Accepted files under `path`, warning about the ones of unknown type."""
+    files = scan_input_files(path)
+    if files.skipped:
+        shown = files.skipped[:20]
+        listed = ", ".join(str(p) for p in shown) + (" ..." if len(files.skipped) > len(shown) else "")
+        warnings.warn(f"skipping {len(files.skipped)} file(s) of unknown type: {listed}", stacklevel=2)
+    return files.accepted
+
+
+def open_text(path: Path) -> TextIO:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_documents(path: Path) -> Iterator[str]:
+    """Documents of one accepted file, as stored (empty ones included)."""
+    reader = read_jsonl if ".jsonl" in accepted_suffix(path) else read_txt
+    with open_text(path) as f:
+        try:
+            yield from reader(f, path)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+
+
+def read_jsonl(f: TextIO, path: Path) -> Iterator[str]:
+    for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from e
+        if not isinstance(record, dict) or "text" not in record:
+            raise ValueError(f"{path}, line {lineno}: record has no 'text' field")
+        text = record["text"]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}, line {lineno}: 'text' is a {type(text).__name__}, not a string")
+        yield text
+
+
+def read_txt(f: TextIO, path: Path) -> Iterator[str]:
+    head = f.read(WHOLE_FILE_MAX_CHARS + 1)
+    if len(head) <= WHOLE_FILE_MAX_CHARS:
+        yield head
+        return
+    # Finish the line the head cut through, then stream the rest line by line.
+    lines = chain(io.StringIO(head + f.readline()), f)
+    yield from split_paragraphs(lines, SPLIT_DOCUMENT_CHARS)
+
+
+def split_paragraphs(lines: Iterable[str], target_chars: int) -> Iterator[str]:
+    """Group blank-line-separated paragraphs into documents of about `target_chars`."""
+    document: list[str] = []
+    size = 0
+    paragraph: list[str] = []
+    for line in chain(lines, [""]):  # the sentinel flushes the last paragraph
+        if line.strip():
+            paragraph.append(line)
+            continue
+        if not paragraph:
+            continue
+        text = "".join(paragraph)
+        paragraph = []
+        if document and size + len(text) > target_chars:
+            yield "\n".join(document)
+            document, size = [], 0
+        document.append(text)
+        size += len(text)
+    if document:
+        yield "\n".join(document)
+
+
+class Deduplicator:
+    """Remembers a 16-byte digest per document seen (memory grows with the document count)."""
+
+    def __init__(self) -> None:
+        self._seen: set[bytes] = set()
+        self.duplicates = 0
+
+    def is_new(self, text: str) -> bool:
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        if digest in self._seen:
+            self.duplicates += 1
+            return False
+        self._seen.add(digest)
+        return True
+
+
+def iter_documents(
+    paths: StrPath | Iterable[StrPath], *, deduplicator: Deduplicator | None = None
+) -> Iterator[str]:
+    """Non-empty, exact-deduplicated documents from files or folders, in a deterministic order.
+
+    Pass a shared `deduplicator` to remove duplicates across several calls.
+    """
+    roots = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    dedup = deduplicator if deduplicator is not None else Deduplicator()
+    for root in roots:
+        for path in list_input_files(root):
+            for text in read_documents(path):
+                if text.strip() and dedup.is_new(text):
+                    yield text
