@@ -1,0 +1,112 @@
+"""Typed run configuration: dataclasses with SPEC defaults, loadable from YAML, token counts with
+k/M/B suffixes."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+
+
+def parse_tokens(value: str | int | float) -> int:
+    """'200k' -> 200000, '1.5M' -> 1500000, 0 -> 0."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", value)
+    if not match:
+        raise ValueError(f"cannot read token count {value!r}: use a number with an optional k/M/B suffix, e.g. 200k")
+    return int(float(match.group(1)) * _SUFFIX[match.group(2).lower()])
+
+
+@dataclass
+class StepConfig:
+    """One training step of the protocol. `tokens` is the budget; 0 skips the step."""
+
+    tokens: int
+    lr: float
+    lr_final: float | None = None  # cosine decay to this value; None keeps the LR flat
+    seq_len: int = 512
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1
+    warmup_tokens: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0
+    checkpoint_every: int = 20_000_000  # tokens
+    log_every: int = 10  # optimizer steps
+    heldout_batches: int = 4  # held-out batches scored at the start and end of the step
+
+    def __post_init__(self):
+        self.tokens = parse_tokens(self.tokens)
+        self.warmup_tokens = parse_tokens(self.warmup_tokens)
+        self.checkpoint_every = parse_tokens(self.checkpoint_every)
+        self.betas = tuple(self.betas)
+
+    @property
+    def tokens_per_update(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum
+
+
+def _step1() -> StepConfig:
+    return StepConfig(tokens=100_000_000, lr=1e-3, lr_final=1e-5)
+
+
+def _step2() -> StepConfig:
+    return StepConfig(tokens=250_000_000, lr=1e-5)
+
+
+def _step3() -> StepConfig:
+    return StepConfig(tokens=0, lr=1e-5, seq_len=16384, batch_size=1)
+
+
+@dataclass
+class ConvertConfig:
+    """Everything `radlads convert` needs; the defaults are the paper's protocol."""
+
+    teacher: str = ""
+    data: str = ""
+    out: str = ""
+    arch: str = "rad-rwkv7"
+    student: dict[str, Any] = field(default_factory=dict)  # RadladsConfig options (softmax_layers, ranks, ...)
+    step1: StepConfig = field(default_factory=_step1)
+    step2: StepConfig = field(default_factory=_step2)
+    step3: StepConfig = field(default_factory=_step3)
+    seed: int = 0
+    device: str = "auto"  # "auto": CUDA when available
+    activation_checkpointing: bool = False
+    held_out_fraction: float = 0.01
+    kl_chunk_tokens: int = 4096  # rows of [tokens, vocab] logits materialised at once in KL / CE
+
+    def steps(self) -> dict[int, StepConfig]:
+        return {1: self.step1, 2: self.step2, 3: self.step3}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ConvertConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        data = dict(data)
+        defaults = cls()
+        for name in ("step1", "step2", "step3"):
+            if name in data:
+                base = dataclasses.asdict(getattr(defaults, name))
+                data[name] = StepConfig(**{**base, **(data[name] or {})})
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ConvertConfig:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys at the top level")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
