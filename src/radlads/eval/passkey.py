@@ -102,7 +102,7 @@ def evaluate_passkey(
     *,
     trials: int = 1,
     seed: int = 0,
-    max_new_tokens: int = 8,
+    max_new_tokens: int = 10,  # room for a space and 5 single-digit tokens
     progress: bool = True,
 ) -> PasskeyResult:
     """Greedy-decode the key for every (length, depth, trial); correct iff the first number matches."""
