@@ -1,0 +1,191 @@
+"""`convert`: step 0 -> 1 -> 2 -> 3 into one output folder, resumable, each step also runnable alone.
+
+OUT/ ends as a Hugging Face model folder (config.json, model.safetensors, tokenizer, radlads.json)
+beside the run's own files: checkpoints/step{k}/, metrics.jsonl, tensorboard/, data/, config.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoTokenizer, GenerationConfig
+
+from ..data import PackedLoader, ShardIndex, check_tokenizer, prepare_shards
+from ..models import RadladsForCausalLM
+from ..train.checkpoint import find_checkpoint, read_trainer_state, save_checkpoint
+from ..train.config import ConvertConfig
+from ..train.metrics import MetricsLog
+from ..train.trainer import Trainer
+from .alignment import layer_cosines
+from .steps import AttentionAlignment, ContextExtension, Distillation
+from .transfer import load_teacher, transfer
+
+log = logging.getLogger("radlads")
+STEPS = (0, 1, 2, 3)
+
+
+class StepOrderError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Conversion:
+    """One conversion run in one output folder."""
+
+    def __init__(self, cfg: ConvertConfig, progress: bool = True):
+        if not cfg.out:
+            raise ValueError("set an output folder (--out)")
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.metrics = MetricsLog(self.out)
+        self._teacher = self._tokenizer = None
+
+    # --- inputs, loaded once and only when a step needs them ---
+
+    @property
+    def teacher_dir(self) -> Path:
+        from ..teachers import resolve_teacher
+
+        return resolve_teacher(self.cfg.teacher)
+
+    @property
+    def teacher(self):
+        if self._teacher is None:
+            self._teacher = load_teacher(self.teacher_dir, dtype=self.dtype, device=self.device)
+        return self._teacher
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.teacher_dir)
+        return self._tokenizer
+
+    def shards(self) -> Path:
+        """The data as token shards of the teacher's tokenizer: prepared once under OUT/data."""
+        data = Path(self.cfg.data)
+        if (data / "index.json").is_file():
+            check_tokenizer(ShardIndex.load(data), self.tokenizer)
+            return data
+        prepare_shards(data, self.tokenizer, self.out / "data", held_out_fraction=self.cfg.held_out_fraction,
+                       seed=self.cfg.seed, progress=self.progress)
+        return self.out / "data"
+
+    # --- checkpoints ---
+
+    def checkpoint(self, step: int) -> Path:
+        return self.out / "checkpoints" / f"step{step}"
+
+    def completed(self, step: int) -> bool:
+        found = find_checkpoint(self.checkpoint(step))
+        return found is not None and read_trainer_state(found).get("complete", False)
+
+    def latest_complete_before(self, step: int) -> int | None:
+        return next((k for k in reversed(STEPS[:step]) if self.completed(k)), None)
+
+    def load_student(self, path: Path) -> RadladsForCausalLM:
+        return RadladsForCausalLM.from_pretrained(find_checkpoint(path), dtype=torch.float32).to(self.device)
+
+    # --- the steps ---
+
+    def run(self, steps: tuple[int, ...] = STEPS) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        for step in steps:
+            if self.completed(step):
+                log.info("step %d already complete in %s; skipping", step, self.checkpoint(step))
+            elif step == 0:
+                self.step0()
+            elif self.cfg.steps()[step].tokens > 0:
+                self.train(step)
+        self.export()
+        return self.out
+
+    def step0(self) -> None:
+        student = transfer(self.teacher, self.cfg.arch, **self.cfg.student)
+        ids = next(iter(self._heldout_batches(seq_len=min(512, self.cfg.step1.seq_len), batch_size=2, n=1)), None)
+        cosines = layer_cosines(self.teacher, student, ids.to(self.device)) if ids is not None else []
+        save_checkpoint(self.checkpoint(0), student, None, {"step": 0, "complete": True, "layer_cosines": cosines})
+
+    def train(self, step: int) -> None:
+        cfg = self.cfg.steps()[step]
+        partial = find_checkpoint(self.checkpoint(step))
+        source = partial or self._previous(step)
+        student = self.load_student(source)
+        if self.cfg.activation_checkpointing and step > 1:
+            student.gradient_checkpointing_enable()
+        objective = {
+            1: lambda: AttentionAlignment(self.teacher),
+            2: lambda: Distillation(self.teacher, self.cfg.kl_chunk_tokens),
+            3: lambda: ContextExtension(self.cfg.kl_chunk_tokens),
+        }[step]()
+        shards = self.shards()
+        loader = PackedLoader(shards, cfg.seq_len, cfg.batch_size, seed=self.cfg.seed + step)
+        heldout = list(self._heldout_batches(cfg.seq_len, cfg.batch_size, cfg.heldout_batches))
+        trainer = Trainer(objective, student, cfg, loader, heldout, self.checkpoint(step), self.metrics,
+                          self.device, self.progress)
+        result = trainer.run()
+        log.info("step %d done: loss %.4g -> %.4g (held-out %s -> %s)", step, result.first_loss,
+                 result.last_loss, result.heldout_start, result.heldout_end)
+
+    def _previous(self, step: int) -> Path:
+        previous = self.latest_complete_before(step)
+        if previous is None:
+            raise StepOrderError(f"step {step} needs a finished earlier step in {self.out}; run step 0 first "
+                                 f"(radlads step0 --out {self.out} ...) or the whole `radlads convert`")
+        return self.checkpoint(previous)
+
+    def _heldout_batches(self, seq_len: int, batch_size: int, n: int):
+        try:
+            loader = PackedLoader(self.shards(), seq_len, batch_size, split="heldout")
+        except ValueError as err:  # too little held-out text for even one batch: say so, carry on
+            log.warning("no held-out evaluation: %s", err)
+            return
+        for i, batch in enumerate(loader):
+            if i >= n:
+                return
+            yield batch
+
+    # --- outputs ---
+
+    def _write_config(self) -> None:
+        with open(self.out / "config.yaml", "w") as f:
+            yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
+
+    def summary(self) -> dict:
+        steps = {}
+        for k in STEPS:
+            found = find_checkpoint(self.checkpoint(k))
+            if found is not None:
+                state = read_trainer_state(found)
+                steps[str(k)] = {key: v for key, v in state.items() if key not in ("loader", "optimizer_param_groups")}
+        return {"teacher": str(self.cfg.teacher), "arch": self.cfg.arch, "steps": steps,
+                "config": self.cfg.to_dict()}
+
+    def export(self) -> None:
+        """Write the latest finished student as a HF folder in OUT, with the teacher's tokenizer."""
+        last = self.latest_complete_before(len(STEPS))
+        if last is None:
+            return
+        source = find_checkpoint(self.checkpoint(last))
+        for name in ("config.json", "model.safetensors", "generation_config.json"):
+            if (source / name).exists():
+                shutil.copy2(source / name, self.out / name)
+        self.tokenizer.save_pretrained(self.out)
+        try:
+            GenerationConfig.from_pretrained(self.teacher_dir).save_pretrained(self.out)
+        except OSError:
+            pass  # the teacher has no generation_config.json; generate() falls back to config.json
+        with open(self.out / "radlads.json", "w") as f:
+            json.dump(self.summary(), f, indent=1)

@@ -1,0 +1,70 @@
+"""What each protocol step trains and minimises (SPEC §3); the loop is radlads.train.Trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..models import RadladsForCausalLM
+from ..train.losses import chunked_cross_entropy, chunked_kl
+from .alignment import alignment_loss, student_attention_outputs, teacher_attention_io
+
+
+@dataclass
+class AttentionAlignment:
+    """Step 1: each student time mixer, fed the teacher's attention input, matches its output."""
+
+    teacher: nn.Module
+    step: int = 1
+    name: str = "attention alignment"
+
+    def trainable(self, student: RadladsForCausalLM) -> list[nn.Parameter]:
+        return [
+            p
+            for i, layer in enumerate(student.model.layers)
+            if not student.config.is_softmax_layer(i)
+            for p in layer.self_attn.parameters()
+        ]
+
+    def loss(self, student: RadladsForCausalLM, batch: Tensor) -> Tensor:
+        io = teacher_attention_io(self.teacher, batch)
+        return alignment_loss(student_attention_outputs(student, io), io.outputs)
+
+
+@dataclass
+class Distillation:
+    """Step 2: the whole student minimises KL(teacher || student) of next-token distributions."""
+
+    teacher: nn.Module
+    chunk_tokens: int = 4096
+    step: int = 2
+    name: str = "distillation"
+
+    def trainable(self, student: RadladsForCausalLM) -> list[nn.Parameter]:
+        student.untie_embeddings()
+        return list(student.parameters())
+
+    def loss(self, student: RadladsForCausalLM, batch: Tensor) -> Tensor:
+        with_grad = student.model(input_ids=batch).last_hidden_state
+        with torch.no_grad():
+            teacher_hidden = self.teacher.model(input_ids=batch, use_cache=False).last_hidden_state
+        return chunked_kl(with_grad, student.lm_head, teacher_hidden, self.teacher.lm_head, self.chunk_tokens)
+
+
+@dataclass
+class ContextExtension:
+    """Step 3: plain next-token cross-entropy at long sequence length."""
+
+    chunk_tokens: int = 4096
+    step: int = 3
+    name: str = "context extension"
+
+    def trainable(self, student: RadladsForCausalLM) -> list[nn.Parameter]:
+        student.untie_embeddings()
+        return list(student.parameters())
+
+    def loss(self, student: RadladsForCausalLM, batch: Tensor) -> Tensor:
+        hidden = student.model(input_ids=batch).last_hidden_state
+        return chunked_cross_entropy(hidden, student.lm_head, batch, self.chunk_tokens)

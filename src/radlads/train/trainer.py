@@ -1,0 +1,178 @@
+"""One training loop for the three protocol steps. A step supplies its objective (which
+parameters train and the loss of a batch); the loop owns optimisation, schedule, logging,
+checkpoints and resume."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import find_checkpoint, load_optimizer, read_trainer_state, save_checkpoint
+from .config import StepConfig
+from .metrics import MetricsLog
+
+
+class Objective(Protocol):
+    step: int
+    name: str
+
+    def trainable(self, student: nn.Module) -> list[nn.Parameter]: ...
+
+    def loss(self, student: nn.Module, batch: Tensor) -> Tensor: ...
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def learning_rate(cfg: StepConfig, tokens: int) -> float:
+    """Linear warm-up, then flat (lr_final None) or cosine from lr to lr_final over the budget."""
+    if cfg.warmup_tokens and tokens < cfg.warmup_tokens:
+        return cfg.lr * (tokens + 1) / cfg.warmup_tokens
+    if cfg.lr_final is None:
+        return cfg.lr
+    progress = min(1.0, (tokens - cfg.warmup_tokens) / max(1, cfg.tokens - cfg.warmup_tokens))
+    return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StepResult:
+    step: int
+    tokens: int
+    updates: int
+    first_loss: float
+    last_loss: float
+    heldout_start: float | None
+    heldout_end: float | None
+    wall_s: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    def __init__(
+        self,
+        objective: Objective,
+        student: nn.Module,
+        cfg: StepConfig,
+        loader,
+        heldout_batches: list[Tensor],
+        checkpoint_dir: Path,
+        metrics: MetricsLog,
+        device: torch.device,
+        progress: bool = True,
+    ):
+        self.objective, self.student, self.cfg = objective, student, cfg
+        self.loader, self.heldout = loader, heldout_batches
+        self.checkpoint_dir, self.metrics = Path(checkpoint_dir), metrics
+        self.device, self.progress = device, progress
+        student.requires_grad_(False)
+        self.params = objective.trainable(student)
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+        )
+
+    def autocast(self):
+        # bf16 activations on GPU with fp32 master weights: an LR of 1e-5 would vanish in bf16 weights.
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def heldout_loss(self) -> float | None:
+        if not self.heldout:
+            return None
+        self.student.eval()
+        with self.autocast():
+            losses = [self.objective.loss(self.student, b.to(self.device)).item() for b in self.heldout]
+        self.student.train()
+        return sum(losses) / len(losses)
+
+    def _batches(self) -> Iterator[Tensor]:
+        for batch in self.loader:
+            yield batch.to(self.device, non_blocking=True)
+
+    def run(self) -> StepResult:
+        cfg, step = self.cfg, self.objective.step
+        state = self._resume()
+        tokens, updates = state.get("tokens", 0), state.get("updates", 0)
+        first_loss, last_loss = state.get("first_loss"), state.get("last_loss")
+        heldout_start = state["heldout_start"] if "heldout_start" in state else self.heldout_loss()
+        next_checkpoint = (tokens // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+        bar = tqdm(
+            total=cfg.tokens, initial=tokens, unit="tok", unit_scale=True, desc=f"step {step} ({self.objective.name})",
+            disable=not self.progress, dynamic_ncols=True,
+        )
+        batches, started = self._batches(), time.perf_counter()
+        self.student.train()
+        while tokens < cfg.tokens:
+            t0 = time.perf_counter()
+            loss = self._update(batches, learning_rate(cfg, tokens))
+            tokens, updates = tokens + cfg.tokens_per_update, updates + 1
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"step {step}: the loss became {loss} after {tokens} tokens. The last good checkpoint is kept "
+                    f"in {self.checkpoint_dir}; lower the learning rate (now {cfg.lr}) or check the data, then re-run."
+                )
+            first_loss = loss if first_loss is None else first_loss
+            last_loss = loss
+            bar.update(cfg.tokens_per_update)
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            if updates % cfg.log_every == 0 or tokens >= cfg.tokens:
+                self.metrics.log(
+                    dict(step=step, tokens=tokens, loss=loss, lr=learning_rate(cfg, tokens),
+                         tokens_per_s=cfg.tokens_per_update / (time.perf_counter() - t0))
+                )
+            if tokens >= next_checkpoint and tokens < cfg.tokens:
+                self._save(dict(tokens=tokens, updates=updates, first_loss=first_loss, last_loss=last_loss,
+                                heldout_start=heldout_start, complete=False))
+                next_checkpoint += cfg.checkpoint_every
+        bar.close()
+        result = StepResult(
+            step, tokens, updates, first_loss, last_loss, heldout_start, self.heldout_loss(),
+            state.get("wall_s", 0.0) + time.perf_counter() - started,
+        )
+        self._save({**result.to_dict(), "complete": True})
+        return result
+
+    def _update(self, batches: Iterator[Tensor], lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for _ in range(self.cfg.grad_accum):
+            with self.autocast():
+                loss = self.objective.loss(self.student, next(batches)) / self.cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        if self.cfg.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
+        if math.isfinite(total):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _save(self, state: dict) -> None:
+        save_checkpoint(self.checkpoint_dir, self.student, self.optimizer,
+                        {**state, "step": self.objective.step, "loader": self.loader.state_dict()})
+
+    def _resume(self) -> dict:
+        found = find_checkpoint(self.checkpoint_dir)
+        if found is None:
+            return {}
+        state = read_trainer_state(found)
+        load_optimizer(found, self.optimizer)
+        self.loader.load_state_dict(state["loader"])
+        self.metrics.forget_after(self.objective.step, state["tokens"])
+        return state
