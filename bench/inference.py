@@ -206,7 +206,7 @@ def guarded_run(model, ids, args, other_bytes, row: dict) -> None:
 # --------------------------------------------------------------------------- the grid
 
 
-def plan(models, costs, args, device) -> list[dict[str, Any]]:
+def plan(costs, args, device) -> list[dict[str, Any]]:
     capacity = device_capacity(device)
     # Skip only what is clearly too big: estimates are rough, and a real OOM is caught and recorded.
     limit = args.mem_limit_gb * GIB if args.mem_limit_gb else (1.1 * capacity if capacity else None)
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
 
-    cells = plan(models, costs, args, device)
+    cells = plan(costs, args, device)
     print_plan(cells, list(models))
     results: list[dict[str, Any]] = []
     calibration: list[float] = []
