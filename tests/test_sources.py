@@ -155,6 +155,7 @@ License: GPL-2+
 def test_licence_summary_puts_the_main_licence_first():
     assert sources.licence_summary(DEP5) == "CC-BY-SA-3.0, GPL-2+"
     assert sources.licence_summary("This text is in the public domain.") == "mentions public domain"
+    assert sources.licence_summary("Files: *\nLicense: GPL\n") == "unknown: see copyright_notice"
     assert sources.licence_summary("All rights reserved.") == "unknown: see copyright_notice"
 
 

@@ -53,8 +53,20 @@ LICENCE_MENTIONS = {
     "public domain": r"public domain",
     "Artistic": r"Artistic License",
     "CC": r"Creative Commons",
+    "PSF": r"Python Software Foundation License|PSF License",
 }
 
+# The mdBook books in rust-doc; the rest of it is generated API pages, thousands of them for intrinsics.
+RUST_BOOKS = (
+    "book",
+    "reference",
+    "rust-by-example",
+    "nomicon",
+    "edition-guide",
+    "embedded-book",
+    "rustc",
+    "rustdoc",
+)
 SPHINX_EXCLUDES = ("*/_sources/*", "*/_static/*", "*/genindex*", "*/search.html", "*/py-modindex.html")
 
 SOURCES: dict[str, SourceSpec] = {
@@ -176,6 +188,66 @@ SOURCES: dict[str, SourceSpec] = {
         reader=tx.sword_documents,
         description="World English Bible (public domain), one document per book",
     ),
+    "sqlite-docs": SourceSpec(
+        package="sqlite3-doc",
+        files=("usr/share/doc/sqlite3/**/*.html",),
+        reader=tx.html_documents,
+        description="SQLite documentation and release notes",
+    ),
+    "nodejs-docs": SourceSpec(
+        package="nodejs-doc",
+        files=("usr/share/doc/nodejs/api/*.html",),
+        reader=tx.html_documents,
+        exclude=("*/all.html",),  # every other page concatenated
+        description="Node.js 18 API documentation",
+    ),
+    "lilypond-docs": SourceSpec(
+        package="lilypond-doc-html",
+        files=("usr/share/doc/lilypond/html/Documentation/*/*.html",),
+        reader=tx.html_documents,
+        exclude=("*/snippets/*", "*/internals/*"),  # generated code listings and property tables
+        description="LilyPond manuals: learning, notation, usage, essay, music glossary",
+    ),
+    "rust-books": SourceSpec(
+        package="rust-doc",
+        files=tuple(f"usr/share/doc/rust-doc/html/{book}/**/*.html" for book in RUST_BOOKS),
+        reader=tx.html_documents,
+        exclude=("*/print.html",),  # the whole book on one page
+        description="The Rust Programming Language, Reference, Rust by Example, Rustonomicon and more",
+    ),
+    "sklearn-docs": SourceSpec(
+        package="python-sklearn-doc",
+        files=("usr/share/doc/python-sklearn-doc/html/**/*.html",),
+        reader=tx.html_documents,
+        exclude=SPHINX_EXCLUDES,
+        description="scikit-learn user guide, examples and API reference",
+    ),
+    "pandas-docs": SourceSpec(
+        package="python-pandas-doc",
+        files=("usr/share/doc/python-pandas-doc/html/**/*.html",),
+        reader=tx.html_documents,
+        exclude=SPHINX_EXCLUDES,
+        description="pandas user guide, release notes and API reference",
+    ),
+    "scipy-docs": SourceSpec(
+        package="python-scipy-doc",
+        files=("usr/share/doc/python-scipy-doc/html/**/*.html",),
+        reader=tx.html_documents,
+        exclude=SPHINX_EXCLUDES,
+        description="SciPy tutorial and API reference",
+    ),
+    "erlang-docs": SourceSpec(
+        package="erlang-doc",
+        files=("usr/share/doc/erlang-doc/**/*.html",),
+        reader=tx.html_documents,
+        description="Erlang/OTP 25 documentation",
+    ),
+    "octave-docs": SourceSpec(
+        package="octave-doc",
+        files=("usr/share/doc/octave/**/*.html",),
+        reader=tx.html_documents,
+        description="GNU Octave manual",
+    ),
 }
 
 
@@ -293,22 +365,24 @@ def package_record(spec: SourceSpec, package: FetchedPackage) -> dict:
 def licence_summary(notice: str) -> str:
     """The licence of a Debian copyright file, as short names where it gives them.
 
-    Machine-readable (DEP-5) files name the licence of `Files: *` first, then those of bundled
-    pieces; older free-form files only mention theirs in prose, so we report which well-known
-    licences they mention.
+    Machine-readable (DEP-5) files, which start with `Format:`, name the licence of `Files: *`
+    first, then those of bundled pieces. Free-form files only state theirs in prose, so for those
+    we report which well-known licences they mention.
     """
-    main = re.search(r"^Files:[ \t]*\*[ \t]*\n(?:.+\n)*?License:[ \t]*(\S.*)$", notice, flags=re.MULTILINE)
-    names = dict.fromkeys(
-        n.strip() for n in re.findall(r"^License:[ \t]*(\S.*)$", notice, flags=re.MULTILINE)
-    )
-    if main:
-        names = dict.fromkeys([main.group(1).strip(), *names])
-    if names:
-        return ", ".join(names)
+    if notice.startswith("Format:"):
+        return ", ".join(dep5_licences(notice)) or "unknown: see copyright_notice"
     mentioned = [
         name for name, pattern in LICENCE_MENTIONS.items() if re.search(pattern, notice, re.IGNORECASE)
     ]
     return "mentions " + ", ".join(mentioned) if mentioned else "unknown: see copyright_notice"
+
+
+def dep5_licences(notice: str) -> list[str]:
+    names = [n.strip() for n in re.findall(r"^License:[ \t]*(\S.*)$", notice, flags=re.MULTILINE)]
+    main = re.search(r"^Files:[ \t]*\*[ \t]*\n(?:.+\n)*?License:[ \t]*(\S.*)$", notice, flags=re.MULTILINE)
+    if main:
+        names.insert(0, main.group(1).strip())
+    return list(dict.fromkeys(names))
 
 
 def previous_summary(out: Path) -> dict:
