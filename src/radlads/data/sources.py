@@ -2,8 +2,8 @@
 
 The paper distils on web text (DCLM). No hub can be reached here, so the corpus comes from what a
 package registry serves: manuals, dictionaries, quotations and a public-domain Bible. Each source
-is fetched with `apt-get download`, unpacked with `dpkg-deb -x` (no install, no root needed for
-that step), stripped of markup, split into documents, deduplicated and written as JSON lines:
+is fetched with `apt-get download` and unpacked with `dpkg-deb -x` into a temporary folder (nothing
+is installed), stripped of markup, split into documents, deduplicated and written as JSON lines:
 
     build_corpus(["python-docs", "gcide"], "corpus/")
     # corpus/python-docs.jsonl, corpus/gcide.jsonl: {"text": ...} per line
@@ -260,9 +260,10 @@ def build_corpus(
 ) -> Path:
     """Fetch, extract and write each named source; return `out_dir`.
 
-    Documents already written for an earlier source are skipped, so the order of `sources` decides
-    which source keeps a shared document. With a Hugging Face `tokenizer`, token counts in
-    sources.json are exact; without one they are estimated as characters / 4.2.
+    A document already written for an earlier source of the same call is skipped, so the order of
+    `sources` decides which source keeps a shared document. sources.json keeps the records of
+    sources built by earlier calls into the same folder. With a Hugging Face `tokenizer`, token
+    counts are exact; without one they are estimated as characters / 4.2.
     """
     unknown = [name for name in sources if name not in SOURCES]
     if unknown:
@@ -277,8 +278,8 @@ def build_corpus(
         with tempfile.TemporaryDirectory(prefix=f"radlads-{name}-") as work:
             package = fetch(spec.package, Path(work))
             documents = deduplicated(extract_documents(spec, package.root), seen)
-            summary[name] = write_jsonl(documents, out / f"{name}.jsonl", tokenizer)
-            summary[name] = package_record(spec, package) | summary[name]
+            counts = write_jsonl(documents, out / f"{name}.jsonl", tokenizer)
+            summary[name] = package_record(spec, package) | counts
     write_json_atomically(out / "sources.json", summary)
     return out
 
@@ -332,12 +333,16 @@ def write_jsonl(documents: Iterable[str], path: Path, tokenizer=None) -> dict:
     """Write `{"text": ...}` lines through a temporary file; return the counts."""
     counts = {"documents": 0, "characters": 0, "tokens": 0}
     partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8") as handle:
-        for document in documents:
-            handle.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
-            counts["documents"] += 1
-            counts["characters"] += len(document)
-            counts["tokens"] += count_tokens(document, tokenizer)
+    try:
+        with partial.open("w", encoding="utf-8") as handle:
+            for document in documents:
+                handle.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
+                counts["documents"] += 1
+                counts["characters"] += len(document)
+                counts["tokens"] += count_tokens(document, tokenizer)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(path)
     counts["tokens_counted_by"] = tokenizer.name_or_path if tokenizer is not None else "chars/4.2"
     return counts

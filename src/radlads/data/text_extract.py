@@ -16,24 +16,15 @@ from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
-# Elements whose text is page furniture or code for the browser, never prose.
+# Elements whose text is page furniture or code for the browser, never prose; `note` is an OSIS
+# (SWORD Bible) footnote, which would cut verses in half.
 SKIPPED_TAGS = frozenset(
     {"script", "style", "nav", "header", "footer", "head", "noscript", "svg", "form", "button", "note"}
 )
 # Sphinx, DocBook and friends mark their sidebars and permalink anchors with these classes.
 SKIPPED_CLASSES = frozenset(
-    {
-        "sphinxsidebar",
-        "related",
-        "footer",
-        "navheader",
-        "navfooter",
-        "docnav",
-        "headerlink",
-        "breadcrumb",
-        "toc",
-    }
-)
+    {"sphinxsidebar", "related", "footer", "navheader", "navfooter", "docnav", "headerlink", "breadcrumb", "toc"}
+)  # fmt: skip
 SKIPPED_ROLES = frozenset({"navigation", "search", "banner", "contentinfo"})
 SKIPPED_IDS = frozenset({"banner", "sidebar", "navigation", "footer"})
 BLOCK_TAGS = frozenset(
