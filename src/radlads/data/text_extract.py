@@ -23,8 +23,9 @@ SKIPPED_TAGS = frozenset(
 )
 # Sphinx, DocBook and friends mark their sidebars and permalink anchors with these classes.
 SKIPPED_CLASSES = frozenset(
-    {"sphinxsidebar", "related", "footer", "navheader", "navfooter", "docnav", "headerlink", "breadcrumb", "toc"}
-)  # fmt: skip
+    {"sphinxsidebar", "related", "footer", "navheader", "navfooter", "docnav", "headerlink", "breadcrumb"}
+    | {"toc"}
+)
 SKIPPED_ROLES = frozenset({"navigation", "search", "banner", "contentinfo"})
 SKIPPED_IDS = frozenset({"banner", "sidebar", "navigation", "footer"})
 BLOCK_TAGS = frozenset(
