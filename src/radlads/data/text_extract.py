@@ -23,9 +23,11 @@ SKIPPED_TAGS = frozenset(
 )
 # Sphinx, DocBook and friends mark their sidebars and permalink anchors with these classes.
 SKIPPED_CLASSES = frozenset(
-    {"sphinxsidebar", "related", "footer", "navheader", "navfooter", "docnav", "headerlink", "breadcrumb"}
-    | {"toc"}
-)
+    {
+        "sphinxsidebar", "related", "footer", "navheader", "navfooter", "docnav", "headerlink",
+        "breadcrumb", "toc",
+    }
+)  # fmt: skip
 SKIPPED_ROLES = frozenset({"navigation", "search", "banner", "contentinfo"})
 SKIPPED_IDS = frozenset({"banner", "sidebar", "navigation", "footer"})
 BLOCK_TAGS = frozenset(
