@@ -37,3 +37,40 @@ def make_teacher(family: str = "qwen2", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = config_cls(**{**TINY, **extra, **overrides})
     return model_cls(config).eval()
+
+
+WORDS = (
+    "the a one every some cat dog bird fish student teacher model layer state token river mountain city "
+    "runs sleeps learns reads writes sees finds keeps small large quick slow red green old new and but "
+    "because while when then there here today tomorrow quietly loudly"
+).split()
+
+
+def write_corpus(folder, documents: int = 300, seed: int = 0):
+    """Plain-text documents of loosely grammatical sentences: a corpus with learnable structure."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(documents):
+        sentences = []
+        for _ in range(rng.randint(3, 12)):
+            n = rng.randint(4, 11)
+            sentences.append(" ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + ".")
+        (folder / f"doc{d:04d}.txt").write_text(" ".join(sentences) + "\n")
+    return folder
+
+
+def make_teacher_folder(tmp_path, family: str = "qwen2", **overrides):
+    """A tiny teacher saved as an HF folder with a real (tiny, byte-level BPE) tokenizer."""
+    from tokenizer_fixture import make_tiny_tokenizer
+    from transformers import AutoTokenizer
+
+    tok_dir = make_tiny_tokenizer(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    vocab = -(-len(tokenizer) // 64) * 64
+    teacher = make_teacher(family, vocab_size=vocab, eos_token_id=tokenizer.eos_token_id, **overrides)
+    folder = tmp_path / f"teacher-{family}"
+    teacher.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

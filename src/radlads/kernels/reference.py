@@ -95,7 +95,7 @@ def recurrent_chunked(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 16,
+    chunk_size: int = 32,
 ) -> tuple[Tensor, Tensor | None]:
     """Same function as `recurrent_loop`, a chunk of tokens per step (differentiable, CPU-friendly)."""
     T = r.shape[1]

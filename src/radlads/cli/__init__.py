@@ -1,0 +1,1 @@
+"""The `radlads` command line: thin argument parsing over the library."""

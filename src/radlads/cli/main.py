@@ -1,0 +1,111 @@
+"""`radlads` console script: convert, step0..step3, prepare-data, eval, generate."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from pathlib import Path
+
+from ..train.config import ConvertConfig, parse_tokens
+from . import commands
+
+
+def _add_conversion_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML file of ConvertConfig fields; flags override it")
+    p.add_argument("--teacher", help="teacher: HF model folder, .gguf file, or folder holding one")
+    p.add_argument("--data", help="text folder/file (.txt, .jsonl, .gz, .xz) or a prepared shard folder")
+    p.add_argument("--out", help="output folder (re-running with the same --out resumes)")
+    p.add_argument("--arch", choices=["rad-rwkv7", "rad-rwkv6"])
+    p.add_argument("--preset", help="batch/accumulation preset: auto (from teacher size) or " + ", ".join(
+        commands.PRESET_NAMES))
+    p.add_argument("--softmax-layers", type=lambda s: [int(x) for x in s.split(",") if x],
+                   help="comma-separated layers that keep softmax attention (negative counts from the end)")
+    for k in (1, 2, 3):
+        p.add_argument(f"--step{k}-tokens", type=parse_tokens, help=f"token budget of step {k} (k/M/B suffixes)")
+        p.add_argument(f"--step{k}-lr", type=float, help=f"peak learning rate of step {k}")
+    p.add_argument("--seq-len", type=int, help="sequence length of steps 1 and 2")
+    p.add_argument("--step3-seq-len", type=int, help="sequence length of step 3 (default 16384)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (steps 1 and 2)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer update (steps 1 and 2)")
+    p.add_argument("--checkpoint-every", type=parse_tokens, help="tokens between checkpoints")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--activation-checkpointing", action="store_true", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radlads", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, parents=[common])
+
+    p = add("convert", help="run steps 0-3 (skipping finished ones) and write an HF model folder")
+    _add_conversion_args(p)
+    for k in range(4):
+        p = add(f"step{k}", help=f"run only step {k} in --out")
+        _add_conversion_args(p)
+
+    p = add("prepare-data", help="tokenize text with the teacher's tokenizer into reusable shards")
+    p.add_argument("--teacher", required=True, help="teacher whose tokenizer to use")
+    p.add_argument("--data", nargs="+", help="text files or folders")
+    p.add_argument("--out", required=True, type=Path, help="shard folder to write")
+    p.add_argument("--held-out-fraction", type=float, default=0.01)
+
+    p = add("generate", help="generate text with a student (constant memory per token)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ConvertConfig:
+    """YAML (if any), then preset, then explicit flags: later sources win."""
+    data = {}
+    if args.config:
+        data = ConvertConfig.from_yaml(args.config).to_dict()
+    for key in ("teacher", "data", "out", "arch", "device", "seed", "activation_checkpointing"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    if args.softmax_layers is not None:
+        data.setdefault("student", {})["softmax_layers"] = args.softmax_layers
+    for key in ("teacher", "data", "out"):
+        if not data.get(key):
+            raise SystemExit(f"radlads: --{key} is required (or set `{key}:` in --config)")
+    steps = {k: dict(data.get(f"step{k}", {})) for k in (1, 2, 3)}
+    if args.preset:
+        for k, values in commands.preset(args.preset, data["teacher"]).items():
+            steps[k].update(values)
+    for k in (1, 2, 3):
+        flags = {
+            "tokens": getattr(args, f"step{k}_tokens"),
+            "lr": getattr(args, f"step{k}_lr"),
+            "checkpoint_every": args.checkpoint_every,
+            "seq_len": args.seq_len if k < 3 else args.step3_seq_len,
+            "batch_size": args.batch_size if k < 3 else None,
+            "grad_accum": args.grad_accum if k < 3 else None,
+        }
+        steps[k].update({key: v for key, v in flags.items() if v is not None})
+        data[f"step{k}"] = steps[k]
+    return ConvertConfig.from_dict(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="radlads: %(message)s")
+    try:
+        if args.command == "convert" or args.command.startswith("step"):
+            steps = (0, 1, 2, 3) if args.command == "convert" else (int(args.command[4:]),)
+            return commands.convert(config_from_args(args), steps, progress=not args.quiet)
+        return getattr(commands, args.command.replace("-", "_"))(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"radlads {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

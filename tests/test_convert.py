@@ -1,0 +1,144 @@
+"""The protocol end to end on CPU: `radlads convert` on a tiny Qwen2 teacher and a tiny corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import make_teacher_folder, write_corpus
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from radlads.cli.main import main
+from radlads.train.checkpoint import find_checkpoint, read_trainer_state
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("convert")
+    return make_teacher_folder(tmp), write_corpus(tmp / "corpus")
+
+
+def convert_args(teacher, corpus, out, *extra):
+    return [
+        "convert", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
+        "--step1-tokens", "120k", "--step2-tokens", "40k", "--step3-tokens", "0",
+        "--seq-len", "128", "--batch-size", "4", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def converted(workspace, tmp_path_factory):
+    teacher, corpus = workspace
+    out = tmp_path_factory.mktemp("run") / "student"
+    assert main(convert_args(teacher, corpus, out)) == 0
+    return out
+
+
+def test_convert_writes_an_hf_folder_that_loads_and_generates(converted, workspace):
+    model = AutoModelForCausalLM.from_pretrained(converted)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    assert type(model).__name__ == "RadladsForCausalLM"
+    assert not model.config.tie_word_embeddings  # untied from step 2 on
+    ids = tokenizer("The cat sat", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 5
+
+
+def test_step1_loss_falls_5x_and_step2_kl_falls(converted):
+    summary = json.loads((converted / "radlads.json").read_text())
+    s1, s2 = summary["steps"]["1"], summary["steps"]["2"]
+    assert s1["heldout_start"] / s1["heldout_end"] >= 5, s1
+    assert s2["heldout_end"] < s2["heldout_start"], s2
+    assert s1["tokens"] >= 120_000 and s2["tokens"] >= 40_000
+    assert len(summary["steps"]["0"]["layer_cosines"]) == 3
+
+
+def test_metrics_jsonl_has_step_tokens_and_loss(converted):
+    records = [json.loads(line) for line in (converted / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in records} == {1, 2}
+    assert all({"step", "tokens", "loss"} <= set(r) for r in records)
+    tokens = [r["tokens"] for r in records if r["step"] == 1]
+    assert tokens == sorted(tokens)
+    assert any((converted / "tensorboard").iterdir())
+
+
+def test_rerun_skips_finished_steps(converted, workspace, capsys):
+    teacher, corpus = workspace
+    before = (converted / "metrics.jsonl").read_text()
+    assert main(convert_args(teacher, corpus, converted)) == 0
+    assert (converted / "metrics.jsonl").read_text() == before
+
+
+def test_single_steps_run_alone_and_in_order(workspace, tmp_path):
+    teacher, corpus = workspace
+    out = tmp_path / "stepwise"
+    args = convert_args(teacher, corpus, out)[1:]
+    assert main(["step1", *args]) == 2  # no step 0 yet: a clear error, nothing written
+    assert main(["step0", *args]) == 0
+    assert (out / "config.json").is_file() and read_trainer_state(out / "checkpoints/step0")["complete"]
+    assert main(["step2", *args]) == 0  # step 2 may follow step 0 directly (skipping alignment)
+    assert read_trainer_state(out / "checkpoints/step2")["complete"]
+
+
+def test_bad_input_is_refused_without_losing_finished_work(converted, workspace, tmp_path, capsys):
+    teacher, _ = workspace
+    weights = (converted / "model.safetensors").read_bytes()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = convert_args(teacher, empty, converted, "--step2-tokens", "80k")
+    assert main(args) == 2
+    assert "accept" in capsys.readouterr().err.lower()
+    assert (converted / "model.safetensors").read_bytes() == weights
+    assert read_trainer_state(converted / "checkpoints/step2")["complete"]
+    assert main(["convert", "--teacher", str(tmp_path / "nope"), "--data", "x", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_killed_run_resumes_to_the_same_weights(workspace, tmp_path):
+    teacher, corpus = workspace
+    extra = ["--step1-tokens", "60k", "--step2-tokens", "0", "--checkpoint-every", "10k"]
+    reference = tmp_path / "reference"
+    assert main(convert_args(teacher, corpus, reference, *extra)) == 0
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "radlads.cli.main", *convert_args(teacher, corpus, killed, *extra)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while find_checkpoint(killed / "checkpoints/step1") is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = read_trainer_state(find_checkpoint(killed / "checkpoints/step1"))
+    assert not state["complete"] and 0 < state["tokens"] < 60_000
+
+    assert main(convert_args(teacher, corpus, killed, *extra)) == 0
+    a = AutoModelForCausalLM.from_pretrained(reference).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(killed).state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    tokens = [r["tokens"] for r in records]
+    assert len(tokens) == len(set(tokens))  # nothing logged twice across the restart
+
+
+def test_yaml_config_and_token_suffixes(tmp_path):
+    from radlads.train.config import ConvertConfig, parse_tokens
+
+    assert parse_tokens("200k") == 200_000 and parse_tokens("1.5M") == 1_500_000 and parse_tokens(0) == 0
+    with pytest.raises(ValueError, match="200 apples"):
+        parse_tokens("200 apples")
+    path = tmp_path / "run.yaml"
+    path.write_text("teacher: t\narch: rad-rwkv6\nstep1:\n  tokens: 2M\n  lr: 0.002\nstudent:\n  softmax_layers: [-1]\n")
+    cfg = ConvertConfig.from_yaml(path)
+    assert cfg.step1.tokens == 2_000_000 and cfg.step1.lr == 0.002 and cfg.step1.lr_final == 1e-5
+    assert cfg.step2.lr == 1e-5 and cfg.step3.seq_len == 16384 and cfg.arch == "rad-rwkv6"
+    path.write_text("teacher: t\nstep4: {}\n")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        ConvertConfig.from_yaml(path)
