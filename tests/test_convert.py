@@ -28,8 +28,8 @@ def workspace(tmp_path_factory):
 def convert_args(teacher, corpus, out, *extra):
     return [
         "convert", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
-        "--step1-tokens", "120k", "--step2-tokens", "40k", "--step3-tokens", "0",
-        "--seq-len", "128", "--batch-size", "4", "--quiet", *extra,
+        "--step1-tokens", "120k", "--step2-tokens", "40k", "--step3-tokens", "0", "--step1-lr", "3e-3",
+        "--seq-len", "256", "--batch-size", "2", "--quiet", *extra,
     ]  # fmt: skip
 
 
@@ -92,10 +92,12 @@ def test_bad_input_is_refused_without_losing_finished_work(converted, workspace,
     weights = (converted / "model.safetensors").read_bytes()
     empty = tmp_path / "empty"
     empty.mkdir()
-    args = convert_args(teacher, empty, converted, "--step2-tokens", "80k")
-    assert main(args) == 2
+    index = (converted / "data" / "index.json").read_text()
+    args = convert_args(teacher, empty, converted, "--step3-tokens", "5k", "--step3-seq-len", "512")
+    assert main(args) == 2  # step 3 is new work and needs text: the empty folder is refused
     assert "accept" in capsys.readouterr().err.lower()
     assert (converted / "model.safetensors").read_bytes() == weights
+    assert (converted / "data" / "index.json").read_text() == index
     assert read_trainer_state(converted / "checkpoints/step2")["complete"]
     assert main(["convert", "--teacher", str(tmp_path / "nope"), "--data", "x", "--out", str(tmp_path / "o")]) == 2
 

@@ -113,6 +113,7 @@ class Conversion:
         return self.out
 
     def step0(self) -> None:
+        torch.manual_seed(self.cfg.seed)  # the new parameters' random init
         student = transfer(self.teacher, self.cfg.arch, **self.cfg.student)
         ids = next(iter(self._heldout_batches(seq_len=min(512, self.cfg.step1.seq_len), batch_size=2, n=1)), None)
         cosines = layer_cosines(self.teacher, student, ids.to(self.device)) if ids is not None else []
