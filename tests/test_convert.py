@@ -8,15 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_teacher_folder, write_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from radlads.cli.main import main
 from radlads.train.checkpoint import find_checkpoint, read_trainer_state
+from tiny_models import make_teacher_folder, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +98,10 @@ def test_bad_input_is_refused_without_losing_finished_work(converted, workspace,
     assert (converted / "model.safetensors").read_bytes() == weights
     assert (converted / "data" / "index.json").read_text() == index
     assert read_trainer_state(converted / "checkpoints/step2")["complete"]
-    assert main(["convert", "--teacher", str(tmp_path / "nope"), "--data", "x", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["convert", "--teacher", str(tmp_path / "nope"), "--data", "x", "--out", str(tmp_path / "o")])
+        == 2
+    )
 
 
 def test_killed_run_resumes_to_the_same_weights(workspace, tmp_path):
@@ -137,7 +139,9 @@ def test_yaml_config_and_token_suffixes(tmp_path):
     with pytest.raises(ValueError, match="200 apples"):
         parse_tokens("200 apples")
     path = tmp_path / "run.yaml"
-    path.write_text("teacher: t\narch: rad-rwkv6\nstep1:\n  tokens: 2M\n  lr: 0.002\nstudent:\n  softmax_layers: [-1]\n")
+    path.write_text(
+        "teacher: t\narch: rad-rwkv6\nstep1:\n  tokens: 2M\n  lr: 0.002\nstudent:\n  softmax_layers: [-1]\n"
+    )
     cfg = ConvertConfig.from_yaml(path)
     assert cfg.step1.tokens == 2_000_000 and cfg.step1.lr == 0.002 and cfg.step1.lr_final == 1e-5
     assert cfg.step2.lr == 1e-5 and cfg.step3.seq_len == 16384 and cfg.arch == "rad-rwkv6"

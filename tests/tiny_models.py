@@ -63,8 +63,9 @@ def write_corpus(folder, documents: int = 300, seed: int = 0):
 
 def make_teacher_folder(tmp_path, family: str = "qwen2", **overrides):
     """A tiny teacher saved as an HF folder with a real (tiny, byte-level BPE) tokenizer."""
-    from tokenizer_fixture import make_tiny_tokenizer
     from transformers import AutoTokenizer
+
+    from tokenizer_fixture import make_tiny_tokenizer
 
     tok_dir = make_tiny_tokenizer(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)

@@ -11,15 +11,30 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..convert.pipeline import Conversion, resolve_device
 from ..data import prepare_shards
+from ..eval import speed
+from ..eval.suite import EvalSettings, evaluate_conversion, load_model
+from ..eval.tasks import SAMPLES_DIR
 from ..teachers import resolve_teacher
 from ..train.config import ConvertConfig
 
 # Micro-batch and accumulation per teacher size (sequences of 512 tokens, one 80 GB GPU).
 PRESETS: dict[str, dict[int, dict]] = {
-    "cpu-smoke": {1: dict(batch_size=2, seq_len=128), 2: dict(batch_size=2, seq_len=128), 3: dict(seq_len=512)},
+    "cpu-smoke": {
+        1: dict(batch_size=2, seq_len=128),
+        2: dict(batch_size=2, seq_len=128),
+        3: dict(seq_len=512),
+    },
     "small": {1: dict(batch_size=32), 2: dict(batch_size=16, grad_accum=2), 3: dict(batch_size=1)},  # < 1B
-    "medium": {1: dict(batch_size=16, grad_accum=2), 2: dict(batch_size=4, grad_accum=8), 3: dict(batch_size=1)},
-    "large": {1: dict(batch_size=8, grad_accum=4), 2: dict(batch_size=2, grad_accum=16), 3: dict(batch_size=1)},
+    "medium": {
+        1: dict(batch_size=16, grad_accum=2),
+        2: dict(batch_size=4, grad_accum=8),
+        3: dict(batch_size=1),
+    },
+    "large": {
+        1: dict(batch_size=8, grad_accum=4),
+        2: dict(batch_size=2, grad_accum=16),
+        3: dict(batch_size=1),
+    },
 }
 PRESET_NAMES = ("auto", *PRESETS)
 
@@ -50,8 +65,10 @@ def convert(cfg: ConvertConfig, steps: tuple[int, ...], progress: bool = True) -
     for k in ("1", "2", "3"):
         if k in summary and summary[k].get("complete"):
             s = summary[k]
-            print(f"step {k}: {s['tokens']} tokens, loss {s['first_loss']:.4g} -> {s['last_loss']:.4g}, "
-                  f"held-out {_fmt(s.get('heldout_start'))} -> {_fmt(s.get('heldout_end'))}")
+            print(
+                f"step {k}: {s['tokens']} tokens, loss {s['first_loss']:.4g} -> {s['last_loss']:.4g}, "
+                f"held-out {_fmt(s.get('heldout_start'))} -> {_fmt(s.get('heldout_end'))}"
+            )
     print(f"student written to {out}")
     return 0
 
@@ -63,7 +80,9 @@ def _fmt(x) -> str:
 def prepare_data(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(resolve_teacher(args.teacher))
     index = prepare_shards(args.data, tokenizer, args.out, held_out_fraction=args.held_out_fraction)
-    splits = ", ".join(f"{name}: {s.tokens} tokens in {s.documents} documents" for name, s in index.splits.items())
+    splits = ", ".join(
+        f"{name}: {s.tokens} tokens in {s.documents} documents" for name, s in index.splits.items()
+    )
     print(f"shards written to {args.out} ({splits})")
     return 0
 
@@ -75,8 +94,106 @@ def generate(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     ids = tokenizer(args.prompt, return_tensors="pt").to(device)
-    sampling = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else dict(do_sample=False)
+    sampling = (
+        dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else dict(do_sample=False)
+    )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, **sampling)
     print(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return 0
+
+
+def _eval_settings(args: argparse.Namespace, default_heldout: Path) -> EvalSettings:
+    return EvalSettings(
+        heldout=args.data or (str(default_heldout) if (default_heldout / "index.json").is_file() else None),
+        seq_len=args.seq_len,
+        max_windows=args.max_windows,
+        task_dir=args.tasks_dir or str(SAMPLES_DIR),
+        tasks=args.tasks,
+        limit=args.limit,
+        passkey_lengths=args.passkey,
+        speed_contexts=args.speed,
+    )
+
+
+def eval(args: argparse.Namespace) -> int:  # noqa: A001  (the command's name)
+    teacher = resolve_teacher(args.teacher) if args.teacher else None
+    settings = _eval_settings(args, Path(args.model) / "data")
+    report = evaluate_conversion(
+        args.model,
+        teacher,
+        args.out or Path(args.model) / "eval",
+        settings,
+        resolve_device(args.device),
+        progress=not args.quiet,
+    )
+    print(report.read_text())
+    print(f"report written to {report}")
+    return 0
+
+
+def bench_generate(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    rows = []
+    for name, path in (("student", args.model), ("teacher", args.teacher and resolve_teacher(args.teacher))):
+        if path:
+            model = load_model(path, device)
+            rows += [
+                {"model": name, **r}
+                for r in speed.bench_generate(model, args.contexts, args.batch_size, args.new_tokens)
+            ]
+            del model
+    print(f"{'model':8} {'context':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak MB':>9}")
+    for r in rows:
+        print(
+            f"{r['model']:8} {r['context_length']:>8} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.1f} "
+            f"{r['peak_memory_mb'] or float('nan'):>9.0f}"
+        )
+    return 0
+
+
+DEMO_CORPUS = Path(__file__).resolve().parent.parent / "data" / "samples" / "demo-corpus.jsonl.xz"
+# Budgets: a few minutes on 2 CPU cores; on a GPU, enough for a meaningful (if small) conversion.
+DEMO_BUDGETS = {
+    "cpu": dict(
+        step1=dict(tokens="16k", lr=3e-3, seq_len=256, batch_size=2, heldout_batches=2),
+        step2=dict(tokens="8k", lr=1e-4, seq_len=256, batch_size=2, heldout_batches=2),
+    ),
+    "cuda": dict(
+        step1=dict(tokens="20M", seq_len=512, batch_size=32),
+        step2=dict(tokens="20M", lr=1e-4, seq_len=512, batch_size=16),
+    ),
+}
+
+
+def demo(args: argparse.Namespace) -> int:
+    from ..teachers import default_teacher_gguf
+
+    device = resolve_device(args.device)
+    teacher = resolve_teacher(default_teacher_gguf())
+    cfg = ConvertConfig.from_dict(
+        dict(
+            teacher=str(teacher),
+            data=str(DEMO_CORPUS),
+            out=str(args.out),
+            arch=args.arch,
+            device=str(device),
+            step3=dict(tokens=0),
+            held_out_fraction=0.05,
+            **DEMO_BUDGETS[device.type],
+        )
+    )
+    convert(cfg, (0, 1, 2), progress=not args.quiet)
+    on_gpu = device.type == "cuda"
+    settings = EvalSettings(
+        heldout=str(args.out / "data"),
+        seq_len=1024 if on_gpu else 256,
+        max_windows=64 if on_gpu else 4,
+        limit=None,
+    )
+    report = evaluate_conversion(
+        args.out, teacher, args.out / "eval", settings, device, progress=not args.quiet
+    )
+    print(report.read_text())
+    print(f"report written to {report}")
     return 0

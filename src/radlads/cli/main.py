@@ -18,12 +18,19 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="text folder/file (.txt, .jsonl, .gz, .xz) or a prepared shard folder")
     p.add_argument("--out", help="output folder (re-running with the same --out resumes)")
     p.add_argument("--arch", choices=["rad-rwkv7", "rad-rwkv6"])
-    p.add_argument("--preset", help="batch/accumulation preset: auto (from teacher size) or " + ", ".join(
-        commands.PRESET_NAMES))
-    p.add_argument("--softmax-layers", type=lambda s: [int(x) for x in s.split(",") if x],
-                   help="comma-separated layers that keep softmax attention (negative counts from the end)")
+    p.add_argument(
+        "--preset",
+        help="batch/accumulation preset: auto (from teacher size) or " + ", ".join(commands.PRESET_NAMES),
+    )
+    p.add_argument(
+        "--softmax-layers",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        help="comma-separated layers that keep softmax attention (negative counts from the end)",
+    )
     for k in (1, 2, 3):
-        p.add_argument(f"--step{k}-tokens", type=parse_tokens, help=f"token budget of step {k} (k/M/B suffixes)")
+        p.add_argument(
+            f"--step{k}-tokens", type=parse_tokens, help=f"token budget of step {k} (k/M/B suffixes)"
+        )
         p.add_argument(f"--step{k}-lr", type=float, help=f"peak learning rate of step {k}")
     p.add_argument("--seq-len", type=int, help="sequence length of steps 1 and 2")
     p.add_argument("--step3-seq-len", type=int, help="sequence length of step 3 (default 16384)")
@@ -33,6 +40,10 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--activation-checkpointing", action="store_true", default=None)
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    return tuple(parse_tokens(x) for x in text.split(",") if x)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="text files or folders")
     p.add_argument("--out", required=True, type=Path, help="shard folder to write")
     p.add_argument("--held-out-fraction", type=float, default=0.01)
+
+    p = add("eval", help="score student and teacher side by side; write report.md with ratios and plots")
+    p.add_argument("--model", required=True, help="student folder (a radlads convert --out)")
+    p.add_argument("--teacher", help="teacher folder or .gguf (omit to score the student alone)")
+    p.add_argument("--data", help="held-out text or shard folder (default: the run's own held-out split)")
+    p.add_argument("--tasks-dir", help="folder of <task>.jsonl files (default: the bundled smoke samples)")
+    p.add_argument("--tasks", type=lambda s: s.split(","), help="comma-separated subset of tasks")
+    p.add_argument("--limit", type=int, help="at most this many documents per task")
+    p.add_argument("--seq-len", type=int, default=1024, help="perplexity window length")
+    p.add_argument("--max-windows", type=int, default=64)
+    p.add_argument("--passkey", type=_lengths, default=(), help="passkey context lengths, e.g. 1k,4k,16k")
+    p.add_argument("--speed", type=_lengths, default=(), help="bench-generate context lengths, e.g. 1k,4k")
+    p.add_argument("--out", type=Path, help="report folder (default: MODEL/eval)")
+    p.add_argument("--device", default="auto")
+
+    p = add("bench-generate", help="prefill/decode tokens/s and peak memory, student vs teacher, same run")
+    p.add_argument("--model", required=True)
+    p.add_argument("--teacher")
+    p.add_argument("--contexts", type=_lengths, default=(1024, 4096, 16384, 32768, 65536))
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--device", default="auto")
+
+    p = add("demo", help="the whole pipeline on the bundled SmolLM2-135M teacher and sample text")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--arch", choices=["rad-rwkv7", "rad-rwkv6"], default="rad-rwkv7")
+    p.add_argument("--device", default="auto")
 
     p = add("generate", help="generate text with a student (constant memory per token)")
     p.add_argument("--model", required=True)

@@ -78,8 +78,14 @@ class Conversion:
         if (data / "index.json").is_file():
             check_tokenizer(ShardIndex.load(data), self.tokenizer)
             return data
-        prepare_shards(data, self.tokenizer, self.out / "data", held_out_fraction=self.cfg.held_out_fraction,
-                       seed=self.cfg.seed, progress=self.progress)
+        prepare_shards(
+            data,
+            self.tokenizer,
+            self.out / "data",
+            held_out_fraction=self.cfg.held_out_fraction,
+            seed=self.cfg.seed,
+            progress=self.progress,
+        )
         return self.out / "data"
 
     # --- checkpoints ---
@@ -115,9 +121,13 @@ class Conversion:
     def step0(self) -> None:
         torch.manual_seed(self.cfg.seed)  # the new parameters' random init
         student = transfer(self.teacher, self.cfg.arch, **self.cfg.student)
-        ids = next(iter(self._heldout_batches(seq_len=min(512, self.cfg.step1.seq_len), batch_size=2, n=1)), None)
+        ids = next(
+            iter(self._heldout_batches(seq_len=min(512, self.cfg.step1.seq_len), batch_size=2, n=1)), None
+        )
         cosines = layer_cosines(self.teacher, student, ids.to(self.device)) if ids is not None else []
-        save_checkpoint(self.checkpoint(0), student, None, {"step": 0, "complete": True, "layer_cosines": cosines})
+        save_checkpoint(
+            self.checkpoint(0), student, None, {"step": 0, "complete": True, "layer_cosines": cosines}
+        )
 
     def train(self, step: int) -> None:
         cfg = self.cfg.steps()[step]
@@ -134,17 +144,34 @@ class Conversion:
         shards = self.shards()
         loader = PackedLoader(shards, cfg.seq_len, cfg.batch_size, seed=self.cfg.seed + step)
         heldout = list(self._heldout_batches(cfg.seq_len, cfg.batch_size, cfg.heldout_batches))
-        trainer = Trainer(objective, student, cfg, loader, heldout, self.checkpoint(step), self.metrics,
-                          self.device, self.progress)
+        trainer = Trainer(
+            objective,
+            student,
+            cfg,
+            loader,
+            heldout,
+            self.checkpoint(step),
+            self.metrics,
+            self.device,
+            self.progress,
+        )
         result = trainer.run()
-        log.info("step %d done: loss %.4g -> %.4g (held-out %s -> %s)", step, result.first_loss,
-                 result.last_loss, result.heldout_start, result.heldout_end)
+        log.info(
+            "step %d done: loss %.4g -> %.4g (held-out %s -> %s)",
+            step,
+            result.first_loss,
+            result.last_loss,
+            result.heldout_start,
+            result.heldout_end,
+        )
 
     def _previous(self, step: int) -> Path:
         previous = self.latest_complete_before(step)
         if previous is None:
-            raise StepOrderError(f"step {step} needs a finished earlier step in {self.out}; run step 0 first "
-                                 f"(radlads step0 --out {self.out} ...) or the whole `radlads convert`")
+            raise StepOrderError(
+                f"step {step} needs a finished earlier step in {self.out}; run step 0 first "
+                f"(radlads step0 --out {self.out} ...) or the whole `radlads convert`"
+            )
         return self.checkpoint(previous)
 
     def _heldout_batches(self, seq_len: int, batch_size: int, n: int):
@@ -170,9 +197,15 @@ class Conversion:
             found = find_checkpoint(self.checkpoint(k))
             if found is not None:
                 state = read_trainer_state(found)
-                steps[str(k)] = {key: v for key, v in state.items() if key not in ("loader", "optimizer_param_groups")}
-        return {"teacher": str(self.cfg.teacher), "arch": self.cfg.arch, "steps": steps,
-                "config": self.cfg.to_dict()}
+                steps[str(k)] = {
+                    key: v for key, v in state.items() if key not in ("loader", "optimizer_param_groups")
+                }
+        return {
+            "teacher": str(self.cfg.teacher),
+            "arch": self.cfg.arch,
+            "steps": steps,
+            "config": self.cfg.to_dict(),
+        }
 
     def export(self) -> None:
         """Write the latest finished student as a HF folder in OUT, with the teacher's tokenizer."""

@@ -48,7 +48,8 @@ def transfer(teacher: PreTrainedModel | str | Path, arch: str = "rad-rwkv7", **o
         teacher = load_teacher(teacher)
     config = student_config(teacher, arch, **options)
     param = next(teacher.parameters())
-    student = RadladsForCausalLM(config).to(device=param.device, dtype=param.dtype)
+    with torch.device(param.device):  # build in place, in the teacher's dtype: no fp32 copy on the host
+        student = RadladsForCausalLM._from_config(config, dtype=param.dtype)
     copy_teacher_weights(teacher, student)
     return student
 

@@ -105,6 +105,7 @@ class RadladsModel(RadladsPreTrainedModel):
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> RadladsOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -116,8 +117,6 @@ class RadladsModel(RadladsPreTrainedModel):
         past = cache.seen_tokens if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=hidden.device)[None]
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: take the fast paths
         position_embeddings = self.rotary_emb(hidden, position_ids)
         all_hidden = (hidden,) if output_hidden_states else None
         v_first = None
@@ -127,7 +126,9 @@ class RadladsModel(RadladsPreTrainedModel):
                 all_hidden += (hidden,)
         if cache is not None:
             cache.seen_tokens += T
-        return RadladsOutput(last_hidden_state=self.norm(hidden), cache=cache, hidden_states=all_hidden)
+        # Slice before the norm: a long prefill that needs one position's logits normalises one position.
+        hidden = self.norm(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        return RadladsOutput(last_hidden_state=hidden, cache=cache, hidden_states=all_hidden)
 
 
 class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
@@ -179,11 +180,9 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            logits_to_keep=logits_to_keep,
         )
-        hidden = out.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(

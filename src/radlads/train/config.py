@@ -20,7 +20,9 @@ def parse_tokens(value: str | int | float) -> int:
         return int(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", value)
     if not match:
-        raise ValueError(f"cannot read token count {value!r}: use a number with an optional k/M/B suffix, e.g. 200k")
+        raise ValueError(
+            f"cannot read token count {value!r}: use a number with an optional k/M/B suffix, e.g. 200k"
+        )
     return int(float(match.group(1)) * _SUFFIX[match.group(2).lower()])
 
 
@@ -73,7 +75,9 @@ class ConvertConfig:
     data: str = ""
     out: str = ""
     arch: str = "rad-rwkv7"
-    student: dict[str, Any] = field(default_factory=dict)  # RadladsConfig options (softmax_layers, ranks, ...)
+    student: dict[str, Any] = field(
+        default_factory=dict
+    )  # RadladsConfig options (softmax_layers, ranks, ...)
     step1: StepConfig = field(default_factory=_step1)
     step2: StepConfig = field(default_factory=_step2)
     step3: StepConfig = field(default_factory=_step3)

@@ -12,7 +12,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
-def _kl_chunk(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor) -> Tensor:
+def _kl_chunk(
+    student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor
+) -> Tensor:
     s_logp = F.log_softmax((student_hidden @ student_head.T).float(), dim=-1)
     with torch.no_grad():  # teacher logits are recomputed in backward rather than kept: O(chunk * V)
         t_logp = F.log_softmax((teacher_hidden @ teacher_head.T).float(), dim=-1)
@@ -20,7 +22,11 @@ def _kl_chunk(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tens
 
 
 def chunked_kl(
-    student_hidden: Tensor, student_head: nn.Linear, teacher_hidden: Tensor, teacher_head: nn.Linear, chunk: int
+    student_hidden: Tensor,
+    student_head: nn.Linear,
+    teacher_hidden: Tensor,
+    teacher_head: nn.Linear,
+    chunk: int,
 ) -> Tensor:
     """Mean over tokens of KL(teacher || student) of the next-token distributions (temperature 1)."""
     s, t = student_hidden.flatten(0, -2), teacher_hidden.flatten(0, -2)
@@ -43,5 +49,7 @@ def chunked_cross_entropy(hidden: Tensor, head: nn.Linear, input_ids: Tensor, ch
     labels = input_ids[:, 1:].flatten()
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
-        total = total + checkpoint(_ce_chunk, h[i : i + chunk], head.weight, labels[i : i + chunk], use_reentrant=False)
+        total = total + checkpoint(
+            _ce_chunk, h[i : i + chunk], head.weight, labels[i : i + chunk], use_reentrant=False
+        )
     return total / h.shape[0]

@@ -81,7 +81,11 @@ class Trainer:
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+            self.params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            weight_decay=cfg.weight_decay,
+            fused=device.type == "cuda",
         )
 
     def autocast(self):
@@ -112,8 +116,13 @@ class Trainer:
         heldout_start = state["heldout_start"] if "heldout_start" in state else self.heldout_loss()
         next_checkpoint = (tokens // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         bar = tqdm(
-            total=cfg.tokens, initial=tokens, unit="tok", unit_scale=True, desc=f"step {step} ({self.objective.name})",
-            disable=not self.progress, dynamic_ncols=True,
+            total=cfg.tokens,
+            initial=tokens,
+            unit="tok",
+            unit_scale=True,
+            desc=f"step {step} ({self.objective.name})",
+            disable=not self.progress,
+            dynamic_ncols=True,
         )
         batches, started = self._batches(), time.perf_counter()
         self.student.train()
@@ -132,16 +141,35 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
             if updates % cfg.log_every == 0 or tokens >= cfg.tokens:
                 self.metrics.log(
-                    dict(step=step, tokens=tokens, loss=loss, lr=learning_rate(cfg, tokens),
-                         tokens_per_s=cfg.tokens_per_update / (time.perf_counter() - t0))
+                    dict(
+                        step=step,
+                        tokens=tokens,
+                        loss=loss,
+                        lr=learning_rate(cfg, tokens),
+                        tokens_per_s=cfg.tokens_per_update / (time.perf_counter() - t0),
+                    )
                 )
             if tokens >= next_checkpoint and tokens < cfg.tokens:
-                self._save(dict(tokens=tokens, updates=updates, first_loss=first_loss, last_loss=last_loss,
-                                heldout_start=heldout_start, complete=False))
+                self._save(
+                    dict(
+                        tokens=tokens,
+                        updates=updates,
+                        first_loss=first_loss,
+                        last_loss=last_loss,
+                        heldout_start=heldout_start,
+                        complete=False,
+                    )
+                )
                 next_checkpoint += cfg.checkpoint_every
         bar.close()
         result = StepResult(
-            step, tokens, updates, first_loss, last_loss, heldout_start, self.heldout_loss(),
+            step,
+            tokens,
+            updates,
+            first_loss,
+            last_loss,
+            heldout_start,
+            self.heldout_loss(),
             state.get("wall_s", 0.0) + time.perf_counter() - started,
         )
         self._save({**result.to_dict(), "complete": True})
@@ -164,8 +192,12 @@ class Trainer:
         return total
 
     def _save(self, state: dict) -> None:
-        save_checkpoint(self.checkpoint_dir, self.student, self.optimizer,
-                        {**state, "step": self.objective.step, "loader": self.loader.state_dict()})
+        save_checkpoint(
+            self.checkpoint_dir,
+            self.student,
+            self.optimizer,
+            {**state, "step": self.objective.step, "loader": self.loader.state_dict()},
+        )
 
     def _resume(self) -> dict:
         found = find_checkpoint(self.checkpoint_dir)

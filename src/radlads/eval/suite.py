@@ -1,0 +1,104 @@
+"""`radlads eval`: the same measurements on student and teacher, then the ratio report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..data import PackedLoader, ShardIndex, check_tokenizer, iter_documents
+from .passkey import evaluate_passkey
+from .perplexity import evaluate_perplexity
+from .report import ModelResults, write_report
+from .speed import bench_generate
+from .tasks import SAMPLES_DIR, evaluate_tasks
+
+
+@dataclass
+class EvalSettings:
+    """What to measure. Every part is optional; empty tuples switch a measurement off."""
+
+    heldout: str | None = None  # shard folder (its held-out split) or text file/folder
+    seq_len: int = 1024  # window length of the perplexity / per-position loss
+    batch_size: int = 4
+    max_windows: int = 64
+    task_dir: str | None = str(SAMPLES_DIR)
+    tasks: list[str] | None = None
+    limit: int | None = None
+    passkey_lengths: tuple[int, ...] = ()
+    speed_contexts: tuple[int, ...] = ()
+    speed_batch_size: int = 1
+
+
+def load_model(path: str | Path, device: torch.device):
+    import radlads  # noqa: F401  (registers the student architecture with the Auto classes)
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def heldout_windows(source: str, tokenizer, settings: EvalSettings) -> Iterator[torch.Tensor]:
+    """[B, T] windows of held-out text: a shard folder's held-out split, or raw text tokenised here."""
+    path = Path(source)
+    if (path / "index.json").is_file():
+        check_tokenizer(ShardIndex.load(path), tokenizer)
+        loader = PackedLoader(path, settings.seq_len, settings.batch_size, split="heldout")
+        for i, batch in enumerate(loader):
+            if i * settings.batch_size >= settings.max_windows:
+                return
+            yield batch
+        return
+    tokens: list[int] = []
+    for doc in iter_documents(path):
+        tokens += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    usable = min(len(tokens) // settings.seq_len, settings.max_windows)
+    if usable == 0:
+        raise ValueError(f"{source} holds {len(tokens)} tokens: fewer than one window of {settings.seq_len}")
+    windows = torch.tensor(tokens[: usable * settings.seq_len]).view(usable, settings.seq_len)
+    yield from windows.split(settings.batch_size)
+
+
+def evaluate_model(
+    name: str, model, tokenizer, settings: EvalSettings, progress: bool = True
+) -> ModelResults:
+    results = ModelResults(name)
+    with torch.no_grad():
+        if settings.heldout:
+            windows = (w.to(model.device) for w in heldout_windows(settings.heldout, tokenizer, settings))
+            results.perplexity = evaluate_perplexity(model, windows, progress=progress)
+        if settings.task_dir:
+            results.tasks = evaluate_tasks(
+                model, tokenizer, settings.task_dir, settings.tasks, settings.limit, progress=progress
+            )
+        if settings.passkey_lengths:
+            results.passkey = evaluate_passkey(model, tokenizer, settings.passkey_lengths, progress=progress)
+        if settings.speed_contexts:
+            results.speed = bench_generate(model, settings.speed_contexts, settings.speed_batch_size)
+    return results
+
+
+def evaluate_conversion(
+    student: str | Path,
+    teacher: str | Path | None,
+    out_dir: str | Path,
+    settings: EvalSettings,
+    device: torch.device,
+    progress: bool = True,
+) -> Path:
+    """Evaluate student (and teacher, one at a time to bound memory); write report.md + plots."""
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    measured = []
+    for name, path in (("student", student), ("teacher", teacher)):
+        if path is None:
+            measured.append(None)
+            continue
+        model = load_model(path, device)
+        measured.append(evaluate_model(f"{name}: {Path(path).name}", model, tokenizer, settings, progress))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    metrics = Path(student) / "metrics.jsonl"
+    return write_report(out_dir, measured[0], measured[1], metrics if metrics.is_file() else None)
