@@ -94,7 +94,8 @@ needs_fla = pytest.mark.skipif(
     not (torch.cuda.is_available() and fla_available()), reason="needs CUDA and flash-linear-attention"
 )
 
-SHAPES = [(2, 64, 4, 64), (1, 200, 3, 64), (2, 33, 2, 32)]
+# Few shapes: every new shape costs Triton compilations (minutes on the lent GPU).
+SHAPES = [(2, 200, 3, 64), (1, 33, 2, 32)]
 
 
 @pytest.mark.gpu
@@ -102,7 +103,9 @@ SHAPES = [(2, 64, 4, 64), (1, 200, 3, 64), (2, 33, 2, 32)]
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("delta_rule", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fla_matches_reference(shape, delta_rule, dtype, tol):
+def test_fla_matches_reference(shape, delta_rule, dtype, tol, monkeypatch):
+    # Triton's fp32 dots default to tf32 (~1e-3); the SPEC's fp32 bound (1e-4) needs IEEE fp32.
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
     B, T, H, K = shape
     op = rwkv7_recurrence if delta_rule else gla_recurrence
     args, state = random_inputs(B, T, H, K, K, delta_rule, device="cuda", dtype=dtype, seed=T)
@@ -116,24 +119,26 @@ def test_fla_matches_reference(shape, delta_rule, dtype, tol):
         # prefill
         y, h = run("fla", args)
         y_ref, h_ref = run("loop", ref_args)
-        assert rel_err(y, y_ref) < tol and rel_err(h, h_ref) < tol
+        errors = {"prefill": rel_err(y, y_ref), "prefill state": rel_err(h, h_ref)}
         # prefill with a carried state, then single-token decoding (fused recurrent kernel)
         _, h = run("fla", [x[:, :split] for x in args], state)
         ys = []
         for t in range(split, T):
             y_t, h = run("fla", [x[:, t : t + 1] for x in args], h)
             ys.append(y_t)
-        y_ref, h_ref = run(
-            "loop", [x[:, split:] for x in ref_args], run("loop", [x[:, :split] for x in ref_args], state)[1]
-        )
-        assert rel_err(torch.cat(ys, 1), y_ref) < tol and rel_err(h, h_ref) < tol
+        carried = run("loop", [x[:, :split] for x in ref_args], state)[1]
+        y_ref, h_ref = run("loop", [x[:, split:] for x in ref_args], carried)
+        errors.update({"decode": rel_err(torch.cat(ys, 1), y_ref), "decode state": rel_err(h, h_ref)})
+    print(f"fla vs loop {shape} delta_rule={delta_rule} {dtype}: {errors}")
+    assert max(errors.values()) < tol, errors
 
 
 @pytest.mark.gpu
 @needs_fla
 @pytest.mark.parametrize("delta_rule", [False, True])
-def test_fla_gradients_match_reference(delta_rule):
+def test_fla_gradients_match_reference(delta_rule, monkeypatch):
     """Training runs fla's chunked backward: its gradients must match the reference's."""
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
     op = rwkv7_recurrence if delta_rule else gla_recurrence
     args, state = random_inputs(2, 96, 2, 64, 64, delta_rule, device="cuda", seed=11)
     grads = []
@@ -142,5 +147,6 @@ def test_fla_gradients_match_reference(delta_rule):
         y, _ = op(*leaves, scale=0.125, initial_state=state, output_final_state=True, backend=backend)
         y.square().sum().backward()
         grads.append([x.grad for x in leaves])
-    for g_fla, g_ref in zip(*grads):
-        assert rel_err(g_fla, g_ref) < 1e-3
+    errors = [rel_err(g_fla, g_ref) for g_fla, g_ref in zip(*grads)]
+    print(f"fla vs chunked gradients delta_rule={delta_rule}: {errors}")
+    assert max(errors) < 1e-3, errors

@@ -30,7 +30,9 @@ def dplr(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    log_w = log_w.to(r.dtype)
+    # Triton dots need one operand dtype: follow r's (bf16 under autocast; the model's fp32
+    # parameters promote some of k, v, a, b to fp32 there).
+    k, v, log_w = k.to(r.dtype), v.to(r.dtype), log_w.to(r.dtype)
     if initial_state is not None:
         initial_state = initial_state.float()
     if a is None:
