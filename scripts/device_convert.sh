@@ -15,6 +15,6 @@ radlads convert --teacher "$TEACHER" --data "$RUN/data" --out "$RUN/$ARCH" --arc
   --step1-tokens "$STEP1" --step2-tokens "$STEP2" --step3-tokens 0 --seq-len 512 --batch-size 32 \
   --step2-lr 1e-4 --checkpoint-every 2M --quiet
 date +%s > "$RUN/$ARCH.end"
-radlads eval --model "$RUN/$ARCH" --teacher "$TEACHER" --data "$RUN/data" --seq-len 2048 --max-windows 128 \
-  --passkey 1k,4k,16k --speed 1k,4k,16k,32k --out "$RUN/$ARCH/eval" --quiet
+radlads eval --model "$RUN/$ARCH" --teacher "$TEACHER" --data "$RUN/data" --seq-len 2048 --max-windows 64 \
+  --passkey 1k,4k --speed 1k,4k,16k --out "$RUN/$ARCH/eval" --quiet
 echo "done $ARCH"
