@@ -148,3 +148,59 @@ def test_yaml_config_and_token_suffixes(tmp_path):
     path.write_text("teacher: t\nstep4: {}\n")
     with pytest.raises(ValueError, match="unknown config keys"):
         ConvertConfig.from_yaml(path)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
+    workspace, tmp_path, monkeypatch, capsys
+):
+    from radlads.convert.steps import AttentionAlignment
+
+    teacher, corpus = workspace
+    real_loss, calls = AttentionAlignment.loss, []
+
+    def loss_that_diverges(self, student, batch):
+        calls.append(1)
+        loss = real_loss(self, student, batch)
+        return loss * float("nan") if len(calls) > 30 else loss
+
+    monkeypatch.setattr(AttentionAlignment, "loss", loss_that_diverges)
+    out = tmp_path / "diverged"
+    args = convert_args(
+        teacher, corpus, out, "--step1-tokens", "40k", "--step2-tokens", "0", "--checkpoint-every", "5k"
+    )
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "loss became nan" in err and "lower the learning rate" in err
+    state = read_trainer_state(find_checkpoint(out / "checkpoints/step1"))
+    assert not state["complete"] and state["tokens"] <= 30 * 512
+    assert read_trainer_state(out / "checkpoints/step0")["complete"]
+
+
+def test_prepare_data_then_convert_from_shards(workspace, tmp_path, capsys):
+    teacher, corpus = workspace
+    shards = tmp_path / "shards"
+    assert main(["prepare-data", "--teacher", str(teacher), "--data", str(corpus), "--out", str(shards)]) == 0
+    assert "train:" in capsys.readouterr().out and (shards / "index.json").is_file()
+    args = convert_args(teacher, shards, tmp_path / "out", "--step1-tokens", "5k", "--step2-tokens", "0")
+    assert main(args) == 0
+    assert not (tmp_path / "out" / "data").exists()  # the given shards are used, not copied
+    assert main(["prepare-data", "--teacher", str(teacher), "--out", str(tmp_path / "none")]) == 2
+
+
+def test_generate_eval_and_bench_generate_commands(converted, workspace, tmp_path, capsys):
+    teacher, _ = workspace
+    assert main(["generate", "--model", str(converted), "--prompt", "The cat", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip()
+    report_dir = tmp_path / "report"
+    args = ["eval", "--model", str(converted), "--teacher", str(teacher), "--seq-len", "128",
+            "--max-windows", "4", "--limit", "4", "--out", str(report_dir), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    report = (report_dir / "report.md").read_text()
+    assert "perplexity/ppl" in report and "student/teacher" in report
+    assert (report_dir / "position_loss.png").stat().st_size > 0
+    args = ["bench-generate", "--model", str(converted), "--teacher", str(teacher), "--contexts", "32,64",
+            "--new-tokens", "4"]  # fmt: skip
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert table.count("student") == 2 and table.count("teacher") == 2

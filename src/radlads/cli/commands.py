@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..convert.pipeline import Conversion, resolve_device
 from ..data import prepare_shards
+from ..data.sources import build_corpus
 from ..eval import speed
 from ..eval.suite import EvalSettings, evaluate_conversion, load_model
 from ..eval.tasks import SAMPLES_DIR
@@ -79,7 +80,12 @@ def _fmt(x) -> str:
 
 def prepare_data(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(resolve_teacher(args.teacher))
-    index = prepare_shards(args.data, tokenizer, args.out, held_out_fraction=args.held_out_fraction)
+    texts = list(args.data)
+    if args.source:
+        texts.append(build_corpus(args.source, args.out / "text", tokenizer=tokenizer))
+    if not texts:
+        raise ValueError("give text to tokenize: --data FILES/FOLDERS and/or --source NAMES")
+    index = prepare_shards(texts, tokenizer, args.out, held_out_fraction=args.held_out_fraction)
     splits = ", ".join(
         f"{name}: {s.tokens} tokens in {s.documents} documents" for name, s in index.splits.items()
     )

@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("prepare-data", help="tokenize text with the teacher's tokenizer into reusable shards")
     p.add_argument("--teacher", required=True, help="teacher whose tokenizer to use")
-    p.add_argument("--data", nargs="+", help="text files or folders")
+    p.add_argument("--data", nargs="+", default=[], help="text files or folders")
+    p.add_argument("--source", nargs="+", default=[], help="corpus sources to fetch from Debian packages "
+                   "(radlads.data.sources.SOURCES, e.g. gcide wordnet python fortunes), built into OUT/text")
     p.add_argument("--out", required=True, type=Path, help="shard folder to write")
     p.add_argument("--held-out-fraction", type=float, default=0.01)
 
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = (0, 1, 2, 3) if args.command == "convert" else (int(args.command[4:]),)
             return commands.convert(config_from_args(args), steps, progress=not args.quiet)
         return getattr(commands, args.command.replace("-", "_"))(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         print(f"radlads {args.command}: error: {err}", file=sys.stderr)
         return 2
 
