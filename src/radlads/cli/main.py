@@ -62,8 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("prepare-data", help="tokenize text with the teacher's tokenizer into reusable shards")
     p.add_argument("--teacher", required=True, help="teacher whose tokenizer to use")
     p.add_argument("--data", nargs="+", default=[], help="text files or folders")
-    p.add_argument("--source", nargs="+", default=[], help="corpus sources to fetch from Debian packages "
-                   "(radlads.data.sources.SOURCES, e.g. gcide wordnet python fortunes), built into OUT/text")
+    p.add_argument(
+        "--source",
+        nargs="+",
+        default=[],
+        help="corpus sources to fetch from Debian packages "
+        "(radlads.data.sources.SOURCES, e.g. gcide wordnet python fortunes), built into OUT/text",
+    )
     p.add_argument("--out", required=True, type=Path, help="shard folder to write")
     p.add_argument("--held-out-fraction", type=float, default=0.01)
 

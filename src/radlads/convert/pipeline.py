@@ -6,6 +6,7 @@ beside the run's own files: checkpoints/step{k}/, metrics.jsonl, tensorboard/, d
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -54,7 +55,7 @@ class Conversion:
 
     # --- inputs, loaded once and only when a step needs them ---
 
-    @property
+    @functools.cached_property
     def teacher_dir(self) -> Path:
         from ..teachers import resolve_teacher
 
@@ -72,6 +73,7 @@ class Conversion:
             self._tokenizer = AutoTokenizer.from_pretrained(self.teacher_dir)
         return self._tokenizer
 
+    @functools.cache  # noqa: B019  (one Conversion per run; the cache dies with it)
     def shards(self) -> Path:
         """The data as token shards of the teacher's tokenizer: prepared once under OUT/data."""
         data = Path(self.cfg.data)

@@ -158,6 +158,7 @@ class Trainer:
                         last_loss=last_loss,
                         heldout_start=heldout_start,
                         complete=False,
+                        wall_s=state.get("wall_s", 0.0) + time.perf_counter() - started,
                     )
                 )
                 next_checkpoint += cfg.checkpoint_every
