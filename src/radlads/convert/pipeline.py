@@ -190,7 +190,18 @@ class Conversion:
     # --- outputs ---
 
     def _write_config(self) -> None:
-        with open(self.out / "config.yaml", "w") as f:
+        """Record the run's config; refuse to mix another teacher or student into an existing run."""
+        path = self.out / "config.yaml"
+        if path.is_file():
+            old = yaml.safe_load(path.read_text()) or {}
+            new = self.cfg.to_dict()
+            changed = [k for k in ("teacher", "arch", "student") if old.get(k) != new.get(k)]
+            if changed:
+                raise ValueError(
+                    f"{self.out} holds a run with another {', '.join(changed)} "
+                    f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); use a new --out or delete it"
+                )
+        with open(path, "w") as f:
             yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
 
     def summary(self) -> dict:
