@@ -203,3 +203,19 @@ def demo(args: argparse.Namespace) -> int:
     print(report.read_text())
     print(f"report written to {report}")
     return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    from ..convert.plan import plan as make_plan
+
+    result = make_plan(
+        args.teacher,
+        arch=args.arch,
+        gpu_memory_gb=args.gpu_memory_gb,
+        seq_len=args.seq_len,
+        step3_seq_len=args.step3_seq_len,
+        batch_size=args.batch_size,
+        softmax_layers=tuple(args.softmax_layers),
+    )
+    print(result.to_markdown(), end="")
+    return 0

@@ -1,4 +1,4 @@
-"""`radlads` console script: convert, step0..step3, prepare-data, eval, generate."""
+"""`radlads` console script: convert, step0..step3, prepare-data, eval, generate, plan."""
 
 from __future__ import annotations
 
@@ -98,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--arch", choices=["rad-rwkv7", "rad-rwkv6"], default="rad-rwkv7")
     p.add_argument("--device", default="auto")
+
+    p = add("plan", help="parameter counts and per-step GPU memory / GPU count, from config.json alone")
+    p.add_argument("--teacher", required=True, help="teacher folder holding config.json, or its path")
+    p.add_argument("--arch", choices=["rad-rwkv7", "rad-rwkv6"], default="rad-rwkv7")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    p.add_argument("--seq-len", type=int, default=512, help="sequence length of steps 1 and 2")
+    p.add_argument("--step3-seq-len", type=int, default=16384)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (steps 1 and 2)")
+    p.add_argument(
+        "--softmax-layers",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[],
+        help="comma-separated layers that keep softmax attention",
+    )
 
     p = add("generate", help="generate text with a student (constant memory per token)")
     p.add_argument("--model", required=True)

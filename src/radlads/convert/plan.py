@@ -1,0 +1,247 @@
+"""Resource plan of a conversion, from the teacher's config.json alone (no weights, no GPU).
+
+Parameter counts are exact: teacher and student are built on the meta device (no memory) and
+their parameters summed. Memory is an *estimate* per GPU for each protocol step, under these
+assumptions (all sizes in bytes, GB = 1e9 bytes):
+
+Model states (sharded: divided by the number of GPUs with FSDP2 / ZeRO-3):
+- the frozen teacher is held in bf16 (2 bytes/param) in steps 1 and 2;
+- trainable parameters keep an fp32 master copy (4), an fp32 gradient (4) and AdamW's two fp32
+  moments (8): 16 bytes per trainable parameter;
+- step 1 trains only the time mixers; the rest of the student (embeddings, MLPs, norms, head,
+  kept softmax layers) is frozen and held in bf16 (2 bytes/param);
+- steps 2 and 3 train the whole student with the LM head untied from the embedding (SPEC §2),
+  so the student has `vocab × hidden` more parameters than at step 0 when the teacher ties them.
+
+Activations (not sharded: every GPU runs its own micro-batch of `batch_size × seq_len` tokens):
+- bf16 autocast (2 bytes/element) except the decay (log w) and the chunked-kernel states, fp32;
+- a time mixer saves ~10 hidden-sized bf16 tensors per token for backward (x, r, k, v after GQA
+  expansion, κ, replacement k, a, value-residual mix, gate, y), plus log w (fp32) and the chunk
+  kernel's per-64-token states (head_dim/64 hidden-sized fp32 tensors per token);
+- a teacher-family MLP saves its input and four intermediate-sized tensors (gate, up, act, product);
+  norms and residual adds ~4 hidden-sized bf16 tensors;
+- step 1 keeps, for every layer, the captured teacher attention input and output (2 bf16
+  hidden-sized tensors per token) and the mixer activations of every converted layer (the losses
+  of all layers are summed, so the graphs of all mixers live until backward);
+- with activation checkpointing only each layer's input (1 bf16 hidden-sized tensor per token) is
+  kept, plus one layer's full activations while it is recomputed;
+- the chunked KL / CE materialises `chunk × vocab` logits: ~5 fp32 copies for KL (student and
+  teacher logits, both log-softmaxes, gradient) and ~3 for CE, for one chunk at a time, plus the
+  final hidden states of student (and teacher) for the whole micro-batch;
+- the no-grad teacher forward of step 2 needs one layer's transient activations.
+
+A GPU is considered to hold `usable_fraction` (0.9) of its memory: the rest covers the CUDA
+context, allocator fragmentation, NCCL and FSDP all-gather buffers. The recommended GPU count is
+the smallest of 1/2/4/8/16 at which `states / N + activations` fits; None when 16 does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+GB = 1e9
+GPU_COUNTS = (1, 2, 4, 8, 16)
+BF16, FP32 = 2, 4
+ADAM_STATE_BYTES = FP32 + FP32 + 2 * FP32  # master copy, gradient, two moments
+MIXER_BF16_TENSORS = 10
+MLP_BF16_INTERMEDIATES = 4
+NORM_RESIDUAL_TENSORS = 4
+KL_FP32_COPIES = 5
+CE_FP32_COPIES = 3
+
+
+@dataclass
+class StepMemory:
+    """Memory of one step: sharded model states (total over GPUs) plus per-GPU activations."""
+
+    name: str
+    states_bytes: float  # teacher + student params, grads, optimizer: divided by N under FSDP2
+    activation_bytes: float  # per GPU, not divided
+
+    def per_gpu_bytes(self, gpus: int) -> float:
+        return self.states_bytes / gpus + self.activation_bytes
+
+    def gpus_needed(self, gpu_memory_bytes: float) -> int | None:
+        return next((n for n in GPU_COUNTS if self.per_gpu_bytes(n) <= gpu_memory_bytes), None)
+
+
+@dataclass
+class ConversionPlan:
+    teacher: str
+    arch: str
+    teacher_params: int
+    student_params: int  # as built at step 0 (head tied if the teacher ties it)
+    student_params_untied: int  # steps 2-3: the LM head has its own weight
+    mixer_params: int  # trained in step 1
+    seq_len: int
+    step3_seq_len: int
+    batch_size: int
+    step3_batch_size: int
+    gpu_memory_gb: float
+    usable_fraction: float = 0.9
+    steps: list[StepMemory] = field(default_factory=list)
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.gpu_memory_gb * GB * self.usable_fraction
+
+    def gpus_needed(self) -> dict[str, int | None]:
+        return {s.name: s.gpus_needed(self.usable_bytes) for s in self.steps}
+
+    def recommended_gpus(self) -> int | None:
+        """GPUs for the whole run: the most any step needs, taking checkpointing where it helps."""
+        need = self.gpus_needed()
+        per_step = []
+        for k in ("step 1", "step 2", "step 3"):
+            options = [n for name, n in need.items() if name.startswith(k) and n is not None]
+            if not options:
+                return None
+            per_step.append(min(options))
+        return max(per_step)
+
+    def to_markdown(self) -> str:
+        def gb(x: float) -> str:
+            return f"{x / GB:.1f}"
+
+        rec = self.recommended_gpus()
+        lines = [
+            f"Plan for {self.teacher} -> {self.arch}",
+            "",
+            f"- teacher parameters: {self.teacher_params:,}",
+            f"- student parameters: {self.student_params:,} "
+            f"({self.student_params_untied:,} with the LM head untied, steps 2-3)",
+            f"- time-mixer parameters trained in step 1: {self.mixer_params:,}",
+            f"- micro-batch: {self.batch_size} x {self.seq_len} tokens (steps 1-2), "
+            f"{self.step3_batch_size} x {self.step3_seq_len} (step 3)",
+            f"- GPU: {self.gpu_memory_gb:g} GB, {self.usable_fraction:.0%} usable; "
+            "teacher and student+optimizer sharded with FSDP2",
+            "",
+            "| step | states GB (all GPUs) | activations GB/GPU | "
+            + " | ".join(f"GB/GPU @{n}" for n in GPU_COUNTS)
+            + f" | GPUs ({self.gpu_memory_gb:g} GB) |",
+            "|---|---:|---:|" + "---:|" * len(GPU_COUNTS) + "---:|",
+        ]
+        for s in self.steps:
+            n = s.gpus_needed(self.usable_bytes)
+            lines.append(
+                f"| {s.name} | {gb(s.states_bytes)} | {gb(s.activation_bytes)} | "
+                + " | ".join(gb(s.per_gpu_bytes(g)) for g in GPU_COUNTS)
+                + f" | {n if n is not None else '>16'} |"
+            )
+        lines += [
+            "",
+            f"Recommended: {rec if rec is not None else 'more than 16'} GPU(s) of "
+            f"{self.gpu_memory_gb:g} GB (with activation checkpointing where it is needed).",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def load_config(teacher: str | Path) -> PretrainedConfig:
+    """A folder holding config.json, or the path of a config JSON file (any name)."""
+    path = Path(teacher)
+    if not path.is_file() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{teacher}: no config.json (pass a model folder or a config.json path)")
+    return AutoConfig.from_pretrained(path)
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Unique parameters (a tied head counts once), as sum(p.numel() for p in parameters())."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_meta_models(config: PretrainedConfig, arch: str = "rad-rwkv7", **student_options):
+    """Teacher and student on the meta device: shapes only, no memory, no init cost."""
+    from ..models import RadladsForCausalLM
+    from .transfer import student_config
+
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(config)
+        student = RadladsForCausalLM(student_config(teacher, arch, **student_options))
+    return teacher, student
+
+
+def _layer_tokens_bytes(cfg: PretrainedConfig, head_dim: int) -> tuple[float, float, float]:
+    """Per-token activation bytes of (one time mixer, one MLP + norms, one layer input)."""
+    c, i = cfg.hidden_size, cfg.intermediate_size
+    mixer = MIXER_BF16_TENSORS * c * BF16 + (1 + head_dim / 64) * c * FP32
+    mlp = (c + MLP_BF16_INTERMEDIATES * i) * BF16 + NORM_RESIDUAL_TENSORS * c * BF16
+    return mixer, mlp, c * BF16
+
+
+def plan(
+    teacher: str | Path,
+    arch: str = "rad-rwkv7",
+    gpu_memory_gb: float = 80.0,
+    seq_len: int = 512,
+    step3_seq_len: int = 16384,
+    batch_size: int = 8,
+    step3_batch_size: int = 1,
+    chunk_tokens: int = 4096,
+    softmax_layers: tuple[int, ...] = (),
+    usable_fraction: float = 0.9,
+) -> ConversionPlan:
+    """Parameter counts (exact) and per-step memory estimates (see the module docstring)."""
+    cfg = load_config(teacher)
+    t_model, s_model = build_meta_models(cfg, arch, softmax_layers=list(softmax_layers))
+    scfg = s_model.config
+    teacher_params = count_params(t_model)
+    student_params = count_params(s_model)
+    tied = s_model.lm_head.weight is s_model.model.embed_tokens.weight
+    student_untied = student_params + (s_model.lm_head.weight.numel() if tied else 0)
+    converted = [i for i in range(scfg.num_hidden_layers) if not scfg.is_softmax_layer(i)]
+    mixer_params = sum(count_params(s_model.model.layers[i].self_attn) for i in converted)
+
+    head_dim = scfg.head_dim
+    n_layers, c, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    mixer_tok, mlp_tok, input_tok = _layer_tokens_bytes(cfg, head_dim)
+    layer_tok = mixer_tok + mlp_tok
+
+    def logits(tokens: int, copies: int) -> float:
+        return min(chunk_tokens, tokens) * vocab * FP32 * copies
+
+    teacher_bytes = teacher_params * BF16
+    steps: list[StepMemory] = []
+
+    # Step 1: frozen teacher + frozen student remainder (bf16) + trainable mixers (16 B/param).
+    tok1 = batch_size * seq_len
+    states1 = teacher_bytes + (student_params - mixer_params) * BF16 + mixer_params * ADAM_STATE_BYTES
+    act1 = tok1 * (n_layers * 2 * c * BF16 + len(converted) * mixer_tok)
+    steps.append(StepMemory("step 1 (alignment)", states1, act1))
+
+    # Step 2: frozen teacher + whole untied student trained.
+    tok2 = batch_size * seq_len
+    states2 = teacher_bytes + student_untied * ADAM_STATE_BYTES
+    tail2 = 2 * tok2 * c * BF16 + logits(tok2, KL_FP32_COPIES) + tok2 * mlp_tok  # finals, KL, teacher layer
+    steps.append(StepMemory("step 2 (KL)", states2, tok2 * n_layers * layer_tok + tail2))
+    steps.append(
+        StepMemory("step 2 (KL, act. ckpt)", states2, tok2 * (n_layers * input_tok + layer_tok) + tail2)
+    )
+
+    # Step 3: student alone at long context.
+    tok3 = step3_batch_size * step3_seq_len
+    states3 = student_untied * ADAM_STATE_BYTES
+    tail3 = tok3 * c * BF16 + logits(tok3, CE_FP32_COPIES)
+    steps.append(StepMemory("step 3 (CE)", states3, tok3 * n_layers * layer_tok + tail3))
+    steps.append(
+        StepMemory("step 3 (CE, act. ckpt)", states3, tok3 * (n_layers * input_tok + layer_tok) + tail3)
+    )
+
+    return ConversionPlan(
+        teacher=str(teacher),
+        arch=arch,
+        teacher_params=teacher_params,
+        student_params=student_params,
+        student_params_untied=student_untied,
+        mixer_params=mixer_params,
+        seq_len=seq_len,
+        step3_seq_len=step3_seq_len,
+        batch_size=batch_size,
+        step3_batch_size=step3_batch_size,
+        gpu_memory_gb=gpu_memory_gb,
+        usable_fraction=usable_fraction,
+        steps=steps,
+    )

@@ -1,0 +1,66 @@
+"""radlads plan: exact parameter counts from config.json alone, monotone memory estimates, CLI table."""
+
+from __future__ import annotations
+
+import pytest
+
+from radlads.cli.main import main
+from radlads.convert.plan import GPU_COUNTS, plan
+from radlads.convert.transfer import transfer
+from tiny_models import make_teacher, make_teacher_folder
+
+
+def _numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("arch", ["rad-rwkv7", "rad-rwkv6"])
+def test_parameter_counts_match_real_models(tmp_path, family, arch):
+    teacher = make_teacher(family)
+    teacher.config.save_pretrained(tmp_path)  # config.json only: the plan never reads weights
+    student = transfer(teacher, arch=arch, softmax_layers=[-1])
+    result = plan(tmp_path, arch=arch, softmax_layers=(-1,))
+
+    assert result.teacher_params == _numel(teacher)
+    assert result.student_params == _numel(student)
+    mixers = [
+        layer.self_attn
+        for i, layer in enumerate(student.model.layers)
+        if not student.config.is_softmax_layer(i)
+    ]
+    assert result.mixer_params == sum(_numel(m) for m in mixers)
+    student.untie_embeddings()
+    assert result.student_params_untied == _numel(student)
+    # a config.json path works like its folder
+    assert (
+        plan(tmp_path / "config.json", arch=arch, softmax_layers=(-1,)).student_params
+        == result.student_params
+    )
+
+
+def test_memory_monotone(tmp_path):
+    make_teacher("qwen2").config.save_pretrained(tmp_path)
+    short = plan(tmp_path, seq_len=256, step3_seq_len=1024)
+    long = plan(tmp_path, seq_len=1024, step3_seq_len=4096)
+    for s in short.steps:
+        per_gpu = [s.per_gpu_bytes(n) for n in GPU_COUNTS]
+        assert all(a > b for a, b in zip(per_gpu, per_gpu[1:])), s.name
+    for a, b in zip(short.steps, long.steps):
+        assert b.activation_bytes > a.activation_bytes, a.name
+        assert b.states_bytes == a.states_bytes
+    by_name = {s.name: s for s in long.steps}
+    assert by_name["step 2 (KL, act. ckpt)"].activation_bytes < by_name["step 2 (KL)"].activation_bytes
+    assert by_name["step 3 (CE, act. ckpt)"].activation_bytes < by_name["step 3 (CE)"].activation_bytes
+    # a smaller GPU never needs fewer GPUs
+    assert plan(tmp_path, gpu_memory_gb=0.001).recommended_gpus() in (None, *GPU_COUNTS)
+    assert short.recommended_gpus() == 1
+
+
+def test_cli_prints_table(tmp_path, capsys):
+    folder = make_teacher_folder(tmp_path)
+    assert main(["plan", "--teacher", str(folder), "--gpu-memory-gb", "24", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| step 1 (alignment) |" in out and "| step 3 (CE, act. ckpt) |" in out
+    assert "teacher parameters:" in out and "Recommended: 1 GPU(s) of 24 GB" in out
+    assert main(["plan", "--teacher", str(tmp_path / "missing")]) == 2
