@@ -57,7 +57,12 @@ def _size_class(teacher_dir: Path) -> str:
 
 def convert(cfg: ConvertConfig, steps: tuple[int, ...], progress: bool = True) -> int:
     conversion = Conversion(cfg, progress=progress)
-    out = conversion.run(steps)
+    try:
+        out = conversion.run(steps)
+    finally:
+        conversion.dist.shutdown()
+    if not conversion.dist.is_main:
+        return 0
     summary = conversion.summary()["steps"]
     cosines = summary.get("0", {}).get("layer_cosines")
     if cosines:

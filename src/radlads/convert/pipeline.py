@@ -20,6 +20,7 @@ from ..data import PackedLoader, ShardIndex, check_tokenizer, prepare_shards
 from ..models import RadladsForCausalLM
 from ..train.checkpoint import find_checkpoint, read_trainer_state, save_checkpoint
 from ..train.config import ConvertConfig
+from ..train.distributed import Distributed
 from ..train.metrics import MetricsLog
 from ..train.trainer import Trainer
 from .alignment import layer_cosines
@@ -48,7 +49,9 @@ class Conversion:
             raise ValueError("set an output folder (--out)")
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
+        # under torchrun: one process per device, data-parallel with FSDP2; otherwise one process
+        self.dist = Distributed.init(resolve_device(cfg.device))
+        self.device = self.dist.device
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.metrics = MetricsLog(self.out)
         self._teacher = self._tokenizer = None
@@ -108,16 +111,26 @@ class Conversion:
     # --- the steps ---
 
     def run(self, steps: tuple[int, ...] = STEPS) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._write_config()
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._write_config()
+        if self.dist.enabled:  # rank 0 tokenizes; the others wait and read its shards
+            if self.dist.is_main:
+                self.shards()
+            self.dist.barrier()
+            self.shards()
         for step in steps:
             if self.completed(step):
                 log.info("step %d already complete in %s; skipping", step, self.checkpoint(step))
             elif step == 0:
-                self.step0()
+                if self.dist.is_main:
+                    self.step0()
+                self.dist.barrier()
             elif self.cfg.steps()[step].tokens > 0:
                 self.train(step)
-        self.export()
+        if self.dist.is_main:
+            self.export()
+        self.dist.barrier()
         return self.out
 
     def step0(self) -> None:
@@ -143,9 +156,15 @@ class Conversion:
             2: lambda: Distillation(self.teacher, self.cfg.kl_chunk_tokens),
             3: lambda: ContextExtension(self.cfg.kl_chunk_tokens),
         }[step]()
+        if self.dist.enabled:
+            objective.trainable(student)  # unties the embeddings (steps 2-3) before sharding
+            self.dist.shard_student(student, step)
+            if step < 3:
+                self.dist.shard_teacher(self.teacher)
         shards = self.shards()
-        loader = PackedLoader(shards, cfg.seq_len, cfg.batch_size, seed=self.cfg.seed + step)
-        heldout = list(self._heldout_batches(cfg.seq_len, cfg.batch_size, cfg.heldout_batches))
+        rank = dict(rank=self.dist.rank, world_size=self.dist.world_size)
+        loader = PackedLoader(shards, cfg.seq_len, cfg.batch_size, seed=self.cfg.seed + step, **rank)
+        heldout = list(self._heldout_batches(cfg.seq_len, cfg.batch_size, cfg.heldout_batches, **rank))
         trainer = Trainer(
             objective,
             student,
@@ -156,6 +175,7 @@ class Conversion:
             self.metrics,
             self.device,
             self.progress,
+            self.dist,
         )
         result = trainer.run()
         log.info(
@@ -176,9 +196,11 @@ class Conversion:
             )
         return self.checkpoint(previous)
 
-    def _heldout_batches(self, seq_len: int, batch_size: int, n: int):
+    def _heldout_batches(self, seq_len: int, batch_size: int, n: int, rank: int = 0, world_size: int = 1):
         try:
-            loader = PackedLoader(self.shards(), seq_len, batch_size, split="heldout")
+            loader = PackedLoader(
+                self.shards(), seq_len, batch_size, split="heldout", rank=rank, world_size=world_size
+            )
         except ValueError as err:  # too little held-out text for even one batch: say so, carry on
             log.warning("no held-out evaluation: %s", err)
             return

@@ -36,15 +36,26 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict[str
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(path: Path, model, optimizer: torch.optim.Optimizer | None, trainer_state: dict) -> None:
-    """Write into `path.tmp`, then swap it in: `path` is always either the old or the new checkpoint."""
+def save_checkpoint(
+    path: Path,
+    model,
+    optimizer: torch.optim.Optimizer | None,
+    trainer_state: dict,
+    *,
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
+) -> None:
+    """Write into `path.tmp`, then swap it in: `path` is always either the old or the new checkpoint.
+
+    `model_state`/`optimizer_state` replace the model's and optimizer's own state dicts (the full
+    states a sharded run gathered on rank 0)."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=model_state)
     optimizer_groups = None
     if optimizer is not None:
-        tensors, optimizer_groups = _flatten_optimizer(optimizer.state_dict())
+        tensors, optimizer_groups = _flatten_optimizer(optimizer_state or optimizer.state_dict())
         save_file(tensors, tmp / OPTIMIZER_FILE)
     with open(tmp / TRAINER_FILE, "w") as f:
         json.dump({**trainer_state, "optimizer_param_groups": optimizer_groups}, f, indent=1)
@@ -71,7 +82,11 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+def read_optimizer(path: Path) -> dict[str, Any]:
+    """The saved optimizer state dict, keyed by parameter index as `optimizer.state_dict()`."""
     groups = read_trainer_state(path)["optimizer_param_groups"]
-    tensors = load_file(Path(path) / OPTIMIZER_FILE)
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, groups))
+    return _unflatten_optimizer(load_file(Path(path) / OPTIMIZER_FILE), groups)
+
+
+def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.load_state_dict(read_optimizer(path))

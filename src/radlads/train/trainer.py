@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import find_checkpoint, load_optimizer, read_trainer_state, save_checkpoint
+from .checkpoint import find_checkpoint, load_optimizer, read_optimizer, read_trainer_state, save_checkpoint
 from .config import StepConfig
+from .distributed import Distributed
 from .metrics import MetricsLog
 
 
@@ -71,11 +72,16 @@ class Trainer:
         metrics: MetricsLog,
         device: torch.device,
         progress: bool = True,
+        dist: Distributed | None = None,
     ):
+        # Under torchrun the student is already sharded, the loader yields this rank's part of each
+        # global batch, and only rank 0 logs and writes checkpoints.
         self.objective, self.student, self.cfg = objective, student, cfg
         self.loader, self.heldout = loader, heldout_batches
         self.checkpoint_dir, self.metrics = Path(checkpoint_dir), metrics
-        self.device, self.progress = device, progress
+        self.device, self.dist = device, dist or Distributed(device=device)
+        self.progress = progress and self.dist.is_main
+        self.tokens_per_update = cfg.tokens_per_update * self.dist.world_size
         student.requires_grad_(False)
         self.params = objective.trainable(student)
         for p in self.params:
@@ -102,7 +108,7 @@ class Trainer:
         with self.autocast():
             losses = [self.objective.loss(self.student, b.to(self.device)).item() for b in self.heldout]
         self.student.train()
-        return sum(losses) / len(losses)
+        return self.dist.mean(sum(losses) / len(losses))
 
     def _batches(self) -> Iterator[Tensor]:
         for batch in self.loader:
@@ -129,7 +135,7 @@ class Trainer:
         while tokens < cfg.tokens:
             t0 = time.perf_counter()
             loss = self._update(batches, learning_rate(cfg, tokens))
-            tokens, updates = tokens + cfg.tokens_per_update, updates + 1
+            tokens, updates = tokens + self.tokens_per_update, updates + 1
             if not math.isfinite(loss):
                 raise TrainingDiverged(
                     f"step {step}: the loss became {loss} after {tokens} tokens. The last good checkpoint is kept "
@@ -137,16 +143,16 @@ class Trainer:
                 )
             first_loss = loss if first_loss is None else first_loss
             last_loss = loss
-            bar.update(cfg.tokens_per_update)
+            bar.update(self.tokens_per_update)
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-            if updates % cfg.log_every == 0 or tokens >= cfg.tokens:
+            if self.dist.is_main and (updates % cfg.log_every == 0 or tokens >= cfg.tokens):
                 self.metrics.log(
                     dict(
                         step=step,
                         tokens=tokens,
                         loss=loss,
                         lr=learning_rate(cfg, tokens),
-                        tokens_per_s=cfg.tokens_per_update / (time.perf_counter() - t0),
+                        tokens_per_s=self.tokens_per_update / (time.perf_counter() - t0),
                     )
                 )
             if tokens >= next_checkpoint and tokens < cfg.tokens:
@@ -185,6 +191,7 @@ class Trainer:
                 loss = self.objective.loss(self.student, next(batches)) / self.cfg.grad_accum
             loss.backward()
             total += loss.item()
+        total = self.dist.mean(total)
         if self.cfg.clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
         if math.isfinite(total):
@@ -193,19 +200,29 @@ class Trainer:
         return total
 
     def _save(self, state: dict) -> None:
-        save_checkpoint(
-            self.checkpoint_dir,
-            self.student,
-            self.optimizer,
-            {**state, "step": self.objective.step, "loader": self.loader.state_dict()},
-        )
+        full = {}
+        if self.dist.enabled:  # gathered on every rank (a collective), written by rank 0
+            full["model_state"], full["optimizer_state"] = self.dist.full_state(self.student, self.optimizer)
+        if self.dist.is_main:
+            save_checkpoint(
+                self.checkpoint_dir,
+                self.student,
+                self.optimizer,
+                {**state, "step": self.objective.step, "loader": self.loader.state_dict()},
+                **full,
+            )
+        self.dist.barrier()
 
     def _resume(self) -> dict:
         found = find_checkpoint(self.checkpoint_dir)
         if found is None:
             return {}
         state = read_trainer_state(found)
-        load_optimizer(found, self.optimizer)
+        if self.dist.enabled:
+            self.dist.load_optimizer(self.student, self.optimizer, read_optimizer(found))
+        else:
+            load_optimizer(found, self.optimizer)
         self.loader.load_state_dict(state["loader"])
-        self.metrics.forget_after(self.objective.step, state["tokens"])
+        if self.dist.is_main:
+            self.metrics.forget_after(self.objective.step, state["tokens"])
         return state
