@@ -80,3 +80,23 @@ def test_folder_without_config_is_a_clear_error(tmp_path):
 def test_softmax_layers_cannot_keep_every_layer():
     with pytest.raises(ValueError, match="nothing would be converted"):
         transfer(make_teacher("qwen2"), softmax_layers=[0, 1, 2])
+
+
+def test_step1_activation_checkpointing_gives_the_same_gradients():
+    from radlads.convert.alignment import alignment_loss, student_attention_outputs, teacher_attention_io
+
+    teacher = make_teacher("qwen2")
+    ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
+    io = teacher_attention_io(teacher, ids)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same init of the new parameters in both students
+        student = transfer(teacher, arch="rad-rwkv7")
+        if checkpointing:
+            getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
+        student.train()
+        alignment_loss(student_attention_outputs(student, io), io.outputs).backward()
+        grads.append({n: p.grad for n, p in student.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)

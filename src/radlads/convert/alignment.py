@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..models import RadladsForCausalLM
 
@@ -46,7 +47,8 @@ def student_attention_outputs(
     """Each student time mixer applied to its teacher layer's input; None for kept softmax layers.
 
     The value residual's v_first comes from the student's own first mixer on the teacher's input,
-    as it would in the student's forward.
+    as it would in the student's forward. With the student's gradient checkpointing on, each mixer
+    keeps only its input and recomputes its activations in backward.
     """
     x0 = io.inputs[0]
     if position_ids is None:
@@ -57,7 +59,13 @@ def student_attention_outputs(
         if student.config.is_softmax_layer(idx):
             outs.append(None)
             continue
-        y, v_first = layer.self_attn(io.inputs[idx], position_embeddings, v_first=v_first)
+        mixer = layer.self_attn
+        if student.is_gradient_checkpointing and torch.is_grad_enabled():
+            y, v_first = checkpoint(
+                mixer, io.inputs[idx], position_embeddings, None, v_first, use_reentrant=False
+            )
+        else:
+            y, v_first = mixer(io.inputs[idx], position_embeddings, v_first=v_first)
         outs.append(y)
     return outs
 

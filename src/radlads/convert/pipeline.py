@@ -149,8 +149,8 @@ class Conversion:
         partial = find_checkpoint(self.checkpoint(step))
         source = partial or self._previous(step)
         student = self.load_student(source)
-        if self.cfg.activation_checkpointing and step > 1:
-            student.gradient_checkpointing_enable()
+        if self.cfg.activation_checkpointing:  # transformers >= 5.2x renamed the switch
+            getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
         objective = {
             1: lambda: AttentionAlignment(self.teacher),
             2: lambda: Distillation(self.teacher, self.cfg.kl_chunk_tokens),
