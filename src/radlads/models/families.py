@@ -7,6 +7,7 @@ they differ in which projections carry biases and whether q/k are RMS-normalised
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ class Family:
     qk_norm: bool = False  # Qwen3 RMS-normalises q and k per head before RoPE
 
     def _module(self):
-        return importlib.import_module(f"transformers.models.{self.model_type}.modeling_{self.model_type}")
+        return _modeling_module(self.model_type)
 
     def cls(self, suffix: str):
         return getattr(self._module(), f"{self.prefix}{suffix}")
@@ -43,6 +44,12 @@ class Family:
         """(q/k/v projections have bias, o projection has bias)."""
         flag = bool(getattr(config, "attention_bias", False))
         return (self.qkv_bias_always or flag, flag and not self.qkv_bias_always)
+
+
+@functools.cache
+def _modeling_module(model_type: str):
+    """The family's transformers modeling module, looked up once (RoPE runs on every forward)."""
+    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
 
 
 FAMILIES: dict[str, Family] = {
