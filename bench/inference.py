@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-warmup", type=int, default=3)
     p.add_argument("--prefill-repeats", type=int, default=3, help="at most; fewer once 2 s are spent")
     p.add_argument("--no-mask", action="store_true", help="call forward without an attention mask")
+    p.add_argument(
+        "--eager-decode",
+        action="store_true",
+        help="also run each student with CUDA-graph decoding off (rows ARCH-eager)",
+    )
     p.add_argument("--budget-s", type=float, default=300.0, help="stop adding cells after this")
     p.add_argument(
         "--mem-limit-gb",
@@ -294,8 +299,11 @@ def main(argv: list[str] | None = None) -> None:
     students = [a for a in args.archs.split(",") if a]
 
     models = {"teacher": build_teacher(args.shape, device, dtype)}
-    for arch in students:
+    for arch in list(students):
         models[arch] = build_student(models["teacher"], arch)
+        if args.eager_decode:
+            models[f"{arch}-eager"] = build_student(models["teacher"], arch, cuda_graph_decode=False)
+            students.append(f"{arch}-eager")
     costs = {n: ModelCost.of(m) for n, m in models.items()}
     wbytes = {n: weight_bytes(m) for n, m in models.items()}
     print(

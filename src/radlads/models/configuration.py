@@ -63,6 +63,7 @@ class RadladsConfig(PretrainedConfig):
         gate_rank: int | None = None,
         groupnorm: bool = False,
         kernel_backend: str = "auto",
+        cuda_graph_decode: bool = True,
         init_k_k: float = 0.85,
         init_k_a: float = 1.0,
         init_a0: float = 0.0,
@@ -76,6 +77,8 @@ class RadladsConfig(PretrainedConfig):
         self.softmax_layers = sorted(int(i) for i in softmax_layers)
         self.groupnorm = groupnorm
         self.kernel_backend = kernel_backend
+        # Decode one token per step through a captured CUDA graph (pure linear students on CUDA).
+        self.cuda_graph_decode = cuda_graph_decode
         self.init_k_k, self.init_k_a, self.init_a0, self.init_v0 = init_k_k, init_k_a, init_a0, init_v0
         for key in _MIRRORED:
             if key not in kwargs and key in self.teacher_config:

@@ -17,6 +17,7 @@ from .cache import RadladsCache
 from .common import LinearMixer, LowRank
 from .configuration import RadladsConfig
 from .families import family_of
+from .graphs import decode_graphs
 from .rwkv6 import RadRWKV6Mixer
 from .rwkv7 import RadRWKV7Mixer
 
@@ -172,11 +173,17 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
         past_key_values: RadladsCache | None = None,
         **kwargs,
     ) -> RadladsCausalLMOutput:
+        cache = cache if cache is not None else past_key_values
+        graphs = decode_graphs(self)
+        if labels is None and not output_hidden_states and graphs.applies(self, input_ids, cache):
+            logits = graphs(self, input_ids, cache, attention_mask, position_ids)
+            if logits is not None:
+                return RadladsCausalLMOutput(logits=logits, cache=cache)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,

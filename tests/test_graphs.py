@@ -1,0 +1,97 @@
+"""CUDA-graph decoding gives what eager decoding gives (GPU only), and stays out of the way elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radlads.models.graphs import decode_graphs
+from test_models import VARIANTS, perturbed_student
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def decode(student, ids, prompt_len, graphed: bool):
+    student.config.cuda_graph_decode = graphed
+    with torch.no_grad():
+        out = student(ids[:, :prompt_len], use_cache=True)
+        steps, cache = [out.logits[:, -1:]], out.cache
+        for t in range(prompt_len, ids.shape[1]):
+            out = student(ids[:, t : t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+    return torch.cat(steps, 1), cache
+
+
+def cuda_student(variant):
+    return perturbed_student(**VARIANTS[variant]).cuda()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-groupnorm-lowrank-gate"])
+def test_graphed_decoding_equals_eager(variant):
+    student = cuda_student(variant)
+    ids = torch.randint(0, 320, (3, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    eager, eager_cache = decode(student, ids, 11, graphed=False)
+    graphed, graphed_cache = decode(student, ids, 11, graphed=True)
+    assert decode_graphs(student).graphs, "the graph path was not taken"
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert graphed_cache.seen_tokens == eager_cache.seen_tokens == 24
+    for g, e in zip(graphed_cache.states, eager_cache.states):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@needs_cuda
+def test_two_caches_interleaved_keep_their_own_state():
+    student = cuda_student("rwkv7")
+    a, b = (torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(s)).cuda() for s in (1, 2))
+    expected = [decode(student, ids, 8, graphed=False)[0] for ids in (a, b)]
+    student.config.cuda_graph_decode = True
+    with torch.no_grad():
+        caches = [student(ids[:, :8], use_cache=True).cache for ids in (a, b)]
+        logits = [[], []]
+        for t in range(8, 20):  # alternate: each step rebinds the graph to the other cache
+            for i, ids in enumerate((a, b)):
+                logits[i].append(student(ids[:, t : t + 1], cache=caches[i], use_cache=True).logits)
+    for i in range(2):
+        torch.testing.assert_close(torch.cat(logits[i], 1), expected[i][:, 1:], rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@needs_cuda
+def test_graphed_generate_with_left_padding_equals_eager():
+    student = cuda_student("rwkv7")
+    batch = torch.randint(1, 320, (2, 13), generator=torch.Generator().manual_seed(3)).cuda()
+    mask = torch.ones_like(batch)
+    batch[0, :4], mask[0, :4] = 0, 0
+    runs = []
+    for graphed in (False, True):
+        student.config.cuda_graph_decode = graphed
+        runs.append(student.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False))
+    assert torch.equal(runs[0], runs[1])
+
+
+@gpu
+@needs_cuda
+def test_moved_weights_drop_the_captured_graphs():
+    student = cuda_student("rwkv7")
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(4)).cuda()
+    decode(student, ids, 6, graphed=True)
+    first = dict(decode_graphs(student).graphs)
+    student.double().float()  # new parameter storage
+    graphed, _ = decode(student, ids, 6, graphed=True)
+    eager, _ = decode(student, ids, 6, graphed=False)
+    assert decode_graphs(student).graphs.keys() == first.keys()
+    assert all(decode_graphs(student).graphs[k] is not first[k] for k in first)
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_students_decode_eagerly():
+    student = perturbed_student(**VARIANTS["rwkv7"])
+    with torch.no_grad():
+        cache = student(torch.ones(1, 5, dtype=torch.long), use_cache=True).cache
+        student(torch.ones(1, 1, dtype=torch.long), cache=cache, use_cache=True)
+    assert not decode_graphs(student).applies(student, torch.ones(1, 1, dtype=torch.long), cache)
+    assert not decode_graphs(student).graphs
