@@ -155,6 +155,8 @@ def resume_figures(work: Path) -> dict[str, Any]:
     result = read_json(work / "resume" / "kill.json")
     if "checkpoint_tokens" not in result:
         return {"status": "not run" if not result else "failed", **result}
+    if result["checkpoint_complete"]:
+        return {"status": "step 2 finished before the kill: nothing was resumed", **result}
     at = result["checkpoint_tokens"]
     before = [r for r in records(work / "resume" / "metrics.before-resume.jsonl") if r["step"] == 2]
     after = [r for r in records(work / "resume" / "metrics.jsonl") if r["step"] == 2 and r["tokens"] > at]

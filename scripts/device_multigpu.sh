@@ -36,6 +36,12 @@ PY
 
 rm -rf "$WORK" "$OUT/logs"
 mkdir -p "$WORK" "$OUT/logs"
+# What the numbers depend on: the GPUs, how they are linked, the disk the checkpoints go to.
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  nvidia-smi topo -m || true
+fi
+df -h "$WORK" | tail -1
 STAGES=$WORK/stages.txt
 
 # stage NAME SECONDS CMD...: run CMD with a time limit (cut to what is left of BUDGET_S), output to
