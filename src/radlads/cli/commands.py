@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..convert.pipeline import Conversion, resolve_device
+from ..convert.pipeline import Conversion, export_checkpoint, resolve_device
 from ..data import prepare_shards
 from ..data.sources import build_corpus
 from ..eval import speed
@@ -81,6 +81,14 @@ def convert(cfg: ConvertConfig, steps: tuple[int, ...], progress: bool = True) -
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4g}"
+
+
+def export(args: argparse.Namespace) -> int:
+    out = export_checkpoint(args.checkpoint, args.out)
+    if args.teacher:
+        AutoTokenizer.from_pretrained(resolve_teacher(args.teacher)).save_pretrained(out)
+    print(f"student written to {out}")
+    return 0
 
 
 def prepare_data(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,12 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--activation-checkpointing", action="store_true", default=None)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes (one per GPU): re-launches this command under torchrun",
+    )
 
 
 def _lengths(text: str) -> tuple[int, ...]:
@@ -58,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     for k in range(4):
         p = add(f"step{k}", help=f"run only step {k} in --out")
         _add_conversion_args(p)
+
+    p = add("export", help="write a mid-step (sharded) checkpoint's student as a Hugging Face folder")
+    p.add_argument("--checkpoint", required=True, type=Path, help="e.g. OUT/checkpoints/step2")
+    p.add_argument("--out", required=True, type=Path, help="folder to write")
+    p.add_argument("--teacher", help="also copy this teacher's tokenizer into --out")
 
     p = add("prepare-data", help="tokenize text with the teacher's tokenizer into reusable shards")
     p.add_argument("--teacher", required=True, help="teacher whose tokenizer to use")
@@ -153,9 +165,45 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     return ConvertConfig.from_dict(data)
 
 
+def under_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run `radlads ARGV` as `torchrun --standalone --nproc-per-node NPROC -m radlads ARGV`, less
+    --nproc (torchrun's own parser would take it for an abbreviation of --nproc-per-node)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    worker_argv = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--nproc":
+            next(args)
+        elif not arg.startswith("--nproc="):
+            worker_argv.append(arg)
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(nproc), "-m", "radlads", *worker_argv])
+    except ChildFailedError:
+        return 1  # torchrun has printed which process failed; each printed its own error
+    return 0
+
+
+def check_nproc(nproc: int) -> None:
+    if nproc < 1:
+        raise SystemExit(f"radlads: --nproc must be at least 1, got {nproc}")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and nproc != launched:
+        raise SystemExit(
+            f"radlads: --nproc {nproc} does not match the {launched} processes torchrun started; "
+            "give the process count once (--nproc, or torchrun --nproc-per-node)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="radlads: %(message)s")
+    if getattr(args, "nproc", 1) != 1:
+        check_nproc(args.nproc)
+        if "WORLD_SIZE" not in os.environ:
+            return under_torchrun(args.nproc, argv)
     try:
         if args.command == "convert" or args.command.startswith("step"):
             steps = (0, 1, 2, 3) if args.command == "convert" else (int(args.command[4:]),)

@@ -18,7 +18,13 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from ..data import PackedLoader, ShardIndex, check_tokenizer, prepare_shards
 from ..models import RadladsForCausalLM
-from ..train.checkpoint import find_checkpoint, read_trainer_state, save_checkpoint
+from ..train.checkpoint import (
+    find_checkpoint,
+    is_resumable,
+    load_model_state,
+    read_trainer_state,
+    save_model,
+)
 from ..train.config import ConvertConfig
 from ..train.distributed import Distributed
 from ..train.metrics import MetricsLog
@@ -140,15 +146,13 @@ class Conversion:
             iter(self._heldout_batches(seq_len=min(512, self.cfg.step1.seq_len), batch_size=2, n=1)), None
         )
         cosines = layer_cosines(self.teacher, student, ids.to(self.device)) if ids is not None else []
-        save_checkpoint(
-            self.checkpoint(0), student, None, {"step": 0, "complete": True, "layer_cosines": cosines}
-        )
+        save_model(self.checkpoint(0), student, {"step": 0, "complete": True, "layer_cosines": cosines})
 
     def train(self, step: int) -> None:
         cfg = self.cfg.steps()[step]
-        partial = find_checkpoint(self.checkpoint(step))
-        source = partial or self._previous(step)
-        student = self.load_student(source)
+        # A mid-step checkpoint holds sharded state, not a model folder: build the student from the
+        # previous step and let the trainer load that state over it.
+        student = self.load_student(self._previous(step))
         if self.cfg.activation_checkpointing:  # transformers >= 5.2x renamed the switch
             getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
         objective = {
@@ -156,11 +160,8 @@ class Conversion:
             2: lambda: Distillation(self.teacher, self.cfg.kl_chunk_tokens),
             3: lambda: ContextExtension(self.cfg.kl_chunk_tokens),
         }[step]()
-        if self.dist.enabled:
-            objective.trainable(student)  # unties the embeddings (steps 2-3) before sharding
-            self.dist.shard_student(student, step)
-            if step < 3:
-                self.dist.shard_teacher(self.teacher)
+        if step < 3:  # the trainer shards the student
+            self.dist.shard_teacher(self.teacher)
         shards = self.shards()
         rank = dict(rank=self.dist.rank, world_size=self.dist.world_size)
         loader = PackedLoader(shards, cfg.seq_len, cfg.batch_size, seed=self.cfg.seed + step, **rank)
@@ -178,6 +179,8 @@ class Conversion:
             self.dist,
         )
         result = trainer.run()
+        if not self.dist.is_main:
+            return
         log.info(
             "step %d done: loss %.4g -> %.4g (held-out %s -> %s)",
             step,
@@ -232,9 +235,7 @@ class Conversion:
             found = find_checkpoint(self.checkpoint(k))
             if found is not None:
                 state = read_trainer_state(found)
-                steps[str(k)] = {
-                    key: v for key, v in state.items() if key not in ("loader", "optimizer_param_groups")
-                }
+                steps[str(k)] = {key: v for key, v in state.items() if key != "loader"}
         return {
             "teacher": str(self.cfg.teacher),
             "arch": self.cfg.arch,
@@ -258,3 +259,15 @@ class Conversion:
             pass  # the teacher has no generation_config.json; generate() falls back to config.json
         with open(self.out / "radlads.json", "w") as f:
             json.dump(self.summary(), f, indent=1)
+
+
+def export_checkpoint(checkpoint: Path, out: Path) -> Path:
+    """Write a checkpoint's student as a Hugging Face folder, in one process on the CPU. A mid-step
+    checkpoint's sharded state loads whatever number of processes wrote it."""
+    if is_resumable(checkpoint):
+        model = RadladsForCausalLM(RadladsForCausalLM.config_class.from_pretrained(checkpoint))
+        load_model_state(checkpoint, model)
+    else:
+        model = RadladsForCausalLM.from_pretrained(checkpoint)
+    model.save_pretrained(out)
+    return Path(out)

@@ -1,71 +1,132 @@
-"""Resumable checkpoints: the model (HF folder, safetensors), the optimizer state (safetensors)
-and the trainer/data-order state (JSON), swapped in atomically so a crash never leaves a half one."""
+"""Checkpoints, one format per purpose, each swapped in atomically so a crash never leaves a half one.
+
+- A finished step (and step 0) is a Hugging Face model folder (config.json, model.safetensors)
+  plus trainer.json: what the next step starts from and what `convert` exports. Under torchrun
+  rank 0 writes it from the gathered full state.
+- A mid-step checkpoint is resumable: the model and optimizer state as a
+  torch.distributed.checkpoint (DCP) folder `dcp/`, which every process writes its own shards
+  into, plus config.json and trainer.json (tokens, data order). DCP reshards on load, so a run
+  resumes on any number of processes (2 -> 1, 1 -> 2, ...), with or without torchrun.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .distributed import Distributed
 
 TRAINER_FILE = "trainer.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_DIR = "dcp"  # the model + optimizer shards of a mid-step checkpoint
 
 
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    tensors = {
-        f"{idx}.{key}": value.detach().cpu().contiguous()
-        for idx, per_param in state["state"].items()
-        for key, value in per_param.items()
-    }
-    return tensors, state["param_groups"]
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}
-
-
-def save_checkpoint(
-    path: Path,
-    model,
-    optimizer: torch.optim.Optimizer | None,
-    trainer_state: dict,
-    *,
-    model_state: dict | None = None,
-    optimizer_state: dict | None = None,
-) -> None:
-    """Write into `path.tmp`, then swap it in: `path` is always either the old or the new checkpoint.
-
-    `model_state`/`optimizer_state` replace the model's and optimizer's own state dicts (the full
-    states a sharded run gathered on rank 0)."""
+@contextmanager
+def _swapped_in(path: Path, ranks: Distributed) -> Iterator[Path]:
+    """Every rank writes into the yielded `path.tmp`; rank 0 then swaps it in, so `path` is always
+    either the old or the new checkpoint (a crash mid-swap leaves the old one at `path.old`)."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=model_state)
-    optimizer_groups = None
-    if optimizer is not None:
-        tensors, optimizer_groups = _flatten_optimizer(optimizer_state or optimizer.state_dict())
-        save_file(tensors, tmp / OPTIMIZER_FILE)
-    with open(tmp / TRAINER_FILE, "w") as f:
-        json.dump({**trainer_state, "optimizer_param_groups": optimizer_groups}, f, indent=1)
+    if ranks.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ranks.barrier()
+    yield tmp
+    ranks.barrier()  # every rank's part is written
+    if ranks.is_main:
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    ranks.barrier()  # nobody starts the next checkpoint (or reads this one) before the swap
+
+
+@contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """DCP warns whenever it runs without a process group; here that is one of the intended uses."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(path: Path, model, trainer_state: dict, ranks: Distributed | None = None) -> None:
+    """A finished step: the model as a Hugging Face folder, plus `trainer_state`."""
+    ranks = ranks or Distributed()
+    full = ranks.full_model_state(model) if ranks.enabled else None  # a collective
+    with _swapped_in(path, ranks) as tmp:
+        if ranks.is_main:
+            model.save_pretrained(tmp, state_dict=full)
+            _write_json(tmp / TRAINER_FILE, trainer_state)
+
+
+def save_resumable(
+    path: Path, model, optimizer: torch.optim.Optimizer, trainer_state: dict, ranks: Distributed
+) -> None:
+    """A mid-step checkpoint: each rank writes its own shards of the model and optimizer state."""
+    with _swapped_in(path, ranks) as tmp:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        with _one_process_is_fine():
+            dcp.save(
+                {"model": model_state, "optimizer": optimizer_state},
+                checkpoint_id=tmp / STATE_DIR,
+                no_dist=not ranks.enabled,
+            )
+        if ranks.is_main:
+            model.config.save_pretrained(tmp)  # so `radlads export` can rebuild the model alone
+            _write_json(tmp / TRAINER_FILE, trainer_state)
+
+
+def is_resumable(path: Path) -> bool:
+    """Whether `path` is a mid-step checkpoint (sharded state) rather than a model folder."""
+    return (Path(path) / STATE_DIR / ".metadata").is_file()
+
+
+def _require_resumable(path: Path) -> Path:
+    if not is_resumable(path):
+        raise ValueError(
+            f"{path} is not a mid-step checkpoint (no {STATE_DIR}/ folder of sharded state). A finished "
+            "step is not resumed, and a mid-step checkpoint of radlads before sharded (DCP) checkpoints "
+            f"cannot be: delete {path} to restart that step from the previous one"
+        )
+    return Path(path) / STATE_DIR
+
+
+def load_resumable(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a mid-step checkpoint into `model` and `optimizer`, sharded or not, whatever the number
+    of processes that wrote it (every rank calls this)."""
+    state_dir = _require_resumable(path)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=state_dir, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_model_state(path: Path, model: nn.Module) -> None:
+    """Load only the model part of a mid-step checkpoint into an unsharded model, in one process."""
+    state = {"model": model.state_dict()}
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=_require_resumable(path), no_dist=True)
+    model.load_state_dict(state["model"])
 
 
 def find_checkpoint(path: Path) -> Path | None:
@@ -80,13 +141,3 @@ def find_checkpoint(path: Path) -> Path | None:
 def read_trainer_state(path: Path) -> dict[str, Any]:
     with open(Path(path) / TRAINER_FILE) as f:
         return json.load(f)
-
-
-def read_optimizer(path: Path) -> dict[str, Any]:
-    """The saved optimizer state dict, keyed by parameter index as `optimizer.state_dict()`."""
-    groups = read_trainer_state(path)["optimizer_param_groups"]
-    return _unflatten_optimizer(load_file(Path(path) / OPTIMIZER_FILE), groups)
-
-
-def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
-    optimizer.load_state_dict(read_optimizer(path))

@@ -1,5 +1,5 @@
-"""Data-parallel conversion under `torchrun`: process group, FSDP2 sharding, loss averaging and
-full-state checkpoints gathered on rank 0 (so a run resumes on any number of processes).
+"""Data-parallel conversion under `torchrun`: process group, FSDP2 sharding and the few collectives
+the trainer needs (loss averaging, per-rank values, the full model state for a Hugging Face folder).
 
 Without torchrun (WORLD_SIZE unset or 1) `Distributed.init` returns a single-process context
 whose helpers are no-ops, and nothing here touches torch.distributed.
@@ -7,12 +7,17 @@ whose helpers are no-ops, and nothing here touches torch.distributed.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
+
+ObjectiveLoss = Callable[[nn.Module, Tensor], Tensor]  # (student, batch) -> loss
+LossFn = Callable[[Tensor], Tensor]  # batch -> loss
 
 
 @dataclass
@@ -36,7 +41,13 @@ class Distributed:
         if world_size <= 1:
             return cls(device=device)
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local_rank >= gpus:
+                raise RuntimeError(
+                    f"process LOCAL_RANK={local_rank} has no GPU of its own: this machine has {gpus}; "
+                    f"start at most {gpus} processes per machine (--nproc / torchrun --nproc-per-node)"
+                )
+            device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -54,27 +65,41 @@ class Distributed:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
+    def gather(self, value: float) -> list[float]:
+        """Every rank's value of a per-rank scalar, in rank order (a collective)."""
+        if not self.enabled:
+            return [value]
+        t = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        t[self.rank] = value
+        dist.all_reduce(t)
+        return t.tolist()
+
     def shutdown(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
     # --- FSDP2 ---
 
-    def shard_student(self, student: nn.Module, step: int) -> None:
-        """fully_shard the units the step's objective calls directly (the loss functions call
-        `layer.self_attn` in step 1 and `student.model` / `student.lm_head` in steps 2-3, not the
-        root forward, so each of those is its own FSDP root)."""
+    def shard_student(self, student: nn.Module, step: int, loss: ObjectiveLoss) -> LossFn:
+        """fully_shard the student for `step` and return the function from a batch to its loss.
+
+        Step 1's loss calls each `layer.self_attn` (the only modules that train or run), so each
+        time mixer is its own FSDP root. The step 2-3 losses call `student.model` and then use the
+        LM head's weight directly (chunked KL/CE), which FSDP2 would leave sharded: there the
+        decoder layers are units under one root, `_LossRoot`, whose forward is the whole loss, so
+        the embeddings, final norm and LM head are all-gathered around it and their gradients
+        reduce-scattered after backward."""
         if not self.enabled:
-            return
-        if step == 1:  # only the time mixers train and run; everything else is frozen and unused
+            return functools.partial(loss, student)
+        if step == 1:
             for layer in student.model.layers:
                 self._shard(layer.self_attn)
-            return
+            return functools.partial(loss, student)
         for layer in student.model.layers:
             self._shard(layer)
-        self._shard(student.model)
-        if student.lm_head.weight is not student.model.embed_tokens.weight:
-            self._shard(student.lm_head)
+        root = _LossRoot(student, loss)
+        self._shard(root)
+        return root
 
     def shard_teacher(self, teacher: nn.Module) -> None:
         """Shard the frozen teacher's decoder layers (the bulk of its memory). Its embeddings, final
@@ -93,48 +118,20 @@ class Distributed:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         fully_shard(module, **kwargs)
 
-    # --- full-state checkpoints ---
+    def full_model_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """The full (unsharded) model state dict on CPU: complete on rank 0, empty on the others.
+        A collective: every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """The full model and optimizer state dicts on CPU (collective; complete on rank 0). The
-        optimizer state is keyed like `optimizer.state_dict()` of one process (param index order)."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = get_model_state_dict(model, options=options)
-        optim_sd = get_optimizer_state_dict(model, optimizer, options=options)
-        if not self.is_main:  # cpu_offload leaves the other ranks' full state dicts empty
-            return {}, {}
-        index = {fqn: i for i, fqn in enumerate(_fqns(model, optimizer))}
-        groups, start = [], 0
-        for g in optim_sd["param_groups"]:
-            groups.append({**g, "params": list(range(start, start + len(g["params"])))})
-            start += len(g["params"])
-        state = {index[fqn]: s for fqn, s in optim_sd["state"].items()}
-        return model_sd, {"state": state, "param_groups": groups}
-
-    def load_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
-        """Set a one-process (index-keyed) full optimizer state dict on the sharded optimizer."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        fqns = _fqns(model, optimizer)
-        groups, start = [], 0
-        for g in full["param_groups"]:
-            groups.append({**g, "params": fqns[start : start + len(g["params"])]})
-            start += len(g["params"])
-        state = {fqns[int(i)]: s for i, s in full["state"].items()}
-        set_optimizer_state_dict(
-            model,
-            optimizer,
-            {"state": state, "param_groups": groups},
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-        )
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _fqns(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+class _LossRoot(nn.Module):
+    """An objective's loss as a module's forward, so it can be an FSDP2 root (see shard_student)."""
+
+    def __init__(self, student: nn.Module, loss: ObjectiveLoss):
+        super().__init__()
+        self.student, self.loss = student, loss
+
+    def forward(self, batch: Tensor) -> Tensor:
+        return self.loss(self.student, batch)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import find_checkpoint, load_optimizer, read_optimizer, read_trainer_state, save_checkpoint
+from .checkpoint import find_checkpoint, load_resumable, read_trainer_state, save_model, save_resumable
 from .config import StepConfig
 from .distributed import Distributed
 from .metrics import MetricsLog
@@ -74,8 +74,8 @@ class Trainer:
         progress: bool = True,
         dist: Distributed | None = None,
     ):
-        # Under torchrun the student is already sharded, the loader yields this rank's part of each
-        # global batch, and only rank 0 logs and writes checkpoints.
+        # Under torchrun the loader yields this rank's part of each global batch, the student is
+        # sharded here (the teacher by the caller), and only rank 0 logs.
         self.objective, self.student, self.cfg = objective, student, cfg
         self.loader, self.heldout = loader, heldout_batches
         self.checkpoint_dir, self.metrics = Path(checkpoint_dir), metrics
@@ -83,9 +83,10 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.tokens_per_update = cfg.tokens_per_update * self.dist.world_size
         student.requires_grad_(False)
-        self.params = objective.trainable(student)
-        for p in self.params:
+        for p in objective.trainable(student):  # unties the embeddings (steps 2-3) before sharding
             p.requires_grad_(True)
+        self.loss = self.dist.shard_student(student, objective.step, objective.loss)
+        self.params = objective.trainable(student)  # again: sharding replaced them with DTensors
         self.optimizer = torch.optim.AdamW(
             self.params,
             lr=cfg.lr,
@@ -106,7 +107,7 @@ class Trainer:
             return None
         self.student.eval()
         with self.autocast():
-            losses = [self.objective.loss(self.student, b.to(self.device)).item() for b in self.heldout]
+            losses = [self.loss(b.to(self.device)).item() for b in self.heldout]
         self.student.train()
         return self.dist.mean(sum(losses) / len(losses))
 
@@ -116,6 +117,8 @@ class Trainer:
 
     def run(self) -> StepResult:
         cfg, step = self.cfg, self.objective.step
+        if self.device.type == "cuda":  # the logged peak memory is this step's
+            torch.cuda.reset_peak_memory_stats(self.device)
         state = self._resume()
         tokens, updates = state.get("tokens", 0), state.get("updates", 0)
         first_loss, last_loss = state.get("first_loss"), state.get("last_loss")
@@ -131,10 +134,13 @@ class Trainer:
             dynamic_ncols=True,
         )
         batches, started = self._batches(), time.perf_counter()
+        window_tokens, window_s = 0, 0.0  # training since the last log (no checkpoints, no evaluation)
         self.student.train()
         while tokens < cfg.tokens:
             t0 = time.perf_counter()
             loss = self._update(batches, learning_rate(cfg, tokens))
+            window_tokens += self.tokens_per_update
+            window_s += time.perf_counter() - t0
             tokens, updates = tokens + self.tokens_per_update, updates + 1
             if not math.isfinite(loss):
                 raise TrainingDiverged(
@@ -145,16 +151,10 @@ class Trainer:
             last_loss = loss
             bar.update(self.tokens_per_update)
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-            if self.dist.is_main and (updates % cfg.log_every == 0 or tokens >= cfg.tokens):
-                self.metrics.log(
-                    dict(
-                        step=step,
-                        tokens=tokens,
-                        loss=loss,
-                        lr=learning_rate(cfg, tokens),
-                        tokens_per_s=self.tokens_per_update / (time.perf_counter() - t0),
-                    )
-                )
+            if updates % cfg.log_every == 0 or tokens >= cfg.tokens:
+                record = dict(step=step, tokens=tokens, loss=loss, lr=learning_rate(cfg, tokens))
+                self._log({**record, "tokens_per_s": window_tokens / window_s})
+                window_tokens, window_s = 0, 0.0
             if tokens >= next_checkpoint and tokens < cfg.tokens:
                 self._save(
                     dict(
@@ -188,7 +188,7 @@ class Trainer:
         total = 0.0
         for _ in range(self.cfg.grad_accum):
             with self.autocast():
-                loss = self.objective.loss(self.student, next(batches)) / self.cfg.grad_accum
+                loss = self.loss(next(batches)) / self.cfg.grad_accum
             loss.backward()
             total += loss.item()
         total = self.dist.mean(total)
@@ -199,29 +199,29 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
-    def _save(self, state: dict) -> None:
-        full = {}
-        if self.dist.enabled:  # gathered on every rank (a collective), written by rank 0
-            full["model_state"], full["optimizer_state"] = self.dist.full_state(self.student, self.optimizer)
+    def _log(self, record: dict) -> None:
+        """Log on rank 0; on CUDA add every rank's peak memory in this step so far (a collective:
+        every rank calls this)."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 1e9
+            record["max_memory_allocated_gb"] = self.dist.gather(peak)
         if self.dist.is_main:
-            save_checkpoint(
-                self.checkpoint_dir,
-                self.student,
-                self.optimizer,
-                {**state, "step": self.objective.step, "loader": self.loader.state_dict()},
-                **full,
-            )
-        self.dist.barrier()
+            self.metrics.log(record)
+
+    def _save(self, state: dict) -> None:
+        """A finished step as a Hugging Face folder, a mid-step checkpoint as sharded DCP state."""
+        state = {**state, "step": self.objective.step, "loader": self.loader.state_dict()}
+        if state["complete"]:
+            save_model(self.checkpoint_dir, self.student, state, self.dist)
+        else:
+            save_resumable(self.checkpoint_dir, self.student, self.optimizer, state, self.dist)
 
     def _resume(self) -> dict:
         found = find_checkpoint(self.checkpoint_dir)
         if found is None:
             return {}
         state = read_trainer_state(found)
-        if self.dist.enabled:
-            self.dist.load_optimizer(self.student, self.optimizer, read_optimizer(found))
-        else:
-            load_optimizer(found, self.optimizer)
+        load_resumable(found, self.student, self.optimizer)
         self.loader.load_state_dict(state["loader"])
         if self.dist.is_main:
             self.metrics.forget_after(self.objective.step, state["tokens"])
