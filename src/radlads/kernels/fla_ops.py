@@ -30,9 +30,11 @@ def dplr(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    # Triton dots need one operand dtype: follow r's (bf16 under autocast; the model's fp32
-    # parameters promote some of k, v, a, b to fp32 there).
-    k, v, log_w = k.to(r.dtype), v.to(r.dtype), log_w.to(r.dtype)
+    # Triton dots need one operand dtype. Under autocast use autocast's, as a matmul would: with
+    # fp32 master weights the fp32 embeddings, RoPE tables and parameters promote r, k, v, a, b to
+    # fp32, which would run the recurrence in fp32 (slower, and other kernels to compile).
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else r.dtype
+    r, k, v, log_w = r.to(dtype), k.to(dtype), v.to(dtype), log_w.to(dtype)
     if initial_state is not None:
         initial_state = initial_state.float()
     if a is None:
@@ -55,8 +57,8 @@ def dplr(
         log_w,
         k,
         v,
-        a.to(r.dtype),
-        b.to(r.dtype),
+        a.to(dtype),
+        b.to(dtype),
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
