@@ -146,6 +146,8 @@ class Conversion:
 
     def train(self, step: int) -> None:
         cfg = self.cfg.steps()[step]
+        if step == 3:  # context extension has no teacher: its weights would only take activation memory
+            self._teacher = None
         partial = find_checkpoint(self.checkpoint(step))
         source = partial or self._previous(step)
         student = self.load_student(source)
