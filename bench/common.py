@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -340,6 +341,18 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def guarded(run: Callable[[], Any], row: dict[str, Any], device: torch.device) -> None:
+    """run(), turning an OOM or a crash into row["status"] so that the remaining cells still run."""
+    try:
+        run()
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "OOM"
+    except Exception as e:  # one failing cell must not lose the whole (single, timed) GPU run
+        traceback.print_exc()
+        row["status"] = f"error: {type(e).__name__}: {str(e)[:120]}"
+    free_memory(device)  # after the except block: the traceback no longer pins the tensors
 
 
 def device_capacity(device: torch.device) -> int | None:

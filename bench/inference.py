@@ -18,7 +18,6 @@ import argparse
 import functools
 import inspect
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from common import (
     default_out_dir,
     device_capacity,
     free_memory,
+    guarded,
     markdown_table,
     median,
     peak_memory,
@@ -197,15 +197,10 @@ def run_model(model, ids: torch.Tensor, args: argparse.Namespace, other_bytes: i
 
 
 def guarded_run(model, ids, args, other_bytes, row: dict) -> None:
-    """run_model, turning an OOM or a crash into a status so the remaining cells still run."""
-    try:
-        run_model(model, ids, args, other_bytes, row)
-    except torch.cuda.OutOfMemoryError:
-        row["status"] = "OOM" if "prefill_ms" not in row else "OOM (decode)"
-    except Exception as e:  # one failing cell must not lose the whole (single, timed) GPU run
-        traceback.print_exc()
-        row["status"] = f"error: {type(e).__name__}: {str(e)[:120]}"
-    free_memory(ids.device)  # after the except block: the traceback no longer pins the tensors
+    """run_model under common.guarded: an OOM or a crash becomes the row's status."""
+    guarded(lambda: run_model(model, ids, args, other_bytes, row), row, ids.device)
+    if row["status"] == "OOM" and "prefill_ms" in row:
+        row["status"] = "OOM (decode)"
 
 
 # --------------------------------------------------------------------------- the grid

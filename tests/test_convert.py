@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -185,6 +187,26 @@ def test_prepare_data_then_convert_from_shards(workspace, tmp_path, capsys):
     assert main(args) == 0
     assert not (tmp_path / "out" / "data").exists()  # the given shards are used, not copied
     assert main(["prepare-data", "--teacher", str(teacher), "--out", str(tmp_path / "none")]) == 2
+
+
+def test_step3_trains_without_the_teacher_in_memory(workspace, tmp_path, monkeypatch):
+    from radlads.train.trainer import Trainer
+
+    teacher, corpus = workspace
+    run, teacher_ref, alive_in_step3 = Trainer.run, [], []
+
+    def spy(trainer):
+        if trainer.objective.step == 1:
+            teacher_ref.append(weakref.ref(trainer.objective.teacher))
+        if trainer.objective.step == 3:
+            gc.collect()
+            alive_in_step3.append(teacher_ref[0]() is not None)
+        return run(trainer)
+
+    monkeypatch.setattr(Trainer, "run", spy)
+    extra = ["--step1-tokens", "1k", "--step2-tokens", "0", "--step3-tokens", "1k", "--step3-seq-len", "256"]
+    assert main(convert_args(teacher, corpus, tmp_path / "out", *extra)) == 0
+    assert teacher_ref and alive_in_step3 == [False]
 
 
 def test_generate_eval_and_bench_generate_commands(converted, workspace, tmp_path, capsys):

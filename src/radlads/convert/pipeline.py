@@ -150,6 +150,8 @@ class Conversion:
 
     def train(self, step: int) -> None:
         cfg = self.cfg.steps()[step]
+        if step == 3:  # context extension has no teacher: its weights would only take activation memory
+            self._teacher = None
         # A mid-step checkpoint holds sharded state, not a model folder: build the student from the
         # previous step and let the trainer load that state over it.
         student = self.load_student(self._previous(step))

@@ -68,17 +68,20 @@ class Trainer:
         cfg: StepConfig,
         loader,
         heldout_batches: list[Tensor],
-        checkpoint_dir: Path,
-        metrics: MetricsLog,
+        checkpoint_dir: Path | None,
+        metrics: MetricsLog | None,
         device: torch.device,
         progress: bool = True,
         dist: Distributed | None = None,
     ):
         # Under torchrun the loader yields this rank's part of each global batch, the student is
         # sharded here (the teacher by the caller), and only rank 0 logs.
+        # The loader, held-out batches, checkpoint folder and metrics serve `run` only:
+        # `train_step` alone may go without them.
         self.objective, self.student, self.cfg = objective, student, cfg
         self.loader, self.heldout = loader, heldout_batches
-        self.checkpoint_dir, self.metrics = Path(checkpoint_dir), metrics
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.metrics = metrics
         self.device, self.dist = device, dist or Distributed(device=device)
         self.progress = progress and self.dist.is_main
         self.tokens_per_update = cfg.tokens_per_update * self.dist.world_size
@@ -138,7 +141,7 @@ class Trainer:
         self.student.train()
         while tokens < cfg.tokens:
             t0 = time.perf_counter()
-            loss = self._update(batches, learning_rate(cfg, tokens))
+            loss = self.train_step(batches, learning_rate(cfg, tokens))
             window_tokens += self.tokens_per_update
             window_s += time.perf_counter() - t0
             tokens, updates = tokens + self.tokens_per_update, updates + 1
@@ -182,16 +185,20 @@ class Trainer:
         self._save({**result.to_dict(), "complete": True})
         return result
 
-    def _update(self, batches: Iterator[Tensor], lr: float) -> float:
+    def train_step(self, batches: Iterator[Tensor], lr: float) -> float:
+        """One optimizer update at learning rate `lr` from `grad_accum` micro-batches of `batches`;
+        returns the mean loss. bench/training.py times this method: keep `run`'s work in it."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
+        # Summed on the device and read once per update: a read per micro-batch would stall the
+        # host until the GPU drains, leaving the GPU idle while the next micro-batch is launched.
+        total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.grad_accum):
             with self.autocast():
                 loss = self.loss(next(batches)) / self.cfg.grad_accum
             loss.backward()
-            total += loss.item()
-        total = self.dist.mean(total)
+            total += loss.detach()
+        total = self.dist.mean(total.item())
         if self.cfg.clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
         if math.isfinite(total):

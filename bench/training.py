@@ -1,0 +1,403 @@
+"""Training throughput, peak memory and MFU of protocol steps 1-3: the radlads update vs a plain baseline.
+
+For each teacher shape and step, two variants in the same run, on random tokens and random weights:
+  radlads   what `radlads convert` runs: the step's objective from radlads.convert.steps, updated by
+            Trainer.train_step (bf16 autocast on CUDA over fp32 master weights, fused AdamW, gradient
+            clipping); the teacher in bf16 with transformers' default SDPA attention; the student's
+            recurrence on its "auto" kernels (fla on CUDA); the chunked KL / cross-entropy losses.
+  baseline  the same step written plainly: the teacher with eager attention, the student's recurrence
+            on the pure-PyTorch "chunked" backend, step 2 = F.kl_div of full fp32 [B, T, V]
+            log-softmaxes, step 3 = F.cross_entropy of full logits, step 1 = the same alignment loss;
+            torch.optim.AdamW with its defaults (not fused); the same autocast and update loop.
+The baseline may run out of memory at the batch radlads uses: the OOM is recorded and the baseline
+runs again at --baseline-batch (halved until it fits), so that every step has a ratio.
+
+FLOPs per token, counted from the models (T: sequence length, L: layers, d = H * N: query width,
+V C: the LM head). A matmul with P weights costs 2P forward; backward 2P for the weight gradient
+(where the weight trains) plus 2P for the input gradient (where the input needs one).
+  step 1  teacher: 2 P_teacher_body + 2 T d L (causal attention: Q K^T and A V). The teacher runs
+          without its LM head; its last MLP and final norm run but feed nothing (reported as wasted).
+          student time mixers: 4 P_x + 6 P_in + 3 R. P_x: mixer weights that read the layer input,
+          which is the teacher's and carries no gradient; P_in: the others (o_proj, LoRA ups).
+  step 2  teacher: 2 (P_teacher_body + V C) + 2 T d L;  student: 6 (P_student_body + V C) + 3 R
+  step 3  student: 6 (P_student_body + V C) + 3 R
+R is the recurrence in its recurrent form, per token over layers and heads: 9 N^2 (RWKV-7) or 5 N^2
+(GLA) forward, twice that backward (the chunked kernels do more work than this). Not counted:
+recomputation (activation checkpointing; the chunked losses recompute each chunk's logits in
+backward), norms, activations, softmaxes and other elementwise work. MFU = counted FLOPs per second
+/ the dense bf16 matmul ceiling (--peak-tflops; 790 measured on H100 SXM in this project).
+
+    PYTHONPATH=src python bench/training.py --budget-s 300 --out $OUT   # H100: both shapes, ~5 min
+    PYTHONPATH=src python bench/training.py --tiny                      # CPU smoke run, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import itertools
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from common import (
+    GIB,
+    PEAK_BF16_FLOPS,
+    Budget,
+    ModelCost,
+    Stopwatch,
+    build_student,
+    build_teacher,
+    default_out_dir,
+    free_memory,
+    guarded,
+    markdown_table,
+    median,
+    peak_memory,
+    pick_device,
+    reset_peak_memory,
+    write_json,
+)
+from torch import nn
+
+from radlads.convert.steps import AttentionAlignment, ContextExtension, Distillation
+from radlads.models.common import LinearMixer, LowRank
+from radlads.train.config import ConvertConfig
+from radlads.train.trainer import Trainer
+
+STEPS = (1, 2, 3)
+VARIANTS = ("radlads", "baseline")
+# First guesses of MFU for the time estimates; measured cells replace them as the run goes.
+GUESSED_MFU = {"radlads": 0.2, "baseline": 0.01}
+SETUP_S = 5.0  # copying the student to the device and building the optimizer, per attempt
+TINY = dict(
+    shapes="tiny", seq_len=32, step3_seq_len=64, batch="2,2,2", baseline_batch="1,1,1", warmup=1, updates=2
+)
+TINY["budget_s"] = 60.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="qwen2.5-0.5b,smollm2-135m", help="teacher shapes (common.SHAPES)")
+    p.add_argument("--arch", default="rad-rwkv7", help="student: rad-rwkv7 or rad-rwkv6")
+    p.add_argument("--steps", default="1,2,3")
+    p.add_argument("--seq-len", type=int, default=512, help="steps 1 and 2 (the paper's length)")
+    p.add_argument("--step3-seq-len", type=int, default=2048)
+    p.add_argument("--batch", default="64,24,6", help="sequences per micro-batch for steps 1,2,3")
+    p.add_argument(
+        "--baseline-batch",
+        default="8,4,1",
+        help="steps 1,2,3: the baseline's batch after an OOM at --batch (halved while it still OOMs)",
+    )
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2, help="untimed updates (Triton compiles and autotunes)")
+    p.add_argument("--updates", type=int, default=5, help="timed updates, at most; >= 1")
+    p.add_argument("--max-timed-s", type=float, default=6.0, help="stop timing a cell after this")
+    p.add_argument("--activation-checkpointing", action="store_true", help="radlads rows, as in convert")
+    p.add_argument("--baseline-backend", default="chunked", help="the baseline's recurrence kernels")
+    p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOPS / 1e12, help="MFU's ceiling")
+    p.add_argument("--budget-s", type=float, default=300.0, help="skip cells that would end later")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON directory (default $OUT or bench/results)")
+    p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
+    args = p.parse_args(argv)
+    if args.tiny:  # new defaults; flags given explicitly still win
+        p.set_defaults(**TINY)
+        args = p.parse_args(argv)
+    if args.updates < 1:
+        p.error("--updates must be >= 1")
+    args.steps = sorted(int(s) for s in args.steps.split(","))  # step 3 frees the teacher: last
+    args.batch = dict(zip(STEPS, (int(b) for b in args.batch.split(","))))
+    args.baseline_batch = dict(zip(STEPS, (int(b) for b in args.baseline_batch.split(","))))
+    args.out = args.out or default_out_dir()
+    return args
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def mixer_weights(student: nn.Module) -> tuple[int, int]:
+    """Matmul weights of the time mixers: (those reading the layer input x, the others).
+
+    In step 1, x is the teacher's hidden state (no gradient): the first kind has no input gradient.
+    """
+    reads_x = inner = 0
+    for mixer in (m for m in student.modules() if isinstance(m, LinearMixer)):
+        first = {mixer.q_proj, mixer.k_proj, mixer.v_proj}
+        first |= {m.down for m in mixer.modules() if isinstance(m, LowRank)}
+        if isinstance(mixer.gate, nn.Linear):  # RAD-RWKV7's full-rank gate
+            first.add(mixer.gate)
+        for linear in (m for m in mixer.modules() if isinstance(m, nn.Linear)):
+            if linear in first:
+                reads_x += linear.weight.numel()
+            else:
+                inner += linear.weight.numel()
+    return reads_x, inner
+
+
+def step_flops(step: int, teacher: ModelCost, student: ModelCost, mixers: tuple[int, int], T: int) -> dict:
+    """FLOPs per token of one update of `step`, by part (formulas: module docstring)."""
+    t_body = teacher.matmul_params - teacher.lm_head_params
+    s_all = student.matmul_params  # body and LM head (tied at step 0; untied, the head keeps its size)
+    reads_x, inner = mixers
+    flops = dict(
+        teacher_matmul={1: 2 * t_body, 2: 2 * teacher.matmul_params, 3: 0}[step],
+        teacher_attention=0 if step == 3 else 2 * T * teacher.heads * teacher.head_dim * teacher.layers,
+        student_matmul=4 * reads_x + 6 * inner if step == 1 else 6 * s_all,
+        student_recurrence=3 * student.recurrence_flops_per_token(),
+    )
+    flops["total"] = sum(flops.values())
+    # Included above because it runs: step 1's teacher computes its last gated MLP for nothing.
+    flops["wasted"] = 2 * 3 * teacher.hidden * teacher.intermediate if step == 1 else 0
+    return flops
+
+
+# --------------------------------------------------------------------------- the baseline's losses
+
+
+class PlainDistillation(Distillation):
+    """Step 2 as written without care for memory: full fp32 [B, T, V] log-probabilities of both models."""
+
+    def loss(self, student, batch):
+        s_logp = F.log_softmax(student(input_ids=batch).logits.float(), dim=-1).flatten(0, 1)
+        with torch.no_grad():
+            t_logits = self.teacher(input_ids=batch, use_cache=False).logits
+            t_logp = F.log_softmax(t_logits.float(), dim=-1).flatten(0, 1)
+        return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")  # mean over tokens
+
+
+class PlainContextExtension(ContextExtension):
+    """Step 3 as written without care for memory: cross-entropy of the full logits."""
+
+    def loss(self, student, batch):
+        logits = student(input_ids=batch).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
+# --------------------------------------------------------------------------- one attempt
+
+
+def make_trainer(variant: str, step: int, teacher, student, args, batch: int, device) -> Trainer:
+    """The step's objective and update, as `radlads convert` builds them or as the baseline does."""
+    cfg = ConvertConfig()
+    seq_len = args.step3_seq_len if step == 3 else args.seq_len
+    step_cfg = dataclasses.replace(
+        cfg.steps()[step], seq_len=seq_len, batch_size=batch, grad_accum=args.grad_accum
+    )
+    radlads = variant == "radlads"
+    if teacher is not None:
+        teacher.set_attn_implementation("sdpa" if radlads else "eager")
+    if radlads and args.activation_checkpointing:  # transformers >= 5.2x renamed the switch
+        getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
+    if not radlads:
+        student.config.kernel_backend = args.baseline_backend  # the mixers share this config
+    objective = {
+        (1, "radlads"): lambda: AttentionAlignment(teacher),
+        (2, "radlads"): lambda: Distillation(teacher, cfg.kl_chunk_tokens),
+        (3, "radlads"): lambda: ContextExtension(cfg.kl_chunk_tokens),
+        (1, "baseline"): lambda: AttentionAlignment(teacher),
+        (2, "baseline"): lambda: PlainDistillation(teacher),
+        (3, "baseline"): lambda: PlainContextExtension(),
+    }[step, variant]()
+    trainer = Trainer(objective, student, step_cfg, None, [], None, None, device, progress=False)
+    if not radlads:
+        trainer.optimizer = torch.optim.AdamW(
+            trainer.params, lr=step_cfg.lr, betas=step_cfg.betas, weight_decay=step_cfg.weight_decay
+        )
+    return trainer
+
+
+def host_syncs(update, device: torch.device) -> int | None:
+    """Synchronising calls during update(), as torch's CUDA sync debug mode reports them."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            update()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def measure(cell: dict, teacher, student0, args, device, budget: Budget, row: dict) -> None:
+    """Warm up, then time updates of one variant at one batch, filling `row`."""
+    # fp32 master weights on the device, as convert loads each step's student.
+    student = copy.deepcopy(student0).to(device=device, dtype=torch.float32).train()
+    trainer = make_trainer(row["variant"], cell["step"], teacher, student, args, row["batch"], device)
+    ids = torch.randint(0, cell["vocab"], (row["batch"], cell["seq_len"]), device=device)
+    batches: Iterator[torch.Tensor] = itertools.repeat(ids)  # data loading is not what is measured here
+
+    def update() -> float:
+        return trainer.train_step(batches, trainer.cfg.lr)
+
+    started = time.monotonic()
+    for _ in range(args.warmup):
+        update()
+        if budget.left() < 0:
+            row["status"] = "stopped (budget)"
+            return
+    row["warmup_s"] = time.monotonic() - started
+    reset_peak_memory(device)
+    times: list[float] = []
+    while not times or (
+        len(times) < args.updates and sum(times) < 1e3 * args.max_timed_s and budget.left() > 0
+    ):
+        watch = Stopwatch(device).start()
+        row["loss"] = update()
+        times.append(watch.mark().intervals_ms()[0])
+    peak = peak_memory(device)
+    update_s = median(times) / 1e3
+    tok_s = row["tokens_per_update"] / update_s
+    row.update(
+        updates=len(times),
+        update_ms=update_s * 1e3,
+        tok_s=tok_s,
+        tflops_s=tok_s * cell["flops"]["total"] / 1e12,
+        mfu=tok_s * cell["flops"]["total"] / (args.peak_tflops * 1e12),
+        peak_gb=None if peak is None else peak / GIB,
+        host_syncs=host_syncs(update, device),
+        status="ok" if math.isfinite(row["loss"]) else "ok (non-finite loss)",
+    )
+
+
+def batch_sizes(first: int, fallback: int) -> Iterator[int]:
+    """The batch to try, then after each OOM a smaller one: `fallback`, then halving to 1."""
+    yield first
+    batch = min(fallback, first // 2)
+    while batch >= 1:
+        yield batch
+        batch //= 2
+
+
+def guessed_update_s(cell: dict, variant: str, batch: int, args) -> float:
+    flops = cell["flops"]["total"] * batch * cell["seq_len"] * args.grad_accum
+    return flops / (args.peak_tflops * 1e12 * GUESSED_MFU[variant])
+
+
+def estimate_s(cell: dict, variant: str, batch: int, args, calibration: dict) -> float:
+    """Wall time of an attempt, from the guessed MFU times what earlier cells measured against it."""
+    scale = median(calibration[variant]) if calibration[variant] else 1.0
+    return SETUP_S + (args.warmup + args.updates) * guessed_update_s(cell, variant, batch, args) * scale
+
+
+def run_variant(cell, variant, teacher, student0, args, device, budget, calibration) -> list[dict]:
+    """One variant of one (shape, step) cell: its rows, an OOM row per batch that did not fit."""
+    rows = []
+    fallback = args.batch[cell["step"]] // 2 if variant == "radlads" else args.baseline_batch[cell["step"]]
+    for batch in batch_sizes(args.batch[cell["step"]], fallback):
+        row = dict(shape=cell["shape"], step=cell["step"], variant=variant, batch=batch)
+        row.update(seq_len=cell["seq_len"], tokens_per_update=batch * cell["seq_len"] * args.grad_accum)
+        rows.append(row)
+        if budget.left() < SETUP_S:
+            row["status"] = "skipped (budget)"
+            break
+        if estimate_s(cell, variant, batch, args, calibration) > budget.left():
+            row["status"] = "skipped (budget)"
+            continue  # a smaller batch may still fit in what is left
+        guarded(functools.partial(measure, cell, teacher, student0, args, device, budget, row), row, device)
+        if "update_ms" in row:
+            calibration[variant].append(row["update_ms"] / 1e3 / guessed_update_s(cell, variant, batch, args))
+        print(
+            f"{cell['shape']} step {cell['step']} {variant} B={batch}: {row['status']}, "
+            f"{row.get('tok_s', float('nan')):,.0f} tok/s, MFU {row.get('mfu', float('nan')):.3f}",
+            flush=True,
+        )
+        if row["status"] != "OOM":
+            break
+    return rows
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """radlads / baseline per (shape, step), each at the largest batch that ran."""
+    out = []
+    for (shape, step), rows in itertools.groupby(results, key=lambda r: (r["shape"], r["step"])):
+        ran = {}
+        for r in rows:
+            if "tok_s" in r:
+                ran.setdefault(r["variant"], r)
+        rad, base = ran.get("radlads"), ran.get("baseline")
+        if not (rad and base):
+            continue
+        same_batch = rad["batch"] == base["batch"]
+        out.append(
+            dict(
+                shape=shape,
+                step=step,
+                radlads_batch=rad["batch"],
+                baseline_batch=base["batch"],
+                tok_s_ratio=rad["tok_s"] / base["tok_s"],
+                radlads_mfu=rad["mfu"],
+                baseline_mfu=base["mfu"],
+                radlads_peak_gb=rad["peak_gb"],
+                baseline_peak_gb=base["peak_gb"],
+                # Peaks compare only at one batch; at two, the baseline ran out of memory at radlads'.
+                peak_mem_ratio=rad["peak_gb"] / base["peak_gb"] if same_batch and base["peak_gb"] else None,
+            )
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    budget = Budget(args.budget_s)
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the teacher's, as in convert
+    results: list[dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
+    calibration: dict[str, list[float]] = {v: [] for v in VARIANTS}
+
+    def save():
+        return write_json(args.out, "training", dict(args=vars(args), cells=cells, results=results))
+
+    for shape in args.shapes.split(","):
+        teacher = build_teacher(shape, device, dtype)
+        student0 = build_student(teacher, args.arch).to("cpu")  # step 0, copied for every attempt
+        costs = ModelCost.of(teacher), ModelCost.of(student0)
+        mixers = mixer_weights(student0)
+        print(f"{shape}: teacher and student built at {budget.elapsed():.0f} s", flush=True)
+        for step in args.steps:
+            if step == 3 and teacher is not None:  # step 3 has no teacher (convert frees it too)
+                teacher = None
+                free_memory(device)
+            seq_len = args.step3_seq_len if step == 3 else args.seq_len
+            cell = dict(shape=shape, step=step, seq_len=seq_len, vocab=costs[0].vocab)
+            cell["flops"] = step_flops(step, *costs, mixers, seq_len)
+            cells.append(cell)
+            for variant in VARIANTS:
+                results += run_variant(cell, variant, teacher, student0, args, device, budget, calibration)
+                save()  # after every variant: a run killed from outside keeps what it measured
+        del teacher, student0
+        free_memory(device)
+
+    path = save()
+    show(cells, results, args)
+    print(f"\nraw numbers: {path}  (total {budget.elapsed():.0f} s)")
+
+
+def show(cells, results, args) -> None:
+    plan = [dict(shape=c["shape"], step=c["step"], seq_len=c["seq_len"], **c["flops"]) for c in cells]
+    print("\n## FLOPs per token (counted)\n" + markdown_table(plan, list(plan[0]) if plan else []))
+    columns = ["shape", "step", "variant", "batch", "seq_len", "update_ms", "tok_s", "tflops_s", "mfu"]
+    columns += ["peak_gb", "host_syncs", "warmup_s", "status"]
+    print(f"\n## Results (MFU against {args.peak_tflops:g} TFLOP/s)\n" + markdown_table(results, columns))
+    ratio_rows = ratios(results)
+    print(
+        "\n## radlads / baseline (same run)\n"
+        + markdown_table(ratio_rows, list(ratio_rows[0]) if ratio_rows else [])
+    )
+
+
+if __name__ == "__main__":
+    main()
