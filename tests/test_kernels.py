@@ -150,3 +150,17 @@ def test_fla_gradients_match_reference(delta_rule, monkeypatch):
     errors = [rel_err(g_fla, g_ref) for g_fla, g_ref in zip(*grads)]
     print(f"fla vs chunked gradients delta_rule={delta_rule}: {errors}")
     assert max(errors) < 1e-3, errors
+
+
+@pytest.mark.gpu
+@needs_fla
+def test_fla_follows_autocast_dtype():
+    """fp32 inputs under bf16 autocast (fp32 master weights promote r, k, v) must run the bf16
+    kernels, exactly as bf16 inputs do, not fp32 ones."""
+    op = rwkv7_recurrence
+    args, state = random_inputs(2, 64, 2, 64, 64, True, device="cuda", dtype=torch.float32, seed=5)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        y, _ = op(*args, scale=0.125, initial_state=state, backend="fla")
+    y_bf16, _ = op(*[x.bfloat16() for x in args], scale=0.125, initial_state=state, backend="fla")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_bf16, rtol=0, atol=0)
