@@ -66,6 +66,7 @@ from common import (
     write_json,
 )
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from radlads.convert.steps import AttentionAlignment, ContextExtension, Distillation
 from radlads.models.common import LinearMixer, LowRank
@@ -106,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=300.0, help="skip cells that would end later")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON directory (default $OUT or bench/results)")
+    p.add_argument("--profile", type=int, default=0, help="CUDA: the N kernels with most GPU time per row")
     p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
     args = p.parse_args(argv)
     if args.tiny:  # new defaults; flags given explicitly still win
@@ -214,8 +216,9 @@ def make_trainer(variant: str, step: int, teacher, student, args, batch: int, de
     return trainer
 
 
-def host_syncs(update, device: torch.device) -> int | None:
-    """Synchronising calls during update(), as torch's CUDA sync debug mode reports them."""
+def host_syncs(update, device: torch.device) -> list[str] | None:
+    """Where update() synchronised with the host (file:line of each call, as torch's CUDA sync
+    debug mode reports them): one is the loss read; any other is a stall to remove."""
     if device.type != "cuda":
         return None
     with warnings.catch_warnings(record=True) as caught:
@@ -225,7 +228,25 @@ def host_syncs(update, device: torch.device) -> int | None:
             update()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+def top_kernels(update, top: int) -> list[dict]:
+    """The kernels with the most GPU time in one update (torch.profiler): where the MFU goes."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        update()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events) or 1.0
+    return [
+        dict(
+            name=e.key[:90],
+            ms=e.self_device_time_total / 1e3,
+            share=e.self_device_time_total / total,
+            calls=e.count,
+        )
+        for e in events[:top]
+    ]
 
 
 def measure(cell: dict, teacher, student0, args, device, budget: Budget, row: dict) -> None:
@@ -264,9 +285,13 @@ def measure(cell: dict, teacher, student0, args, device, budget: Budget, row: di
         tflops_s=tok_s * cell["flops"]["total"] / 1e12,
         mfu=tok_s * cell["flops"]["total"] / (args.peak_tflops * 1e12),
         peak_gb=None if peak is None else peak / GIB,
-        host_syncs=host_syncs(update, device),
         status="ok" if math.isfinite(row["loss"]) else "ok (non-finite loss)",
     )
+    sites = host_syncs(update, device)
+    if sites is not None:
+        row.update(host_syncs=len(sites), sync_sites=sites)
+    if args.profile and device.type == "cuda":
+        row["top_kernels"] = top_kernels(update, args.profile)
 
 
 def batch_sizes(first: int, fallback: int) -> Iterator[int]:
@@ -397,6 +422,15 @@ def show(cells, results, args) -> None:
         "\n## radlads / baseline (same run)\n"
         + markdown_table(ratio_rows, list(ratio_rows[0]) if ratio_rows else [])
     )
+    for r in results:
+        where = f"{r['shape']} step {r['step']} {r['variant']} B={r['batch']}"
+        if r.get("sync_sites"):
+            print(f"\nhost syncs, {where}: " + ", ".join(r["sync_sites"]))
+        if r.get("top_kernels"):
+            print(
+                f"\n## Top kernels, {where}\n"
+                + markdown_table(r["top_kernels"], ["name", "ms", "share", "calls"])
+            )
 
 
 if __name__ == "__main__":
