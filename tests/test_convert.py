@@ -104,6 +104,21 @@ def test_bad_input_is_refused_without_losing_finished_work(converted, workspace,
         main(["convert", "--teacher", str(tmp_path / "nope"), "--data", "x", "--out", str(tmp_path / "o")])
         == 2
     )
+    assert (
+        main(["export", "--checkpoint", str(converted / "checkpoints/step9"), "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert "not a radlads checkpoint" in capsys.readouterr().err
+
+
+def test_export_writes_a_loadable_student(converted, tmp_path):
+    out = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(converted / "checkpoints/step2"), "--out", str(out)]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    expected = AutoModelForCausalLM.from_pretrained(converted)
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected(ids).logits)
 
 
 def test_killed_run_resumes_to_the_same_weights(workspace, tmp_path):

@@ -70,7 +70,26 @@ def test_graphed_generate_with_left_padding_equals_eager():
     for graphed in (False, True):
         student.config.cuda_graph_decode = graphed
         runs.append(student.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False))
+    assert decode_graphs(student).graphs, "the graph path was not taken"
     assert torch.equal(runs[0], runs[1])
+
+
+@gpu
+@needs_cuda
+def test_graphs_captured_under_autocast_stay_valid_after_the_autocast_block():
+    """fp32 weights under bf16 autocast: the graph must not read autocast's per-block weight copies."""
+    student = cuda_student("rwkv7")
+    prompts = [
+        torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(s)).cuda() for s in (6, 7)
+    ]
+    for ids in prompts:  # the second prompt replays a graph captured in the first autocast block
+        results = []
+        for graphed in (False, True):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                results.append(decode(student, ids, 8, graphed=graphed)[0])
+            torch.cuda.empty_cache()  # free what a dead autocast cache held, so stale reads show
+        torch.testing.assert_close(results[1], results[0], rtol=2e-2, atol=2e-2)
+    assert len(decode_graphs(student).graphs) == 1
 
 
 @gpu
@@ -80,12 +99,15 @@ def test_moved_weights_drop_the_captured_graphs():
     ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(4)).cuda()
     decode(student, ids, 6, graphed=True)
     first = dict(decode_graphs(student).graphs)
-    student.double().float()  # new parameter storage
+    old = [p.data for p in student.parameters()]  # kept alive, so the copies get new addresses
+    for p in student.parameters():
+        p.data = p.data.clone()
     graphed, _ = decode(student, ids, 6, graphed=True)
     eager, _ = decode(student, ids, 6, graphed=False)
     assert decode_graphs(student).graphs.keys() == first.keys()
     assert all(decode_graphs(student).graphs[k] is not first[k] for k in first)
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    del old
 
 
 def test_cpu_students_decode_eagerly():

@@ -7,6 +7,7 @@ beside the run's own files: checkpoints/step{k}/, metrics.jsonl, tensorboard/, d
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import shutil
@@ -152,6 +153,9 @@ class Conversion:
         cfg = self.cfg.steps()[step]
         if step == 3:  # context extension has no teacher: its weights would only take activation memory
             self._teacher = None
+            gc.collect()  # an FSDP-sharded module and its FSDP state refer to each other: a cycle
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         # A mid-step checkpoint holds sharded state, not a model folder: build the student from the
         # previous step and let the trainer load that state over it.
         student = self.load_student(self._previous(step))
@@ -251,7 +255,10 @@ class Conversion:
         if last is None:
             return
         source = find_checkpoint(self.checkpoint(last))
-        for name in ("config.json", "model.safetensors", "generation_config.json"):
+        for stale in self.out.glob("model*.safetensors*"):  # a previous export may have been split
+            stale.unlink()
+        weights = sorted(p.name for p in source.glob("model*.safetensors*"))  # shards + index when split
+        for name in ("config.json", "generation_config.json", *weights):
             if (source / name).exists():
                 shutil.copy2(source / name, self.out / name)
         self.tokenizer.save_pretrained(self.out)
@@ -266,6 +273,13 @@ class Conversion:
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     """Write a checkpoint's student as a Hugging Face folder, in one process on the CPU. A mid-step
     checkpoint's sharded state loads whatever number of processes wrote it."""
+    found = find_checkpoint(checkpoint)
+    if found is None:
+        raise FileNotFoundError(
+            f"{checkpoint} is not a radlads checkpoint (no trainer.json there or in {Path(checkpoint).name}.old); "
+            "pass a folder such as OUT/checkpoints/step2"
+        )
+    checkpoint = found
     if is_resumable(checkpoint):
         model = RadladsForCausalLM(RadladsForCausalLM.config_class.from_pretrained(checkpoint))
         load_model_state(checkpoint, model)

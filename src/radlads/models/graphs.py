@@ -8,8 +8,10 @@ KV cache every token and cannot be captured: such students decode eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
+from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +19,12 @@ from torch import Tensor, nn
 from .cache import RadladsCache
 
 logger = logging.getLogger(__name__)
+
+
+def _uncached_autocast():
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
 class DecodeGraph:
@@ -47,13 +55,15 @@ class DecodeGraph:
     def _capture(self, model: nn.Module) -> Tensor:
         # Warm up on a side stream first (as torch.cuda.graphs asks): Triton autotuning and lazy
         # initialisation must not happen while capturing. The warm-up only touches our own buffers.
+        # Under autocast, its cache of low-precision weight copies lives only as long as the
+        # autocast block: a graph reading those copies would read freed memory on the next call.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with _uncached_autocast(), torch.cuda.stream(side):
             for _ in range(2):
                 self._step(model)
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(self.graph):
+        with _uncached_autocast(), torch.cuda.graph(self.graph):
             return self._step(model)
 
     def bind(self, cache: RadladsCache) -> None:
@@ -80,14 +90,22 @@ class DecodeGraph:
 
 
 class DecodeGraphs:
-    """A model's captured decode steps, one per batch size (and mask dtype, autocast, inference mode); dropped
-    whenever a parameter moved (`.to()`, reloading), since a graph reads the memory it was captured on.
-    Kept beside the model (see `decode_graphs`), not on it: a graph is no state to save or copy."""
+    """A model's captured decode steps, one per batch size (and mask dtype, autocast, inference
+    mode), the `MAX_GRAPHS` most recently used ones kept: each holds its batch's recurrent state and
+    a memory pool. All are dropped when a parameter moved or changed dtype (`.to()`, reloading),
+    since a graph reads the memory it was captured on. Kept beside the model (see `decode_graphs`),
+    not on it: a graph is no state to save or copy."""
+
+    MAX_GRAPHS = 4
 
     def __init__(self):
-        self.graphs: dict[tuple, DecodeGraph] = {}
-        self.weights: tuple[int, ...] = ()
+        self.graphs: OrderedDict[tuple, DecodeGraph] = OrderedDict()
+        self.weights: tuple = ()
         self.failed = False
+
+    def clear(self) -> None:
+        """Free every captured graph (a cache decoding through one keeps its state)."""
+        self.graphs.clear()
 
     def applies(self, model: nn.Module, input_ids: Tensor | None, cache: RadladsCache | None) -> bool:
         config = model.config
@@ -112,24 +130,34 @@ class DecodeGraphs:
         attention_mask: Tensor | None,
         position_ids: Tensor | None,
     ) -> Tensor | None:
-        """Logits of one decoding step, or None when capturing failed (the caller decodes eagerly)."""
+        """Logits of one decoding step, or None where it must run eagerly (a model spread over
+        several devices, or capturing failed)."""
+        params = list(model.parameters())
+        if any(p.device != input_ids.device for p in params):
+            return None
+        weights = tuple((p.data_ptr(), p.dtype) for p in params)
+        if weights != self.weights:
+            self.graphs.clear()
+            self.weights, self.failed = weights, False
         batch = input_ids.shape[0]
         if position_ids is None:
             position_ids = torch.full((batch, 1), cache.seen_tokens, device=input_ids.device)
         keep = attention_mask[:, -1:] if attention_mask is not None else torch.ones_like(input_ids)
-        weights = tuple(p.data_ptr() for p in model.parameters())
-        if weights != self.weights:
-            self.graphs.clear()
-            self.weights = weights
-        key = (batch, keep.dtype, torch.is_autocast_enabled("cuda"), torch.is_inference_mode_enabled())
-        if key not in self.graphs:
-            try:
-                self.graphs[key] = DecodeGraph(model, cache, batch, keep.dtype)
-            except Exception as error:  # e.g. a RoPE variant that syncs with the host per step
-                logger.warning("CUDA-graph decoding is off for this model (%s); decoding eagerly", error)
-                self.failed = True
-                return None
-        return self.graphs[key](input_ids, position_ids[:, -1:], keep, cache)
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (batch, keep.dtype, autocast, torch.is_inference_mode_enabled())
+        # Capture and replay on the model's GPU: a graph captures the current device's work only.
+        with torch.cuda.device(input_ids.device):
+            if key not in self.graphs:
+                try:
+                    self.graphs[key] = DecodeGraph(model, cache, batch, keep.dtype)
+                except Exception as error:  # e.g. a RoPE variant that syncs with the host per step
+                    logger.warning("CUDA-graph decoding is off for this model (%s); decoding eagerly", error)
+                    self.failed = True
+                    return None
+                while len(self.graphs) > self.MAX_GRAPHS:
+                    self.graphs.popitem(last=False)
+            self.graphs.move_to_end(key)
+            return self.graphs[key](input_ids, position_ids[:, -1:], keep, cache)
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, DecodeGraphs] = weakref.WeakKeyDictionary()

@@ -1,24 +1,58 @@
-"""Vocab-sized losses computed a chunk of tokens at a time.
+"""Vocab-sized losses of `hidden @ head.T`, computed a chunk of tokens at a time.
 
-Each chunk's logits are recomputed in backward (activation checkpointing), so neither an fp32
-[B, T, V] tensor nor the graph of one is ever held: memory is O(chunk * V).
+Neither an fp32 [B, T, V] tensor nor the graph of one is ever held: memory is O(chunk * V). When
+gradients are needed, each chunk's gradient with respect to its logits is known in closed form
+(softmax minus target distribution), so it is turned into the gradients of the hidden states and
+of the head right there, in forward; backward only scales them. Against recomputing each chunk's
+logits in backward (activation checkpointing), this saves a third of the loss's matmuls (and, for
+the KL, the teacher's logits a second time).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+
+# terms(rows, logits) -> (the loss summed over the chunk's tokens, d loss / d logits), fp32
+Terms = Callable[[slice, Tensor], tuple[Tensor, Tensor]]
 
 
-def _kl_chunk(
-    student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor
-) -> Tensor:
-    s_logp = F.log_softmax((student_hidden @ student_head.T).float(), dim=-1)
-    with torch.no_grad():  # teacher logits are recomputed in backward rather than kept: O(chunk * V)
-        t_logp = F.log_softmax((teacher_hidden @ teacher_head.T).float(), dim=-1)
-    return (t_logp.exp() * (t_logp - s_logp)).sum()
+class _LinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, terms: Terms, chunk: int) -> Tensor:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        for i in range(0, hidden.shape[0], chunk):
+            rows = slice(i, i + chunk)
+            h = hidden[rows]
+            logits = h @ weight.T  # bf16 under autocast: the gradient matmuls below follow it
+            loss, dlogits = terms(rows, logits.float())
+            total += loss
+            dlogits = dlogits.to(logits.dtype)
+            grad_hidden[rows] = dlogits @ weight.to(dlogits.dtype)
+            grad_weight += (dlogits.T @ h.to(dlogits.dtype)).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total, None, None
+
+
+def linear_loss(hidden: Tensor, weight: Tensor, terms: Terms, chunk: int) -> Tensor:
+    """Sum over tokens of a loss of `hidden @ weight.T` ([N, C] @ [C, V]), `chunk` tokens at a time."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearLoss.apply(hidden, weight, terms, chunk)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        rows = slice(i, i + chunk)
+        total += terms(rows, (hidden[rows] @ weight.T).float())[0]
+    return total
 
 
 def chunked_kl(
@@ -30,26 +64,27 @@ def chunked_kl(
 ) -> Tensor:
     """Mean over tokens of KL(teacher || student) of the next-token distributions (temperature 1)."""
     s, t = student_hidden.flatten(0, -2), teacher_hidden.flatten(0, -2)
-    total = s.new_zeros((), dtype=torch.float32)
-    for i in range(0, s.shape[0], chunk):
-        rows = slice(i, i + chunk)
-        total = total + checkpoint(
-            _kl_chunk, s[rows], student_head.weight, t[rows], teacher_head.weight, use_reentrant=False
-        )
-    return total / s.shape[0]
 
+    def terms(rows: slice, s_logits: Tensor) -> tuple[Tensor, Tensor]:
+        s_logp = F.log_softmax(s_logits, dim=-1)
+        with torch.no_grad():
+            t_logp = F.log_softmax((t[rows] @ teacher_head.weight.T).float(), dim=-1)
+        t_p = t_logp.exp()
+        return (t_p * (t_logp - s_logp)).sum(), s_logp.exp() - t_p
 
-def _ce_chunk(hidden: Tensor, head: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy((hidden @ head.T).float(), labels, reduction="sum")
+    return linear_loss(s, student_head.weight, terms, chunk) / s.shape[0]
 
 
 def chunked_cross_entropy(hidden: Tensor, head: nn.Linear, input_ids: Tensor, chunk: int) -> Tensor:
     """Mean next-token cross-entropy: position t predicts input_ids[t + 1]."""
     h = hidden[:, :-1].flatten(0, 1)
     labels = input_ids[:, 1:].flatten()
-    total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.shape[0], chunk):
-        total = total + checkpoint(
-            _ce_chunk, h[i : i + chunk], head.weight, labels[i : i + chunk], use_reentrant=False
-        )
-    return total / h.shape[0]
+
+    def terms(rows: slice, logits: Tensor) -> tuple[Tensor, Tensor]:
+        logp = F.log_softmax(logits, dim=-1)
+        target = labels[rows]
+        dlogits = logp.exp()
+        dlogits[torch.arange(len(target), device=target.device), target] -= 1
+        return F.nll_loss(logp, target, reduction="sum"), dlogits
+
+    return linear_loss(h, head.weight, terms, chunk) / h.shape[0]

@@ -1,0 +1,72 @@
+"""The chunked vocab losses equal the plain full-logit ones, in value and in every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radlads.train.losses import chunked_cross_entropy, chunked_kl
+
+
+def heads(seed: int, C: int = 16, V: int = 50):
+    torch.manual_seed(seed)
+    return nn.Linear(C, V, bias=False), nn.Linear(C, V, bias=False)
+
+
+@pytest.mark.parametrize("chunk", [7, 64])  # several chunks with a ragged last one; one chunk
+def test_chunked_kl_matches_full_kl(chunk):
+    student_head, teacher_head = heads(0)
+    s = torch.randn(2, 11, 16, requires_grad=True)
+    t = torch.randn(2, 11, 16)
+    loss = chunked_kl(s, student_head, t, teacher_head, chunk)
+    loss.backward()
+    grads = s.grad.clone(), student_head.weight.grad.clone()
+    assert teacher_head.weight.grad is None  # the teacher is a target, not trained
+    s.grad, student_head.weight.grad = None, None
+    t_logp = F.log_softmax(teacher_head(t), -1).flatten(0, 1)
+    s_logp = F.log_softmax(student_head(s), -1).flatten(0, 1)
+    expected = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grads[0], s.grad)
+    torch.testing.assert_close(grads[1], student_head.weight.grad)
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_chunked_cross_entropy_matches_full_cross_entropy(chunk):
+    head, _ = heads(1)
+    h = torch.randn(3, 9, 16, requires_grad=True)
+    ids = torch.randint(0, 50, (3, 9))
+    loss = chunked_cross_entropy(h, head, ids, chunk)
+    loss.backward()
+    grads = h.grad.clone(), head.weight.grad.clone()
+    h.grad, head.weight.grad = None, None
+    expected = F.cross_entropy(head(h)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grads[0], h.grad)
+    torch.testing.assert_close(grads[1], head.weight.grad)
+
+
+def test_without_gradients_the_loss_is_the_same():
+    student_head, teacher_head = heads(2)
+    s, t = torch.randn(1, 10, 16), torch.randn(1, 10, 16)
+    with torch.no_grad():
+        plain = chunked_kl(s, student_head, t, teacher_head, 3)
+    torch.testing.assert_close(plain, chunked_kl(s, student_head, t, teacher_head, 3).detach())
+
+
+def test_bf16_autocast_gradients_are_close_to_fp32():
+    student_head, teacher_head = heads(3, C=32, V=300)
+    s = torch.randn(4, 16, 32, requires_grad=True)
+    t = torch.randn(4, 16, 32)
+    chunked_kl(s, student_head, t, teacher_head, 24).backward()
+    fp32 = s.grad.clone(), student_head.weight.grad.clone()
+    s.grad, student_head.weight.grad = None, None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked_kl(s, student_head, t, teacher_head, 24).backward()
+    assert s.grad.dtype == s.dtype and student_head.weight.grad.dtype == torch.float32
+    for got, want in zip((s.grad, student_head.weight.grad), fp32):
+        assert (got - want).norm() / want.norm() < 3e-2
