@@ -23,8 +23,8 @@ V C: the LM head). A matmul with P weights costs 2P forward; backward 2P for the
   step 3  student: 6 (P_student_body + V C) + 3 R
 R is the recurrence in its recurrent form, per token over layers and heads: 9 N^2 (RWKV-7) or 5 N^2
 (GLA) forward, twice that backward (the chunked kernels do more work than this). Not counted:
-recomputation (activation checkpointing; the chunked losses recompute each chunk's logits in
-backward), norms, activations, softmaxes and other elementwise work. MFU = counted FLOPs per second
+recomputation (activation checkpointing only: the chunked losses compute their logit gradients in
+forward and recompute nothing), norms, activations, softmaxes and other elementwise work. MFU = counted FLOPs per second
 / the dense bf16 matmul ceiling (--peak-tflops; 790 measured on H100 SXM in this project).
 
     PYTHONPATH=src python bench/training.py --budget-s 300 --out $OUT   # H100: both shapes, ~5 min
