@@ -14,7 +14,7 @@ Model states (sharded: divided by the number of GPUs with FSDP2 / ZeRO-3):
   so the student has `vocab × hidden` more parameters than at step 0 when the teacher ties them.
 
 Activations (not sharded: every GPU runs its own micro-batch of `batch_size × seq_len` tokens):
-- bf16 autocast (2 bytes/element) except the chunked-kernel states, fp32;
+- bf16 autocast (2 bytes/element) except the decay (log w) and the chunked-kernel states, fp32;
 - a time mixer saves ~10 hidden-sized bf16 tensors per token for backward (x, r, k, v after GQA
   expansion, κ, replacement k, a, value-residual mix, gate, y), plus log w (fp32) and the chunk
   kernel's per-64-token states (head_dim/64 hidden-sized fp32 tensors per token);
