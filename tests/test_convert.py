@@ -94,9 +94,11 @@ def test_bad_input_is_refused_without_losing_finished_work(converted, workspace,
     empty = tmp_path / "empty"
     empty.mkdir()
     index = (converted / "data" / "index.json").read_text()
+    config = (converted / "config.yaml").read_text()
     args = convert_args(teacher, empty, converted, "--step3-tokens", "5k", "--step3-seq-len", "512")
     assert main(args) == 2  # step 3 is new work and needs text: the empty folder is refused
     assert "accept" in capsys.readouterr().err.lower()
+    assert (converted / "config.1.yaml").read_text() == config  # the run's record is kept
     assert (converted / "model.safetensors").read_bytes() == weights
     assert (converted / "data" / "index.json").read_text() == index
     assert read_trainer_state(converted / "checkpoints/step2")["complete"]

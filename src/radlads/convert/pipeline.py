@@ -232,6 +232,9 @@ class Conversion:
                     f"{self.out} holds a run with another {', '.join(changed)} "
                     f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); use a new --out or delete it"
                 )
+            if old != new:  # other settings this time (budgets, batch): keep the record of the last run
+                n = 1 + sum(1 for _ in self.out.glob("config.*.yaml"))
+                path.rename(self.out / f"config.{n}.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
 

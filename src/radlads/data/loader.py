@@ -117,7 +117,8 @@ class PackedLoader:
         if saved != (self.seq_len, self.num_windows):
             raise ValueError(
                 f"loader state is for seq_len={saved[0]} over {saved[1]} windows, but this loader has "
-                f"seq_len={self.seq_len} over {self.num_windows} windows (different shards or seq_len)"
+                f"seq_len={self.seq_len} over {self.num_windows} windows (different shards or seq_len): resume "
+                f"with the run's --seq-len {saved[0]} and data, or delete the step's checkpoint to restart it"
             )
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
         self._permutation = None
