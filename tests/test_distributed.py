@@ -23,13 +23,15 @@ STOP_AFTER_CHECKPOINT = str(Path(__file__).with_name("stop_after_checkpoint.py")
 GLOBAL_BATCH = 4  # sequences per update, split over the processes
 
 
-def convert(inputs, out: Path, procs: int, checkpoint_every: str = "1k", killed: bool = False) -> None:
+def convert(
+    inputs, out: Path, procs: int, checkpoint_every: str = "1k", killed: bool = False, extra: tuple = ()
+) -> None:
     """Steps 0-2 (step 1: 2k tokens, step 2: 4k) in `procs` processes. `killed`: every process dies
     right after the first mid-step checkpoint, which `checkpoint_every` places in step 1 or 2."""
     teacher, data = inputs
     args = ["convert", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--step1-tokens", "2k",
             "--step2-tokens", "4k", "--seq-len", "64", "--batch-size", str(GLOBAL_BATCH // procs),
-            "--checkpoint-every", checkpoint_every, "--device", "cpu", "--quiet"]  # fmt: skip
+            "--checkpoint-every", checkpoint_every, "--device", "cpu", "--quiet", *extra]  # fmt: skip
     if not killed:  # the user's way: radlads starts torchrun itself
         cmd = [sys.executable, "-m", "radlads", *args, "--nproc", str(procs)]
     elif procs > 1:
@@ -86,6 +88,12 @@ def one_process(inputs, tmp_path_factory):
 def test_two_processes_match_one(inputs, one_process, tmp_path):
     convert(inputs, tmp_path / "two-processes", 2)
     assert_same_run(tmp_path / "two-processes", one_process)
+
+
+def test_activation_checkpointing_under_fsdp_changes_nothing_but_memory(inputs, one_process, tmp_path):
+    out = tmp_path / "two-processes-recomputing"
+    convert(inputs, out, 2, extra=("--activation-checkpointing",))
+    assert_same_run(out, one_process)
 
 
 def test_two_process_checkpoint_resumes_in_one_process(inputs, one_process, tmp_path):
