@@ -51,6 +51,33 @@ def _dispatch(backend: str, on_cuda: bool):
     return recurrent_chunked if name == "chunked" else recurrent_loop
 
 
+def _value_split(op, split: int, r, log_w, k, v, *ab, **kwargs):
+    """Run a [B, T, H, V] recurrence as [B, T, H * split, V / split]. The state's value columns
+    evolve independently (the transition acts on the key side), so each head can be cut into
+    `split` heads of V / split columns that share r, k, w, a, b: a kernel whose state pass runs one
+    program per (batch, head, value block) gets `split` times more of them, for `split` times the
+    key-side work. Worth it where batch x heads is far below the GPU's SM count (batch-1 prefill)."""
+    if split == 1:
+        return op(r, log_w, k, v, *ab, **kwargs)
+    B, T, H, V = v.shape
+    K = k.shape[-1]
+    if V % split:
+        raise ValueError(f"kernel_value_split={split} must divide the head's value size {V}")
+    n = V // split
+
+    def heads(x: Tensor) -> Tensor:
+        return x.repeat_interleave(split, dim=2)
+
+    if kwargs.get("initial_state") is not None:
+        kwargs["initial_state"] = (
+            kwargs["initial_state"].reshape(B, H, K, split, n).transpose(2, 3).reshape(B, H * split, K, n)
+        )
+    y, state = op(heads(r), heads(log_w), heads(k), v.reshape(B, T, H * split, n), *map(heads, ab), **kwargs)
+    if state is not None:
+        state = state.reshape(B, H, split, K, n).transpose(2, 3).reshape(B, H, K, V)
+    return y.reshape(B, T, H, V), state
+
+
 def rwkv7_recurrence(
     r: Tensor,
     log_w: Tensor,
@@ -63,11 +90,22 @@ def rwkv7_recurrence(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    value_split: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
     """RWKV-7 delta rule: h_t = diag(w_t) h + b_t (a_t^T h) + k_t v_t^T, y_t = scale h_t^T r_t."""
     op = _dispatch(backend, r.is_cuda)
-    return op(
-        r, log_w, k, v, a, b, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+    return _value_split(
+        op,
+        value_split,
+        r,
+        log_w,
+        k,
+        v,
+        a,
+        b,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
     )
 
 
@@ -81,10 +119,21 @@ def gla_recurrence(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    value_split: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
     """Diagonal-decay rule (GLA; RWKV-6 with u = 0): h_t = diag(w_t) h + k_t v_t^T, y_t = scale h_t^T r_t."""
     op = _dispatch(backend, r.is_cuda)
-    return op(r, log_w, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    return _value_split(
+        op,
+        value_split,
+        r,
+        log_w,
+        k,
+        v,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )
 
 
 __all__ = ["BACKENDS", "fla_available", "gla_recurrence", "resolve_backend", "rwkv7_recurrence"]
