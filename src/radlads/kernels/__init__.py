@@ -51,12 +51,13 @@ def _dispatch(backend: str, on_cuda: bool):
     return recurrent_chunked if name == "chunked" else recurrent_loop
 
 
-def _value_split(op, split: int, r, log_w, k, v, *ab, **kwargs):
-    """Run a [B, T, H, V] recurrence as [B, T, H * split, V / split]. The state's value columns
-    evolve independently (the transition acts on the key side), so each head can be cut into
+def _run(backend: str, split: int, r, log_w, k, v, *ab, **kwargs):
+    """Run a recurrence on `backend`; with `split` > 1 as [B, T, H * split, V / split]. The state's
+    value columns evolve independently (the transition acts on the key side), so each head can be cut into
     `split` heads of V / split columns that share r, k, w, a, b: a kernel whose state pass runs one
     program per (batch, head, value block) gets `split` times more of them, for `split` times the
     key-side work. Worth it where batch x heads is far below the GPU's SM count (batch-1 prefill)."""
+    op = _dispatch(backend, r.is_cuda)
     if split == 1:
         return op(r, log_w, k, v, *ab, **kwargs)
     B, T, H, V = v.shape
@@ -93,20 +94,8 @@ def rwkv7_recurrence(
     value_split: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
     """RWKV-7 delta rule: h_t = diag(w_t) h + b_t (a_t^T h) + k_t v_t^T, y_t = scale h_t^T r_t."""
-    op = _dispatch(backend, r.is_cuda)
-    return _value_split(
-        op,
-        value_split,
-        r,
-        log_w,
-        k,
-        v,
-        a,
-        b,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-    )
+    state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    return _run(backend, value_split, r, log_w, k, v, a, b, **state)
 
 
 def gla_recurrence(
@@ -122,18 +111,8 @@ def gla_recurrence(
     value_split: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
     """Diagonal-decay rule (GLA; RWKV-6 with u = 0): h_t = diag(w_t) h + k_t v_t^T, y_t = scale h_t^T r_t."""
-    op = _dispatch(backend, r.is_cuda)
-    return _value_split(
-        op,
-        value_split,
-        r,
-        log_w,
-        k,
-        v,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-    )
+    state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    return _run(backend, value_split, r, log_w, k, v, **state)
 
 
 __all__ = ["BACKENDS", "fla_available", "gla_recurrence", "resolve_backend", "rwkv7_recurrence"]
