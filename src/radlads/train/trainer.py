@@ -5,6 +5,7 @@ checkpoints and resume."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from .checkpoint import find_checkpoint, load_resumable, read_trainer_state, sav
 from .config import StepConfig
 from .distributed import Distributed
 from .metrics import MetricsLog
+
+logger = logging.getLogger(__name__)
 
 
 class Objective(Protocol):
@@ -228,8 +231,17 @@ class Trainer:
         if found is None:
             return {}
         state = read_trainer_state(found)
+        t0 = time.perf_counter()
         load_resumable(found, self.student, self.optimizer)
         self.loader.load_state_dict(state["loader"])
         if self.dist.is_main:
             self.metrics.forget_after(self.objective.step, state["tokens"])
+            # A resume can take minutes (state of several GB, resharded): say where the time went.
+            logger.info(
+                "step %d: resumed at %d tokens from %s (loaded in %.1f s)",
+                self.objective.step,
+                state["tokens"],
+                found,
+                time.perf_counter() - t0,
+            )
         return state
