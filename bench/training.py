@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -66,6 +67,7 @@ from common import (
     write_json,
 )
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from radlads.convert.steps import AttentionAlignment, ContextExtension, Distillation
@@ -231,22 +233,52 @@ def host_syncs(update, device: torch.device) -> list[str] | None:
     return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
-def top_kernels(update, top: int) -> list[dict]:
-    """The kernels with the most GPU time in one update (torch.profiler): where the MFU goes."""
+# Kernel families by name, first match wins: where an update's GPU time goes.
+KERNEL_FAMILIES = (
+    ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|cublas", re.I)),
+    ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
+    ("recurrence", re.compile(r"chunk|fused_recurrent|dplr|wy_|gla|rwkv|delta", re.I)),
+    ("copy/fill", re.compile(r"copy|memcpy|memset|fill|cat|index|scatter|gather", re.I)),
+    ("reduction", re.compile(r"reduce|norm|softmax|sum|max", re.I)),
+    ("elementwise", re.compile(r"elementwise|triton_poi", re.I)),
+)
+
+
+def kernel_family(name: str) -> str:
+    return next((family for family, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
+
+
+def profile_update(update, top: int) -> dict:
+    """One update under torch.profiler: its GPU kernel time, by kernel family and the `top`
+    kernels. Only the kernels themselves are counted (the CPU ops that launch them would count
+    each kernel twice)."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         update()
         torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
-    total = sum(e.self_device_time_total for e in events) or 1.0
-    return [
-        dict(
-            name=e.key[:90],
-            ms=e.self_device_time_total / 1e3,
-            share=e.self_device_time_total / total,
-            calls=e.count,
-        )
-        for e in events[:top]
-    ]
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total for e in kernels) or 1.0
+    families: dict[str, float] = {}
+    for e in kernels:
+        family = kernel_family(e.key)
+        families[family] = families.get(family, 0.0) + e.self_device_time_total / 1e3
+    return dict(
+        kernel_ms=total_us / 1e3,
+        kernel_launches=sum(e.count for e in kernels),
+        families={
+            k: dict(ms=v, share=v * 1e3 / total_us)
+            for k, v in sorted(families.items(), key=lambda kv: -kv[1])
+        },
+        top_kernels=[
+            dict(
+                name=e.key[:90],
+                ms=e.self_device_time_total / 1e3,
+                share=e.self_device_time_total / total_us,
+                calls=e.count,
+            )
+            for e in kernels[:top]
+        ],
+    )
 
 
 def measure(cell: dict, teacher, student0, args, device, budget: Budget, row: dict) -> None:
@@ -291,7 +323,9 @@ def measure(cell: dict, teacher, student0, args, device, budget: Budget, row: di
     if sites is not None:
         row.update(host_syncs=len(sites), sync_sites=sites)
     if args.profile and device.type == "cuda":
-        row["top_kernels"] = top_kernels(update, args.profile)
+        row.update(profile_update(update, args.profile))
+        # Below 1, the GPU waits on the host (launches, syncs) for part of each update.
+        row["gpu_busy"] = row["kernel_ms"] / row["update_ms"]
 
 
 def batch_sizes(first: int, fallback: int) -> Iterator[int]:
@@ -415,7 +449,7 @@ def show(cells, results, args) -> None:
     plan = [dict(shape=c["shape"], step=c["step"], seq_len=c["seq_len"], **c["flops"]) for c in cells]
     print("\n## FLOPs per token (counted)\n" + markdown_table(plan, list(plan[0]) if plan else []))
     columns = ["shape", "step", "variant", "batch", "seq_len", "update_ms", "tok_s", "tflops_s", "mfu"]
-    columns += ["peak_gb", "host_syncs", "warmup_s", "status"]
+    columns += ["peak_gb", "host_syncs", "gpu_busy", "warmup_s", "status"]
     print(f"\n## Results (MFU against {args.peak_tflops:g} TFLOP/s)\n" + markdown_table(results, columns))
     ratio_rows = ratios(results)
     print(
@@ -428,7 +462,12 @@ def show(cells, results, args) -> None:
             print(f"\nhost syncs, {where}: " + ", ".join(r["sync_sites"]))
         if r.get("top_kernels"):
             print(
-                f"\n## Top kernels, {where}\n"
+                f"\n## GPU time, {where}: {r['kernel_ms']:.1f} ms of kernels ({r['kernel_launches']} launches) "
+                f"in a {r['update_ms']:.1f} ms update (busy {r['gpu_busy']:.2f})\n"
+                + markdown_table(
+                    [dict(family=k, **v) for k, v in r["families"].items()], ["family", "ms", "share"]
+                )
+                + "\n\n"
                 + markdown_table(r["top_kernels"], ["name", "ms", "share", "calls"])
             )
 
