@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from radlads.kernels import fla_available, gla_recurrence, resolve_backend, rwkv7_recurrence
 from radlads.kernels.reference import recurrent_chunked, recurrent_loop
+from radlads.models.rwkv7 import LOG_W_MIN
 
 
 def random_inputs(B, T, H, K, V, delta_rule: bool, device="cpu", dtype=torch.float32, seed=0):
@@ -102,6 +103,16 @@ def test_split_prefill_and_decode_match_one_pass(delta_rule):
     assert rel_err(h, h_full) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["chunked", "loop"])
+def test_references_check_the_declared_decay_floor(backend):
+    args, _ = random_inputs(1, 20, 2, 8, 8, True, seed=3)  # RAD-RWKV7's range: log_w > -exp(-0.5)
+    y, _ = rwkv7_recurrence(*args, backend=backend, log_w_min=LOG_W_MIN)
+    torch.testing.assert_close(y, rwkv7_recurrence(*args, backend=backend)[0])
+    args[1] = args[1] * 2  # now down to -1.2
+    with pytest.raises(ValueError, match="log_w_min"):
+        rwkv7_recurrence(*args, backend=backend, log_w_min=LOG_W_MIN)
+
+
 def test_dispatch_names_and_errors():
     assert resolve_backend("auto", on_cuda=False) == "chunked"
     with pytest.raises(ValueError, match="unknown kernel backend"):
@@ -128,12 +139,13 @@ def test_fla_matches_reference(shape, delta_rule, dtype, tol, monkeypatch):
     monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
     B, T, H, K = shape
     op = rwkv7_recurrence if delta_rule else gla_recurrence
+    floor = dict(log_w_min=LOG_W_MIN) if delta_rule else {}  # what RAD-RWKV7 passes: fla's fast scheme
     args, state = random_inputs(B, T, H, K, K, delta_rule, device="cuda", dtype=dtype, seed=T)
     ref_args = [x.double().float() for x in args]
     split = T // 2
 
     def run(backend, xs, h0=None):
-        return op(*xs, scale=K**-0.5, initial_state=h0, output_final_state=True, backend=backend)
+        return op(*xs, scale=K**-0.5, initial_state=h0, output_final_state=True, backend=backend, **floor)
 
     with torch.no_grad():
         # prefill
@@ -160,11 +172,14 @@ def test_fla_gradients_match_reference(delta_rule, monkeypatch):
     """Training runs fla's chunked backward: its gradients must match the reference's."""
     monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
     op = rwkv7_recurrence if delta_rule else gla_recurrence
+    floor = dict(log_w_min=LOG_W_MIN) if delta_rule else {}
     args, state = random_inputs(2, 96, 2, 64, 64, delta_rule, device="cuda", seed=11)
     grads = []
     for backend in ("fla", "chunked"):
         leaves = [x.clone().requires_grad_() for x in args]
-        y, _ = op(*leaves, scale=0.125, initial_state=state, output_final_state=True, backend=backend)
+        y, _ = op(
+            *leaves, scale=0.125, initial_state=state, output_final_state=True, backend=backend, **floor
+        )
         y.square().sum().backward()
         grads.append([x.grad for x in leaves])
     errors = [rel_err(g_fla, g_ref) for g_fla, g_ref in zip(*grads)]
@@ -180,7 +195,9 @@ def test_fla_follows_autocast_dtype():
     op = rwkv7_recurrence
     args, state = random_inputs(2, 64, 2, 64, 64, True, device="cuda", dtype=torch.float32, seed=5)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        y, _ = op(*args, scale=0.125, initial_state=state, backend="fla")
-    y_bf16, _ = op(*[x.bfloat16() for x in args], scale=0.125, initial_state=state, backend="fla")
+        y, _ = op(*args, scale=0.125, initial_state=state, backend="fla", log_w_min=LOG_W_MIN)
+    y_bf16, _ = op(
+        *[x.bfloat16() for x in args], scale=0.125, initial_state=state, backend="fla", log_w_min=LOG_W_MIN
+    )
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, y_bf16, rtol=0, atol=0)

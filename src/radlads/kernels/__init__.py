@@ -51,13 +51,19 @@ def _dispatch(backend: str, on_cuda: bool):
     return recurrent_chunked if name == "chunked" else recurrent_loop
 
 
-def _run(backend: str, split: int, r, log_w, k, v, *ab, **kwargs):
+def _run(backend: str, split: int, r, log_w, k, v, *ab, log_w_min: float | None = None, **kwargs):
     """Run a recurrence on `backend`; with `split` > 1 as [B, T, H * split, V / split]. The state's
     value columns evolve independently (the transition acts on the key side), so each head can be cut into
     `split` heads of V / split columns that share r, k, w, a, b: a kernel whose state pass runs one
     program per (batch, head, value block) gets `split` times more of them, for `split` times the
     key-side work. Worth it where batch x heads is far below the GPU's SM count (batch-1 prefill)."""
     op = _dispatch(backend, r.is_cuda)
+    if log_w_min is not None:
+        if op is recurrent_chunked or op is recurrent_loop:  # the references check the promise
+            if (log_w < log_w_min).any():
+                raise ValueError(f"log_w falls below log_w_min={log_w_min}, the floor its caller declared")
+        else:
+            kwargs["log_w_min"] = log_w_min
     if split == 1:
         return op(r, log_w, k, v, *ab, **kwargs)
     B, T, H, V = v.shape
@@ -92,10 +98,15 @@ def rwkv7_recurrence(
     output_final_state: bool = False,
     backend: str = "auto",
     value_split: int = 1,
+    log_w_min: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """RWKV-7 delta rule: h_t = diag(w_t) h + b_t (a_t^T h) + k_t v_t^T, y_t = scale h_t^T r_t."""
+    """RWKV-7 delta rule: h_t = diag(w_t) h + b_t (a_t^T h) + k_t v_t^T, y_t = scale h_t^T r_t.
+
+    `log_w_min`: a floor the caller guarantees for log_w. fla's chunked kernel then runs 64-token
+    chunks with tensor-core intra-chunk products (the floor bounds their exponents) instead of
+    16-token chunks; the reference backends check the promise instead."""
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    return _run(backend, value_split, r, log_w, k, v, a, b, **state)
+    return _run(backend, value_split, r, log_w, k, v, a, b, log_w_min=log_w_min, **state)
 
 
 def gla_recurrence(

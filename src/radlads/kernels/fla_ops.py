@@ -29,6 +29,7 @@ def dplr(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    log_w_min: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     # Triton dots need one operand dtype. Under autocast use autocast's, as a matmul would: with
     # fp32 master weights the fp32 embeddings, RoPE tables and parameters promote r, k, v, a, b to
@@ -51,15 +52,8 @@ def dplr(
         return chunk_gla(
             r, k, v, log_w, scale=scale, initial_state=initial_state, output_final_state=output_final_state
         )
-    op = fused_recurrent_rwkv7 if _use_recurrent(r) else chunk_rwkv7
-    return op(
-        r,
-        log_w,
-        k,
-        v,
-        a.to(dtype),
-        b.to(dtype),
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-    )
+    state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    if _use_recurrent(r):
+        return fused_recurrent_rwkv7(r, log_w, k, v, a.to(dtype), b.to(dtype), **state)
+    # fla picks its chunk size (64 with a safe floor, else 16) and tensor-core scheme from lower_bound.
+    return chunk_rwkv7(r, log_w, k, v, a.to(dtype), b.to(dtype), lower_bound=log_w_min, **state)

@@ -102,11 +102,12 @@ class LinearMixer(TeacherProjections):
             k, v = k * keep, v * keep
         return r, k, v
 
-    def recur(self, op, *args, cache=None) -> Tensor:
+    def recur(self, op, *args, cache=None, **options) -> Tensor:
         """Run a kernel op from the cached state and store its final state back."""
         state = cache.states[self.layer_idx] if cache is not None else None
         y, state = op(
             *args,
+            **options,
             scale=self.scale,
             initial_state=state,
             output_final_state=cache is not None,

@@ -18,6 +18,10 @@ from .cache import RadladsCache
 from .common import LinearMixer, LowRank, decay_speed_schedule
 from .configuration import RadladsConfig
 
+# log_decay's values lie in (-exp(-0.5), 0) = (-0.6065, 0); a floor just below lets fla's chunked
+# kernel take its faster scheme (kernels.rwkv7_recurrence).
+LOG_W_MIN = -0.61
+
 
 class RadRWKV7Mixer(LinearMixer):
     def __init__(self, config: RadladsConfig, layer_idx: int, first_linear_layer: int):
@@ -84,5 +88,5 @@ class RadRWKV7Mixer(LinearMixer):
             v_first = v
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + self.v_lora(x)).view(heads)
-        y = self.recur(rwkv7_recurrence, r, log_w, k, v, -kappa, kappa * a, cache=cache)
+        y = self.recur(rwkv7_recurrence, r, log_w, k, v, -kappa, kappa * a, cache=cache, log_w_min=LOG_W_MIN)
         return self.output(y, torch.sigmoid(self.gate(x))), v_first
