@@ -70,15 +70,15 @@ from torch import nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from radlads.convert.steps import AttentionAlignment, ContextExtension, Distillation
+from radlads.convert.steps import AttentionAlignment, ContextExtension, Distillation, prepare_student
 from radlads.models.common import LinearMixer, LowRank
 from radlads.train.config import ConvertConfig
 from radlads.train.trainer import Trainer
 
 STEPS = (1, 2, 3)
-VARIANTS = ("radlads", "baseline")
+VARIANTS = ("radlads", "radlads-eager", "baseline")  # radlads-eager: only with --eager
 # First guesses of MFU for the time estimates; measured cells replace them as the run goes.
-GUESSED_MFU = {"radlads": 0.2, "baseline": 0.01}
+GUESSED_MFU = {"radlads": 0.2, "radlads-eager": 0.15, "baseline": 0.01}
 SETUP_S = 5.0  # copying the student to the device and building the optimizer, per attempt
 TINY = dict(
     shapes="tiny", seq_len=32, step3_seq_len=64, batch="2,2,2", baseline_batch="1,1,1", warmup=1, updates=2
@@ -104,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--updates", type=int, default=5, help="timed updates, at most; >= 1")
     p.add_argument("--max-timed-s", type=float, default=6.0, help="stop timing a cell after this")
     p.add_argument("--activation-checkpointing", action="store_true", help="radlads rows, as in convert")
+    p.add_argument(
+        "--no-compile", action="store_true", help="radlads rows: as `radlads convert --no-compile`"
+    )
+    p.add_argument("--eager", action="store_true", help="also rows radlads-eager: radlads, not compiled")
     p.add_argument("--baseline-backend", default="chunked", help="the baseline's recurrence kernels")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOPS / 1e12, help="MFU's ceiling")
     p.add_argument("--budget-s", type=float, default=300.0, help="skip cells that would end later")
@@ -195,21 +199,22 @@ def make_trainer(variant: str, step: int, teacher, student, args, batch: int, de
     step_cfg = dataclasses.replace(
         cfg.steps()[step], seq_len=seq_len, batch_size=batch, grad_accum=args.grad_accum
     )
-    radlads = variant == "radlads"
+    radlads = variant != "baseline"
     if teacher is not None:
         teacher.set_attn_implementation("sdpa" if radlads else "eager")
-    if radlads and args.activation_checkpointing:  # transformers >= 5.2x renamed the switch
-        getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
+    if radlads:
+        compile = variant == "radlads" and not args.no_compile
+        prepare_student(student, args.activation_checkpointing, compile)
     if not radlads:
         student.config.kernel_backend = args.baseline_backend  # the mixers share this config
     objective = {
-        (1, "radlads"): lambda: AttentionAlignment(teacher),
-        (2, "radlads"): lambda: Distillation(teacher, cfg.kl_chunk_tokens),
-        (3, "radlads"): lambda: ContextExtension(cfg.kl_chunk_tokens),
-        (1, "baseline"): lambda: AttentionAlignment(teacher),
-        (2, "baseline"): lambda: PlainDistillation(teacher),
-        (3, "baseline"): lambda: PlainContextExtension(),
-    }[step, variant]()
+        (1, True): lambda: AttentionAlignment(teacher),
+        (2, True): lambda: Distillation(teacher, cfg.kl_chunk_tokens),
+        (3, True): lambda: ContextExtension(cfg.kl_chunk_tokens),
+        (1, False): lambda: AttentionAlignment(teacher),
+        (2, False): lambda: PlainDistillation(teacher),
+        (3, False): lambda: PlainContextExtension(),
+    }[step, radlads]()
     trainer = Trainer(objective, student, step_cfg, None, [], None, None, device, progress=False)
     if not radlads:
         trainer.optimizer = torch.optim.AdamW(
@@ -351,7 +356,8 @@ def estimate_s(cell: dict, variant: str, batch: int, args, calibration: dict) ->
 def run_variant(cell, variant, teacher, student0, args, device, budget, calibration) -> list[dict]:
     """One variant of one (shape, step) cell: its rows, an OOM row per batch that did not fit."""
     rows = []
-    fallback = args.batch[cell["step"]] // 2 if variant == "radlads" else args.baseline_batch[cell["step"]]
+    baseline = variant == "baseline"
+    fallback = args.baseline_batch[cell["step"]] if baseline else args.batch[cell["step"]] // 2
     for batch in batch_sizes(args.batch[cell["step"]], fallback):
         row = dict(shape=cell["shape"], step=cell["step"], variant=variant, batch=batch)
         row.update(seq_len=cell["seq_len"], tokens_per_update=batch * cell["seq_len"] * args.grad_accum)
@@ -386,7 +392,7 @@ def ratios(results: list[dict]) -> list[dict]:
         for r in rows:
             if "tok_s" in r:
                 ran.setdefault(r["variant"], r)
-        rad, base = ran.get("radlads"), ran.get("baseline")
+        rad, base, eager = ran.get("radlads"), ran.get("baseline"), ran.get("radlads-eager")
         if not (rad and base):
             continue
         same_batch = rad["batch"] == base["batch"]
@@ -394,6 +400,10 @@ def ratios(results: list[dict]) -> list[dict]:
             dict(
                 shape=shape,
                 step=step,
+                # what compiling the student's layers gains (with --eager; same batch)
+                compile_gain=rad["tok_s"] / eager["tok_s"]
+                if eager and eager["batch"] == rad["batch"]
+                else None,
                 radlads_batch=rad["batch"],
                 baseline_batch=base["batch"],
                 tok_s_ratio=rad["tok_s"] / base["tok_s"],
@@ -434,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
             cell = dict(shape=shape, step=step, seq_len=seq_len, vocab=costs[0].vocab)
             cell["flops"] = step_flops(step, *costs, mixers, seq_len)
             cells.append(cell)
-            for variant in VARIANTS:
+            for variant in (v for v in VARIANTS if args.eager or v != "radlads-eager"):
                 results += run_variant(cell, variant, teacher, student0, args, device, budget, calibration)
                 save()  # after every variant: a run killed from outside keeps what it measured
         del teacher, student0

@@ -122,3 +122,23 @@ def test_new_parameters_start_at_their_documented_values():
     assert torch.allclose(mixer.v0, torch.ones_like(mixer.v0))
     assert not hasattr(student.model.layers[0].self_attn, "v0")  # layer 0 provides v_first
     assert mixer.w0[0] < mixer.w0[-1]  # the decay-speed schedule rises across channels
+
+
+def test_compiled_layers_train_like_eager_ones():
+    """compile_layers (the training path on CUDA) breaks each graph at the recurrence kernel and
+    fuses the rest: the same loss and gradients as eager, in the whole model and in a mixer alone."""
+    import copy
+
+    from radlads.convert.alignment import student_attention_outputs, teacher_attention_io
+
+    teacher = make_teacher("qwen2", num_hidden_layers=2)
+    eager = transfer(teacher, "rad-rwkv7").train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_layers()
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 24))
+    io = teacher_attention_io(teacher, ids)
+    for model in (eager, compiled):
+        model(input_ids=ids).logits.square().mean().backward()  # steps 2-3: the decoder layers
+        sum(y.square().mean() for y in student_attention_outputs(model, io)).backward()  # step 1
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -42,6 +42,13 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--activation-checkpointing", action="store_true", default=None)
     p.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        default=None,
+        help="train the student eagerly on CUDA (default: its layers are torch.compiled)",
+    )
+    p.add_argument(
         "--nproc",
         type=int,
         default=1,
@@ -139,7 +146,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     data = {}
     if args.config:
         data = ConvertConfig.from_yaml(args.config).to_dict()
-    for key in ("teacher", "data", "out", "arch", "device", "seed", "activation_checkpointing"):
+    for key in ("teacher", "data", "out", "arch", "device", "seed", "activation_checkpointing", "compile"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     if args.softmax_layers is not None:

@@ -55,12 +55,16 @@ def student_attention_outputs(
         position_ids = torch.arange(x0.shape[1], device=x0.device)[None]
     position_embeddings = student.model.rotary_emb(x0, position_ids)
     outs, v_first = [], None
+    # transformers >= 5.2x renamed the flag
+    checkpointing = getattr(student, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = student.is_gradient_checkpointing
     for idx, layer in enumerate(student.model.layers):
         if student.config.is_softmax_layer(idx):
             outs.append(None)
             continue
         mixer = layer.self_attn
-        if student.is_gradient_checkpointing and torch.is_grad_enabled():
+        if checkpointing and torch.is_grad_enabled():
             y, v_first = checkpoint(
                 mixer, io.inputs[idx], position_embeddings, None, v_first, use_reentrant=False
             )

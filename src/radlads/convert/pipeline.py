@@ -31,7 +31,7 @@ from ..train.distributed import Distributed
 from ..train.metrics import MetricsLog
 from ..train.trainer import Trainer
 from .alignment import layer_cosines
-from .steps import AttentionAlignment, ContextExtension, Distillation
+from .steps import AttentionAlignment, ContextExtension, Distillation, prepare_student
 from .transfer import load_teacher, transfer
 
 log = logging.getLogger("radlads")
@@ -159,8 +159,9 @@ class Conversion:
         # A mid-step checkpoint holds sharded state, not a model folder: build the student from the
         # previous step and let the trainer load that state over it.
         student = self.load_student(self._previous(step))
-        if self.cfg.activation_checkpointing:  # transformers >= 5.2x renamed the switch
-            getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
+        # Compiled layers under FSDP2 are not yet validated on GPUs: sharded runs train eagerly.
+        compile = self.cfg.compile and not self.dist.enabled
+        prepare_student(student, self.cfg.activation_checkpointing, compile)
         objective = {
             1: lambda: AttentionAlignment(self.teacher),
             2: lambda: Distillation(self.teacher, self.cfg.kl_chunk_tokens),

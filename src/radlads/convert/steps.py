@@ -12,6 +12,14 @@ from ..train.losses import chunked_cross_entropy, chunked_kl
 from .alignment import alignment_loss, student_attention_outputs, teacher_attention_io
 
 
+def prepare_student(student: RadladsForCausalLM, activation_checkpointing: bool, compile: bool) -> None:
+    """The student's switches for training, as every step sets them (and the benchmarks do)."""
+    if activation_checkpointing:  # transformers >= 5.2x renamed the switch
+        getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
+    if compile and student.device.type == "cuda":  # on CPU, compiling costs more than it saves
+        student.compile_layers()
+
+
 @dataclass
 class AttentionAlignment:
     """Step 1: each student time mixer, fed the teacher's attention input, matches its output."""

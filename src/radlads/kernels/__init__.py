@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import os
 
+import torch
 from torch import Tensor
 
 from .reference import recurrent_chunked, recurrent_loop
@@ -51,6 +52,9 @@ def _dispatch(backend: str, on_cuda: bool):
     return recurrent_chunked if name == "chunked" else recurrent_loop
 
 
+# fla's autotuned Triton kernels are not for Dynamo to trace: a compiled caller (the training
+# path's compiled layers) breaks its graph here and runs the kernel as it is.
+@torch.compiler.disable
 def _run(backend: str, split: int, r, log_w, k, v, *ab, log_w_min: float | None = None, **kwargs):
     """Run a recurrence on `backend`; with `split` > 1 as [B, T, H * split, V / split]. The state's
     value columns evolve independently (the transition acts on the key side), so each head can be cut into

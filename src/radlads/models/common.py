@@ -41,6 +41,7 @@ class TeacherProjections(nn.Module):
         super().__init__()
         teacher = config.teacher()
         self.family = family_of(teacher.model_type)
+        self.rope = self.family.rope()
         self.layer_idx = layer_idx
         self.num_heads = teacher.num_attention_heads
         self.num_kv_heads = teacher.num_key_value_heads or self.num_heads
@@ -63,7 +64,7 @@ class TeacherProjections(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
         if self.family.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.family.apply_rotary(q, k, *position_embeddings)
+        q, k = self.rope(q, k, *position_embeddings, unsqueeze_dim=2)  # q, k are [B, T, heads, N]
         return q, k, v
 
     def expand_kv(self, x: Tensor) -> Tensor:

@@ -36,9 +36,10 @@ class Family:
     def rotary(self, config: PretrainedConfig):
         return self.cls("RotaryEmbedding")(config=config)
 
-    def apply_rotary(self, q, k, cos, sin):
-        """The family's own RoPE on [B, T, H, N] tensors (cos/sin are [B, T, N])."""
-        return self._module().apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    def rope(self):
+        """The family's own RoPE function, `(q, k, cos, sin, unsqueeze_dim) -> (q, k)`. Callers keep
+        it: looking it up per call would be a module import that torch.compile cannot trace."""
+        return self._module().apply_rotary_pos_emb
 
     def biases(self, config: PretrainedConfig) -> tuple[bool, bool]:
         """(q/k/v projections have bias, o projection has bias)."""

@@ -153,6 +153,14 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def compile_layers(self) -> None:
+        """torch.compile each decoder layer and, for step 1, which runs it alone, each time mixer, in
+        place: their norms, projections' epilogues, gates and RoPE fuse into few kernels. The
+        recurrence stays fla's (a graph break, see radlads.kernels)."""
+        for layer in self.model.layers:
+            layer.compile()
+            layer.self_attn.compile()
+
     def untie_embeddings(self) -> None:
         """Give the LM head its own copy of the embedding (SPEC: untied from step 2 on)."""
         if self.config.tie_word_embeddings or self.lm_head.weight is self.model.embed_tokens.weight:
