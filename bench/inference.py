@@ -59,12 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-repeats", type=int, default=3, help="at most; fewer once 2 s are spent")
     p.add_argument("--no-mask", action="store_true", help="call forward without an attention mask")
     p.add_argument(
-        "--value-split",
-        type=int,
-        default=1,
-        help="students' kernel_value_split (value columns run as extra heads; 1 = off)",
-    )
-    p.add_argument(
         "--eager-decode",
         action="store_true",
         help="also run each student with CUDA-graph decoding off (rows ARCH-eager)",
@@ -301,12 +295,9 @@ def main(argv: list[str] | None = None) -> None:
 
     models = {"teacher": build_teacher(args.shape, device, dtype)}
     for arch in list(students):
-        options = dict(kernel_value_split=args.value_split)
-        models[arch] = build_student(models["teacher"], arch, **options)
+        models[arch] = build_student(models["teacher"], arch)
         if args.eager_decode:
-            models[f"{arch}-eager"] = build_student(
-                models["teacher"], arch, cuda_graph_decode=False, **options
-            )
+            models[f"{arch}-eager"] = build_student(models["teacher"], arch, cuda_graph_decode=False)
             students.append(f"{arch}-eager")
     costs = {n: ModelCost.of(m) for n, m in models.items()}
     wbytes = {n: weight_bytes(m) for n, m in models.items()}

@@ -23,7 +23,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=16384)
     p.add_argument("--top", type=int, default=15)
-    p.add_argument("--value-split", type=int, default=1, help="the student's kernel_value_split")
     p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
     args = p.parse_args(argv)
     if args.tiny:
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = build_teacher(args.shape, device, dtype)
-    student = build_student(teacher, args.arch, kernel_value_split=args.value_split)
+    student = build_student(teacher, args.arch)
     ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.context), device=device)
     for name, model in (("teacher", teacher), (args.arch, student)):
         print(

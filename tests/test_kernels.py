@@ -55,26 +55,6 @@ def test_chunked_matches_loop(B, T, H, K, delta_rule, chunk, with_state):
     assert rel_err(h, h_ref) < 1e-4
 
 
-@pytest.mark.parametrize("split", [2, 4])
-@pytest.mark.parametrize("delta_rule", [False, True])
-def test_value_split_heads_give_the_same_recurrence(delta_rule, split):
-    op = rwkv7_recurrence if delta_rule else gla_recurrence
-    args, state = random_inputs(2, 19, 3, 8, 8, delta_rule, seed=split)
-    leaves = [x.clone().requires_grad_() for x in args]
-    runs = []
-    for s, xs in ((1, args), (split, leaves)):
-        runs.append(
-            op(*xs, scale=0.3, initial_state=state, output_final_state=True, backend="loop", value_split=s)
-        )
-    (y, h), (y_split, h_split) = runs
-    torch.testing.assert_close(y_split, y)
-    torch.testing.assert_close(h_split, h)
-    y_split.sum().backward()  # the reshapes keep every input in the graph
-    assert all(x.grad is not None for x in leaves)
-    with pytest.raises(ValueError, match="divide"):
-        op(*args, backend="loop", value_split=3)
-
-
 @pytest.mark.parametrize("delta_rule", [False, True])
 def test_chunked_gradients_match_loop(delta_rule):
     args, state = random_inputs(1, 21, 2, 8, 8, delta_rule, seed=3)

@@ -55,12 +55,7 @@ def _dispatch(backend: str, on_cuda: bool):
 # fla's autotuned Triton kernels are not for Dynamo to trace: a compiled caller (the training
 # path's compiled layers) breaks its graph here and runs the kernel as it is.
 @torch.compiler.disable
-def _run(backend: str, split: int, r, log_w, k, v, *ab, log_w_min: float | None = None, **kwargs):
-    """Run a recurrence on `backend`; with `split` > 1 as [B, T, H * split, V / split]. The state's
-    value columns evolve independently (the transition acts on the key side), so each head can be cut into
-    `split` heads of V / split columns that share r, k, w, a, b: a kernel whose state pass runs one
-    program per (batch, head, value block) gets `split` times more of them, for `split` times the
-    key-side work. Worth it where batch x heads is far below the GPU's SM count (batch-1 prefill)."""
+def _run(backend: str, r, log_w, k, v, *ab, log_w_min: float | None = None, **kwargs):
     op = _dispatch(backend, r.is_cuda)
     if log_w_min is not None:
         if op is recurrent_chunked or op is recurrent_loop:  # the references check the promise
@@ -68,25 +63,7 @@ def _run(backend: str, split: int, r, log_w, k, v, *ab, log_w_min: float | None 
                 raise ValueError(f"log_w falls below log_w_min={log_w_min}, the floor its caller declared")
         else:
             kwargs["log_w_min"] = log_w_min
-    if split == 1:
-        return op(r, log_w, k, v, *ab, **kwargs)
-    B, T, H, V = v.shape
-    K = k.shape[-1]
-    if V % split:
-        raise ValueError(f"kernel_value_split={split} must divide the head's value size {V}")
-    n = V // split
-
-    def heads(x: Tensor) -> Tensor:
-        return x.repeat_interleave(split, dim=2)
-
-    if kwargs.get("initial_state") is not None:
-        kwargs["initial_state"] = (
-            kwargs["initial_state"].reshape(B, H, K, split, n).transpose(2, 3).reshape(B, H * split, K, n)
-        )
-    y, state = op(heads(r), heads(log_w), heads(k), v.reshape(B, T, H * split, n), *map(heads, ab), **kwargs)
-    if state is not None:
-        state = state.reshape(B, H, split, K, n).transpose(2, 3).reshape(B, H, K, V)
-    return y.reshape(B, T, H, V), state
+    return op(r, log_w, k, v, *ab, **kwargs)
 
 
 def rwkv7_recurrence(
@@ -101,7 +78,6 @@ def rwkv7_recurrence(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
-    value_split: int = 1,
     log_w_min: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """RWKV-7 delta rule: h_t = diag(w_t) h + b_t (a_t^T h) + k_t v_t^T, y_t = scale h_t^T r_t.
@@ -110,7 +86,7 @@ def rwkv7_recurrence(
     chunks with tensor-core intra-chunk products (the floor bounds their exponents) instead of
     16-token chunks; the reference backends check the promise instead."""
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    return _run(backend, value_split, r, log_w, k, v, a, b, log_w_min=log_w_min, **state)
+    return _run(backend, r, log_w, k, v, a, b, log_w_min=log_w_min, **state)
 
 
 def gla_recurrence(
@@ -123,11 +99,10 @@ def gla_recurrence(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
-    value_split: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
     """Diagonal-decay rule (GLA; RWKV-6 with u = 0): h_t = diag(w_t) h + k_t v_t^T, y_t = scale h_t^T r_t."""
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    return _run(backend, value_split, r, log_w, k, v, **state)
+    return _run(backend, r, log_w, k, v, **state)
 
 
 __all__ = ["BACKENDS", "fla_available", "gla_recurrence", "resolve_backend", "rwkv7_recurrence"]

@@ -113,7 +113,6 @@ class LinearMixer(TeacherProjections):
             initial_state=state,
             output_final_state=cache is not None,
             backend=self.config.kernel_backend,
-            value_split=self.config.kernel_value_split,
         )
         if cache is not None:
             cache.states[self.layer_idx] = state

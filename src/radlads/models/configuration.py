@@ -63,7 +63,6 @@ class RadladsConfig(PretrainedConfig):
         gate_rank: int | None = None,
         groupnorm: bool = False,
         kernel_backend: str = "auto",
-        kernel_value_split: int = 1,
         cuda_graph_decode: bool = True,
         init_k_k: float = 0.85,
         init_k_a: float = 1.0,
@@ -78,9 +77,6 @@ class RadladsConfig(PretrainedConfig):
         self.softmax_layers = sorted(int(i) for i in softmax_layers)
         self.groupnorm = groupnorm
         self.kernel_backend = kernel_backend
-        # >1 runs each head's value columns as that many heads (radlads.kernels._value_split):
-        # more parallel work for batch-1 long prefills; off by default, its speed not yet measured.
-        self.kernel_value_split = kernel_value_split
         # Decode one token per step through a captured CUDA graph (pure linear students on CUDA).
         self.cuda_graph_decode = cuda_graph_decode
         self.init_k_k, self.init_k_a, self.init_a0, self.init_v0 = init_k_k, init_k_a, init_a0, init_v0
