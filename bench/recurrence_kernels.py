@@ -3,7 +3,8 @@
     rwkv7  h_t = diag(w_t) h + b_t (a_t^T h) + k_t v_t^T     (fla chunk_rwkv7 / fused_recurrent_rwkv7)
     gla    h_t = diag(w_t) h + k_t v_t^T                      (fla chunk_gla / fused_recurrent_gla)
 
-Methods: fla's chunk kernel (what the students run for prefill and training), fla's fused
+Methods: fla's chunk kernel (for RWKV-7 also with RAD-RWKV7's decay floor, `fla chunk + floor`:
+what that student runs for prefill and training), fla's fused
 recurrent kernel (what they run for decoding, <= 16 tokens), and radlads' PyTorch chunked
 reference in fp32. Modes: forward (prefill-like, no autograd), forward+backward (training), and a
 single decode step (T=1 from a carried state). Inputs are built like the mixers build them (decay
@@ -37,6 +38,7 @@ from common import (
 from torch import Tensor
 
 from radlads.kernels import fla_available, gla_recurrence, rwkv7_recurrence
+from radlads.models.rwkv7 import LOG_W_MIN
 
 Inputs = dict[str, Tensor]
 
@@ -101,8 +103,9 @@ def ordered(rule: str, x: Inputs) -> list[Tensor]:
 # --------------------------------------------------------------------------- methods
 
 
-def fla_op(rule: str, kind: str) -> Callable:
-    """fla's kernels called as radlads.kernels.fla_ops calls them (fla is imported lazily: CUDA only)."""
+def fla_op(rule: str, kind: str, log_w_min: float | None = None) -> Callable:
+    """fla's kernels called as radlads.kernels.fla_ops calls them (fla is imported lazily: CUDA only);
+    `log_w_min`: the decay floor RAD-RWKV7 declares (chunk_rwkv7's lower_bound)."""
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
     from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
 
@@ -112,8 +115,9 @@ def fla_op(rule: str, kind: str) -> Callable:
             if kind == "chunk":
                 return chunk_gla(r, k, v, log_w, **state)
             return fused_recurrent_gla(r, k, v, gk=log_w, **state)
-        op = chunk_rwkv7 if kind == "chunk" else fused_recurrent_rwkv7
-        return op(r, log_w, k, v, a, b, **state)
+        if kind == "chunk":
+            return chunk_rwkv7(r, log_w, k, v, a, b, lower_bound=log_w_min, **state)
+        return fused_recurrent_rwkv7(r, log_w, k, v, a, b, **state)
 
     return run
 
@@ -132,11 +136,12 @@ def methods(rule: str, device) -> dict[str, Callable | str]:
     """name -> op, or a reason string when it cannot run here."""
     fla = fla_available() and device.type == "cuda"
     why = "n/a: fla needs CUDA + flash-linear-attention"
-    return {
-        "fla chunk": fla_op(rule, "chunk") if fla else why,
-        "fla fused_recurrent": fla_op(rule, "fused_recurrent") if fla else why,
-        "torch chunked fp32": reference_op(rule, "chunked"),
-    }
+    found = {"fla chunk": fla_op(rule, "chunk") if fla else why}
+    if rule == "rwkv7":  # what RAD-RWKV7 runs: 64-token chunks licensed by its decay floor
+        found["fla chunk + floor"] = fla_op(rule, "chunk", LOG_W_MIN) if fla else why
+    found["fla fused_recurrent"] = fla_op(rule, "fused_recurrent") if fla else why
+    found["torch chunked fp32"] = reference_op(rule, "chunked")
+    return found
 
 
 # --------------------------------------------------------------------------- measurements
