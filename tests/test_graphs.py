@@ -88,7 +88,11 @@ def test_graphs_captured_under_autocast_stay_valid_after_the_autocast_block():
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 results.append(decode(student, ids, 8, graphed=graphed)[0])
             torch.cuda.empty_cache()  # free what a dead autocast cache held, so stale reads show
-        torch.testing.assert_close(results[1], results[0], rtol=2e-2, atol=2e-2)
+        # bf16 logits: the replay's matmuls may round differently from eager ones (measured on an
+        # H200: 0.6% of logits off by 1-2 bf16 ulps, <= 0.05). A read of a freed weight copy would
+        # be garbage: judge the whole tensor, not single elements.
+        error = (results[1].float() - results[0].float()).norm() / results[0].float().norm()
+        assert error < 1e-2, error
     assert len(decode_graphs(student).graphs) == 1
 
 
