@@ -93,6 +93,17 @@ def test_references_check_the_declared_decay_floor(backend):
         rwkv7_recurrence(*args, backend=backend, log_w_min=LOG_W_MIN)
 
 
+def test_inputs_take_autocast_dtype_before_the_kernel():
+    """Under autocast every backend gets its inputs in autocast's dtype, as fla's dots need; the
+    cast happens outside the compiler-opaque kernel call, where compiled layers fuse it."""
+    args, _ = random_inputs(1, 12, 2, 8, 8, True, seed=4)  # fp32, as fp32 master weights give
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = rwkv7_recurrence(*args, backend="chunked")
+        expected, _ = rwkv7_recurrence(*[x.bfloat16() for x in args], backend="chunked")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
 def test_dispatch_names_and_errors():
     assert resolve_backend("auto", on_cuda=False) == "chunked"
     with pytest.raises(ValueError, match="unknown kernel backend"):

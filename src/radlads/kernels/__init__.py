@@ -66,6 +66,16 @@ def _run(backend: str, r, log_w, k, v, *ab, log_w_min: float | None = None, **kw
     return op(r, log_w, k, v, *ab, **kwargs)
 
 
+def _one_dtype(*tensors: Tensor) -> list[Tensor]:
+    """The inputs in one dtype, as kernels' dots need: autocast's under autocast, as a matmul would
+    take (fp32 master weights, embeddings and RoPE tables promote some inputs to fp32, which would
+    run fla's slower fp32 kernels), else r's. Cast here, before `_run`, so that in compiled layers the
+    casts fuse into the kernels that produce the inputs instead of running as copies of their own."""
+    device = tensors[0].device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensors[0].dtype
+    return [x.to(dtype) for x in tensors]
+
+
 def rwkv7_recurrence(
     r: Tensor,
     log_w: Tensor,
@@ -86,7 +96,7 @@ def rwkv7_recurrence(
     chunks with tensor-core intra-chunk products (the floor bounds their exponents) instead of
     16-token chunks; the reference backends check the promise instead."""
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    return _run(backend, r, log_w, k, v, a, b, log_w_min=log_w_min, **state)
+    return _run(backend, *_one_dtype(r, log_w, k, v, a, b), log_w_min=log_w_min, **state)
 
 
 def gla_recurrence(
@@ -102,7 +112,7 @@ def gla_recurrence(
 ) -> tuple[Tensor, Tensor | None]:
     """Diagonal-decay rule (GLA; RWKV-6 with u = 0): h_t = diag(w_t) h + k_t v_t^T, y_t = scale h_t^T r_t."""
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    return _run(backend, r, log_w, k, v, **state)
+    return _run(backend, *_one_dtype(r, log_w, k, v), **state)
 
 
 __all__ = ["BACKENDS", "fla_available", "gla_recurrence", "resolve_backend", "rwkv7_recurrence"]

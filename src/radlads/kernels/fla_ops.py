@@ -31,29 +31,15 @@ def dplr(
     output_final_state: bool = False,
     log_w_min: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    # Triton dots need one operand dtype. Under autocast use autocast's, as a matmul would: with
-    # fp32 master weights the fp32 embeddings, RoPE tables and parameters promote r, k, v, a, b to
-    # fp32, which would run the recurrence in fp32 (slower, and other kernels to compile).
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else r.dtype
-    r, k, v, log_w = r.to(dtype), k.to(dtype), v.to(dtype), log_w.to(dtype)
+    # r, log_w, k, v, a, b arrive in one dtype (radlads.kernels casts them); the state stays fp32.
     if initial_state is not None:
         initial_state = initial_state.float()
+    state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if a is None:
         if _use_recurrent(r):
-            return fused_recurrent_gla(
-                r,
-                k,
-                v,
-                gk=log_w,
-                scale=scale,
-                initial_state=initial_state,
-                output_final_state=output_final_state,
-            )
-        return chunk_gla(
-            r, k, v, log_w, scale=scale, initial_state=initial_state, output_final_state=output_final_state
-        )
-    state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+            return fused_recurrent_gla(r, k, v, gk=log_w, **state)
+        return chunk_gla(r, k, v, log_w, **state)
     if _use_recurrent(r):
-        return fused_recurrent_rwkv7(r, log_w, k, v, a.to(dtype), b.to(dtype), **state)
+        return fused_recurrent_rwkv7(r, log_w, k, v, a, b, **state)
     # fla picks its chunk size (64 with a safe floor, else 16) and tensor-core scheme from lower_bound.
-    return chunk_rwkv7(r, log_w, k, v, a.to(dtype), b.to(dtype), lower_bound=log_w_min, **state)
+    return chunk_rwkv7(r, log_w, k, v, a, b, lower_bound=log_w_min, **state)
