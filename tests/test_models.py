@@ -115,17 +115,22 @@ def test_new_parameters_start_at_their_documented_values():
     assert mixer.w0[0] < mixer.w0[-1]  # the decay-speed schedule rises across channels
 
 
-def test_compiled_layers_train_like_eager_ones():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_layers_train_like_eager_ones(checkpointing):
     """compile_layers (the training path on CUDA) breaks each graph at the recurrence kernel and
-    fuses the rest: the same loss and gradients as eager, in the whole model and in a mixer alone."""
+    fuses the rest: the same loss and gradients as eager, in the whole model and in a mixer alone,
+    with and without activation checkpointing."""
     import copy
 
     from radlads.convert.alignment import student_attention_outputs, teacher_attention_io
+    from radlads.convert.steps import prepare_student
 
     teacher = make_teacher("qwen2", num_hidden_layers=2)
     eager = transfer(teacher, "rad-rwkv7").train()
     compiled = copy.deepcopy(eager)
-    compiled.compile_layers()
+    prepare_student(eager, activation_checkpointing=checkpointing, compile=False)
+    prepare_student(compiled, activation_checkpointing=checkpointing, compile=False)
+    compiled.compile_layers()  # prepare_student compiles on CUDA only
     ids = torch.randint(0, teacher.config.vocab_size, (2, 24))
     io = teacher_attention_io(teacher, ids)
     for model in (eager, compiled):
