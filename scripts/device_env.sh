@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Source on the lent GPU machine (no network): installs the carried fla/gguf wheels and puts
 # the checkout's src/ on the path.  Usage: `source scripts/device_env.sh` (carry .wheels).
-# Triton's and TorchInductor's caches (compiled kernels, autotuning results) live under
-# /tmp/gpu-cache; `save_gpu_cache` packs them into $OUT/gpu-cache.tgz. Copy that file to
-# .gpu-cache/ here and carry .gpu-cache in the next call: it is unpacked first, and the
-# minutes of compiling and autotuning a fresh machine spends are not spent again.
+# Triton's and TorchInductor's caches live under /tmp/gpu-cache. `save_gpu_cache` packs Triton's
+# autotuning results (small JSON files; the compiled kernels, ~200 MB after a training benchmark,
+# are too big to bring back) into $OUT/gpu-cache.tgz. Copy that file to .gpu-cache/ here and carry
+# .gpu-cache in the next call: it is unpacked first, and fla's kernels compile only the configs
+# that won instead of benchmarking every one again.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
@@ -14,9 +15,6 @@ mkdir -p /tmp/gpu-cache
 if [ -f .gpu-cache/gpu-cache.tgz ]; then tar xzf .gpu-cache/gpu-cache.tgz -C /tmp; fi
 radlads() { python3 -m radlads "$@"; }
 save_gpu_cache() {  # what comes back from $OUT is at most 16 MiB a file
-  tar czf "$OUT/gpu-cache.tgz" -C /tmp gpu-cache
-  if [ "$(stat -c %s "$OUT/gpu-cache.tgz")" -gt 16000000 ]; then
-    echo "gpu cache too large to bring back: $(du -sh /tmp/gpu-cache)"
-    rm "$OUT/gpu-cache.tgz"
-  fi
+  (cd /tmp && find gpu-cache -name '*.autotune.json' -print0 | tar czf "$OUT/gpu-cache.tgz" --null -T -)
+  echo "saved $(tar tzf "$OUT/gpu-cache.tgz" | wc -l) autotuning results ($(du -h "$OUT/gpu-cache.tgz" | cut -f1))"
 }
