@@ -63,8 +63,9 @@ stage() {
 
 HALF=$(python3 -c "from radlads.train.config import parse_tokens; print(parse_tokens('$STEP2') // 2)")
 printf 'step1: {log_every: 3, heldout_batches: 2}\nstep2: {log_every: 3, heldout_batches: 2}\n' > "$WORK/run.yaml"
+# --no-compile: sharded runs train eagerly (radlads convert), so the 1-GPU runs must too to compare.
 common=(--teacher "$WORK/teacher" --data "$WORK/data" --config "$WORK/run.yaml" --step1-tokens "$STEP1"
-        --step2-tokens "$STEP2" --step3-tokens 0 --seq-len "$SEQ" --batch-size "$BATCH" --quiet)
+        --step2-tokens "$STEP2" --step3-tokens 0 --seq-len "$SEQ" --batch-size "$BATCH" --quiet --no-compile)
 
 stage inputs 150 python3 bench/multigpu.py inputs --work "$WORK" --shape "$SHAPE"
 stage gpu1 240 python3 -m radlads convert "${common[@]}" --out "$WORK/gpu1"
