@@ -10,14 +10,48 @@ the KL, the teacher's logits a second time).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# terms(rows, logits) -> (the loss summed over the chunk's tokens, d loss / d logits), fp32
+# terms(rows, logits) -> (the loss summed over the chunk's tokens in fp32, d loss / d logits in
+# the logits' dtype); logits come in the matmul's dtype (bf16 under autocast)
 Terms = Callable[[slice, Tensor], tuple[Tensor, Tensor]]
+
+
+def _on_cuda_compiled(fn):
+    """`fn` through torch.compile for CUDA tensors: Inductor fuses the chain of vocab-wide
+    elementwise ops and reductions (~15 passes over an fp32 [chunk, V] tensor written out one op at
+    a time) into a few passes over bf16 logits. On CPU compiling costs more than it saves."""
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+
+    @functools.wraps(fn)
+    def run(*args):
+        return (compiled if args[0].is_cuda else fn)(*args)
+
+    run.compiled = compiled
+    return run
+
+
+@_on_cuda_compiled
+def kl_terms(s_logits: Tensor, t_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed KL(teacher || student) of rows of logits, and its gradient wrt the student's logits."""
+    s_logp = F.log_softmax(s_logits.float(), dim=-1)
+    t_logp = F.log_softmax(t_logits.float(), dim=-1)
+    t_p = t_logp.exp()
+    return (t_p * (t_logp - s_logp)).sum(), (s_logp.exp() - t_p).to(s_logits.dtype)
+
+
+@_on_cuda_compiled
+def cross_entropy_terms(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy of rows of logits against `target` ids, and its gradient wrt the logits."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, target[:, None])
+    grad = logp.exp().scatter_add(-1, target[:, None], torch.full_like(picked, -1.0))
+    return -picked.sum(), grad.to(logits.dtype)
 
 
 class _LinearLoss(torch.autograd.Function):
@@ -30,9 +64,8 @@ class _LinearLoss(torch.autograd.Function):
             rows = slice(i, i + chunk)
             h = hidden[rows]
             logits = h @ weight.T  # bf16 under autocast: the gradient matmuls below follow it
-            loss, dlogits = terms(rows, logits.float())
+            loss, dlogits = terms(rows, logits)
             total += loss
-            dlogits = dlogits.to(logits.dtype)
             grad_hidden[rows] = dlogits @ weight.to(dlogits.dtype)
             grad_weight += (dlogits.T @ h.to(dlogits.dtype)).float()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
@@ -51,7 +84,7 @@ def linear_loss(hidden: Tensor, weight: Tensor, terms: Terms, chunk: int) -> Ten
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, hidden.shape[0], chunk):
         rows = slice(i, i + chunk)
-        total += terms(rows, (hidden[rows] @ weight.T).float())[0]
+        total += terms(rows, hidden[rows] @ weight.T)[0]
     return total
 
 
@@ -66,11 +99,8 @@ def chunked_kl(
     s, t = student_hidden.flatten(0, -2), teacher_hidden.flatten(0, -2)
 
     def terms(rows: slice, s_logits: Tensor) -> tuple[Tensor, Tensor]:
-        s_logp = F.log_softmax(s_logits, dim=-1)
         with torch.no_grad():
-            t_logp = F.log_softmax((t[rows] @ teacher_head.weight.T).float(), dim=-1)
-        t_p = t_logp.exp()
-        return (t_p * (t_logp - s_logp)).sum(), s_logp.exp() - t_p
+            return kl_terms(s_logits, t[rows] @ teacher_head.weight.T)
 
     return linear_loss(s, student_head.weight, terms, chunk) / s.shape[0]
 
@@ -81,10 +111,6 @@ def chunked_cross_entropy(hidden: Tensor, head: nn.Linear, input_ids: Tensor, ch
     labels = input_ids[:, 1:].flatten()
 
     def terms(rows: slice, logits: Tensor) -> tuple[Tensor, Tensor]:
-        logp = F.log_softmax(logits, dim=-1)
-        target = labels[rows]
-        dlogits = logp.exp()
-        dlogits[torch.arange(len(target), device=target.device), target] -= 1
-        return F.nll_loss(logp, target, reduction="sum"), dlogits
+        return cross_entropy_terms(logits, labels[rows])
 
     return linear_loss(h, head.weight, terms, chunk) / h.shape[0]
