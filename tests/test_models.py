@@ -138,3 +138,28 @@ def test_compiled_layers_train_like_eager_ones(checkpointing):
         sum(y.square().mean() for y in student_attention_outputs(model, io)).backward()  # step 1
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_layers_stay_compiled_through_the_three_steps():
+    """Each step builds a new student and compiles it (prepare_student): without a fresh Dynamo
+    cache per step, steps 1-3's variants (grad / no grad, inputs needing grad, other shapes)
+    passed the recompile limit by step 3, after which Dynamo silently runs eagerly."""
+    from radlads.convert.alignment import student_attention_outputs, teacher_attention_io
+    from radlads.convert.steps import prepare_student
+
+    teacher = make_teacher("qwen2", num_hidden_layers=2)
+    vocab = teacher.config.vocab_size
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for step, (batch, length) in ((1, (2, 16)), (2, (2, 16)), (3, (1, 40))):
+            student = transfer(teacher, "rad-rwkv7").train()
+            prepare_student(student, activation_checkpointing=False, compile=True)
+            ids = torch.randint(0, vocab, (batch, length))
+            with torch.no_grad():  # held-out loss before and after
+                student(input_ids=ids)
+            if step == 1:
+                io = teacher_attention_io(teacher, ids)
+                sum(y.sum() for y in student_attention_outputs(student, io)).backward()
+                with torch.no_grad():
+                    student_attention_outputs(student, io)
+            else:
+                student(input_ids=ids).logits.sum().backward()

@@ -46,7 +46,7 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
         dest="compile",
         action="store_false",
         default=None,
-        help="train the student eagerly on CUDA (default: its layers are torch.compiled)",
+        help="no torch.compile on CUDA (default: the student's layers and the losses' vocab-wide terms)",
     )
     p.add_argument(
         "--nproc",

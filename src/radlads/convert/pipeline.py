@@ -159,13 +159,13 @@ class Conversion:
         # A mid-step checkpoint holds sharded state, not a model folder: build the student from the
         # previous step and let the trainer load that state over it.
         student = self.load_student(self._previous(step))
-        # Compiled layers under FSDP2 are not yet validated on GPUs: sharded runs train eagerly.
-        compile = self.cfg.compile and not self.dist.enabled
-        prepare_student(student, self.cfg.activation_checkpointing, compile)
+        # Compiled layers under FSDP2 are not yet validated on GPUs: sharded runs train them eagerly.
+        compile_layers = self.cfg.compile and not self.dist.enabled and self.device.type == "cuda"
+        prepare_student(student, self.cfg.activation_checkpointing, compile_layers)
         objective = {
             1: lambda: AttentionAlignment(self.teacher),
-            2: lambda: Distillation(self.teacher, self.cfg.kl_chunk_tokens),
-            3: lambda: ContextExtension(self.cfg.kl_chunk_tokens),
+            2: lambda: Distillation(self.teacher, self.cfg.kl_chunk_tokens, self.cfg.compile),
+            3: lambda: ContextExtension(self.cfg.kl_chunk_tokens, self.cfg.compile),
         }[step]()
         if step < 3:  # the trainer shards the student
             self.dist.shard_teacher(self.teacher)

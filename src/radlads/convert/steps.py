@@ -16,7 +16,11 @@ def prepare_student(student: RadladsForCausalLM, activation_checkpointing: bool,
     """The student's switches for training, as every step sets them (and the benchmarks do)."""
     if activation_checkpointing:  # transformers >= 5.2x renamed the switch
         getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
-    if compile and student.device.type == "cuda":  # on CPU, compiling costs more than it saves
+    if compile:
+        # Code compiled for an earlier step's student (other shapes, other inputs needing grad)
+        # counts against Dynamo's recompile limit (8 per function), past which it runs eagerly
+        # without a word: each step starts from an empty cache.
+        torch.compiler.reset()
         student.compile_layers()
 
 
@@ -47,6 +51,7 @@ class Distillation:
 
     teacher: nn.Module
     chunk_tokens: int = 4096
+    compile: bool = True  # the loss's vocab-wide terms, on CUDA
     step: int = 2
     name: str = "distillation"
 
@@ -58,7 +63,9 @@ class Distillation:
         with_grad = student.model(input_ids=batch).last_hidden_state
         with torch.no_grad():
             teacher_hidden = self.teacher.model(input_ids=batch, use_cache=False).last_hidden_state
-        return chunked_kl(with_grad, student.lm_head, teacher_hidden, self.teacher.lm_head, self.chunk_tokens)
+        return chunked_kl(
+            with_grad, student.lm_head, teacher_hidden, self.teacher.lm_head, self.chunk_tokens, self.compile
+        )
 
 
 @dataclass
@@ -66,6 +73,7 @@ class ContextExtension:
     """Step 3: plain next-token cross-entropy at long sequence length."""
 
     chunk_tokens: int = 4096
+    compile: bool = True  # the loss's vocab-wide terms, on CUDA
     step: int = 3
     name: str = "context extension"
 
@@ -75,4 +83,4 @@ class ContextExtension:
 
     def loss(self, student: RadladsForCausalLM, batch: Tensor) -> Tensor:
         hidden = student.model(input_ids=batch).last_hidden_state
-        return chunked_cross_entropy(hidden, student.lm_head, batch, self.chunk_tokens)
+        return chunked_cross_entropy(hidden, student.lm_head, batch, self.chunk_tokens, self.compile)

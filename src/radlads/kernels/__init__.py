@@ -58,8 +58,10 @@ def _dispatch(backend: str, on_cuda: bool):
 def _run(backend: str, r, log_w, k, v, *ab, log_w_min: float | None = None, **kwargs):
     op = _dispatch(backend, r.is_cuda)
     if log_w_min is not None:
-        if op is recurrent_chunked or op is recurrent_loop:  # the references check the promise
-            if (log_w < log_w_min).any():
+        if op is recurrent_chunked or op is recurrent_loop:
+            # The references check the promise, on the CPU only: on a GPU the check would stall
+            # the host every layer (and break CUDA-graph capture).
+            if not log_w.is_cuda and (log_w < log_w_min).any():
                 raise ValueError(f"log_w falls below log_w_min={log_w_min}, the floor its caller declared")
         else:
             kwargs["log_w_min"] = log_w_min

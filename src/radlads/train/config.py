@@ -84,7 +84,7 @@ class ConvertConfig:
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available
     activation_checkpointing: bool = False
-    compile: bool = True  # torch.compile the student's layers when training on CUDA
+    compile: bool = True  # on CUDA, torch.compile the student's layers (one process) and the losses
     held_out_fraction: float = 0.01
     kl_chunk_tokens: int = 4096  # rows of [tokens, vocab] logits materialised at once in KL / CE
 

@@ -22,21 +22,18 @@ from torch import Tensor, nn
 Terms = Callable[[slice, Tensor], tuple[Tensor, Tensor]]
 
 
-def _on_cuda_compiled(fn):
-    """`fn` through torch.compile for CUDA tensors: Inductor fuses the chain of vocab-wide
-    elementwise ops and reductions (~15 passes over an fp32 [chunk, V] tensor written out one op at
-    a time) into a few passes over bf16 logits. On CPU compiling costs more than it saves."""
-    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-
-    @functools.wraps(fn)
-    def run(*args):
-        return (compiled if args[0].is_cuda else fn)(*args)
-
-    run.compiled = compiled
-    return run
+@functools.cache
+def compiled(fn):
+    """`fn` through torch.compile, as one graph: Inductor fuses the chain of vocab-wide elementwise
+    ops and reductions (~15 passes over an fp32 [chunk, V] tensor, each op written out on its own)
+    into a few passes over the bf16 logits. Shapes may vary (ragged last chunks, other batches)."""
+    return torch.compile(fn, fullgraph=True)
 
 
-@_on_cuda_compiled
+def _terms_for(fn, x: Tensor, compile: bool):
+    return compiled(fn) if compile and x.is_cuda else fn  # on CPU compiling costs more than it saves
+
+
 def kl_terms(s_logits: Tensor, t_logits: Tensor) -> tuple[Tensor, Tensor]:
     """Summed KL(teacher || student) of rows of logits, and its gradient wrt the student's logits."""
     s_logp = F.log_softmax(s_logits.float(), dim=-1)
@@ -45,7 +42,6 @@ def kl_terms(s_logits: Tensor, t_logits: Tensor) -> tuple[Tensor, Tensor]:
     return (t_p * (t_logp - s_logp)).sum(), (s_logp.exp() - t_p).to(s_logits.dtype)
 
 
-@_on_cuda_compiled
 def cross_entropy_terms(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy of rows of logits against `target` ids, and its gradient wrt the logits."""
     logp = F.log_softmax(logits.float(), dim=-1)
@@ -94,23 +90,29 @@ def chunked_kl(
     teacher_hidden: Tensor,
     teacher_head: nn.Linear,
     chunk: int,
+    compile: bool = False,
 ) -> Tensor:
-    """Mean over tokens of KL(teacher || student) of the next-token distributions (temperature 1)."""
+    """Mean over tokens of KL(teacher || student) of the next-token distributions (temperature 1);
+    `compile`: fuse each chunk's terms with torch.compile on CUDA."""
     s, t = student_hidden.flatten(0, -2), teacher_hidden.flatten(0, -2)
+    kl = _terms_for(kl_terms, s, compile)
 
     def terms(rows: slice, s_logits: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            return kl_terms(s_logits, t[rows] @ teacher_head.weight.T)
+            return kl(s_logits, t[rows] @ teacher_head.weight.T)
 
     return linear_loss(s, student_head.weight, terms, chunk) / s.shape[0]
 
 
-def chunked_cross_entropy(hidden: Tensor, head: nn.Linear, input_ids: Tensor, chunk: int) -> Tensor:
-    """Mean next-token cross-entropy: position t predicts input_ids[t + 1]."""
+def chunked_cross_entropy(
+    hidden: Tensor, head: nn.Linear, input_ids: Tensor, chunk: int, compile: bool = False
+) -> Tensor:
+    """Mean next-token cross-entropy: position t predicts input_ids[t + 1]; `compile` as in chunked_kl."""
     h = hidden[:, :-1].flatten(0, 1)
     labels = input_ids[:, 1:].flatten()
+    cross_entropy = _terms_for(cross_entropy_terms, h, compile)
 
     def terms(rows: slice, logits: Tensor) -> tuple[Tensor, Tensor]:
-        return cross_entropy_terms(logits, labels[rows])
+        return cross_entropy(logits, labels[rows])
 
     return linear_loss(h, head.weight, terms, chunk) / h.shape[0]
