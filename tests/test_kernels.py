@@ -8,9 +8,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from radlads.convert.transfer import transfer
 from radlads.kernels import fla_available, gla_recurrence, resolve_backend, rwkv7_recurrence
 from radlads.kernels.reference import recurrent_chunked, recurrent_loop
 from radlads.models.rwkv7 import LOG_W_MIN
+from tiny_models import make_teacher
 
 
 def random_inputs(B, T, H, K, V, delta_rule: bool, device="cpu", dtype=torch.float32, seed=0):
@@ -102,6 +104,56 @@ def test_inputs_take_autocast_dtype_before_the_kernel():
         expected, _ = rwkv7_recurrence(*[x.bfloat16() for x in args], backend="chunked")
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_rad_rwkv7_decay_never_falls_below_its_declared_floor():
+    """The floor RAD-RWKV7 passes to fla must hold for any parameters, after the cast to bf16 too."""
+    student = transfer(make_teacher("qwen2"), arch="rad-rwkv7")
+    mixer = student.model.layers[0].self_attn
+    x = torch.randn(2, 5, student.config.hidden_size) * 100
+    with torch.no_grad():
+        for w0 in (-1e4, -50.0, 0.0, 50.0, 1e4):  # from no decay to the strongest the form allows
+            mixer.w0.fill_(w0)
+            log_w = mixer.log_decay(x)
+            for value in (log_w, log_w.bfloat16(), log_w.half()):
+                assert value.min() >= LOG_W_MIN and value.max() <= 0
+
+
+def test_fla_receives_the_floor_as_lower_bound(monkeypatch):
+    """radlads.kernels.fla_ops hands the floor to fla's chunked RWKV-7 kernel (fla itself is
+    replaced by a recording stub, and the module loaded under another name: this runs without CUDA
+    and leaves the real one alone)."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    import radlads.kernels
+
+    calls = []
+
+    def record(name):
+        return lambda *args, **kwargs: calls.append((name, kwargs)) or (args[0], None)
+
+    for name in ("fla", "fla.ops", "fla.ops.gla", "fla.ops.rwkv7"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    stubs = {
+        "fla.ops.gla": ("chunk_gla", "fused_recurrent_gla"),
+        "fla.ops.rwkv7": ("chunk_rwkv7", "fused_recurrent_rwkv7"),
+    }
+    for module, ops in stubs.items():
+        for op in ops:
+            setattr(sys.modules[module], op, record(op))
+    path = Path(radlads.kernels.__file__).with_name("fla_ops.py")
+    spec = importlib.util.spec_from_file_location("fla_ops_on_stubs", path)
+    fla_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fla_ops)
+    args, _ = random_inputs(1, 40, 2, 8, 8, True)
+    fla_ops.dplr(*args, log_w_min=LOG_W_MIN)
+    with torch.no_grad():
+        fla_ops.dplr(*[x[:, :1] for x in args], log_w_min=LOG_W_MIN)  # one token, no grad: decoding
+    assert [name for name, _ in calls] == ["chunk_rwkv7", "fused_recurrent_rwkv7"]
+    assert calls[0][1]["lower_bound"] == LOG_W_MIN
 
 
 def test_dispatch_names_and_errors():
