@@ -44,22 +44,7 @@ fi
 df -h "$WORK" | tail -1
 STAGES=$WORK/stages.txt
 
-# stage NAME SECONDS CMD...: run CMD with a time limit (cut to what is left of BUDGET_S), output to
-# $OUT/logs/NAME.log; record how it ended and go on, so later stages and the summary still run.
-stage() {
-  local name=$1 limit=$2 left=$((DEADLINE - SECONDS - 20)) start=$SECONDS rc=0
-  shift 2
-  ((left < limit)) && limit=$left
-  if ((limit < 30)); then
-    echo "$name: skipped (budget)" | tee -a "$STAGES"
-    return 0
-  fi
-  timeout --kill-after=20 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1 || rc=$?
-  local how="ok"
-  ((rc == 124)) && how="timed out (limit ${limit} s)"
-  ((rc != 0 && rc != 124)) && how="failed (exit $rc, see logs/$name.log)"
-  echo "$name: $how after $((SECONDS - start)) s" | tee -a "$STAGES"
-}
+source scripts/stage.sh  # stage NAME SECONDS CMD...: DEADLINE, STAGES, $OUT/logs
 
 HALF=$(python3 -c "from radlads.train.config import parse_tokens; print(parse_tokens('$STEP2') // 2)")
 printf 'step1: {log_every: 3, heldout_batches: 2}\nstep2: {log_every: 3, heldout_batches: 2}\n' > "$WORK/run.yaml"

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The single-GPU checks and measurements of the performance work, in ONE device call (carry .wheels,
+# and .gpu-cache if an earlier call saved one; docs/benchmarks.md says what each number means):
+#   bash scripts/device_perf.sh
+# Stages, each cut to what is left of BUDGET_S (default 560 s, for a 600 s call):
+#   gpu-tests  the GPU parity tests of what users run: fla's bf16 kernels (RWKV-7 with RAD-RWKV7's
+#              decay floor) against the per-token loop, their gradients, CUDA-graph decoding
+#   training   bench/training.py, Qwen2.5-0.5B shape, steps 1-3: radlads, radlads-eager, baseline,
+#              GPU time by kernel family (the first update compiles and autotunes for minutes)
+#   kernels    bench/recurrence_kernels.py (fla chunk with and without the floor, fused, reference)
+# Writes $OUT/training.json, $OUT/recurrence_kernels.json, $OUT/logs/*.log, $OUT/stages.txt and
+# $OUT/gpu-cache.tgz (Triton's autotuning results, for the next call). Override stage arguments
+# with TESTS_K, TRAINING_ARGS, KERNELS_ARGS; e.g. TRAINING_ARGS="--shapes smollm2-135m --eager".
+# CPU smoke run (no GPU stage has work; seconds):
+#   OUT=/tmp/perf BUDGET_S=240 TRAINING_ARGS=--tiny KERNELS_ARGS=--tiny bash scripts/device_perf.sh
+set -euo pipefail
+source scripts/device_env.sh
+OUT=${OUT:-bench/results}; BUDGET_S=${BUDGET_S:-560}
+TESTS_K=${TESTS_K:-"test_graphs or bfloat16 or autocast"}
+TRAINING_ARGS=${TRAINING_ARGS:-"--shapes qwen2.5-0.5b --eager --profile 10"}
+KERNELS_ARGS=${KERNELS_ARGS:-"--budget-s 100"}
+DEADLINE=$((SECONDS + BUDGET_S)); STAGES=$OUT/stages.txt
+mkdir -p "$OUT/logs"
+source scripts/stage.sh
+
+stage gpu-tests 200 python3 -m pytest -q -s -m gpu tests/test_kernels.py tests/test_graphs.py -k "$TESTS_K"
+left=$((DEADLINE - SECONDS - 190))  # what the training benchmark may plan with, leaving the kernels theirs
+# shellcheck disable=SC2086  # the *_ARGS are lists of flags
+stage training $((left + 20)) python3 bench/training.py $TRAINING_ARGS --budget-s "$left" --out "$OUT"
+# shellcheck disable=SC2086
+stage kernels 150 python3 bench/recurrence_kernels.py $KERNELS_ARGS --out "$OUT"
+save_gpu_cache
+cat "$STAGES"
+tail -n 20 "$OUT/logs/gpu-tests.log"
+grep -v -i warn "$OUT/logs/training.log" | tail -n 70
