@@ -9,6 +9,7 @@ student's RadladsCache, the teacher's DynamicCache), never a re-implementation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -108,7 +109,19 @@ def environment() -> dict[str, Any]:
         ).stdout.strip()
     except Exception:
         info["git_commit"] = None
+    # A copied working tree (the lent GPU's) can carry an older .git than the code that ran: this
+    # names the code itself. `python bench/common.py` prints it for the tree at hand.
+    info["source_sha256"] = source_digest()
     return info
+
+
+def source_digest() -> str:
+    """sha256 over the package's and the benchmarks' Python files (paths and contents, sorted)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("src/radlads/**/*.py"), *root.glob("bench/*.py")]):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- models
@@ -415,3 +428,7 @@ class Budget:
 
     def left(self) -> float:
         return self.seconds - self.elapsed()
+
+
+if __name__ == "__main__":
+    print(source_digest())
