@@ -9,6 +9,7 @@ student's RadladsCache, the teacher's DynamicCache), never a re-implementation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -115,6 +116,7 @@ def environment() -> dict[str, Any]:
     return info
 
 
+@functools.cache  # the code as the run started; write_json asks after every cell
 def source_digest() -> str:
     """sha256 over the package's and the benchmarks' Python files (paths and contents, sorted)."""
     root = Path(__file__).resolve().parents[1]
