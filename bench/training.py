@@ -37,9 +37,11 @@ import argparse
 import copy
 import dataclasses
 import functools
+import gzip
 import itertools
 import math
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -93,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", default="1,2,3")
     p.add_argument("--seq-len", type=int, default=512, help="steps 1 and 2 (the paper's length)")
     p.add_argument("--step3-seq-len", type=int, default=2048)
-    p.add_argument("--batch", default="64,24,6", help="sequences per micro-batch for steps 1,2,3")
+    p.add_argument("--batch", default="128,48,12", help="sequences per micro-batch for steps 1,2,3")
     p.add_argument(
         "--baseline-batch",
         default="8,4,1",
@@ -114,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON directory (default $OUT or bench/results)")
     p.add_argument("--profile", type=int, default=0, help="CUDA: the N kernels with most GPU time per row")
+    p.add_argument("--trace", action="store_true", help="with --profile: radlads rows' timelines, to --out")
     p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
     args = p.parse_args(argv)
     if args.tiny:  # new defaults; flags given explicitly still win
@@ -255,14 +258,27 @@ def kernel_family(name: str) -> str:
     return next((family for family, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
 
 
-def profile_update(update, top: int) -> dict:
+def profile_update(update, top: int, trace: Path | None = None) -> dict:
     """One update under torch.profiler: its GPU kernel time, by kernel family and the `top`
-    kernels. Only the kernels themselves are counted (the CPU ops that launch them would count
-    each kernel twice)."""
+    kernels. Only the kernels themselves are counted: not the CPU ops that launch them, nor the
+    GPU-side spans of `record_function` regions (the optimizer's step is one), which would count
+    those kernels twice. With `trace`, the timeline goes there too (gzipped Chrome trace: open it in
+    Perfetto to see where the GPU waits)."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         update()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    if trace is not None:
+        raw = trace.with_suffix("")
+        prof.export_chrome_trace(str(raw))
+        with raw.open("rb") as src, gzip.open(trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+    kernels = [
+        e
+        for e in prof.key_averages()
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
     total_us = sum(e.self_device_time_total for e in kernels) or 1.0
     families: dict[str, float] = {}
@@ -330,7 +346,10 @@ def measure(cell: dict, teacher, student0, args, device, budget: Budget, row: di
     if sites is not None:
         row.update(host_syncs=len(sites), sync_sites=sites)
     if args.profile and device.type == "cuda":
-        row.update(profile_update(update, args.profile))
+        name = f"trace-{cell['shape']}-step{cell['step']}-{row['variant']}-b{row['batch']}.json.gz"
+        # The baseline's ~100k launches would make a trace too big to bring back from the GPU.
+        trace = args.trace and row["variant"] != "baseline"
+        row.update(profile_update(update, args.profile, args.out / name if trace else None))
         # Below 1, the GPU waits on the host (launches, syncs) for part of each update.
         row["gpu_busy"] = row["kernel_ms"] / row["update_ms"]
 

@@ -5,11 +5,12 @@
 # Stages, each cut to what is left of BUDGET_S (default 560 s, for a 600 s call):
 #   gpu-tests  the GPU parity tests of what users run: fla's bf16 kernels (RWKV-7 with RAD-RWKV7's
 #              decay floor) against the per-token loop, their gradients, CUDA-graph decoding
-#   training   bench/training.py, Qwen2.5-0.5B shape, steps 1-3: radlads, radlads-eager, baseline,
-#              GPU time by kernel family (the first update compiles and autotunes for minutes)
+#   training   bench/training.py, Qwen2.5-0.5B shape, steps 1-3: radlads and baseline, GPU time
+#              by kernel family, radlads' timelines (the first update compiles and autotunes for
+#              minutes)
 #   kernels    bench/recurrence_kernels.py (fla chunk with and without the floor, fused, reference)
-# Writes $OUT/training.json, $OUT/recurrence_kernels.json, $OUT/logs/*.log, $OUT/stages.txt and
-# $OUT/gpu-cache.tgz (Triton's autotuning results, for the next call). Override stage arguments
+# Writes $OUT/training.json, $OUT/trace-*.json.gz, $OUT/recurrence_kernels.json, $OUT/logs/*.log,
+# $OUT/stages.txt and $OUT/gpu-cache.tgz (Triton's autotuning results, for the next call). Override stage arguments
 # with TESTS_K, TRAINING_ARGS, KERNELS_ARGS; e.g. TRAINING_ARGS="--shapes smollm2-135m --eager";
 # leave stages out with SKIP, e.g. SKIP="gpu-tests kernels".
 # CPU smoke run (no GPU stage has work; seconds):
@@ -18,7 +19,7 @@ set -euo pipefail
 source scripts/device_env.sh
 OUT=${OUT:-bench/results}; BUDGET_S=${BUDGET_S:-560}
 TESTS_K=${TESTS_K:-"test_graphs or bfloat16 or autocast"}
-TRAINING_ARGS=${TRAINING_ARGS:-"--shapes qwen2.5-0.5b --eager --profile 10"}
+TRAINING_ARGS=${TRAINING_ARGS:-"--shapes qwen2.5-0.5b --profile 20 --trace"}
 KERNELS_ARGS=${KERNELS_ARGS:-"--budget-s 100"}
 DEADLINE=$((SECONDS + BUDGET_S)); STAGES=$OUT/stages.txt
 mkdir -p "$OUT/logs"

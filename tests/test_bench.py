@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gzip
 import itertools
 import json
 import math
@@ -103,3 +104,23 @@ def test_no_budget_skips_every_cell_and_still_writes_the_json(tmp_path):
     rows = load_results(tmp_path)["results"]
     assert {r["variant"] for r in rows} == set(training.VARIANTS)
     assert all(r["status"] == "skipped (budget)" for r in rows)
+
+
+def test_kernel_families_file_fused_kernels_first_and_unknown_ones_as_other():
+    family = training.kernel_family
+    assert family("triton_poi_fused__to_copy_mul_0") == "compiled (fused)"
+    assert family("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == "matmul"
+    assert family("chunk_dplr_fwd_A_kernel_intra_tensorcore") == "recurrence"
+    assert family("void at::native::vectorized_elementwise_kernel<4, add>") == "elementwise"
+    assert family("Optimizer.step#AdamW.step") == "other"
+
+
+def test_profile_writes_a_gzipped_chrome_trace_of_the_update(tmp_path):
+    x = torch.randn(64, 64, requires_grad=True)
+    trace = tmp_path / "trace-tiny.json.gz"
+    result = training.profile_update(lambda: (x @ x).sum().backward(), top=3, trace=trace)
+    with gzip.open(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert any("aten::mm" in e.get("name", "") for e in events)
+    assert not trace.with_suffix("").exists()  # only the compressed copy is kept
+    assert result["kernel_launches"] == 0  # a CPU run launches no GPU kernels
