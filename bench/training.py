@@ -72,7 +72,13 @@ from torch import nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from radlads.convert.steps import AttentionAlignment, ContextExtension, Distillation, prepare_student
+from radlads.convert.steps import (
+    AttentionAlignment,
+    ContextExtension,
+    Distillation,
+    prepare_student,
+    prepare_teacher,
+)
 from radlads.models.common import LinearMixer, LowRank
 from radlads.train.config import ConvertConfig
 from radlads.train.trainer import Trainer
@@ -203,9 +209,10 @@ def make_trainer(variant: str, step: int, teacher, student, args, batch: int, de
         cfg.steps()[step], seq_len=seq_len, batch_size=batch, grad_accum=args.grad_accum
     )
     radlads = variant != "baseline"
+    compile = variant == "radlads" and not args.no_compile
     if teacher is not None:
         teacher.set_attn_implementation("sdpa" if radlads else "eager")
-    compile = variant == "radlads" and not args.no_compile
+        prepare_teacher(teacher, compile and device.type == "cuda")
     if radlads:
         prepare_student(student, args.activation_checkpointing, compile and device.type == "cuda")
     if not radlads:
@@ -441,6 +448,8 @@ def ratios(results: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Past Dynamo's recompile limit a compiled function silently runs eagerly: here, an error row.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     budget = Budget(args.budget_s)
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the teacher's, as in convert

@@ -163,3 +163,30 @@ def test_compiled_layers_stay_compiled_through_the_three_steps():
                     student_attention_outputs(student, io)
             else:
                 student(input_ids=ids).logits.sum().backward()
+
+
+def test_compiled_teacher_matches_eager_keeps_step_1_hooks_and_compiles_once_for_all_layers():
+    """prepare_teacher compiles each layer's parts once for all layers (10 layers: past Dynamo's
+    recompile limit of 8 if it specialised per layer), step 1's hooks still see each attention's
+    input and output with new hooks every update, and compile=False restores the eager teacher.
+    Without a KV cache, as training runs it: with one, attention specialises on its layer index."""
+    from radlads.convert.alignment import teacher_attention_io
+    from radlads.convert.steps import TEACHER_LAYER_PARTS, prepare_teacher
+
+    torch._dynamo.reset()
+    teacher = make_teacher("qwen2", num_hidden_layers=10).eval()
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 12))
+    eager_io = teacher_attention_io(teacher, ids)
+    eager_out = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+    prepare_teacher(teacher, compile=True)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for _ in range(3):
+            io = teacher_attention_io(teacher, ids)
+        out = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+    assert len(io.inputs) == len(io.outputs) == 10
+    for got, want in zip(io.inputs + io.outputs, eager_io.inputs + eager_io.outputs):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-4)
+    prepare_teacher(teacher, compile=False)
+    layer = teacher.model.layers[0]
+    assert all("forward" not in vars(getattr(layer, part)) for part in TEACHER_LAYER_PARTS)

@@ -31,7 +31,7 @@ from ..train.distributed import Distributed
 from ..train.metrics import MetricsLog
 from ..train.trainer import Trainer
 from .alignment import layer_cosines
-from .steps import AttentionAlignment, ContextExtension, Distillation, prepare_student
+from .steps import AttentionAlignment, ContextExtension, Distillation, prepare_student, prepare_teacher
 from .transfer import load_teacher, transfer
 
 log = logging.getLogger("radlads")
@@ -159,9 +159,11 @@ class Conversion:
         # A mid-step checkpoint holds sharded state, not a model folder: build the student from the
         # previous step and let the trainer load that state over it.
         student = self.load_student(self._previous(step))
-        # Compiled layers under FSDP2 are not yet validated on GPUs: sharded runs train them eagerly.
+        # Compiled layers under FSDP2 are not yet validated on GPUs: sharded runs use eager models.
         compile_layers = self.cfg.compile and not self.dist.enabled and self.device.type == "cuda"
         prepare_student(student, self.cfg.activation_checkpointing, compile_layers)
+        if step < 3:
+            prepare_teacher(self.teacher, compile_layers)
         objective = {
             1: lambda: AttentionAlignment(self.teacher),
             2: lambda: Distillation(self.teacher, self.cfg.kl_chunk_tokens, self.cfg.compile),

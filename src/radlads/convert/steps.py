@@ -24,6 +24,23 @@ def prepare_student(student: RadladsForCausalLM, activation_checkpointing: bool,
         student.compile_layers()
 
 
+TEACHER_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+
+
+def prepare_teacher(teacher: nn.Module, compile: bool) -> None:
+    """Compile (or, with compile=False, un-compile) the teacher's attention, MLP and norms in each
+    layer: in eager mode their elementwise work (RMSNorm, RoPE, SiLU gating; ~40 kernels a layer)
+    takes longer than their matmuls. Only each module's forward is compiled, not its call: the
+    forward hooks of step 1 (teacher_attention_io) run around the compiled code, not inside it,
+    where Dynamo would recompile for each new hook. The layers' residual adds stay eager."""
+    for layer in teacher.model.layers:
+        for part in TEACHER_LAYER_PARTS:
+            module = getattr(layer, part)
+            module.__dict__.pop("forward", None)  # back to the class's forward
+            if compile:
+                module.forward = torch.compile(module.forward)
+
+
 @dataclass
 class AttentionAlignment:
     """Step 1: each student time mixer, fed the teacher's attention input, matches its output."""

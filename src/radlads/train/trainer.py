@@ -201,9 +201,9 @@ class Trainer:
                 loss = self.loss(next(batches)) / self.cfg.grad_accum
             loss.backward()
             total += loss.detach()
-        total = self.dist.mean(total.item())
-        if self.cfg.clip:
+        if self.cfg.clip:  # launched before the loss read below waits for the GPU, not after it
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
+        total = self.dist.mean(total.item())
         if math.isfinite(total):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
