@@ -116,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-compile", action="store_true", help="radlads rows: as `radlads convert --no-compile`"
     )
     p.add_argument("--eager", action="store_true", help="also rows radlads-eager: radlads, not compiled")
+    p.add_argument("--no-baseline", action="store_true", help="no baseline rows (e.g. measured already)")
     p.add_argument("--baseline-backend", default="chunked", help="the baseline's recurrence kernels")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOPS / 1e12, help="MFU's ceiling")
     p.add_argument("--budget-s", type=float, default=300.0, help="skip cells that would end later")
@@ -130,6 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = p.parse_args(argv)
     if args.updates < 1:
         p.error("--updates must be >= 1")
+    args.variants = [
+        v
+        for v in VARIANTS
+        if (args.eager or v != "radlads-eager") and not (args.no_baseline and v == "baseline")
+    ]
     args.steps = sorted(int(s) for s in args.steps.split(","))  # step 3 frees the teacher: last
     args.batch = dict(zip(STEPS, (int(b) for b in args.batch.split(","))))
     args.baseline_batch = dict(zip(STEPS, (int(b) for b in args.baseline_batch.split(","))))
@@ -218,10 +224,10 @@ def make_trainer(variant: str, step: int, teacher, student, args, batch: int, de
     if not radlads:
         student.config.kernel_backend = args.baseline_backend  # the mixers share this config
     objective = {
-        (1, True): lambda: AttentionAlignment(teacher),
+        (1, True): lambda: AttentionAlignment(teacher, compile),
         (2, True): lambda: Distillation(teacher, cfg.kl_chunk_tokens, compile),
         (3, True): lambda: ContextExtension(cfg.kl_chunk_tokens, compile),
-        (1, False): lambda: AttentionAlignment(teacher),
+        (1, False): lambda: AttentionAlignment(teacher, compile=False),
         (2, False): lambda: PlainDistillation(teacher),
         (3, False): lambda: PlainContextExtension(),
     }[step, radlads]()
@@ -474,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
             cell = dict(shape=shape, step=step, seq_len=seq_len, vocab=costs[0].vocab)
             cell["flops"] = step_flops(step, *costs, mixers, seq_len)
             cells.append(cell)
-            for variant in (v for v in VARIANTS if args.eager or v != "radlads-eager"):
+            for variant in (v for v in VARIANTS if v in args.variants):
                 results += run_variant(cell, variant, teacher, student0, args, device, budget, calibration)
                 save()  # after every variant: a run killed from outside keeps what it measured
         del teacher, student0

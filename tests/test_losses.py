@@ -84,3 +84,21 @@ def test_compiled_vocab_terms_equal_eager_ones():
             assert fused[1].dtype == torch.bfloat16
             torch.testing.assert_close(fused[0], eager[0])
             torch.testing.assert_close(fused[1], eager[1], rtol=1.6e-2, atol=1e-3)
+
+
+def test_compiled_alignment_term_has_the_eager_value_and_gradient():
+    """Step 1's per-layer term through torch.compile on CUDA (autograd through the compiled graph):
+    the same value and student gradient as eager, here compiled for the CPU."""
+    from radlads.convert.alignment import layer_alignment_loss
+
+    torch.manual_seed(5)
+    teacher_out = torch.randn(2, 7, 32).bfloat16()
+    grads = []
+    for fn in (layer_alignment_loss, compiled(layer_alignment_loss)):
+        student_out = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(6)).bfloat16()
+        student_out.requires_grad_(True)
+        loss = fn(student_out, teacher_out)
+        loss.backward()
+        grads.append((loss.detach(), student_out.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1.6e-2, atol=1e-3)

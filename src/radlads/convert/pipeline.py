@@ -165,7 +165,7 @@ class Conversion:
         if step < 3:
             prepare_teacher(self.teacher, compile_layers)
         objective = {
-            1: lambda: AttentionAlignment(self.teacher),
+            1: lambda: AttentionAlignment(self.teacher, self.cfg.compile),
             2: lambda: Distillation(self.teacher, self.cfg.kl_chunk_tokens, self.cfg.compile),
             3: lambda: ContextExtension(self.cfg.kl_chunk_tokens, self.cfg.compile),
         }[step]()

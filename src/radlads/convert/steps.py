@@ -46,6 +46,7 @@ class AttentionAlignment:
     """Step 1: each student time mixer, fed the teacher's attention input, matches its output."""
 
     teacher: nn.Module
+    compile: bool = True  # the loss's per-layer terms, on CUDA
     step: int = 1
     name: str = "attention alignment"
 
@@ -59,7 +60,7 @@ class AttentionAlignment:
 
     def loss(self, student: RadladsForCausalLM, batch: Tensor) -> Tensor:
         io = teacher_attention_io(self.teacher, batch)
-        return alignment_loss(student_attention_outputs(student, io), io.outputs)
+        return alignment_loss(student_attention_outputs(student, io), io.outputs, self.compile)
 
 
 @dataclass

@@ -30,7 +30,8 @@ def compiled(fn):
     return torch.compile(fn, fullgraph=True)
 
 
-def _terms_for(fn, x: Tensor, compile: bool):
+def maybe_compiled(fn, x: Tensor, compile: bool):
+    """`fn` compiled when asked and `x` lives on a GPU, else `fn` itself."""
     return compiled(fn) if compile and x.is_cuda else fn  # on CPU compiling costs more than it saves
 
 
@@ -95,7 +96,7 @@ def chunked_kl(
     """Mean over tokens of KL(teacher || student) of the next-token distributions (temperature 1);
     `compile`: fuse each chunk's terms with torch.compile on CUDA."""
     s, t = student_hidden.flatten(0, -2), teacher_hidden.flatten(0, -2)
-    kl = _terms_for(kl_terms, s, compile)
+    kl = maybe_compiled(kl_terms, s, compile)
 
     def terms(rows: slice, s_logits: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
@@ -110,7 +111,7 @@ def chunked_cross_entropy(
     """Mean next-token cross-entropy: position t predicts input_ids[t + 1]; `compile` as in chunked_kl."""
     h = hidden[:, :-1].flatten(0, 1)
     labels = input_ids[:, 1:].flatten()
-    cross_entropy = _terms_for(cross_entropy_terms, h, compile)
+    cross_entropy = maybe_compiled(cross_entropy_terms, h, compile)
 
     def terms(rows: slice, logits: Tensor) -> tuple[Tensor, Tensor]:
         return cross_entropy(logits, labels[rows])
