@@ -190,3 +190,25 @@ def test_compiled_teacher_matches_eager_keeps_step_1_hooks_and_compiles_once_for
     prepare_teacher(teacher, compile=False)
     layer = teacher.model.layers[0]
     assert all("forward" not in vars(getattr(layer, part)) for part in TEACHER_LAYER_PARTS)
+
+
+def test_layers_under_autocast_cast_each_norm_output_once_not_per_matmul():
+    """Each norm's output feeds several matmuls (q, k, v, the LoRAs, the gate; the MLP's gate and
+    up). Left to autocast, each matmul casts its own copy and, in backward, its input gradient
+    back: 26 [B, T, C] casts a layer here. Cast once, half as many."""
+    from torch.profiler import ProfilerActivity, profile
+
+    teacher = make_teacher("qwen2", num_hidden_layers=2)
+    student = transfer(teacher, "rad-rwkv7").train()
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 12))
+    hidden = teacher.config.hidden_size
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = student.model(input_ids=ids).last_hidden_state
+        out.float().sum().backward()
+    casts = [
+        e
+        for e in prof.events()
+        if e.name == "aten::_to_copy" and e.input_shapes and e.input_shapes[0] == [2, 12, hidden]
+    ]
+    assert len(casts) <= 16 * len(student.model.layers), len(casts)

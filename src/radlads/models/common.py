@@ -81,6 +81,14 @@ def decay_speed_schedule(
     return base + span * n ** power(depth)
 
 
+def to_matmul_dtype(x: Tensor) -> Tensor:
+    """`x` in the dtype autocast gives matmuls (unchanged outside autocast), for a tensor that several
+    matmuls read. Left to autocast, each matmul casts its own copy, and in backward each one's input
+    gradient is cast back to fp32 before they are summed: ~10 [B, T, C] casts a layer."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+
+
 class LinearMixer(TeacherProjections):
     """What both RAD time mixers do around their recurrence: heads in, state in/out, gate out."""
 

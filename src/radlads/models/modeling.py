@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 
 from .attention import SoftmaxAttention
 from .cache import RadladsCache
-from .common import LinearMixer, LowRank
+from .common import LinearMixer, LowRank, to_matmul_dtype
 from .configuration import RadladsConfig
 from .families import family_of
 from .graphs import decode_graphs
@@ -54,11 +54,12 @@ class RadladsDecoderLayer(GradientCheckpointingLayer):
         self.mlp = family.mlp(teacher)
 
     def forward(self, hidden_states, position_embeddings, cache=None, v_first=None, attention_mask=None):
-        attn, v_first = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, cache, v_first, attention_mask
-        )
+        mixer_in = to_matmul_dtype(self.input_layernorm(hidden_states))
+        attn, v_first = self.self_attn(mixer_in, position_embeddings, cache, v_first, attention_mask)
         hidden_states = hidden_states + attn
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + self.mlp(
+            to_matmul_dtype(self.post_attention_layernorm(hidden_states))
+        )
         return hidden_states, v_first
 
 
