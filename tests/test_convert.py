@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import signal
 import subprocess
@@ -193,6 +194,40 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     state = read_trainer_state(find_checkpoint(out / "checkpoints/step1"))
     assert not state["complete"] and state["tokens"] <= 30 * 512
     assert read_trainer_state(out / "checkpoints/step0")["complete"]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_update_changes_no_weight_nor_optimizer_state(fused):
+    """Trainer.train_step skips an update whose loss is not finite: fused AdamW (convert's) on the
+    device, without reading the loss first; any other optimizer (the benchmark's baseline) on the host."""
+    import dataclasses
+    import itertools
+
+    from radlads.convert.steps import ContextExtension
+    from radlads.convert.transfer import transfer
+    from radlads.train.config import ConvertConfig
+    from radlads.train.trainer import Trainer
+    from tiny_models import make_teacher
+
+    student = transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7").train()
+    cfg = dataclasses.replace(ConvertConfig().steps()[3], seq_len=16, batch_size=2, lr=1e-2)
+    trainer = Trainer(
+        ContextExtension(), student, cfg, None, [], None, None, torch.device("cpu"), progress=False
+    )
+    if not fused:
+        trainer.optimizer = torch.optim.AdamW(trainer.params, lr=cfg.lr)
+    batches = itertools.repeat(torch.randint(0, student.config.vocab_size, (2, 16)))
+    assert math.isfinite(trainer.train_step(batches, cfg.lr))  # state to keep
+    weights = {k: v.clone() for k, v in student.state_dict().items()}
+    steps = [s["step"].clone() for s in trainer.optimizer.state.values()]
+    trainer.loss = lambda batch: (
+        torch.tensor(float("nan"), requires_grad=True) * sum(p.sum() for p in trainer.params)
+    )
+    assert math.isnan(trainer.train_step(batches, cfg.lr))
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert all(torch.equal(s["step"], t) for s, t in zip(trainer.optimizer.state.values(), steps))
+    assert trainer.optimizer.defaults.get("fused") is (True if fused else None)
 
 
 def test_prepare_data_then_convert_from_shards(workspace, tmp_path, capsys):

@@ -57,13 +57,13 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
-    def mean(self, value: float) -> float:
-        """The mean of a per-rank scalar over all ranks."""
+    def mean(self, value: Tensor) -> Tensor:
+        """The mean over all ranks of a per-rank scalar tensor, on the device (no host sync)."""
         if not self.enabled:
             return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item() / self.world_size
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / self.world_size
 
     def gather(self, value: float) -> list[float]:
         """Every rank's value of a per-rank scalar, in rank order (a collective)."""

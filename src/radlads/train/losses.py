@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.common import to_matmul_dtype
+
 # terms(rows, logits) -> (the loss summed over the chunk's tokens in fp32, d loss / d logits in
 # the logits' dtype); logits come in the matmul's dtype (bf16 under autocast)
 Terms = Callable[[slice, Tensor], tuple[Tensor, Tensor]]
@@ -57,14 +59,15 @@ class _LinearLoss(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        # Cast once, not in each chunk's three matmuls: the head is the largest weight (V x C).
+        w = to_matmul_dtype(weight)
         for i in range(0, hidden.shape[0], chunk):
             rows = slice(i, i + chunk)
-            h = hidden[rows]
-            logits = h @ weight.T  # bf16 under autocast: the gradient matmuls below follow it
-            loss, dlogits = terms(rows, logits)
+            h = to_matmul_dtype(hidden[rows])
+            loss, dlogits = terms(rows, h @ w.T)  # bf16 logits under autocast
             total += loss
-            grad_hidden[rows] = dlogits @ weight.to(dlogits.dtype)
-            grad_weight += (dlogits.T @ h.to(dlogits.dtype)).float()
+            grad_hidden[rows] = dlogits @ w.to(dlogits.dtype)
+            grad_weight.add_(dlogits.T @ h.to(dlogits.dtype))  # accumulated in fp32, no fp32 copy
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
 
