@@ -131,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = p.parse_args(argv)
     if args.updates < 1:
         p.error("--updates must be >= 1")
+    if args.trace and not args.profile:
+        p.error("--trace needs --profile N (the trace is the profiled update's)")
     args.variants = [
         v
         for v in VARIANTS
@@ -271,27 +273,30 @@ def kernel_family(name: str) -> str:
     return next((family for family, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
 
 
+def gpu_kernels(events) -> list:
+    """The GPU kernels among profiler events: not CPU ops, nor the GPU-side spans of
+    `record_function` regions (the optimizer's step is one), which would count kernels twice."""
+    return [
+        e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
+
+
 def profile_update(update, top: int, trace: Path | None = None) -> dict:
-    """One update under torch.profiler: its GPU kernel time, by kernel family and the `top`
-    kernels. Only the kernels themselves are counted: not the CPU ops that launch them, nor the
-    GPU-side spans of `record_function` regions (the optimizer's step is one), which would count
-    those kernels twice. With `trace`, the timeline goes there too (gzipped Chrome trace: open it in
+    """One update under torch.profiler: its GPU kernel time (`gpu_kernels`), by kernel family and
+    the `top` kernels. With `trace`, the timeline goes there too (gzipped Chrome trace: open it in
     Perfetto to see where the GPU waits)."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         update()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
         raw = trace.with_suffix("")
         prof.export_chrome_trace(str(raw))
         with raw.open("rb") as src, gzip.open(trace, "wb") as dst:
             shutil.copyfileobj(src, dst)
         raw.unlink()
-    kernels = [
-        e
-        for e in prof.key_averages()
-        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-    ]
+    kernels = gpu_kernels(prof.key_averages())
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
     total_us = sum(e.self_device_time_total for e in kernels) or 1.0
     families: dict[str, float] = {}

@@ -68,13 +68,17 @@ def _run(backend: str, r, log_w, k, v, *ab, log_w_min: float | None = None, **kw
     return op(r, log_w, k, v, *ab, **kwargs)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast gives matmuls on this device type, or None outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def _one_dtype(*tensors: Tensor) -> list[Tensor]:
     """The inputs in one dtype, as kernels' dots need: autocast's under autocast, as a matmul would
     take (fp32 master weights, embeddings and RoPE tables promote some inputs to fp32, which would
     run fla's slower fp32 kernels), else r's. Cast here, before `_run`, so that in compiled layers the
     casts fuse into the kernels that produce the inputs instead of running as copies of their own."""
-    device = tensors[0].device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensors[0].dtype
+    dtype = autocast_dtype(tensors[0].device.type) or tensors[0].dtype
     return [x.to(dtype) for x in tensors]
 
 
@@ -117,4 +121,11 @@ def gla_recurrence(
     return _run(backend, *_one_dtype(r, log_w, k, v), **state)
 
 
-__all__ = ["BACKENDS", "fla_available", "gla_recurrence", "resolve_backend", "rwkv7_recurrence"]
+__all__ = [
+    "BACKENDS",
+    "autocast_dtype",
+    "fla_available",
+    "gla_recurrence",
+    "resolve_backend",
+    "rwkv7_recurrence",
+]

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 from transformers import initialization as init
 
+from ..kernels import autocast_dtype
 from .configuration import RadladsConfig
 from .families import family_of
 
@@ -84,9 +85,11 @@ def decay_speed_schedule(
 def to_matmul_dtype(x: Tensor) -> Tensor:
     """`x` in the dtype autocast gives matmuls (unchanged outside autocast), for a tensor that several
     matmuls read. Left to autocast, each matmul casts its own copy, and in backward each one's input
-    gradient is cast back to fp32 before they are summed: ~10 [B, T, C] casts a layer."""
-    device = x.device.type
-    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+    gradient is cast back to fp32 before they are summed: ~10 [B, T, C] casts a layer. The price:
+    those gradients are summed in bf16, then cast once; on a tiny CPU model the bf16 gradients'
+    error against fp32 was 3-5% with and without this."""
+    dtype = autocast_dtype(x.device.type)
+    return x if dtype is None else x.to(dtype)
 
 
 class LinearMixer(TeacherProjections):

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .checkpoint import find_checkpoint, load_resumable, read_trainer_state, save_model, save_resumable
@@ -201,16 +202,19 @@ class Trainer:
                 loss = self.loss(next(batches)) / self.cfg.grad_accum
             loss.backward()
             total += loss.detach()
-        total = self.dist.mean(total)  # every rank decides on the same loss below
+        total = self.dist.mean(total)  # every rank decides on the same values below
+        finite = torch.isfinite(total)
         if self.cfg.clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
+            # A finite loss can still come with an inf or NaN gradient (clip 0: unchecked).
+            finite &= torch.isfinite(norm.full_tensor() if isinstance(norm, DTensor) else norm)
         if self.optimizer.defaults.get("fused"):
             # The fused kernels skip a non-finite update on the device, so the loss is read after
             # the optimizer's kernels are queued: reading it first would leave the GPU idle while
             # the host launched them.
-            self.optimizer.found_inf = (~torch.isfinite(total)).float()
+            self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
-        elif math.isfinite(total.item()):  # other optimizers (the benchmark's baseline)
+        elif finite.item():  # other optimizers (the benchmark's baseline)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total.item()
