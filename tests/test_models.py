@@ -212,3 +212,34 @@ def test_layers_under_autocast_cast_each_norm_output_once_not_per_matmul():
         if e.name == "aten::_to_copy" and e.input_shapes and e.input_shapes[0] == [2, 12, hidden]
     ]
     assert len(casts) <= 16 * len(student.model.layers), len(casts)
+
+
+@pytest.mark.parametrize("arch", ["rad-rwkv7", "rad-rwkv6"])
+def test_compiled_mixer_casts_kernel_inputs_in_the_graph_that_computes_them(arch):
+    """The recurrence is a graph break. Dynamo compiles a function entered before a break as a
+    graph of its own, so casts made inside the recurrence's call ran as separate cast kernels
+    (one read and one write of each input more); made by the mixer itself, they fuse into the
+    kernels that compute the inputs."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    teacher = make_teacher("qwen2", num_hidden_layers=2)
+    student = transfer(teacher, arch).train()
+    mixer = torch.compile(student.model.layers[1].self_attn, backend=record)
+    x = torch.randn(2, 16, teacher.config.hidden_size)
+    position_embeddings = student.model.rotary_emb(x, torch.arange(16)[None])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixer(x.bfloat16(), position_embeddings, v_first=torch.randn(2, 16, 4, 16).bfloat16())
+
+    def changes_dtype(node) -> bool:
+        return node.meta["example_value"].dtype != node.args[0].meta["example_value"].dtype
+
+    for g in graphs:
+        calls = [n for n in g.graph.nodes if n.op in ("call_function", "call_method")]
+        casts = [n for n in calls if n.target == "to" and changes_dtype(n)]
+        assert not casts or len(casts) < len(calls), f"a graph of casts only: {g.graph}"
+    assert len(graphs) >= 2  # before and after the recurrence's graph break

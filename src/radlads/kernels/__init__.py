@@ -73,11 +73,14 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def _one_dtype(*tensors: Tensor) -> list[Tensor]:
+def kernel_inputs(*tensors: Tensor) -> list[Tensor]:
     """The inputs in one dtype, as kernels' dots need: autocast's under autocast, as a matmul would
     take (fp32 master weights, embeddings and RoPE tables promote some inputs to fp32, which would
-    run fla's slower fp32 kernels), else r's. Cast here, before `_run`, so that in compiled layers the
-    casts fuse into the kernels that produce the inputs instead of running as copies of their own."""
+    run fla's slower fp32 kernels), else the first's. Callers compiled with torch.compile should
+    cast with this themselves, in the frame that computes the inputs: the kernel call is a graph
+    break, and Dynamo compiles a function entered before a break as a graph of its own, so casts
+    made inside it run as kernels of their own instead of fusing into the ones that compute the
+    inputs. (Already in the dtype, the cast below is free.)"""
     dtype = autocast_dtype(tensors[0].device.type) or tensors[0].dtype
     return [x.to(dtype) for x in tensors]
 
@@ -102,7 +105,7 @@ def rwkv7_recurrence(
     chunks with tensor-core intra-chunk products (the floor bounds their exponents) instead of
     16-token chunks; the reference backends check the promise instead."""
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    return _run(backend, *_one_dtype(r, log_w, k, v, a, b), log_w_min=log_w_min, **state)
+    return _run(backend, *kernel_inputs(r, log_w, k, v, a, b), log_w_min=log_w_min, **state)
 
 
 def gla_recurrence(
@@ -118,7 +121,7 @@ def gla_recurrence(
 ) -> tuple[Tensor, Tensor | None]:
     """Diagonal-decay rule (GLA; RWKV-6 with u = 0): h_t = diag(w_t) h + k_t v_t^T, y_t = scale h_t^T r_t."""
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    return _run(backend, *_one_dtype(r, log_w, k, v), **state)
+    return _run(backend, *kernel_inputs(r, log_w, k, v), **state)
 
 
 __all__ = [

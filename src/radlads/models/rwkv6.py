@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from ..kernels import gla_recurrence
+from ..kernels import gla_recurrence, kernel_inputs
 from .cache import RadladsCache
 from .common import LinearMixer, LowRank, decay_speed_schedule
 from .configuration import RadladsConfig
@@ -54,5 +54,5 @@ class RadRWKV6Mixer(LinearMixer):
         r, k, v = self.heads(x, position_embeddings, attention_mask)
         log_w = self.log_decay(x).view(B, T, self.num_heads, self.head_dim)
         k = k * -torch.expm1(log_w).to(k.dtype)  # 1 - w, accurate when w is close to 1
-        y = self.recur(gla_recurrence, r, log_w, k, v, cache=cache)
+        y = self.recur(gla_recurrence, *kernel_inputs(r, log_w, k, v), cache=cache)  # see kernel_inputs
         return self.output(y, torch.sigmoid(self.gate(x))), v_first

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from ..kernels import rwkv7_recurrence
+from ..kernels import kernel_inputs, rwkv7_recurrence
 from .cache import RadladsCache
 from .common import LinearMixer, LowRank, decay_speed_schedule
 from .configuration import RadladsConfig
@@ -88,5 +88,6 @@ class RadRWKV7Mixer(LinearMixer):
             v_first = v
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + self.v_lora(x)).view(heads)
-        y = self.recur(rwkv7_recurrence, r, log_w, k, v, -kappa, kappa * a, cache=cache, log_w_min=LOG_W_MIN)
+        inputs = kernel_inputs(r, log_w, k, v, -kappa, kappa * a)  # here: see kernel_inputs
+        y = self.recur(rwkv7_recurrence, *inputs, cache=cache, log_w_min=LOG_W_MIN)
         return self.output(y, torch.sigmoid(self.gate(x))), v_first
