@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -434,3 +435,20 @@ class Budget:
 
 if __name__ == "__main__":
     print(source_digest())
+
+
+# Kernel families by name, first match wins: where an update's GPU time goes.
+KERNEL_FAMILIES = (
+    # Inductor names its fused kernels after the ops inside (..._to_copy_..., ..._cat_...): first.
+    ("compiled (fused)", re.compile(r"^triton_")),
+    ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|cublas", re.I)),
+    ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
+    ("recurrence", re.compile(r"chunk|fused_recurrent|dplr|wy_|gla|rwkv|delta", re.I)),
+    ("copy/fill", re.compile(r"copy|memcpy|memset|fill|cat|index|scatter|gather", re.I)),
+    ("reduction", re.compile(r"reduce|norm|softmax|sum|max", re.I)),
+    ("elementwise", re.compile(r"elementwise", re.I)),
+)
+
+
+def kernel_family(name: str) -> str:
+    return next((family for family, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")

@@ -40,7 +40,6 @@ import functools
 import gzip
 import itertools
 import math
-import re
 import shutil
 import time
 import warnings
@@ -61,6 +60,7 @@ from common import (
     default_out_dir,
     free_memory,
     guarded,
+    kernel_family,
     markdown_table,
     median,
     peak_memory,
@@ -254,23 +254,6 @@ def host_syncs(update, device: torch.device) -> list[str] | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
-
-
-# Kernel families by name, first match wins: where an update's GPU time goes.
-KERNEL_FAMILIES = (
-    # Inductor names its fused kernels after the ops inside (..._to_copy_..., ..._cat_...): first.
-    ("compiled (fused)", re.compile(r"^triton_")),
-    ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|cublas", re.I)),
-    ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
-    ("recurrence", re.compile(r"chunk|fused_recurrent|dplr|wy_|gla|rwkv|delta", re.I)),
-    ("copy/fill", re.compile(r"copy|memcpy|memset|fill|cat|index|scatter|gather", re.I)),
-    ("reduction", re.compile(r"reduce|norm|softmax|sum|max", re.I)),
-    ("elementwise", re.compile(r"elementwise", re.I)),
-)
-
-
-def kernel_family(name: str) -> str:
-    return next((family for family, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
 
 
 def gpu_kernels(events) -> list:

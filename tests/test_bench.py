@@ -136,3 +136,27 @@ def test_gpu_kernels_leave_out_cpu_ops_and_record_function_spans():
     )
     cpu_op = SimpleNamespace(key="aten::mm", device_type=DeviceType.CPU, is_user_annotation=False)
     assert training.gpu_kernels([kernel, span, cpu_op]) == [kernel]
+
+
+def test_trace_summary_finds_busy_windows_idle_gaps_and_top_kernels(tmp_path, capsys):
+    import trace_summary
+
+    events = [
+        dict(cat="cpu_op", name="aten::mm", ts=0, dur=50),
+        dict(cat="kernel", name="nvjet_gemm", ts=100, dur=400),  # 0-400 us after the first kernel
+        dict(cat="kernel", name="triton_poi_fused_add_0", ts=500, dur=100),  # 400-500
+        dict(cat="kernel", name="nvjet_gemm", ts=1100, dur=300),  # after 500 us of idle: 1000-1300
+    ]
+    trace = tmp_path / "trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    kernels = trace_summary.load_kernels(trace)
+    assert [k.start_us for k in kernels] == [0, 400, 1000]
+    first, second = trace_summary.windows(kernels, window_us=1000)
+    assert first["busy"] == 0.5 and second["busy"] == 0.3
+    assert first["families"] == "matmul 0.4, compiled (fused) 0.1"
+    (gap,) = trace_summary.gaps(kernels, top=5)
+    assert gap["at_ms"] == 0.5 and gap["idle_ms"] == 0.5 and gap["before"] == "nvjet_gemm"
+    assert trace_summary.top_kernels(kernels, top=1) == [dict(ms=0.7, calls=2, kernel="nvjet_gemm")]
+    trace_summary.main([str(trace), "--window-ms", "1"])
+    assert "3 kernels, 0.8 ms of kernel time in a 1.3 ms span" in capsys.readouterr().out
