@@ -433,10 +433,6 @@ class Budget:
         return self.seconds - self.elapsed()
 
 
-if __name__ == "__main__":
-    print(source_digest())
-
-
 # Kernel families by name, first match wins: where an update's GPU time goes.
 KERNEL_FAMILIES = (
     # Inductor names its fused kernels after the ops inside (..._to_copy_..., ..._cat_...): first.
@@ -452,3 +448,7 @@ KERNEL_FAMILIES = (
 
 def kernel_family(name: str) -> str:
     return next((family for family, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
+
+
+if __name__ == "__main__":
+    print(source_digest())

@@ -10,9 +10,9 @@
 #              minutes)
 #   kernels    bench/recurrence_kernels.py (fla chunk with and without the floor, fused, reference)
 # Writes $OUT/training.json, $OUT/trace-*.json.gz, $OUT/recurrence_kernels.json, $OUT/logs/*.log,
-# $OUT/stages.txt and $OUT/gpu-cache.tgz (Triton's autotuning results, for the next call). Override stage arguments
-# with TESTS_K, TRAINING_ARGS, KERNELS_ARGS; e.g. TRAINING_ARGS="--shapes smollm2-135m --eager";
-# leave stages out with SKIP, e.g. SKIP="gpu-tests kernels".
+# $OUT/stages.txt and $OUT/gpu-cache.tgz (Triton's autotuning results, for the next call).
+# Override stage arguments with TESTS_K, TRAINING_ARGS, KERNELS_ARGS, e.g.
+# TRAINING_ARGS="--shapes smollm2-135m --eager"; leave stages out with SKIP="gpu-tests kernels".
 # CPU smoke run (no GPU stage has work; seconds):
 #   OUT=/tmp/perf BUDGET_S=240 TRAINING_ARGS=--tiny KERNELS_ARGS=--tiny bash scripts/device_perf.sh
 set -euo pipefail

@@ -129,6 +129,7 @@ __all__ = [
     "autocast_dtype",
     "fla_available",
     "gla_recurrence",
+    "kernel_inputs",
     "resolve_backend",
     "rwkv7_recurrence",
 ]

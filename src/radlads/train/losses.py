@@ -66,8 +66,8 @@ class _LinearLoss(torch.autograd.Function):
             h = to_matmul_dtype(hidden[rows])
             loss, dlogits = terms(rows, h @ w.T)  # bf16 logits under autocast
             total += loss
-            grad_hidden[rows] = dlogits @ w.to(dlogits.dtype)
-            grad_weight.add_(dlogits.T @ h.to(dlogits.dtype))  # accumulated in fp32, no fp32 copy
+            grad_hidden[rows] = dlogits @ w  # dlogits come in the logits' dtype: h's and w's
+            grad_weight.add_(dlogits.T @ h)  # accumulated in fp32, no fp32 copy
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
 
@@ -82,9 +82,10 @@ def linear_loss(hidden: Tensor, weight: Tensor, terms: Terms, chunk: int) -> Ten
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearLoss.apply(hidden, weight, terms, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
+    w = to_matmul_dtype(weight)  # once, as in _LinearLoss
     for i in range(0, hidden.shape[0], chunk):
         rows = slice(i, i + chunk)
-        total += terms(rows, hidden[rows] @ weight.T)[0]
+        total += terms(rows, to_matmul_dtype(hidden[rows]) @ w.T)[0]
     return total
 
 
