@@ -84,12 +84,20 @@ from radlads.train.config import ConvertConfig
 from radlads.train.trainer import Trainer
 
 STEPS = (1, 2, 3)
-VARIANTS = ("radlads", "radlads-eager", "baseline")  # radlads-eager: only with --eager
+# radlads-keep (with --keep): radlads with keep_kernel_intermediates; radlads-eager: with --eager
+VARIANTS = ("radlads", "radlads-keep", "radlads-eager", "baseline")
 # First guesses of MFU for the time estimates; measured cells replace them as the run goes.
-GUESSED_MFU = {"radlads": 0.2, "radlads-eager": 0.15, "baseline": 0.01}
+GUESSED_MFU = {"radlads": 0.2, "radlads-keep": 0.2, "radlads-eager": 0.15, "baseline": 0.01}
 SETUP_S = 5.0  # copying the student to the device and building the optimizer, per attempt
 TINY = dict(
-    shapes="tiny", seq_len=32, step3_seq_len=64, batch="2,2,2", baseline_batch="1,1,1", warmup=1, updates=2
+    shapes="tiny",
+    seq_len=32,
+    step3_seq_len=64,
+    batch="2,2,2",
+    keep_batch="2,2,2",
+    baseline_batch="1,1,1",
+    warmup=1,
+    updates=2,
 )
 TINY["budget_s"] = 60.0
 
@@ -116,6 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-compile", action="store_true", help="radlads rows: as `radlads convert --no-compile`"
     )
     p.add_argument("--eager", action="store_true", help="also rows radlads-eager: radlads, not compiled")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="also rows radlads-keep: radlads as `radlads convert --keep-kernel-intermediates`",
+    )
+    p.add_argument("--keep-batch", default="80,48,12", help="steps 1,2,3: radlads-keep's batch")
     p.add_argument("--no-baseline", action="store_true", help="no baseline rows (e.g. measured already)")
     p.add_argument("--baseline-backend", default="chunked", help="the baseline's recurrence kernels")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOPS / 1e12, help="MFU's ceiling")
@@ -136,11 +150,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.variants = [
         v
         for v in VARIANTS
-        if (args.eager or v != "radlads-eager") and not (args.no_baseline and v == "baseline")
+        if (args.eager or v != "radlads-eager")
+        and (args.keep or v != "radlads-keep")
+        and not (args.no_baseline and v == "baseline")
     ]
     args.steps = sorted(int(s) for s in args.steps.split(","))  # step 3 frees the teacher: last
     args.batch = dict(zip(STEPS, (int(b) for b in args.batch.split(","))))
     args.baseline_batch = dict(zip(STEPS, (int(b) for b in args.baseline_batch.split(","))))
+    args.keep_batch = dict(zip(STEPS, (int(b) for b in args.keep_batch.split(","))))
     args.out = args.out or default_out_dir()
     return args
 
@@ -217,12 +234,13 @@ def make_trainer(variant: str, step: int, teacher, student, args, batch: int, de
         cfg.steps()[step], seq_len=seq_len, batch_size=batch, grad_accum=args.grad_accum
     )
     radlads = variant != "baseline"
-    compile = variant == "radlads" and not args.no_compile
+    compile = variant in ("radlads", "radlads-keep") and not args.no_compile
     if teacher is not None:
         teacher.set_attn_implementation("sdpa" if radlads else "eager")
         prepare_teacher(teacher, compile and device.type == "cuda")
     if radlads:
-        prepare_student(student, args.activation_checkpointing, compile and device.type == "cuda")
+        keep = variant == "radlads-keep"
+        prepare_student(student, args.activation_checkpointing, compile and device.type == "cuda", keep)
     if not radlads:
         student.config.kernel_backend = args.baseline_backend  # the mixers share this config
     objective = {
@@ -378,9 +396,9 @@ def estimate_s(cell: dict, variant: str, batch: int, args, calibration: dict) ->
 def run_variant(cell, variant, teacher, student0, args, device, budget, calibration) -> list[dict]:
     """One variant of one (shape, step) cell: its rows, an OOM row per batch that did not fit."""
     rows = []
-    baseline = variant == "baseline"
-    fallback = args.baseline_batch[cell["step"]] if baseline else args.batch[cell["step"]] // 2
-    for batch in batch_sizes(args.batch[cell["step"]], fallback):
+    first = (args.keep_batch if variant == "radlads-keep" else args.batch)[cell["step"]]
+    fallback = args.baseline_batch[cell["step"]] if variant == "baseline" else first // 2
+    for batch in batch_sizes(first, fallback):
         row = dict(shape=cell["shape"], step=cell["step"], variant=variant, batch=batch)
         row.update(seq_len=cell["seq_len"], tokens_per_update=batch * cell["seq_len"] * args.grad_accum)
         rows.append(row)
@@ -407,7 +425,8 @@ def run_variant(cell, variant, teacher, student0, args, device, budget, calibrat
 
 
 def ratios(results: list[dict]) -> list[dict]:
-    """radlads / baseline per (shape, step), each at the largest batch that ran."""
+    """Per (shape, step), each variant at the largest batch that ran, against radlads: the baseline's
+    ratio, and what compiling (--eager) and keeping fla's intermediates (--keep) gain."""
     out = []
     for (shape, step), rows in itertools.groupby(results, key=lambda r: (r["shape"], r["step"])):
         ran = {}
@@ -415,28 +434,26 @@ def ratios(results: list[dict]) -> list[dict]:
             if "tok_s" in r:
                 ran.setdefault(r["variant"], r)
         rad, base, eager = ran.get("radlads"), ran.get("baseline"), ran.get("radlads-eager")
-        if not (rad and base):
+        keep = ran.get("radlads-keep")
+        if not (rad and (base or eager or keep)):
             continue
-        same_batch = rad["batch"] == base["batch"]
-        out.append(
-            dict(
-                shape=shape,
-                step=step,
-                # what compiling the student's layers gains (with --eager; same batch)
-                compile_gain=rad["tok_s"] / eager["tok_s"]
-                if eager and eager["batch"] == rad["batch"]
-                else None,
-                radlads_batch=rad["batch"],
+        row = dict(shape=shape, step=step, radlads_batch=rad["batch"], radlads_mfu=rad["mfu"])
+        if eager and eager["batch"] == rad["batch"]:
+            row["compile_gain"] = rad["tok_s"] / eager["tok_s"]
+        if keep:  # each at its own batch
+            row.update(keep_batch=keep["batch"], keep_gain=keep["tok_s"] / rad["tok_s"], keep_mfu=keep["mfu"])
+        if base:
+            # Peaks compare only at one batch; at two, the baseline ran out of memory at radlads'.
+            same_batch = rad["batch"] == base["batch"] and base["peak_gb"]
+            row.update(
                 baseline_batch=base["batch"],
                 tok_s_ratio=rad["tok_s"] / base["tok_s"],
-                radlads_mfu=rad["mfu"],
                 baseline_mfu=base["mfu"],
                 radlads_peak_gb=rad["peak_gb"],
                 baseline_peak_gb=base["peak_gb"],
-                # Peaks compare only at one batch; at two, the baseline ran out of memory at radlads'.
-                peak_mem_ratio=rad["peak_gb"] / base["peak_gb"] if same_batch and base["peak_gb"] else None,
+                peak_mem_ratio=rad["peak_gb"] / base["peak_gb"] if same_batch else None,
             )
-        )
+        out.append(row)
     return out
 
 
@@ -486,10 +503,8 @@ def show(cells, results, args) -> None:
     columns += ["peak_gb", "host_syncs", "gpu_busy", "warmup_s", "status"]
     print(f"\n## Results (MFU against {args.peak_tflops:g} TFLOP/s)\n" + markdown_table(results, columns))
     ratio_rows = ratios(results)
-    print(
-        "\n## radlads / baseline (same run)\n"
-        + markdown_table(ratio_rows, list(ratio_rows[0]) if ratio_rows else [])
-    )
+    columns = list(dict.fromkeys(k for r in ratio_rows for k in r))
+    print("\n## Ratios against radlads (same run)\n" + markdown_table(ratio_rows, columns))
     for r in results:
         where = f"{r['shape']} step {r['step']} {r['variant']} B={r['batch']}"
         if r.get("sync_sites"):

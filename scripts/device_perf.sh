@@ -18,7 +18,7 @@
 set -euo pipefail
 source scripts/device_env.sh
 OUT=${OUT:-bench/results}; BUDGET_S=${BUDGET_S:-560}
-TESTS_K=${TESTS_K:-"test_graphs or bfloat16 or autocast"}
+TESTS_K=${TESTS_K:-"test_graphs or bf16 or autocast"}
 TRAINING_ARGS=${TRAINING_ARGS:-"--shapes qwen2.5-0.5b --profile 20 --trace"}
 KERNELS_ARGS=${KERNELS_ARGS:-"--budget-s 100"}
 DEADLINE=$((SECONDS + BUDGET_S)); STAGES=$OUT/stages.txt

@@ -85,7 +85,8 @@ def test_single_steps_run_alone_and_in_order(workspace, tmp_path):
     assert main(["step1", *args]) == 2  # no step 0 yet: a clear error, nothing written
     assert main(["step0", *args]) == 0
     assert (out / "config.json").is_file() and read_trainer_state(out / "checkpoints/step0")["complete"]
-    assert main(["step2", *args]) == 0  # step 2 may follow step 0 directly (skipping alignment)
+    # step 2 may follow step 0 directly (skipping alignment); on CPU the switch changes nothing
+    assert main(["step2", *args, "--keep-kernel-intermediates"]) == 0
     assert read_trainer_state(out / "checkpoints/step2")["complete"]
 
 

@@ -174,7 +174,7 @@ SHAPES = [(2, 200, 3, 64), (1, 33, 2, 32)]
 
 @pytest.mark.gpu
 @needs_fla
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("delta_rule", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fla_matches_reference(shape, delta_rule, dtype, tol, monkeypatch):
@@ -210,14 +210,15 @@ def test_fla_matches_reference(shape, delta_rule, dtype, tol, monkeypatch):
 
 @pytest.mark.gpu
 @needs_fla
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("delta_rule", [False, True])
-def test_fla_gradients_match_reference(delta_rule, dtype, tol, monkeypatch):
-    """Training runs fla's chunked backward (in bf16 under autocast): its gradients must match the
-    fp32 reference's on the same input values."""
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("delta_rule,recompute", [(False, True), (True, True), (True, False)])
+def test_fla_gradients_match_reference(delta_rule, recompute, dtype, tol, monkeypatch):
+    """Training runs fla's chunked backward (in bf16 under autocast), recomputing its forward's
+    intermediates or keeping them: its gradients must match the fp32 reference's on the same input
+    values."""
     monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
     op = rwkv7_recurrence if delta_rule else gla_recurrence
-    floor = dict(log_w_min=LOG_W_MIN) if delta_rule else {}
+    floor = dict(log_w_min=LOG_W_MIN, recompute=recompute) if delta_rule else {}
     args, state = random_inputs(2, 96, 2, 64, 64, delta_rule, device="cuda", dtype=dtype, seed=11)
     grads = []
     for backend, inputs in (("fla", args), ("chunked", [x.float() for x in args])):
@@ -228,7 +229,7 @@ def test_fla_gradients_match_reference(delta_rule, dtype, tol, monkeypatch):
         y.square().sum().backward()
         grads.append([x.grad for x in leaves])
     errors = [rel_err(g_fla, g_ref) for g_fla, g_ref in zip(*grads)]
-    print(f"fla vs chunked gradients delta_rule={delta_rule} {dtype}: {errors}")
+    print(f"fla vs chunked gradients delta_rule={delta_rule} recompute={recompute} {dtype}: {errors}")
     assert max(errors) < tol, errors
 
 

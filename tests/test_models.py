@@ -140,6 +140,28 @@ def test_compiled_layers_train_like_eager_ones(checkpointing):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("keep,checkpointing", [(False, False), (True, False), (False, True)])
+def test_prepare_student_tells_the_rwkv7_kernels_whether_to_recompute(keep, checkpointing, monkeypatch):
+    """keep_kernel_intermediates, and activation checkpointing (where keeping costs one layer's
+    worth), reach a fla-like kernel as recompute=False; the PyTorch references never see it."""
+    import radlads.kernels as kernels
+    from radlads.convert.steps import prepare_student
+
+    seen = []
+
+    def fla_like(*args, recompute=True, log_w_min=None, **kwargs):
+        seen.append(recompute)
+        return kernels.recurrent_chunked(*args, **kwargs)
+
+    student = transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7").train()
+    prepare_student(student, checkpointing, compile=False, keep_kernel_intermediates=keep)
+    ids = torch.randint(0, student.config.vocab_size, (2, 16))
+    student(input_ids=ids).logits.sum().backward()  # the references: no unexpected argument
+    monkeypatch.setattr(kernels, "_dispatch", lambda backend, on_cuda: fla_like)
+    student(input_ids=ids).logits.sum().backward()
+    assert seen and set(seen) == {not (keep or checkpointing)}
+
+
 def test_compiled_layers_stay_compiled_through_the_three_steps():
     """Each step builds a new student and compiles it (prepare_student): without a fresh Dynamo
     cache per step, steps 1-3's variants (grad / no grad, inputs needing grad, other shapes)

@@ -42,6 +42,12 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--activation-checkpointing", action="store_true", default=None)
     p.add_argument(
+        "--keep-kernel-intermediates",
+        action="store_true",
+        default=None,
+        help="RAD-RWKV7 on CUDA: faster backward for ~2.2 KB more memory per token, head and layer",
+    )
+    p.add_argument(
         "--no-compile",
         dest="compile",
         action="store_false",
@@ -146,7 +152,8 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     data = {}
     if args.config:
         data = ConvertConfig.from_yaml(args.config).to_dict()
-    for key in ("teacher", "data", "out", "arch", "device", "seed", "activation_checkpointing", "compile"):
+    switches = ("activation_checkpointing", "keep_kernel_intermediates", "compile")
+    for key in ("teacher", "data", "out", "arch", "device", "seed") + switches:
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     if args.softmax_layers is not None:

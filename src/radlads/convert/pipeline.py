@@ -161,7 +161,9 @@ class Conversion:
         student = self.load_student(self._previous(step))
         # Compiled layers under FSDP2 are not yet validated on GPUs: sharded runs use eager models.
         compile_layers = self.cfg.compile and not self.dist.enabled and self.device.type == "cuda"
-        prepare_student(student, self.cfg.activation_checkpointing, compile_layers)
+        prepare_student(
+            student, self.cfg.activation_checkpointing, compile_layers, self.cfg.keep_kernel_intermediates
+        )
         if step < 3:
             prepare_teacher(self.teacher, compile_layers)
         objective = {

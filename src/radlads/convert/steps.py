@@ -12,10 +12,19 @@ from ..train.losses import chunked_cross_entropy, chunked_kl
 from .alignment import alignment_loss, student_attention_outputs, teacher_attention_io
 
 
-def prepare_student(student: RadladsForCausalLM, activation_checkpointing: bool, compile: bool) -> None:
+def prepare_student(
+    student: RadladsForCausalLM,
+    activation_checkpointing: bool,
+    compile: bool,
+    keep_kernel_intermediates: bool = False,
+) -> None:
     """The student's switches for training, as every step sets them (and the benchmarks do)."""
     if activation_checkpointing:  # transformers >= 5.2x renamed the switch
         getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
+    # Under activation checkpointing a layer's kernels run forward again just before their backward,
+    # one layer at a time: keeping their intermediates then costs one layer's worth, and saves
+    # the kernels a third forward.
+    student.keep_kernel_intermediates(keep_kernel_intermediates or activation_checkpointing)
     if compile:
         # Code compiled for an earlier step's student (other shapes, other inputs needing grad)
         # counts against Dynamo's recompile limit (8 per function), past which it runs eagerly

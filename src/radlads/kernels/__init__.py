@@ -55,8 +55,10 @@ def _dispatch(backend: str, on_cuda: bool):
 # fla's autotuned Triton kernels are not for Dynamo to trace: a compiled caller (the training
 # path's compiled layers) breaks its graph here and runs the kernel as it is.
 @torch.compiler.disable
-def _run(backend: str, r, log_w, k, v, *ab, log_w_min: float | None = None, **kwargs):
+def _run(backend: str, r, log_w, k, v, *ab, log_w_min: float | None = None, recompute: bool = True, **kwargs):
     op = _dispatch(backend, r.is_cuda)
+    if not recompute and op is not recurrent_chunked and op is not recurrent_loop:
+        kwargs["recompute"] = False  # the references keep what autograd keeps, always
     if log_w_min is not None:
         if op is recurrent_chunked or op is recurrent_loop:
             # The references check the promise, on the CPU only: on a GPU the check would stall
@@ -98,14 +100,19 @@ def rwkv7_recurrence(
     output_final_state: bool = False,
     backend: str = "auto",
     log_w_min: float | None = None,
+    recompute: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """RWKV-7 delta rule: h_t = diag(w_t) h + b_t (a_t^T h) + k_t v_t^T, y_t = scale h_t^T r_t.
 
     `log_w_min`: a floor the caller guarantees for log_w. fla's chunked kernel then runs 64-token
     chunks with tensor-core intra-chunk products (the floor bounds their exponents) instead of
-    16-token chunks; the reference backends check the promise instead."""
+    16-token chunks; the reference backends check the promise instead.
+    `recompute`: fla's chunked kernel recomputes its forward's intermediates in backward (least
+    memory). False keeps them from the forward instead: the backward skips most of a forward's
+    work, and each call holds ~2.2 KB more per token and head (at K = V = 64) until its backward."""
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    return _run(backend, *kernel_inputs(r, log_w, k, v, a, b), log_w_min=log_w_min, **state)
+    inputs = kernel_inputs(r, log_w, k, v, a, b)
+    return _run(backend, *inputs, log_w_min=log_w_min, recompute=recompute, **state)
 
 
 def gla_recurrence(

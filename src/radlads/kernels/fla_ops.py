@@ -30,8 +30,10 @@ def dplr(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     log_w_min: float | None = None,
+    recompute: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     # r, log_w, k, v, a, b arrive in one dtype (radlads.kernels casts them); the state stays fp32.
+    # `recompute` applies to RWKV-7 only: fla's GLA kernels have no such switch.
     if initial_state is not None:
         initial_state = initial_state.float()
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
@@ -42,4 +44,4 @@ def dplr(
     if _use_recurrent(r):
         return fused_recurrent_rwkv7(r, log_w, k, v, a, b, **state)
     # fla picks its chunk size (64 with a safe floor, else 16) and tensor-core scheme from lower_bound.
-    return chunk_rwkv7(r, log_w, k, v, a, b, lower_bound=log_w_min, **state)
+    return chunk_rwkv7(r, log_w, k, v, a, b, lower_bound=log_w_min, disable_recompute=not recompute, **state)

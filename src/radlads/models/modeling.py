@@ -162,6 +162,14 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
             layer.compile()
             layer.self_attn.compile()
 
+    def keep_kernel_intermediates(self, keep: bool = True) -> None:
+        """Whether the RWKV-7 mixers' fla kernels keep their forward's intermediates for backward
+        (a faster backward for ~2.2 KB more activation memory per token, head and layer until it
+        runs) or recompute them, fla's default. RAD-RWKV6's GLA kernels always recompute."""
+        for module in self.modules():
+            if isinstance(module, RadRWKV7Mixer):
+                module.keep_kernel_intermediates = keep
+
     def untie_embeddings(self) -> None:
         """Give the LM head its own copy of the embedding (SPEC: untied from step 2 on)."""
         if self.config.tie_word_embeddings or self.lm_head.weight is self.model.embed_tokens.weight:

@@ -41,6 +41,8 @@ class RadRWKV7Mixer(LinearMixer):
         self.gate = (
             nn.Linear(C, D, bias=False) if config.gate_rank is None else LowRank(C, config.gate_rank, D)
         )
+        # A training switch, not saved with the model: RadladsForCausalLM.keep_kernel_intermediates.
+        self.keep_kernel_intermediates = False
 
     def init_parameters(self) -> None:
         """Start near the teacher: LoRAs output 0, decay from RWKV-7's speed schedule, gate 1/2."""
@@ -89,5 +91,11 @@ class RadRWKV7Mixer(LinearMixer):
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + self.v_lora(x)).view(heads)
         inputs = kernel_inputs(r, log_w, k, v, -kappa, kappa * a)  # here: see kernel_inputs
-        y = self.recur(rwkv7_recurrence, *inputs, cache=cache, log_w_min=LOG_W_MIN)
+        y = self.recur(
+            rwkv7_recurrence,
+            *inputs,
+            cache=cache,
+            log_w_min=LOG_W_MIN,
+            recompute=not self.keep_kernel_intermediates,
+        )
         return self.output(y, torch.sigmoid(self.gate(x))), v_first

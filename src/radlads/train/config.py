@@ -84,6 +84,10 @@ class ConvertConfig:
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available
     activation_checkpointing: bool = False
+    # RAD-RWKV7 on fla: keep the recurrence's forward intermediates for backward instead of
+    # recomputing them: faster updates for ~2.2 KB more activation memory per token, head and layer
+    # (always on with activation_checkpointing, where it costs one layer's worth).
+    keep_kernel_intermediates: bool = False
     compile: bool = True  # on CUDA, torch.compile the student's layers (one process) and the losses
     held_out_fraction: float = 0.01
     kl_chunk_tokens: int = 4096  # rows of [tokens, vocab] logits materialised at once in KL / CE
