@@ -439,7 +439,7 @@ KERNEL_FAMILIES = (
     ("compiled (fused)", re.compile(r"^triton_")),
     ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|cublas", re.I)),
     ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
-    ("recurrence", re.compile(r"chunk|fused_recurrent|dplr|wy_|gla|rwkv|delta", re.I)),
+    ("recurrence", re.compile(r"chunk|fused_recurrent|dplr|wy_|wu_|gla|rwkv|delta", re.I)),
     ("copy/fill", re.compile(r"copy|memcpy|memset|fill|cat|index|scatter|gather", re.I)),
     ("reduction", re.compile(r"reduce|norm|softmax|sum|max", re.I)),
     ("elementwise", re.compile(r"elementwise", re.I)),

@@ -9,23 +9,24 @@
 #              by kernel family, radlads' timelines (the first update compiles and autotunes for
 #              minutes)
 #   kernels    bench/recurrence_kernels.py (fla chunk with and without the floor, fused, reference)
-# Writes $OUT/training.json, $OUT/trace-*.json.gz, $OUT/recurrence_kernels.json, $OUT/logs/*.log,
-# $OUT/stages.txt and $OUT/gpu-cache.tgz (Triton's autotuning results, for the next call).
-# Override stage arguments with TESTS_K, TRAINING_ARGS, KERNELS_ARGS, e.g.
+# Writes $OUT/training.json, $OUT/traces.tar (the trace-*.json.gz), $OUT/recurrence_kernels.json,
+# $OUT/logs/*.log, $OUT/stages.txt and $OUT/gpu-cache.tgz (Triton's autotuning results, for the next
+# call): 8 files at most, as many as a device call brings back.
+# Override stage arguments with TESTS_K (and its time limit TESTS_S), TRAINING_ARGS, KERNELS_ARGS, e.g.
 # TRAINING_ARGS="--shapes smollm2-135m --eager"; leave stages out with SKIP="gpu-tests kernels".
 # CPU smoke run (no GPU stage has work; seconds):
 #   OUT=/tmp/perf BUDGET_S=240 TRAINING_ARGS=--tiny KERNELS_ARGS=--tiny bash scripts/device_perf.sh
 set -euo pipefail
 source scripts/device_env.sh
 OUT=${OUT:-bench/results}; BUDGET_S=${BUDGET_S:-560}
-TESTS_K=${TESTS_K:-"test_graphs or bf16 or autocast"}
+TESTS_K=${TESTS_K:-"test_graphs or bf16 or autocast"}; TESTS_S=${TESTS_S:-200}
 TRAINING_ARGS=${TRAINING_ARGS:-"--shapes qwen2.5-0.5b --profile 20 --trace"}
 KERNELS_ARGS=${KERNELS_ARGS:-"--budget-s 100"}
 DEADLINE=$((SECONDS + BUDGET_S)); STAGES=$OUT/stages.txt
 mkdir -p "$OUT/logs"
 source scripts/stage.sh
 
-stage gpu-tests 200 python3 -m pytest -q -s -m gpu tests/test_kernels.py tests/test_graphs.py -k "$TESTS_K"
+stage gpu-tests "$TESTS_S" python3 -m pytest -q -s -m gpu tests/test_kernels.py tests/test_graphs.py -k "$TESTS_K"
 reserve=190; skipped kernels && reserve=0  # the kernels' time, kept from the training benchmark
 left=$((DEADLINE - SECONDS - reserve))
 # shellcheck disable=SC2086  # the *_ARGS are lists of flags
@@ -33,6 +34,9 @@ stage training $((left + 20)) python3 bench/training.py $TRAINING_ARGS --budget-
 # shellcheck disable=SC2086
 stage kernels 150 python3 bench/recurrence_kernels.py $KERNELS_ARGS --out "$OUT"
 save_gpu_cache
+if compgen -G "$OUT/trace-*.json.gz" > /dev/null; then  # one file for all, see above
+  tar -cf "$OUT/traces.tar" -C "$OUT" --remove-files $(cd "$OUT" && ls trace-*.json.gz)
+fi
 cat "$STAGES"
 skipped gpu-tests || tail -n 20 "$OUT/logs/gpu-tests.log"
 skipped training || grep -v -i warn "$OUT/logs/training.log" | tail -n 70
