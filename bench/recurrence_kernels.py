@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="prefix the fp32 reference runs on (default: all tokens); outputs are causal, "
         "so every method is compared on this prefix",
     )
+    p.add_argument("--rules", default="rwkv7,gla")
+    p.add_argument(
+        "--training-options",
+        action="store_true",
+        help="also RWKV-7 rows of fla's options for training: intermediates kept, 32-token chunks",
+    )
     p.add_argument("--budget-s", type=float, default=90.0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None)
@@ -103,9 +109,10 @@ def ordered(rule: str, x: Inputs) -> list[Tensor]:
 # --------------------------------------------------------------------------- methods
 
 
-def fla_op(rule: str, kind: str, log_w_min: float | None = None) -> Callable:
+def fla_op(rule: str, kind: str, log_w_min: float | None = None, **options) -> Callable:
     """fla's kernels called as radlads.kernels.fla_ops calls them (fla is imported lazily: CUDA only);
-    `log_w_min`: the decay floor RAD-RWKV7 declares (chunk_rwkv7's lower_bound)."""
+    `log_w_min`: the decay floor RAD-RWKV7 declares (chunk_rwkv7's lower_bound); `options`: more
+    of chunk_rwkv7's arguments."""
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
     from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
 
@@ -116,7 +123,7 @@ def fla_op(rule: str, kind: str, log_w_min: float | None = None) -> Callable:
                 return chunk_gla(r, k, v, log_w, **state)
             return fused_recurrent_gla(r, k, v, gk=log_w, **state)
         if kind == "chunk":
-            return chunk_rwkv7(r, log_w, k, v, a, b, lower_bound=log_w_min, **state)
+            return chunk_rwkv7(r, log_w, k, v, a, b, lower_bound=log_w_min, **options, **state)
         return fused_recurrent_rwkv7(r, log_w, k, v, a, b, **state)
 
     return run
@@ -132,13 +139,22 @@ def reference_op(rule: str, backend: str) -> Callable:
     return run
 
 
-def methods(rule: str, device) -> dict[str, Callable | str]:
+# chunk_rwkv7's options that trade memory or work in training (with the floor, as RAD-RWKV7 runs)
+TRAINING_OPTIONS = {
+    "fla chunk + floor, kept": dict(disable_recompute=True),  # keep_kernel_intermediates
+    "fla chunk + floor, 32-token chunks": dict(chunk_size=32),
+}
+
+
+def methods(rule: str, device, training_options: bool = False) -> dict[str, Callable | str]:
     """name -> op, or a reason string when it cannot run here."""
     fla = fla_available() and device.type == "cuda"
     why = "n/a: fla needs CUDA + flash-linear-attention"
     found = {"fla chunk": fla_op(rule, "chunk") if fla else why}
     if rule == "rwkv7":  # what RAD-RWKV7 runs: 64-token chunks licensed by its decay floor
         found["fla chunk + floor"] = fla_op(rule, "chunk", LOG_W_MIN) if fla else why
+        for name, options in TRAINING_OPTIONS.items() if training_options else ():
+            found[name] = fla_op(rule, "chunk", LOG_W_MIN, **options) if fla else why
     found["fla fused_recurrent"] = fla_op(rule, "fused_recurrent") if fla else why
     found["torch chunked fp32"] = reference_op(rule, "chunked")
     return found
@@ -199,7 +215,7 @@ def bench_rule(rule: str, args: argparse.Namespace, device, budget: Budget) -> l
     scale = K**-0.5
     x = ordered(rule, make_inputs(rule, B, T, H, K, device))
     ref_x = [t[:, :Tr].float() for t in x]
-    ops = methods(rule, device)
+    ops = methods(rule, device, args.training_options)
     ref_op = ops["torch chunked fp32"]
     with torch.no_grad():
         y_ref, _ = ref_op(*ref_x, scale=scale)
@@ -270,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     budget = Budget(args.budget_s)
     device = pick_device(args.device)
     rows: list[dict[str, Any]] = []
-    for rule in ("rwkv7", "gla"):
+    for rule in args.rules.split(","):
         rows += bench_rule(rule, args, device, budget)
         write_json(args.out, "recurrence_kernels", dict(args=vars(args), results=rows))
     path = write_json(args.out, "recurrence_kernels", dict(args=vars(args), results=rows))
