@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also RWKV-7 rows of fla's options for training: intermediates kept, 32-token chunks",
     )
+    p.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated method names to run (default: all; the reference always)",
+    )
     p.add_argument("--budget-s", type=float, default=90.0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None)
@@ -141,8 +146,8 @@ def reference_op(rule: str, backend: str) -> Callable:
 
 # chunk_rwkv7's options that trade memory or work in training (with the floor, as RAD-RWKV7 runs)
 TRAINING_OPTIONS = {
-    "fla chunk + floor, kept": dict(disable_recompute=True),  # keep_kernel_intermediates
-    "fla chunk + floor, 32-token chunks": dict(chunk_size=32),
+    "fla chunk + floor + kept": dict(disable_recompute=True),  # keep_kernel_intermediates
+    "fla chunk + floor + chunk 32": dict(chunk_size=32),
 }
 
 
@@ -217,6 +222,9 @@ def bench_rule(rule: str, args: argparse.Namespace, device, budget: Budget) -> l
     ref_x = [t[:, :Tr].float() for t in x]
     ops = methods(rule, device, args.training_options)
     ref_op = ops["torch chunked fp32"]
+    if args.methods:  # each fla method's first call compiles and autotunes its kernels: minutes
+        chosen = set(args.methods.split(","))
+        ops = {name: op for name, op in ops.items() if name in chosen or op is ref_op}
     with torch.no_grad():
         y_ref, _ = ref_op(*ref_x, scale=scale)
     g_ref = gradients(ref_op, ref_x, scale, Tr)

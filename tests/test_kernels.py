@@ -114,7 +114,7 @@ def test_rad_rwkv7_decay_never_falls_below_its_declared_floor():
     with torch.no_grad():
         for w0 in (-1e4, -50.0, 0.0, 50.0, 1e4):  # from no decay to the strongest the form allows
             mixer.w0.fill_(w0)
-            log_w = mixer.log_decay(x)
+            log_w = mixer.log_decay(mixer.w_lora(x))
             for value in (log_w, log_w.bfloat16(), log_w.half()):
                 assert value.min() >= LOG_W_MIN and value.max() <= 0
 
@@ -211,7 +211,9 @@ def test_fla_matches_reference(shape, delta_rule, dtype, tol, monkeypatch):
 @pytest.mark.gpu
 @needs_fla
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("delta_rule,recompute", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize(
+    "delta_rule,recompute", [(False, True), (True, True), (True, False)], ids=["gla", "rwkv7", "rwkv7-kept"]
+)
 def test_fla_gradients_match_reference(delta_rule, recompute, dtype, tol, monkeypatch):
     """Training runs fla's chunked backward (in bf16 under autocast), recomputing its forward's
     intermediates or keeping them: its gradients must match the fp32 reference's on the same input

@@ -265,3 +265,41 @@ def test_compiled_mixer_casts_kernel_inputs_in_the_graph_that_computes_them(arch
         casts = [n for n in calls if n.target == "to" and changes_dtype(n)]
         assert not casts or len(casts) < len(calls), f"a graph of casts only: {g.graph}"
     assert len(graphs) >= 2  # before and after the recurrence's graph break
+
+
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-groupnorm-lowrank-gate"])
+def test_training_mode_fuses_the_input_maps_without_changing_outputs_or_gradients(variant):
+    """In training, a mixer's linear maps of its input (q, k, v with their biases, the LoRAs' down
+    projections, the gate) run as one matmul (common.linear_maps); in eval mode, one per map. Both
+    give the same outputs and the same gradients, of the input and of every weight."""
+    student = perturbed_student(**VARIANTS[variant])
+    mixer = student.model.layers[1].self_attn
+    C = student.config.hidden_size
+    x = torch.randn(2, 9, C, requires_grad=True)
+    position_embeddings = student.model.rotary_emb(x, torch.arange(9)[None])
+    v_first = torch.randn(2, 9, mixer.num_heads, mixer.head_dim)
+    results, reads_of_x = [], []
+
+    class CountReads(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear and args[0] is x:
+                reads_of_x[-1] += 1
+            return func(*args, **(kwargs or {}))
+
+    for training in (True, False):
+        mixer.train(training)
+        mixer.zero_grad()
+        x.grad = None
+        reads_of_x.append(0)
+        with CountReads():
+            y, _ = mixer(x, position_embeddings, v_first=v_first)
+        y.square().sum().backward()
+        grads = {name: p.grad.clone() for name, p in mixer.named_parameters() if p.grad is not None}
+        results.append((y.detach(), x.grad.clone(), grads))
+    (y_fused, gx_fused, g_fused), (y_plain, gx_plain, g_plain) = results
+    assert reads_of_x == [1, 3 + len(mixer.input_maps())]
+    torch.testing.assert_close(y_fused, y_plain)
+    assert g_fused.keys() == g_plain.keys() and "q_proj.bias" in g_fused
+    # Summed in another order (one matmul over all maps): equal to fp32 rounding, as a whole.
+    for name, fused, plain in [("x", gx_fused, gx_plain)] + [(n, g_fused[n], g_plain[n]) for n in g_plain]:
+        assert (fused - plain).norm() <= 1e-5 * plain.norm(), name
