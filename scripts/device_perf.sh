@@ -13,7 +13,8 @@
 # $OUT/logs/*.log, $OUT/stages.txt and $OUT/gpu-cache.tgz (Triton's autotuning results, for the next
 # call): 8 files at most, as many as a device call brings back.
 # Override stage arguments with TESTS_K (and its time limit TESTS_S), TRAINING_ARGS, KERNELS_ARGS, e.g.
-# TRAINING_ARGS="--shapes smollm2-135m --eager"; leave stages out with SKIP="gpu-tests kernels".
+# TRAINING_ARGS="--shapes smollm2-135m --eager" (shell-quoted, as on a command line:
+# KERNELS_ARGS="--methods 'fla chunk + floor'"); leave stages out with SKIP="gpu-tests kernels".
 # CPU smoke run (no GPU stage has work; seconds):
 #   OUT=/tmp/perf BUDGET_S=240 TRAINING_ARGS=--tiny KERNELS_ARGS=--tiny bash scripts/device_perf.sh
 set -euo pipefail
@@ -29,10 +30,9 @@ source scripts/stage.sh
 stage gpu-tests "$TESTS_S" python3 -m pytest -q -s -m gpu tests/test_kernels.py tests/test_graphs.py -k "$TESTS_K"
 reserve=190; skipped kernels && reserve=0  # the kernels' time, kept from the training benchmark
 left=$((DEADLINE - SECONDS - reserve))
-# shellcheck disable=SC2086  # the *_ARGS are lists of flags
-stage training $((left + 20)) python3 bench/training.py $TRAINING_ARGS --budget-s "$left" --out "$OUT"
-# shellcheck disable=SC2086
-stage kernels 150 python3 bench/recurrence_kernels.py $KERNELS_ARGS --out "$OUT"
+eval "training_args=($TRAINING_ARGS)" "kernels_args=($KERNELS_ARGS)"  # words, with their quotes
+stage training $((left + 20)) python3 bench/training.py "${training_args[@]}" --budget-s "$left" --out "$OUT"
+stage kernels 150 python3 bench/recurrence_kernels.py "${kernels_args[@]}" --out "$OUT"
 save_gpu_cache
 if compgen -G "$OUT/trace-*.json.gz" > /dev/null; then  # one file for all, see above
   tar -cf "$OUT/traces.tar" -C "$OUT" --remove-files $(cd "$OUT" && ls trace-*.json.gz)
