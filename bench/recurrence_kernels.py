@@ -215,7 +215,9 @@ def gradients(op, args: list[Tensor], scale: float, upto: int, seed: int = 1) ->
     return [gr[:, :upto] for gr in torch.autograd.grad(y, leaves, dy)]
 
 
-def bench_rule(rule: str, args: argparse.Namespace, device, budget: Budget) -> list[dict[str, Any]]:
+def bench_rule(
+    rule: str, args: argparse.Namespace, device, budget: Budget, save: Callable
+) -> list[dict[str, Any]]:
     B, T, H, K, Tr = args.batch, args.tokens, args.heads, args.head_dim, args.ref_tokens
     scale = K**-0.5
     x = ordered(rule, make_inputs(rule, B, T, H, K, device))
@@ -257,6 +259,7 @@ def bench_rule(rule: str, args: argparse.Namespace, device, budget: Budget) -> l
                 traceback.print_exc()
                 row["note"] = f"error: {type(e).__name__}: {str(e)[:80]}"
             free_memory(device)
+            save(rows)  # each first call of a kernel compiles and autotunes: a timeout keeps the rest
     rows += bench_decode_step(rule, args, device, budget)
     return rows
 
@@ -294,10 +297,13 @@ def main(argv: list[str] | None = None) -> None:
     budget = Budget(args.budget_s)
     device = pick_device(args.device)
     rows: list[dict[str, Any]] = []
+
+    def save(more: list[dict[str, Any]]):
+        return write_json(args.out, "recurrence_kernels", dict(args=vars(args), results=rows + more))
+
     for rule in args.rules.split(","):
-        rows += bench_rule(rule, args, device, budget)
-        write_json(args.out, "recurrence_kernels", dict(args=vars(args), results=rows))
-    path = write_json(args.out, "recurrence_kernels", dict(args=vars(args), results=rows))
+        rows += bench_rule(rule, args, device, budget, save)
+    path = save([])
     columns = ["rule", "method", "mode", "B", "T", "H", "K", "ms", "gb_s", "rel_err", "note"]
     print(
         "\n## Recurrence kernels (rel_err: vs fp32 chunked reference on the first "

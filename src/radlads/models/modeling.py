@@ -133,6 +133,14 @@ class RadladsModel(RadladsPreTrainedModel):
         return RadladsOutput(last_hidden_state=hidden, cache=cache, hidden_states=all_hidden)
 
 
+# In backward, the fused input maps' gradients (common.linear_maps) are concatenated from 5 to 7
+# pieces, each the end of its own chain (RoPE and GQA backward for q and k, tanh or sigmoid backward
+# for the LoRAs). As one masked-load pointwise kernel over the concatenation (Inductor's default
+# up to 8 inputs) that took ~1.2 ms a layer at 65k tokens on an H100, ~5x what its bytes need; as
+# a concat buffer each chain writes its own slice.
+INDUCTOR_OPTIONS = {"max_pointwise_cat_inputs": 4, "max_complex_pointwise_cat_inputs": 4}
+
+
 class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -159,8 +167,8 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
         place: their norms, projections' epilogues, gates and RoPE fuse into few kernels. The
         recurrence stays fla's (a graph break, see radlads.kernels)."""
         for layer in self.model.layers:
-            layer.compile()
-            layer.self_attn.compile()
+            layer.compile(options=INDUCTOR_OPTIONS)
+            layer.self_attn.compile(options=INDUCTOR_OPTIONS)
 
     def keep_kernel_intermediates(self, keep: bool = True) -> None:
         """Whether the RWKV-7 mixers' fla kernels keep their forward's intermediates for backward
