@@ -80,6 +80,7 @@ from radlads.convert.steps import (
     prepare_teacher,
 )
 from radlads.models.common import LinearMixer, LowRank
+from radlads.models.modeling import inductor_options
 from radlads.train.config import ConvertConfig
 from radlads.train.trainer import Trainer
 
@@ -469,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     calibration: dict[str, list[float]] = {v: [] for v in VARIANTS}
 
     def save():
-        return write_json(args.out, "training", dict(args=vars(args), cells=cells, results=results))
+        payload = dict(args=vars(args), inductor_options=inductor_options(), cells=cells, results=results)
+        return write_json(args.out, "training", payload)
 
     for shape in args.shapes.split(","):
         teacher = build_teacher(shape, device, dtype)
@@ -494,6 +496,9 @@ def main(argv: list[str] | None = None) -> None:
     path = save()
     show(cells, results, args)
     print(f"\nraw numbers: {path}  (total {budget.elapsed():.0f} s)")
+    errors = [r for r in results if r.get("status", "").startswith("error")]
+    if errors:  # the rows and the JSON are written; the exit status tells scripts it went wrong
+        raise SystemExit(f"{len(errors)} row(s) failed, the first: {errors[0]['status']}")
 
 
 def show(cells, results, args) -> None:

@@ -162,3 +162,17 @@ def test_trace_summary_finds_busy_windows_idle_gaps_and_top_kernels(tmp_path, ca
     assert trace_summary.top_kernels(kernels, top=1) == [dict(ms=0.7, calls=2, kernel="nvjet_gemm")]
     trace_summary.main([str(trace), "--window-ms", "1"])
     assert "3 kernels, 0.8 ms of kernel time in a 1.3 ms span" in capsys.readouterr().out
+
+
+def test_a_failing_row_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
+    """An exception in a row (e.g. torch.compile rejecting an option) is written down and the run
+    exits non-zero, so a script running the benchmark sees the failure."""
+
+    def broken(cell, teacher, student0, args, device, budget, row):
+        raise RuntimeError("Unexpected optimization option")
+
+    monkeypatch.setattr(training, "measure", broken)
+    with pytest.raises(SystemExit, match="3 row"):
+        training.main([*FAST, "--no-baseline", "--out", str(tmp_path)])
+    rows = load_results(tmp_path)["results"]
+    assert [r["status"] for r in rows] == ["error: RuntimeError: Unexpected optimization option"] * 3

@@ -303,3 +303,16 @@ def test_training_mode_fuses_the_input_maps_without_changing_outputs_or_gradient
     # Summed in another order (one matmul over all maps): equal to fp32 rounding, as a whole.
     for name, fused, plain in [("x", gx_fused, gx_plain)] + [(n, g_fused[n], g_plain[n]) for n in g_plain]:
         assert (fused - plain).norm() <= 1e-5 * plain.norm(), name
+
+
+def test_compile_layers_leaves_out_inductor_options_this_torch_lacks(monkeypatch):
+    """INDUCTOR_OPTIONS names options of a newer torch than the GPU machines' 2.11, where
+    torch.compile rejected the unknown name at the first call of every layer."""
+    import radlads.models.modeling as modeling
+
+    monkeypatch.setitem(modeling.INDUCTOR_OPTIONS, "an_option_no_torch_has", 1)
+    student = transfer(make_teacher("qwen2", num_hidden_layers=1), "rad-rwkv7").train()
+    student.compile_layers()
+    student(input_ids=torch.randint(0, student.config.vocab_size, (1, 8))).logits.sum().backward()
+    assert "an_option_no_torch_has" not in modeling.inductor_options()
+    assert modeling.inductor_options()["max_pointwise_cat_inputs"] == 4
