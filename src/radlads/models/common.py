@@ -47,7 +47,23 @@ def linear_maps(x: Tensor, linears: Sequence[nn.Linear], fuse: bool) -> list[Ten
     bias = None
     if any(m.bias is not None for m in linears):
         bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
-    return list(F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1))
+    return list(_SplitLast.apply(F.linear(x, weight, bias), [m.out_features for m in linears]))
+
+
+class _SplitLast(torch.autograd.Function):
+    """y.split(sizes, dim=-1), whose backward concatenates the pieces' gradients with torch.cat.
+    Autograd's own backward of split pads each piece's gradient to y's width and sums them; in
+    the compiled layers that became one pointwise kernel with a masked load per piece, ~5x slower
+    than the bytes it moves. A cat of more than 4 pieces is lowered as a buffer that each gradient
+    is written into (modeling.INDUCTOR_OPTIONS)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
+        return y.split(sizes, dim=-1)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        return torch.cat(grads, dim=-1), None
 
 
 class TeacherProjections(nn.Module):
