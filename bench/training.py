@@ -80,7 +80,6 @@ from radlads.convert.steps import (
     prepare_teacher,
 )
 from radlads.models.common import LinearMixer, LowRank
-from radlads.models.modeling import inductor_options
 from radlads.train.config import ConvertConfig
 from radlads.train.trainer import Trainer
 
@@ -470,8 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     calibration: dict[str, list[float]] = {v: [] for v in VARIANTS}
 
     def save():
-        payload = dict(args=vars(args), inductor_options=inductor_options(), cells=cells, results=results)
-        return write_json(args.out, "training", payload)
+        return write_json(args.out, "training", dict(args=vars(args), cells=cells, results=results))
 
     for shape in args.shapes.split(","):
         teacher = build_teacher(shape, device, dtype)

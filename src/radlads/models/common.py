@@ -3,10 +3,7 @@ GQA, and the low-rank ("LoRA") maps that produce RWKV's data-dependent parameter
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 
@@ -26,44 +23,12 @@ class LowRank(nn.Module):
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.expand(self.down(x))
-
-    def expand(self, h: Tensor) -> Tensor:
-        """The map from its down projection h = x A on (see linear_maps)."""
+        h = self.down(x)
         return self.up(torch.tanh(h) if self.activation == "tanh" else h)
 
     def init_parameters(self) -> None:
         init.zeros_(self.down.weight)
         init.orthogonal_(self.up.weight, gain=0.1)
-
-
-def linear_maps(x: Tensor, linears: Sequence[nn.Linear], fuse: bool) -> list[Tensor]:
-    """Each linear map of `x`. Fused: one matmul over the stacked weights (and biases), which reads
-    x once and, in backward, gives x's gradient in one matmul instead of one per map plus their sum.
-    Stacking copies the weights at every call: worth it over a training batch, not per decoded token."""
-    if not fuse or len(linears) == 1:
-        return [m(x) for m in linears]
-    weight = torch.cat([m.weight for m in linears])
-    bias = None
-    if any(m.bias is not None for m in linears):
-        bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
-    return list(_SplitLast.apply(F.linear(x, weight, bias), [m.out_features for m in linears]))
-
-
-class _SplitLast(torch.autograd.Function):
-    """y.split(sizes, dim=-1), whose backward concatenates the pieces' gradients with torch.cat.
-    Autograd's own backward of split pads each piece's gradient to y's width and sums them; in
-    the compiled layers that became one pointwise kernel with a masked load per piece, ~5x slower
-    than the bytes it moves. A cat of more than 4 pieces is lowered as a buffer that each gradient
-    is written into (modeling.INDUCTOR_OPTIONS)."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
-        return y.split(sizes, dim=-1)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):
-        return torch.cat(grads, dim=-1), None
 
 
 class TeacherProjections(nn.Module):
@@ -92,19 +57,16 @@ class TeacherProjections(nn.Module):
             self.q_norm = self.family.norm(teacher, N)
             self.k_norm = self.family.norm(teacher, N)
 
-    def project(
-        self, x: Tensor, position_embeddings: tuple[Tensor, Tensor], more: Sequence[nn.Linear] = ()
-    ) -> tuple[Tensor, ...]:
-        """q, k, v as [B, T, heads, N]: q with H heads, k and v with H_kv heads, RoPE applied; then
-        the maps `more` of x, computed with them (one matmul in training: linear_maps)."""
+    def project(self, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as [B, T, heads, N]: q with H heads, k and v with H_kv heads, RoPE applied."""
         B, T, _ = x.shape
-        maps = [self.q_proj, self.k_proj, self.v_proj, *more]
-        q, k, v, *rest = linear_maps(x, maps, fuse=self.training)
-        q, k, v = (y.view(B, T, -1, self.head_dim) for y in (q, k, v))
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
         if self.family.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, k, *position_embeddings, unsqueeze_dim=2)  # q, k are [B, T, heads, N]
-        return q, k, v, *rest
+        return q, k, v
 
     def expand_kv(self, x: Tensor) -> Tensor:
         """[B, T, H_kv, N] -> [B, T, H, N]; query head h reads KV head h // G, as in HF's repeat_kv."""
@@ -143,15 +105,14 @@ class LinearMixer(TeacherProjections):
     def scale(self) -> float:
         return 1.0 if self.out_norm is not None else self.head_dim**-0.5
 
-    def heads(self, x: Tensor, position_embeddings, attention_mask: Tensor | None, more=()):
-        """r, k, v as [B, T, H, N] with k and v expanded to all query heads; then the maps `more` of
-        x, as project computes them."""
-        r, k, v, *rest = self.project(x, position_embeddings, more)
+    def heads(self, x: Tensor, position_embeddings, attention_mask: Tensor | None):
+        """r, k, v as [B, T, H, N] with k and v expanded to all query heads."""
+        r, k, v = self.project(x, position_embeddings)
         k, v = self.expand_kv(k), self.expand_kv(v)
         if attention_mask is not None:  # padded positions must not write into the state
             keep = attention_mask[:, -x.shape[1] :, None, None].to(k.dtype)
             k, v = k * keep, v * keep
-        return r, k, v, *rest
+        return r, k, v
 
     def recur(self, op, *args, cache=None, **options) -> Tensor:
         """Run a kernel op from the cached state and store its final state back."""

@@ -133,22 +133,6 @@ class RadladsModel(RadladsPreTrainedModel):
         return RadladsOutput(last_hidden_state=hidden, cache=cache, hidden_states=all_hidden)
 
 
-# In backward, the fused input maps' gradients (common.linear_maps) are concatenated from 5 to 7
-# pieces, each the end of its own chain (RoPE and GQA backward for q and k, tanh or sigmoid backward
-# for the LoRAs). As one masked-load pointwise kernel over the concatenation (Inductor's default
-# up to 8 inputs) that took ~1.2 ms a layer at 65k tokens on an H100, ~5x what its bytes need; as
-# a concat buffer each chain writes its own slice.
-# (The second option is newer than torch 2.11; options this torch lacks are left out.)
-INDUCTOR_OPTIONS = {"max_pointwise_cat_inputs": 4, "max_complex_pointwise_cat_inputs": 4}
-
-
-def inductor_options() -> dict:
-    """INDUCTOR_OPTIONS that this torch's Inductor knows (torch.compile rejects the others)."""
-    from torch._inductor import config
-
-    return {name: value for name, value in INDUCTOR_OPTIONS.items() if hasattr(config, name)}
-
-
 class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -174,10 +158,9 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
         """torch.compile each decoder layer and, for step 1, which runs it alone, each time mixer, in
         place: their norms, projections' epilogues, gates and RoPE fuse into few kernels. The
         recurrence stays fla's (a graph break, see radlads.kernels)."""
-        options = inductor_options()
         for layer in self.model.layers:
-            layer.compile(options=options)
-            layer.self_attn.compile(options=options)
+            layer.compile()
+            layer.self_attn.compile()
 
     def keep_kernel_intermediates(self, keep: bool = True) -> None:
         """Whether the RWKV-7 mixers' fla kernels keep their forward's intermediates for backward

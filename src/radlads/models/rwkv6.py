@@ -39,14 +39,8 @@ class RadRWKV6Mixer(LinearMixer):
         self.w_lora.init_parameters()
         self.gate.init_parameters()
 
-    def input_maps(self) -> list[nn.Linear]:
-        """The mixer's own linear maps of its input x, computed with q, k and v (common.linear_maps):
-        the decay and gate LoRAs' down projections."""
-        return [self.w_lora.down, self.gate.down]
-
-    def log_decay(self, w_lora: Tensor) -> Tensor:
-        """log w from the decay LoRA's output."""
-        return -torch.exp(self.w0 + w_lora.float())
+    def log_decay(self, x: Tensor) -> Tensor:
+        return -torch.exp(self.w0 + self.w_lora(x).float())
 
     def forward(
         self,
@@ -57,8 +51,8 @@ class RadRWKV6Mixer(LinearMixer):
         attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         B, T, _ = x.shape
-        r, k, v, h_w, h_gate = self.heads(x, position_embeddings, attention_mask, self.input_maps())
-        log_w = self.log_decay(self.w_lora.expand(h_w)).view(B, T, self.num_heads, self.head_dim)
+        r, k, v = self.heads(x, position_embeddings, attention_mask)
+        log_w = self.log_decay(x).view(B, T, self.num_heads, self.head_dim)
         k = k * -torch.expm1(log_w).to(k.dtype)  # 1 - w, accurate when w is close to 1
         y = self.recur(gla_recurrence, *kernel_inputs(r, log_w, k, v), cache=cache)  # see kernel_inputs
-        return self.output(y, torch.sigmoid(self.gate.expand(h_gate))), v_first
+        return self.output(y, torch.sigmoid(self.gate(x))), v_first

@@ -67,17 +67,9 @@ class RadRWKV7Mixer(LinearMixer):
         if isinstance(self.gate, nn.Linear):
             init.zeros_(self.gate.weight)
 
-    def input_maps(self) -> list[nn.Linear]:
-        """The mixer's own linear maps of its input x, computed with q, k and v (common.linear_maps):
-        the decay, in-context rate and value-residual LoRAs' down projections, then the gate's."""
-        loras = [self.w_lora, self.a_lora] + ([] if self.holds_v_first else [self.v_lora])
-        return [lora.down for lora in loras] + [
-            self.gate.down if isinstance(self.gate, LowRank) else self.gate
-        ]
-
-    def log_decay(self, w_lora: Tensor) -> Tensor:
-        """log w from the decay LoRA's output."""
-        return -torch.exp(-0.5 - F.softplus(-(self.w0 + w_lora.float())))
+    def log_decay(self, x: Tensor) -> Tensor:
+        d = self.w0 + self.w_lora(x).float()
+        return -torch.exp(-0.5 - F.softplus(-d))
 
     def forward(
         self,
@@ -89,17 +81,15 @@ class RadRWKV7Mixer(LinearMixer):
     ) -> tuple[Tensor, Tensor]:
         B, T, _ = x.shape
         heads = (B, T, self.num_heads, self.head_dim)
-        r, k, v, h_w, h_a, *h_v, h_gate = self.heads(
-            x, position_embeddings, attention_mask, self.input_maps()
-        )
-        log_w = self.log_decay(self.w_lora.expand(h_w)).view(heads)
-        a = torch.sigmoid(self.a0 + self.a_lora.expand(h_a)).view(heads)
+        r, k, v = self.heads(x, position_embeddings, attention_mask)
+        log_w = self.log_decay(x).view(heads)
+        a = torch.sigmoid(self.a0 + self.a_lora(x)).view(heads)
         kappa = F.normalize(k * self.k_k.view(heads[2:]), dim=-1)
         k = k * (1 + (a - 1) * self.k_a.view(heads[2:]))
         if self.holds_v_first:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + self.v_lora.expand(*h_v)).view(heads)
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + self.v_lora(x)).view(heads)
         inputs = kernel_inputs(r, log_w, k, v, -kappa, kappa * a)  # here: see kernel_inputs
         y = self.recur(
             rwkv7_recurrence,
@@ -108,5 +98,4 @@ class RadRWKV7Mixer(LinearMixer):
             log_w_min=LOG_W_MIN,
             recompute=not self.keep_kernel_intermediates,
         )
-        gate = self.gate.expand(h_gate) if isinstance(self.gate, LowRank) else h_gate
-        return self.output(y, torch.sigmoid(gate)), v_first
+        return self.output(y, torch.sigmoid(self.gate(x))), v_first
