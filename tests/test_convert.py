@@ -14,6 +14,7 @@ import weakref
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from radlads.cli.main import main
@@ -88,6 +89,7 @@ def test_single_steps_run_alone_and_in_order(workspace, tmp_path):
     # step 2 may follow step 0 directly (skipping alignment); on CPU the switch changes nothing
     assert main(["step2", *args, "--keep-kernel-intermediates"]) == 0
     assert read_trainer_state(out / "checkpoints/step2")["complete"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["keep_kernel_intermediates"] is True
 
 
 def test_bad_input_is_refused_without_losing_finished_work(converted, workspace, tmp_path, capsys):

@@ -57,16 +57,17 @@ def _dispatch(backend: str, on_cuda: bool):
 @torch.compiler.disable
 def _run(backend: str, r, log_w, k, v, *ab, log_w_min: float | None = None, recompute: bool = True, **kwargs):
     op = _dispatch(backend, r.is_cuda)
-    if not recompute and op is not recurrent_chunked and op is not recurrent_loop:
-        kwargs["recompute"] = False  # the references keep what autograd keeps, always
+    if op in (recurrent_chunked, recurrent_loop):
+        # The references keep what autograd keeps (no `recompute`), and check the floor's promise,
+        # on the CPU only: on a GPU the check would stall the host every layer (and break
+        # CUDA-graph capture).
+        if log_w_min is not None and not log_w.is_cuda and (log_w < log_w_min).any():
+            raise ValueError(f"log_w falls below log_w_min={log_w_min}, the floor its caller declared")
+        return op(r, log_w, k, v, *ab, **kwargs)
     if log_w_min is not None:
-        if op is recurrent_chunked or op is recurrent_loop:
-            # The references check the promise, on the CPU only: on a GPU the check would stall
-            # the host every layer (and break CUDA-graph capture).
-            if not log_w.is_cuda and (log_w < log_w_min).any():
-                raise ValueError(f"log_w falls below log_w_min={log_w_min}, the floor its caller declared")
-        else:
-            kwargs["log_w_min"] = log_w_min
+        kwargs["log_w_min"] = log_w_min
+    if not recompute:
+        kwargs["recompute"] = False
     return op(r, log_w, k, v, *ab, **kwargs)
 
 
