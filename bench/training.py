@@ -72,6 +72,7 @@ from torch import nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+import radlads.kernels as kernels
 from radlads.convert.steps import (
     AttentionAlignment,
     ContextExtension,
@@ -84,10 +85,20 @@ from radlads.train.config import ConvertConfig
 from radlads.train.trainer import Trainer
 
 STEPS = (1, 2, 3)
-# radlads-keep (with --keep): radlads with keep_kernel_intermediates; radlads-eager: with --eager
-VARIANTS = ("radlads", "radlads-keep", "radlads-eager", "baseline")
+# radlads-keep (with --keep): radlads with keep_kernel_intermediates; radlads-keep-break (with
+# --graph-break): radlads-keep calling fla's own entry point, a graph break in every compiled layer, as
+# before radlads::rwkv7_chunk; radlads-eager (with --eager): radlads not compiled.
+VARIANTS = ("radlads", "radlads-keep", "radlads-keep-break", "radlads-eager", "baseline")
+KEEPS = ("radlads-keep", "radlads-keep-break")
 # First guesses of MFU for the time estimates; measured cells replace them as the run goes.
-GUESSED_MFU = {"radlads": 0.2, "radlads-keep": 0.2, "radlads-eager": 0.15, "baseline": 0.01}
+GUESSED_MFU = {
+    "radlads": 0.2,
+    "radlads-keep": 0.2,
+    "radlads-keep-break": 0.2,
+    "radlads-eager": 0.15,
+    "baseline": 0.01,
+}
+FLA_RUNS = kernels._fla_runs
 SETUP_S = 5.0  # copying the student to the device and building the optimizer, per attempt
 TINY = dict(
     shapes="tiny",
@@ -130,7 +141,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also rows radlads-keep: radlads as `radlads convert --keep-kernel-intermediates`",
     )
     p.add_argument("--keep-batch", default="80,48,12", help="steps 1,2,3: radlads-keep's batch")
+    p.add_argument(
+        "--graph-break",
+        action="store_true",
+        help="also rows radlads-keep-break: radlads-keep with fla's entry point as a graph break (the old path)",
+    )
     p.add_argument("--no-baseline", action="store_true", help="no baseline rows (e.g. measured already)")
+    p.add_argument(
+        "--no-radlads", action="store_true", help="no plain radlads rows (only the variants asked for)"
+    )
     p.add_argument("--baseline-backend", default="chunked", help="the baseline's recurrence kernels")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOPS / 1e12, help="MFU's ceiling")
     p.add_argument("--budget-s", type=float, default=300.0, help="skip cells that would end later")
@@ -152,7 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for v in VARIANTS
         if (args.eager or v != "radlads-eager")
         and (args.keep or v != "radlads-keep")
+        and (args.graph_break or v != "radlads-keep-break")
         and not (args.no_baseline and v == "baseline")
+        and not (args.no_radlads and v == "radlads")
     ]
     args.steps = sorted(int(s) for s in args.steps.split(","))  # step 3 frees the teacher: last
     args.batch = dict(zip(STEPS, (int(b) for b in args.batch.split(","))))
@@ -234,12 +255,14 @@ def make_trainer(variant: str, step: int, teacher, student, args, batch: int, de
         cfg.steps()[step], seq_len=seq_len, batch_size=batch, grad_accum=args.grad_accum
     )
     radlads = variant != "baseline"
-    compile = variant in ("radlads", "radlads-keep") and not args.no_compile
+    compile = variant in ("radlads", *KEEPS) and not args.no_compile
     if teacher is not None:
         teacher.set_attn_implementation("sdpa" if radlads else "eager")
         prepare_teacher(teacher, compile and device.type == "cuda")
     if radlads:
-        keep = variant == "radlads-keep"
+        keep = variant in KEEPS
+        # Before prepare_student, which resets Dynamo: compiled code keeps _fla_runs' answer.
+        kernels._fla_runs = (lambda backend, on_cuda: False) if variant == "radlads-keep-break" else FLA_RUNS
         prepare_student(student, args.activation_checkpointing, compile and device.type == "cuda", keep)
     if not radlads:
         student.config.kernel_backend = args.baseline_backend  # the mixers share this config
@@ -396,7 +419,7 @@ def estimate_s(cell: dict, variant: str, batch: int, args, calibration: dict) ->
 def run_variant(cell, variant, teacher, student0, args, device, budget, calibration) -> list[dict]:
     """One variant of one (shape, step) cell: its rows, an OOM row per batch that did not fit."""
     rows = []
-    first = (args.keep_batch if variant == "radlads-keep" else args.batch)[cell["step"]]
+    first = (args.keep_batch if variant in KEEPS else args.batch)[cell["step"]]
     fallback = args.baseline_batch[cell["step"]] if variant == "baseline" else first // 2
     for batch in batch_sizes(first, fallback):
         row = dict(shape=cell["shape"], step=cell["step"], variant=variant, batch=batch)
@@ -426,7 +449,8 @@ def run_variant(cell, variant, teacher, student0, args, device, budget, calibrat
 
 def ratios(results: list[dict]) -> list[dict]:
     """Per (shape, step), each variant at the largest batch that ran, against radlads: the baseline's
-    ratio, and what compiling (--eager) and keeping fla's intermediates (--keep) gain."""
+    ratio, and what compiling (--eager) and keeping fla's intermediates (--keep) gain; and
+    radlads-keep against radlads-keep-break (--graph-break): what the custom op gains."""
     out = []
     for (shape, step), rows in itertools.groupby(results, key=lambda r: (r["shape"], r["step"])):
         ran = {}
@@ -434,15 +458,18 @@ def ratios(results: list[dict]) -> list[dict]:
             if "tok_s" in r:
                 ran.setdefault(r["variant"], r)
         rad, base, eager = ran.get("radlads"), ran.get("baseline"), ran.get("radlads-eager")
-        keep = ran.get("radlads-keep")
-        if not (rad and (base or eager or keep)):
-            continue
-        row = dict(shape=shape, step=step, radlads_batch=rad["batch"], radlads_mfu=rad["mfu"])
-        if eager and eager["batch"] == rad["batch"]:
+        keep, keep_break = ran.get("radlads-keep"), ran.get("radlads-keep-break")
+        row = dict(shape=shape, step=step)
+        if keep and keep_break and keep_break["batch"] == keep["batch"]:
+            row.update(keep_batch=keep["batch"], keep_mfu=keep["mfu"], keep_break_mfu=keep_break["mfu"])
+            row["op_gain"] = keep["tok_s"] / keep_break["tok_s"]
+        if rad:
+            row.update(radlads_batch=rad["batch"], radlads_mfu=rad["mfu"])
+        if rad and eager and eager["batch"] == rad["batch"]:
             row["compile_gain"] = rad["tok_s"] / eager["tok_s"]
-        if keep:  # each at its own batch
+        if rad and keep:  # each at its own batch
             row.update(keep_batch=keep["batch"], keep_gain=keep["tok_s"] / rad["tok_s"], keep_mfu=keep["mfu"])
-        if base:
+        if rad and base:
             # Peaks compare only at one batch; at two, the baseline ran out of memory at radlads'.
             same_batch = rad["batch"] == base["batch"] and base["peak_gb"]
             row.update(
@@ -453,7 +480,8 @@ def ratios(results: list[dict]) -> list[dict]:
                 baseline_peak_gb=base["peak_gb"],
                 peak_mem_ratio=rad["peak_gb"] / base["peak_gb"] if same_batch else None,
             )
-        out.append(row)
+        if len(row) > 2:
+            out.append(row)
     return out
 
 

@@ -26,7 +26,7 @@ def load_results(out: Path) -> dict:
 
 
 def test_tiny_run_has_a_finite_row_and_a_ratio_per_step_and_variant(tmp_path):
-    training.main([*FAST, "--eager", "--keep", "--out", str(tmp_path)])
+    training.main([*FAST, "--eager", "--keep", "--graph-break", "--out", str(tmp_path)])
     record = load_results(tmp_path)
     rows = {(r["step"], r["variant"]): r for r in record["results"]}
     assert set(rows) == {(s, v) for s in training.STEPS for v in training.VARIANTS}
@@ -42,6 +42,7 @@ def test_tiny_run_has_a_finite_row_and_a_ratio_per_step_and_variant(tmp_path):
         tok_s = {v: rows[(r["step"], v)]["tok_s"] for v in training.VARIANTS}
         assert r["compile_gain"] == pytest.approx(tok_s["radlads"] / tok_s["radlads-eager"])
         assert r["keep_gain"] == pytest.approx(tok_s["radlads-keep"] / tok_s["radlads"])
+        assert r["op_gain"] == pytest.approx(tok_s["radlads-keep"] / tok_s["radlads-keep-break"])
         assert r["tok_s_ratio"] == pytest.approx(tok_s["radlads"] / tok_s["baseline"])
     assert record["environment"]["torch"] == torch.__version__
 

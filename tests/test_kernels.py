@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,15 +122,12 @@ def test_rad_rwkv7_decay_never_falls_below_its_declared_floor():
 
 
 def test_fla_receives_the_floor_as_lower_bound(monkeypatch):
-    """radlads.kernels.fla_ops hands the floor to fla's chunked RWKV-7 kernel (fla itself is
-    replaced by a recording stub, and the module loaded under another name: this runs without CUDA
-    and leaves the real one alone)."""
-    import importlib.util
+    """radlads.kernels.fla_ops hands the floor to fla's chunked RWKV-7 kernel (fla, which it imports
+    when called, is replaced by a recording stub: this runs without CUDA)."""
     import sys
     import types
-    from pathlib import Path
 
-    import radlads.kernels
+    from radlads.kernels import fla_ops
 
     calls = []
 
@@ -144,10 +143,6 @@ def test_fla_receives_the_floor_as_lower_bound(monkeypatch):
     for module, ops in stubs.items():
         for op in ops:
             setattr(sys.modules[module], op, record(op))
-    path = Path(radlads.kernels.__file__).with_name("fla_ops.py")
-    spec = importlib.util.spec_from_file_location("fla_ops_on_stubs", path)
-    fla_ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fla_ops)
     args, _ = random_inputs(1, 40, 2, 8, 8, True)
     fla_ops.dplr(*args, log_w_min=LOG_W_MIN)
     with torch.no_grad():
@@ -221,27 +216,77 @@ def test_fla_matches_reference(shape, delta_rule, dtype, tol, monkeypatch):
 @needs_fla
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
-    "delta_rule,recompute", [(False, True), (True, True), (True, False)], ids=["gla", "rwkv7", "rwkv7-kept"]
+    "delta_rule,recompute,stateful",
+    [(False, True, True), (True, True, True), (True, False, True), (True, True, False), (True, False, False)],
+    ids=["gla", "rwkv7", "rwkv7-kept", "rwkv7-op", "rwkv7-op-kept"],
 )
-def test_fla_gradients_match_reference(delta_rule, recompute, dtype, tol, monkeypatch):
+def test_fla_gradients_match_reference(delta_rule, recompute, stateful, dtype, tol, monkeypatch):
     """Training runs fla's chunked backward (in bf16 under autocast), recomputing its forward's
     intermediates or keeping them: its gradients must match the fp32 reference's on the same input
-    values."""
+    values. Without a state (training), RWKV-7 runs as the custom op radlads::rwkv7_chunk."""
     ieee_fp32(dtype, monkeypatch)
     op = rwkv7_recurrence if delta_rule else gla_recurrence
     floor = dict(log_w_min=LOG_W_MIN, recompute=recompute) if delta_rule else {}
     args, state = random_inputs(2, 96, 2, 64, 64, delta_rule, device="cuda", dtype=dtype, seed=11)
+    carried = dict(initial_state=state, output_final_state=True) if stateful else {}
     grads = []
     for backend, inputs in (("fla", args), ("chunked", [x.float() for x in args])):
         leaves = [x.clone().requires_grad_() for x in inputs]
-        y, _ = op(
-            *leaves, scale=0.125, initial_state=state, output_final_state=True, backend=backend, **floor
-        )
+        y, _ = op(*leaves, scale=0.125, backend=backend, **carried, **floor)
         y.square().sum().backward()
         grads.append([x.grad for x in leaves])
     errors = [rel_err(g_fla, g_ref) for g_fla, g_ref in zip(*grads)]
     print(f"fla vs chunked gradients delta_rule={delta_rule} recompute={recompute} {dtype}: {errors}")
     assert max(errors) < tol, errors
+
+
+@pytest.fixture(params=["stand-in", pytest.param("fla", marks=[pytest.mark.gpu, needs_fla])])
+def op_device(request, monkeypatch) -> str:
+    """Where radlads::rwkv7_chunk runs: on CPU around a stand-in for fla (tests/fla_stand_in.py:
+    the op's own machinery), on CUDA around fla itself."""
+    if request.param == "fla":
+        return "cuda"
+    import fla_stand_in
+    import radlads.kernels
+
+    fla_stand_in.install(monkeypatch)
+    monkeypatch.setattr(radlads.kernels, "_fla_runs", lambda backend, on_cuda: True)
+    return "cpu"
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "kept"])
+def test_rwkv7_chunk_op_passes_opcheck(op_device, keep):
+    """The custom op's schema, fake (meta) outputs, autograd registration and traced forms agree
+    with what it does (torch.library.opcheck runs each)."""
+    args, _ = random_inputs(2, 96, 2, 64, 64, True, device=op_device, dtype=torch.bfloat16, seed=3)
+    leaves = [x.bfloat16().requires_grad_() for x in args]
+    torch.library.opcheck(torch.ops.radlads.rwkv7_chunk, (*leaves, 0.125, LOG_W_MIN, keep))
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "kept"])
+def test_compiled_rwkv7_layers_have_no_graph_break_at_the_recurrence(op_device, keep):
+    """A compiled RAD-RWKV7 layer is one graph through the recurrence (a break per layer left step
+    2's forward host-bound on fla), and training through it gives eager's gradients."""
+    from torch._dynamo.utils import counters
+
+    teacher = make_teacher("qwen2", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    eager = transfer(teacher, arch="rad-rwkv7").to(op_device).train()
+    eager.keep_kernel_intermediates(keep)
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.compile_layers()
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 96), device=op_device)
+    for model in (eager, compiled):
+        with torch.autocast(op_device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids).logits.float().square().mean()
+        loss.backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    grads = [
+        (p.grad, q.grad) for p, q in zip(eager.parameters(), compiled.parameters()) if p.grad is not None
+    ]
+    error = rel_err(torch.cat([q.flatten() for _, q in grads]), torch.cat([p.flatten() for p, _ in grads]))
+    assert error < 2e-2, error
 
 
 @pytest.mark.gpu

@@ -149,15 +149,16 @@ def test_prepare_student_tells_the_rwkv7_kernels_whether_to_recompute(keep, chec
 
     seen = []
 
-    def fla_like(*args, recompute=True, log_w_min=None, **kwargs):
+    def fla_like(*args, recompute=True, log_w_min=None, scale=1.0):
         seen.append(recompute)
-        return kernels.recurrent_chunked(*args, **kwargs)
+        return kernels.recurrent_chunked(*args, scale=scale)[0]
 
     student = transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7").train()
     prepare_student(student, checkpointing, compile=False, keep_kernel_intermediates=keep)
     ids = torch.randint(0, student.config.vocab_size, (2, 16))
     student(input_ids=ids).logits.sum().backward()  # the references: no unexpected argument
-    monkeypatch.setattr(kernels, "_dispatch", lambda backend, on_cuda: fla_like)
+    monkeypatch.setattr(kernels, "_fla_runs", lambda backend, on_cuda: True)  # as on a GPU with fla
+    monkeypatch.setattr(kernels.fla_ops, "rwkv7_chunk", fla_like)
     student(input_ids=ids).logits.sum().backward()
     assert seen and set(seen) == {not (keep or checkpointing)}
 

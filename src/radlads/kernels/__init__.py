@@ -18,6 +18,7 @@ import os
 import torch
 from torch import Tensor
 
+from . import fla_ops
 from .reference import recurrent_chunked, recurrent_loop
 
 BACKENDS = ("auto", "fla", "chunked", "loop")
@@ -46,14 +47,19 @@ def resolve_backend(backend: str, on_cuda: bool) -> str:
 def _dispatch(backend: str, on_cuda: bool):
     name = resolve_backend(backend, on_cuda)
     if name == "fla":
-        from . import fla_ops
-
         return fla_ops.dplr
     return recurrent_chunked if name == "chunked" else recurrent_loop
 
 
-# fla's autotuned Triton kernels are not for Dynamo to trace: a compiled caller (the training
-# path's compiled layers) breaks its graph here and runs the kernel as it is.
+# Decided once per compiled graph (Dynamo calls it while tracing and keeps the answer): the backend
+# is configuration, and the environment lookups behind it are nothing Dynamo could trace.
+@torch.compiler.assume_constant_result
+def _fla_runs(backend: str, on_cuda: bool) -> bool:
+    return resolve_backend(backend, on_cuda) == "fla"
+
+
+# fla's autotuned Triton kernels are not for Dynamo to trace: a compiled caller breaks its graph
+# here and runs the kernel as it is (fla_ops.rwkv7_chunk, training's RWKV-7 call, does not).
 @torch.compiler.disable
 def _run(backend: str, r, log_w, k, v, *ab, log_w_min: float | None = None, recompute: bool = True, **kwargs):
     op = _dispatch(backend, r.is_cuda)
@@ -111,8 +117,10 @@ def rwkv7_recurrence(
     `recompute`: fla's chunked kernel recomputes its forward's intermediates in backward (least
     memory). False keeps them from the forward instead: the backward skips most of a forward's
     work, and each call holds ~2.2 KB more per token and head (at K = V = 64) until its backward."""
-    state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     inputs = kernel_inputs(r, log_w, k, v, a, b)
+    if initial_state is None and not output_final_state and _fla_runs(backend, r.is_cuda):
+        return fla_ops.rwkv7_chunk(*inputs, scale=scale, log_w_min=log_w_min, recompute=recompute), None
+    state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     return _run(backend, *inputs, log_w_min=log_w_min, recompute=recompute, **state)
 
 

@@ -1,13 +1,17 @@
 """flash-linear-attention's Triton kernels behind the reference's signature (CUDA only).
 
-Imported lazily by the dispatcher: on a CPU install this module is never loaded.
+fla is imported inside the functions that launch its kernels, so this module (and the custom op
+it defines) loads on a CPU install too; nothing here runs there.
+
+Training's RWKV-7 call is a PyTorch custom op (`radlads::rwkv7_chunk`, with its backward as a
+second op): torch.compile sees one opaque node instead of fla's Python, so a compiled decoder
+layer stays one graph across the recurrence, forward and backward. Called from inside a compiled
+layer, fla's own entry point is a graph break: Dynamo leaves the graph, fla's dispatch runs, a
+resume function enters a second graph, and the host pays that per layer and direction, which
+left step 2's forward at the edge of host-bound on an H100 (docs/benchmarks.md, fifth run).
 """
 
-from __future__ import annotations
-
 import torch
-from fla.ops.gla import chunk_gla, fused_recurrent_gla
-from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
 from torch import Tensor
 
 # The fused recurrent kernel wins for decoding (a handful of tokens, no autograd); the chunked
@@ -34,6 +38,9 @@ def dplr(
 ) -> tuple[Tensor, Tensor | None]:
     # r, log_w, k, v, a, b arrive in one dtype (radlads.kernels casts them); the state stays fp32.
     # `recompute` applies to RWKV-7 only: fla's GLA kernels have no such switch.
+    from fla.ops.gla import chunk_gla, fused_recurrent_gla
+    from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+
     if initial_state is not None:
         initial_state = initial_state.float()
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
@@ -45,3 +52,168 @@ def dplr(
         return fused_recurrent_rwkv7(r, log_w, k, v, a, b, **state)
     # fla picks its chunk size (64 with a safe floor, else 16) and tensor-core scheme from lower_bound.
     return chunk_rwkv7(r, log_w, k, v, a, b, lower_bound=log_w_min, disable_recompute=not recompute, **state)
+
+
+def rwkv7_chunk(
+    r: Tensor,
+    log_w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: float = 1.0,
+    log_w_min: float | None = None,
+    recompute: bool = True,
+) -> Tensor:
+    """fla's chunked RWKV-7 (as `dplr`, from a zero state, no final state) as a custom op that
+    torch.compile traces through; y only. Intermediates are kept only for a backward to come."""
+    keep = not recompute and torch.is_grad_enabled()
+    return torch.ops.radlads.rwkv7_chunk(r, log_w, k, v, a, b, scale, log_w_min, keep)[0]
+
+
+# --------------------------------------------------------------------------- the custom ops
+#
+# fla's autograd.Function (ChunkDPLRDeltaRuleFunction) runs inside them: its forward with a context
+# that records what it saves, its backward with a context that hands those tensors back, so the
+# ops run exactly fla's kernel sequence. Tensors fla saves beyond the op's inputs (only when it
+# keeps its intermediates) leave the forward op as extra outputs; the order is fla's.
+
+_FLA_SAVES_INPUTS = 7  # q, k, v, a, b, gk, initial_state: the op's inputs (no initial state here)
+
+
+def _chunking(lower_bound: float | None) -> tuple[int, bool]:
+    """(chunk size, tensor-core "safe gate" scheme) as fla's chunk_rwkv7 picks them."""
+    from fla.ops.generalized_delta_rule.dplr.chunk import gate_bound_is_safe
+    from fla.utils import TRITON_ABOVE_3_4_0
+
+    if lower_bound is not None and lower_bound >= 0:
+        raise ValueError(f"log_w_min must be negative (a log-decay floor), got {lower_bound}")
+    safe = lower_bound is not None and gate_bound_is_safe(lower_bound, 64)
+    chunk_size = 64 if TRITON_ABOVE_3_4_0 and safe else 16
+    return chunk_size, lower_bound is not None and gate_bound_is_safe(lower_bound, chunk_size)
+
+
+class _Context:
+    """Stands in for autograd's ctx around fla's Function: keeps what fla sets and saves."""
+
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+@torch.library.custom_op("radlads::rwkv7_chunk", mutates_args=(), device_types="cuda")
+def _rwkv7_chunk(
+    r: Tensor,
+    log_w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: float,
+    lower_bound: float | None,
+    keep: bool,
+) -> list[Tensor]:
+    from fla.ops.generalized_delta_rule.dplr.chunk import ChunkDPLRDeltaRuleFunction
+
+    chunk_size, safe_gate = _chunking(lower_bound)
+    ctx = _Context()
+    y, _ = ChunkDPLRDeltaRuleFunction.forward(
+        ctx,
+        r,
+        k,
+        v,
+        a,
+        b,
+        log_w,
+        scale,
+        None,
+        False,
+        None,
+        None,
+        safe_gate,
+        lower_bound,
+        chunk_size,
+        keep,
+        None,
+    )
+    return [y, *ctx.saved_tensors[_FLA_SAVES_INPUTS:]]
+
+
+@_rwkv7_chunk.register_fake
+def _(r, log_w, k, v, a, b, scale, lower_bound, keep):
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    chunk_size, _ = _chunking(lower_bound)
+    y = r.new_empty(B, T, H, V)
+    if not keep:
+        return [y]
+    f32 = torch.float32
+
+    def per_token(width, dtype=r.dtype):
+        return r.new_empty(B, T, H, width, dtype=dtype)
+
+    # fla's order: gi, ge, A_qk, A_qb, A_ak, qg, kg, ag, bg, w, h, v_new, A_ab_inv
+    gi, ge = per_token(K, f32), per_token(K, f32)
+    A_qk, A_qb, A_ak = per_token(chunk_size), per_token(chunk_size), per_token(chunk_size, f32)
+    qg, kg, ag, bg, w = (per_token(K) for _ in range(5))
+    h = r.new_empty(B, -(-T // chunk_size), H, K, V)  # ceil, for symbolic T too
+    v_new = v.new_empty(B, T, H, V)
+    return [y, gi, ge, A_qk, A_qb, A_ak, qg, kg, ag, bg, w, h, v_new, per_token(chunk_size, f32)]
+
+
+@torch.library.custom_op("radlads::rwkv7_chunk_bwd", mutates_args=(), device_types="cuda")
+def _rwkv7_chunk_bwd(
+    dy: Tensor,
+    r: Tensor,
+    log_w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    kept: list[Tensor],
+    scale: float,
+    lower_bound: float | None,
+) -> list[Tensor]:
+    from fla.ops.generalized_delta_rule.dplr.chunk import ChunkDPLRDeltaRuleFunction
+
+    chunk_size, safe_gate = _chunking(lower_bound)
+    inputs = (x.contiguous() for x in (r, k, v, a, b, log_w))  # fla's forward saved them contiguous
+    ctx = _Context(
+        saved_tensors=(*inputs, None, *kept),
+        disable_recompute=bool(kept),
+        chunk_size=chunk_size,
+        safe_gate=safe_gate,
+        scale=scale,
+        cu_seqlens=None,
+        chunk_indices=None,
+        cp_context=None,
+        _fwd_used_autocast=False,  # read by torch.amp.custom_bwd
+        _dtype=r.dtype,
+    )
+    dr, dk, dv, da, db, dlog_w = ChunkDPLRDeltaRuleFunction.backward(ctx, dy, None)[:6]
+    return [dr, dlog_w, dk, dv, da, db]
+
+
+@_rwkv7_chunk_bwd.register_fake
+def _(dy, r, log_w, k, v, a, b, kept, scale, lower_bound):
+    return [x.new_empty(x.shape) for x in (r, log_w, k, v, a, b)]
+
+
+def _setup_context(ctx, inputs, output):
+    r, log_w, k, v, a, b, scale, lower_bound, _ = inputs
+    kept = output[1:]
+    ctx.mark_non_differentiable(*kept)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(r, log_w, k, v, a, b, *kept)
+    ctx.options = (scale, lower_bound)
+
+
+def _backward(ctx, grads):
+    r, log_w, k, v, a, b, *kept = ctx.saved_tensors
+    inputs_grads = torch.ops.radlads.rwkv7_chunk_bwd(grads[0], r, log_w, k, v, a, b, kept, *ctx.options)
+    return (*inputs_grads, None, None, None)
+
+
+_rwkv7_chunk.register_autograd(_backward, setup_context=_setup_context)

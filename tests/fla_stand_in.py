@@ -1,0 +1,93 @@
+"""A CPU stand-in for the part of fla that radlads' custom op `radlads::rwkv7_chunk` calls.
+
+fla's kernels need CUDA; the op's own machinery (schema, fake outputs, autograd registration, the
+context it hands fla's Function, tracing through torch.compile) does not. The stand-in computes
+with the PyTorch reference and saves what fla saves (intermediates of fla's shapes and dtypes,
+filled with a marker when asked to keep them), so CPU tests check that machinery; GPU tests run
+the same checks on fla itself.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import sys
+import types
+
+import torch
+
+from radlads.kernels import fla_ops
+from radlads.kernels.reference import recurrent_chunked
+
+MARKER = 7.0
+
+
+def _gate_bound_is_safe(lower_bound: float, chunk_size: int) -> bool:
+    return lower_bound < 0 and abs(lower_bound) * (chunk_size // 2 + 1) * 1.4427 <= 124
+
+
+def _fla_intermediates(q, v, chunk_size):
+    B, T, H, K = q.shape
+    f32 = torch.float32
+
+    def per_token(width, dtype=q.dtype):
+        return torch.full((B, T, H, width), MARKER, dtype=dtype)
+
+    nt = -(-T // chunk_size)
+    return [
+        *(per_token(K, f32), per_token(K, f32)),  # gi, ge
+        *(per_token(chunk_size), per_token(chunk_size), per_token(chunk_size, f32)),  # A_qk, A_qb, A_ak
+        *(per_token(K) for _ in range(5)),  # qg, kg, ag, bg, w
+        torch.full((B, nt, H, K, v.shape[-1]), MARKER, dtype=q.dtype),  # h
+        torch.full_like(v, MARKER),  # v_new
+        per_token(chunk_size, f32),  # A_ab_inv
+    ]
+
+
+class StandInFunction:
+    """ChunkDPLRDeltaRuleFunction's forward/backward contract, computed by the reference."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, a, b, gk, scale, h0, final, cu, cu_cpu, safe_gate, bound, chunk_size, keep, cp):
+        with torch.no_grad():
+            y, _ = recurrent_chunked(q, gk, k, v, a, b, scale=scale)
+        kept = _fla_intermediates(q, v, chunk_size) if keep else []
+        ctx.save_for_backward(q, k, v, a, b, gk, h0, *kept)
+        return y.to(q.dtype).contiguous(), None  # fla's outputs are contiguous
+
+    @staticmethod
+    def backward(ctx, dy, dht):
+        q, k, v, a, b, gk, _, *kept = ctx.saved_tensors
+        assert ctx.disable_recompute == bool(kept)
+        assert all(float(x.flatten()[0]) == MARKER for x in kept), "kept intermediates lost on the way"
+
+        def grads():
+            # The op's backward runs below autograd's dispatch keys, thread-locally: a fresh thread
+            # can differentiate the reference (fla needs nothing of the kind: it has its kernels).
+            with torch.enable_grad():
+                xs = [x.detach().requires_grad_() for x in (q, k, v, a, b, gk)]
+                y, _ = recurrent_chunked(xs[0], xs[5], *xs[1:5], scale=ctx.scale)
+                return torch.autograd.grad(y, xs, dy)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            dq, dk, dv, da, db, dgk = (g.contiguous() for g in pool.submit(grads).result())
+        return (dq, dk, dv, da, db, dgk, None, None) + (None,) * 8
+
+
+_REGISTERED = False
+
+
+def install(monkeypatch) -> None:
+    """Make `import fla...` inside radlads.kernels.fla_ops find the stand-in, and let the ops run
+    on CPU tensors (a CPU kernel for each: registered once, for the rest of the session, where
+    nothing else calls them on a CPU)."""
+    global _REGISTERED
+    names = ("fla", "fla.ops", "fla.ops.generalized_delta_rule", "fla.ops.generalized_delta_rule.dplr")
+    for name in (*names, "fla.ops.generalized_delta_rule.dplr.chunk", "fla.utils"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    chunk = sys.modules["fla.ops.generalized_delta_rule.dplr.chunk"]
+    chunk.gate_bound_is_safe, chunk.ChunkDPLRDeltaRuleFunction = _gate_bound_is_safe, StandInFunction
+    sys.modules["fla.utils"].TRITON_ABOVE_3_4_0 = True
+    if not _REGISTERED:
+        for op in (fla_ops._rwkv7_chunk, fla_ops._rwkv7_chunk_bwd):
+            op.register_kernel("cpu")(op._init_fn)
+        _REGISTERED = True
