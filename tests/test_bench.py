@@ -103,7 +103,8 @@ def test_counted_matmul_flops_match_torch_flop_counter(tiny_models, step, varian
 
 
 def test_no_budget_skips_every_cell_and_still_writes_the_json(tmp_path):
-    training.main([*FAST, "--eager", "--keep", "--steps", "1", "--budget-s", "0", "--out", str(tmp_path)])
+    variants = ["--eager", "--keep", "--graph-break"]
+    training.main([*FAST, *variants, "--steps", "1", "--budget-s", "0", "--out", str(tmp_path)])
     rows = load_results(tmp_path)["results"]
     assert {r["variant"] for r in rows} == set(training.VARIANTS)
     assert all(r["status"] == "skipped (budget)" for r in rows)
