@@ -178,3 +178,17 @@ def test_a_failing_row_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
         training.main([*FAST, "--no-baseline", "--out", str(tmp_path)])
     rows = load_results(tmp_path)["results"]
     assert [r["status"] for r in rows] == ["error: RuntimeError: Unexpected optimization option"] * 3
+
+
+def test_compare_runs_pairs_rows_of_two_runs_by_shape_step_variant_and_batch():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import compare_runs
+
+    def run(*rows):
+        keys = ("shape", "step", "variant", "batch", "tok_s", "update_ms", "mfu")
+        return {"environment": {}, "results": [dict(zip(keys, r)) for r in rows]}
+
+    base = run(("s", 2, "radlads-keep", 48, 100.0, 10.0, 0.3), ("s", 1, "radlads-keep", 96, 50.0, 5.0, 0.2))
+    new = run(("s", 2, "radlads-keep", 48, 110.0, 9.1, 0.33), ("s", 1, "radlads-keep", 80, 60.0, 4.0, 0.22))
+    (row,) = compare_runs.compare(base, new)  # step 1 ran at another batch: no pair
+    assert (row["step"], row["tok_s_ratio"]) == (2, pytest.approx(1.1))

@@ -58,14 +58,26 @@ def test_without_gradients_the_loss_is_the_same():
     torch.testing.assert_close(plain, chunked_kl(s, student_head, t, teacher_head, 3).detach())
 
 
-def test_bf16_autocast_gradients_are_close_to_fp32():
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+        ),
+    ],
+)
+def test_bf16_autocast_gradients_are_close_to_fp32(device):
+    """Under bf16 autocast (on CUDA, the head's gradient summed by cuBLAS into fp32 over chunks)."""
     student_head, teacher_head = heads(3, C=32, V=300)
-    s = torch.randn(4, 16, 32, requires_grad=True)
-    t = torch.randn(4, 16, 32)
+    student_head, teacher_head = student_head.to(device), teacher_head.to(device)
+    s = torch.randn(4, 16, 32, device=device, requires_grad=True)
+    t = torch.randn(4, 16, 32, device=device)
     chunked_kl(s, student_head, t, teacher_head, 24).backward()
     fp32 = s.grad.clone(), student_head.weight.grad.clone()
     s.grad, student_head.weight.grad = None, None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         chunked_kl(s, student_head, t, teacher_head, 24).backward()
     assert s.grad.dtype == s.dtype and student_head.weight.grad.dtype == torch.float32
     for got, want in zip((s.grad, student_head.weight.grad), fp32):

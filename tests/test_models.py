@@ -194,7 +194,7 @@ def test_compiled_teacher_matches_eager_keeps_step_1_hooks_and_compiles_once_for
     input and output with new hooks every update, and compile=False restores the eager teacher.
     Without a KV cache, as training runs it: with one, attention specialises on its layer index."""
     from radlads.convert.alignment import teacher_attention_io
-    from radlads.convert.steps import TEACHER_LAYER_PARTS, prepare_teacher
+    from radlads.convert.teacher import TEACHER_LAYER_PARTS, prepare_teacher
 
     torch._dynamo.reset()
     teacher = make_teacher("qwen2", num_hidden_layers=10).eval()

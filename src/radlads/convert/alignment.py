@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..models import RadladsForCausalLM
 from ..train.losses import maybe_compiled
+from .teacher import teacher_hidden_states
 
 
 @dataclass
@@ -35,7 +36,10 @@ def teacher_attention_io(teacher, input_ids: Tensor, attention_mask: Tensor | No
     ]
     try:
         with torch.no_grad():
-            teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if attention_mask is None:
+                teacher_hidden_states(teacher, input_ids)
+            else:
+                teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -31,7 +31,8 @@ from ..train.distributed import Distributed
 from ..train.metrics import MetricsLog
 from ..train.trainer import Trainer
 from .alignment import layer_cosines
-from .steps import AttentionAlignment, ContextExtension, Distillation, prepare_student, prepare_teacher
+from .steps import AttentionAlignment, ContextExtension, Distillation, prepare_student
+from .teacher import prepare_teacher
 from .transfer import load_teacher, transfer
 
 log = logging.getLogger("radlads")
@@ -165,7 +166,7 @@ class Conversion:
             student, self.cfg.activation_checkpointing, compile_layers, self.cfg.keep_kernel_intermediates
         )
         if step < 3:
-            prepare_teacher(self.teacher, compile_layers)
+            prepare_teacher(self.teacher, compile_layers, whole_layers=step == 2)
         objective = {
             1: lambda: AttentionAlignment(self.teacher, self.cfg.compile),
             2: lambda: Distillation(self.teacher, self.cfg.kl_chunk_tokens, self.cfg.compile),

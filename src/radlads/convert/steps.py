@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..models import RadladsForCausalLM
 from ..train.losses import chunked_cross_entropy, chunked_kl
 from .alignment import alignment_loss, student_attention_outputs, teacher_attention_io
+from .teacher import teacher_hidden_states
 
 
 def prepare_student(
@@ -31,23 +32,6 @@ def prepare_student(
         # without a word: each step starts from an empty cache.
         torch.compiler.reset()
         student.compile_layers()
-
-
-TEACHER_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
-
-
-def prepare_teacher(teacher: nn.Module, compile: bool) -> None:
-    """Compile (or, with compile=False, un-compile) the teacher's attention, MLP and norms in each
-    layer: in eager mode their elementwise work (RMSNorm, RoPE, SiLU gating; ~40 kernels a layer)
-    takes longer than their matmuls. Only each module's forward is compiled, not its call: the
-    forward hooks of step 1 (teacher_attention_io) run around the compiled code, not inside it,
-    where Dynamo would recompile for each new hook. The layers' residual adds stay eager."""
-    for layer in teacher.model.layers:
-        for part in TEACHER_LAYER_PARTS:
-            module = getattr(layer, part)
-            module.__dict__.pop("forward", None)  # back to the class's forward
-            if compile:
-                module.forward = torch.compile(module.forward)
 
 
 @dataclass
@@ -89,7 +73,7 @@ class Distillation:
     def loss(self, student: RadladsForCausalLM, batch: Tensor) -> Tensor:
         with_grad = student.model(input_ids=batch).last_hidden_state
         with torch.no_grad():
-            teacher_hidden = self.teacher.model(input_ids=batch, use_cache=False).last_hidden_state
+            teacher_hidden = teacher_hidden_states(self.teacher, batch)
         return chunked_kl(
             with_grad, student.lm_head, teacher_hidden, self.teacher.lm_head, self.chunk_tokens, self.compile
         )
