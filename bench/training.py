@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2, help="untimed updates (Triton compiles and autotunes)")
     p.add_argument("--updates", type=int, default=5, help="timed updates, at most; >= 1")
-    p.add_argument("--max-timed-s", type=float, default=6.0, help="stop timing a cell after this")
+    p.add_argument("--max-timed-s", type=float, default=6.0, help="fewer timed updates past this")
     p.add_argument("--activation-checkpointing", action="store_true", help="radlads rows, as in convert")
     p.add_argument(
         "--no-compile", action="store_true", help="radlads rows: as `radlads convert --no-compile`"
@@ -352,24 +352,32 @@ def measure(cell: dict, teacher, student0, args, device, budget: Budget, row: di
     ids = torch.randint(0, cell["vocab"], (row["batch"], cell["seq_len"]), device=device)
     batches: Iterator[torch.Tensor] = itertools.repeat(ids)  # data loading is not what is measured here
 
-    def update() -> float:
+    def update() -> torch.Tensor:
         return trainer.train_step(batches, trainer.cfg.lr)
 
-    started = time.monotonic()
+    started, last_s = time.monotonic(), None
     for _ in range(args.warmup):
-        update()
+        t0 = time.monotonic()
+        update().item()
+        last_s = time.monotonic() - t0
         if budget.left() < 0:
             row["status"] = "stopped (budget)"
             return
     row["warmup_s"] = time.monotonic() - started
+    # As Trainer.run drives them: back to back, each loss read once the next update is queued,
+    # timed on the GPU's timeline from the end of one update to the end of the next.
+    timed = args.updates if last_s is None else max(1, min(args.updates, int(args.max_timed_s / last_s)))
     reset_peak_memory(device)
-    times: list[float] = []
-    while not times or (
-        len(times) < args.updates and sum(times) < 1e3 * args.max_timed_s and budget.left() > 0
-    ):
-        watch = Stopwatch(device).start()
-        row["loss"] = update()
-        times.append(watch.mark().intervals_ms()[0])
+    watch = Stopwatch(device).start()
+    queued = update()  # untimed: it starts from an idle GPU, as no update of a run does after the first
+    watch.mark()
+    for _ in range(timed):
+        loss = update()
+        row["loss"] = queued.item()
+        queued = loss
+        watch.mark()
+    row["loss"] = queued.item()
+    times = watch.intervals_ms()[1:]
     peak = peak_memory(device)
     update_s = median(times) / 1e3
     tok_s = row["tokens_per_update"] / update_s

@@ -222,7 +222,7 @@ def test_a_non_finite_update_changes_no_weight_nor_optimizer_state(fused, bad):
     if not fused:
         trainer.optimizer = torch.optim.AdamW(trainer.params, lr=cfg.lr)
     batches = itertools.repeat(torch.randint(0, student.config.vocab_size, (2, 16)))
-    assert math.isfinite(trainer.train_step(batches, cfg.lr))  # state to keep
+    assert math.isfinite(trainer.train_step(batches, cfg.lr).item())  # state to keep
     weights = {k: v.clone() for k, v in student.state_dict().items()}
     steps = [s["step"].clone() for s in trainer.optimizer.state.values()]
 
@@ -233,7 +233,7 @@ def test_a_non_finite_update_changes_no_weight_nor_optimizer_state(fused, bad):
         trainer.loss = lambda batch: torch.tensor(float("nan")) * params_sum()
     else:  # sqrt's gradient at 0 is inf, times 0: NaN gradients under a loss of 1
         trainer.loss = lambda batch: torch.sqrt(params_sum() * 0) + 1
-    assert math.isnan(trainer.train_step(batches, cfg.lr)) is (bad == "loss")
+    assert math.isnan(trainer.train_step(batches, cfg.lr).item()) is (bad == "loss")
     for k, v in student.state_dict().items():
         assert torch.equal(v, weights[k]), k
     assert all(torch.equal(s["step"], t) for s, t in zip(trainer.optimizer.state.values(), steps))
@@ -287,3 +287,62 @@ def test_generate_eval_and_bench_generate_commands(converted, workspace, tmp_pat
     assert main(args) == 0
     table = capsys.readouterr().out
     assert table.count("student") == 2 and table.count("teacher") == 2
+
+
+class CountingObjective:
+    """Update k's loss is k (NaN at `nan_at`), with a gradient of 0 for every parameter."""
+
+    step, name = 3, "counting"
+
+    def __init__(self, nan_at: int | None = None):
+        self.calls, self.nan_at = 0, nan_at
+
+    def trainable(self, student):
+        return list(student.parameters())
+
+    def loss(self, student, batch):
+        self.calls += 1
+        value = float("nan") if self.calls == self.nan_at else float(self.calls)
+        return value + 0 * sum(p.sum() for p in student.parameters())
+
+
+@pytest.mark.parametrize("nan_at", [None, 3])
+def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, nan_at):
+    """Trainer.run reads update k's loss only once update k + 1 is queued (no GPU idle between
+    updates): every loss still reaches the log in order, first and last are right, and a NaN stops
+    the run naming the tokens of the update that produced it."""
+    import dataclasses
+    import itertools
+
+    from radlads.convert.transfer import transfer
+    from radlads.train.config import ConvertConfig
+    from radlads.train.metrics import MetricsLog
+    from radlads.train.trainer import Trainer, TrainingDiverged
+    from tiny_models import make_teacher
+
+    student = transfer(make_teacher("qwen2", num_hidden_layers=1), "rad-rwkv7").train()
+    cfg = dataclasses.replace(ConvertConfig().steps()[3], seq_len=8, batch_size=2, tokens=5 * 16, log_every=1)
+    batch = torch.randint(0, student.config.vocab_size, (2, 8))
+
+    class Loader:  # what Trainer needs of a loader
+        def __iter__(self):
+            return itertools.repeat(batch)
+
+        def state_dict(self):
+            return {}
+
+    loader = Loader()
+    objective = CountingObjective(nan_at)
+    metrics = MetricsLog(tmp_path)
+    trainer = Trainer(
+        objective, student, cfg, loader, [], tmp_path / "ckpt", metrics, torch.device("cpu"), False
+    )
+    if nan_at is not None:
+        with pytest.raises(TrainingDiverged, match=f"nan after {nan_at * 16} tokens"):
+            trainer.run()
+        assert objective.calls == nan_at + 1  # the next update was queued before the read
+        return
+    result = trainer.run()
+    records = [json.loads(line) for line in metrics.path.read_text().splitlines()]
+    assert [(r["tokens"], r["loss"]) for r in records] == [(16 * k, float(k)) for k in range(1, 6)]
+    assert (result.first_loss, result.last_loss, result.updates) == (1.0, 5.0, 5)

@@ -64,6 +64,25 @@ class StepResult:
         return dict(self.__dict__)
 
 
+class _Window:
+    """Tokens trained and the seconds they took since the last log."""
+
+    def __init__(self):
+        self.tokens, self.seconds, self.last = 0, 0.0, float("nan")
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def rate(self) -> float:
+        """Tokens per second so far, and the next window starts. Two logs in a row (the losses read
+        at the end of a run) give the second the first's rate."""
+        if self.seconds:
+            self.last = self.tokens / self.seconds
+        self.tokens, self.seconds = 0, 0.0
+        return self.last
+
+
 class Trainer:
     def __init__(
         self,
@@ -141,28 +160,31 @@ class Trainer:
             dynamic_ncols=True,
         )
         batches, started = self._batches(), time.perf_counter()
-        window_tokens, window_s = 0, 0.0  # training since the last log (no checkpoints, no evaluation)
+        window = _Window()  # training since the last log (no checkpoints, no evaluation)
         self.student.train()
+        queued: list[tuple[int, int, float, Tensor]] = []  # updates whose loss is still on the device
         while tokens < cfg.tokens:
             t0 = time.perf_counter()
-            loss = self.train_step(batches, learning_rate(cfg, tokens))
-            window_tokens += self.tokens_per_update
-            window_s += time.perf_counter() - t0
+            lr = learning_rate(cfg, tokens)
+            loss = self.train_step(batches, lr)
             tokens, updates = tokens + self.tokens_per_update, updates + 1
-            if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"step {step}: the loss became {loss} after {tokens} tokens. The last good checkpoint is kept "
-                    f"in {self.checkpoint_dir}; lower the learning rate (now {cfg.lr}) or check the data, then re-run."
-                )
-            first_loss = loss if first_loss is None else first_loss
-            last_loss = loss
-            bar.update(self.tokens_per_update)
-            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-            if updates % cfg.log_every == 0 or tokens >= cfg.tokens:
-                record = dict(step=step, tokens=tokens, loss=loss, lr=learning_rate(cfg, tokens))
-                self._log({**record, "tokens_per_s": window_tokens / window_s})
-                window_tokens, window_s = 0, 0.0
-            if tokens >= next_checkpoint and tokens < cfg.tokens:
+            queued.append((tokens, updates, lr, loss))
+            window.add(self.tokens_per_update, time.perf_counter() - t0)
+            checkpoint = next_checkpoint <= tokens < cfg.tokens
+            # Each loss is read once the next update is queued behind it: read at once, the GPU
+            # would idle at every update's start while the host launched its first kernels.
+            # Before a checkpoint and at the end, every loss is read.
+            while len(queued) > (0 if checkpoint or tokens >= cfg.tokens else 1):
+                done_tokens, done_updates, done_lr, done_loss = queued.pop(0)
+                value = self._read_loss(done_loss, done_tokens)
+                first_loss = value if first_loss is None else first_loss
+                last_loss = value
+                bar.update(self.tokens_per_update)
+                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+                if done_updates % cfg.log_every == 0 or done_tokens >= cfg.tokens:
+                    record = dict(step=step, tokens=done_tokens, loss=value, lr=done_lr)
+                    self._log({**record, "tokens_per_s": window.rate()})
+            if checkpoint:
                 self._save(
                     dict(
                         tokens=tokens,
@@ -189,9 +211,21 @@ class Trainer:
         self._save({**result.to_dict(), "complete": True})
         return result
 
-    def train_step(self, batches: Iterator[Tensor], lr: float) -> float:
+    def _read_loss(self, loss: Tensor, tokens: int) -> float:
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"step {self.objective.step}: the loss became {value} after {tokens} tokens. The last good "
+                f"checkpoint is kept in {self.checkpoint_dir}; lower the learning rate (now {self.cfg.lr}) "
+                "or check the data, then re-run."
+            )
+        return value
+
+    def train_step(self, batches: Iterator[Tensor], lr: float) -> Tensor:
         """One optimizer update at learning rate `lr` from `grad_accum` micro-batches of `batches`;
-        returns the mean loss. bench/training.py times this method: keep `run`'s work in it."""
+        returns the mean loss, on the device: reading it waits for the update to finish (`run`
+        reads it once the next update is queued). bench/training.py times this method as `run`
+        calls it: keep `run`'s work in it."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # Summed on the device and read once per update: a read per micro-batch would stall the
@@ -217,7 +251,7 @@ class Trainer:
         elif finite.item():  # other optimizers (the benchmark's baseline)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total.item()
+        return total
 
     def _log(self, record: dict) -> None:
         """Log on rank 0; on CUDA add every rank's peak memory in this step so far (a collective:
