@@ -135,7 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also rows radlads-keep: radlads as `radlads convert --keep-kernel-intermediates`",
     )
-    p.add_argument("--keep-batch", default="80,48,12", help="steps 1,2,3: radlads-keep's batch")
+    p.add_argument(
+        "--keep-batch", default="96,56,12", help="steps 1,2,3: radlads-keep's batch (fills an 80 GB H100)"
+    )
     p.add_argument(
         "--graph-break",
         action="store_true",
