@@ -47,11 +47,12 @@ class StandInFunction:
     """ChunkDPLRDeltaRuleFunction's forward/backward contract, computed by the reference."""
 
     @staticmethod
-    def forward(ctx, q, k, v, a, b, gk, scale, h0, final, cu, cu_cpu, safe_gate, bound, chunk_size, keep, cp):
+    def forward(ctx, q, k, v, a, b, gk, scale, initial_state, output_final_state, **options):
         with torch.no_grad():
             y, _ = recurrent_chunked(q, gk, k, v, a, b, scale=scale)
-        kept = _fla_intermediates(q, v, chunk_size) if keep else []
-        ctx.save_for_backward(q, k, v, a, b, gk, h0, *kept)
+        keep = options.get("disable_recompute", False)
+        kept = _fla_intermediates(q, v, options["chunk_size"]) if keep else []
+        ctx.save_for_backward(q, k, v, a, b, gk, initial_state, *kept)
         return y.to(q.dtype).contiguous(), None  # fla's outputs are contiguous
 
     @staticmethod
