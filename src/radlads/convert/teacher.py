@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..models.common import COMPILE_OPTIONS
-
 TEACHER_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 # Attention implementations that, given no mask, run causal (eager attention attends everywhere).
 _CAUSAL_WITHOUT_MASK = ("sdpa", "flash_attention_2", "flash_attention_3")
@@ -33,7 +31,7 @@ def prepare_teacher(teacher: nn.Module, compile: bool, whole_layers: bool = Fals
             module.__dict__.pop("forward", None)  # back to the class's forward
         if compile:
             for module in [layer] if whole_layers else parts:
-                module.forward = torch.compile(module.forward, options=COMPILE_OPTIONS)
+                module.forward = torch.compile(module.forward)
 
 
 def teacher_hidden_states(teacher: nn.Module, input_ids: Tensor) -> Tensor:

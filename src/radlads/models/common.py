@@ -82,12 +82,6 @@ def decay_speed_schedule(
     return base + span * n ** power(depth)
 
 
-# Inductor options of every torch.compile in training (student layers, teacher, loss terms):
-# coordinate descent tunes each generated Triton kernel's block sizes and warps on the GPU in
-# the first update, beyond Inductor's heuristic picks (ignored on CPU).
-COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
-
-
 def to_matmul_dtype(x: Tensor) -> Tensor:
     """`x` in the dtype autocast gives matmuls (unchanged outside autocast), for a tensor that several
     matmuls read. Left to autocast, each matmul casts its own copy, and in backward each one's input

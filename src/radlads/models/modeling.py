@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 
 from .attention import SoftmaxAttention
 from .cache import RadladsCache
-from .common import COMPILE_OPTIONS, LinearMixer, LowRank, to_matmul_dtype
+from .common import LinearMixer, LowRank, to_matmul_dtype
 from .configuration import RadladsConfig
 from .families import family_of
 from .graphs import decode_graphs
@@ -159,8 +159,8 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
         place: their norms, projections' epilogues, gates and RoPE fuse into few kernels. The
         recurrence stays fla's (a graph break, see radlads.kernels)."""
         for layer in self.model.layers:
-            layer.compile(options=COMPILE_OPTIONS)
-            layer.self_attn.compile(options=COMPILE_OPTIONS)
+            layer.compile()
+            layer.self_attn.compile()
 
     def keep_kernel_intermediates(self, keep: bool = True) -> None:
         """Whether the RWKV-7 mixers' fla kernels keep their forward's intermediates for backward

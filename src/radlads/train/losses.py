@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.common import COMPILE_OPTIONS, to_matmul_dtype
+from ..models.common import to_matmul_dtype
 
 # terms(rows, logits) -> (the loss summed over the chunk's tokens in fp32, d loss / d logits in
 # the logits' dtype); logits come in the matmul's dtype (bf16 under autocast)
@@ -29,7 +29,7 @@ def compiled(fn):
     """`fn` through torch.compile, as one graph: Inductor fuses the chain of vocab-wide elementwise
     ops and reductions (~15 passes over an fp32 [chunk, V] tensor, each op written out on its own)
     into a few passes over the bf16 logits. Shapes may vary (ragged last chunks, other batches)."""
-    return torch.compile(fn, fullgraph=True, options=COMPILE_OPTIONS)
+    return torch.compile(fn, fullgraph=True)
 
 
 def maybe_compiled(fn, x: Tensor, compile: bool):
