@@ -86,8 +86,9 @@ def kernel_inputs(*tensors: Tensor) -> list[Tensor]:
     """The inputs in one dtype, as kernels' dots need: autocast's under autocast, as a matmul would
     take (fp32 master weights, embeddings and RoPE tables promote some inputs to fp32, which would
     run fla's slower fp32 kernels), else the first's. Callers compiled with torch.compile should
-    cast with this themselves, in the frame that computes the inputs: the kernel call is a graph
-    break, and Dynamo compiles a function entered before a break as a graph of its own, so casts
+    cast with this themselves, in the frame that computes the inputs: the kernel call can be a
+    graph break (fla's GLA, fla with a state), and Dynamo compiles a function entered before a
+    break as a graph of its own, so casts
     made inside it run as kernels of their own instead of fusing into the ones that compute the
     inputs. (Already in the dtype, the cast below is free.)"""
     dtype = autocast_dtype(tensors[0].device.type) or tensors[0].dtype
