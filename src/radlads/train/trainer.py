@@ -169,7 +169,6 @@ class Trainer:
             loss = self.train_step(batches, lr)
             tokens, updates = tokens + self.tokens_per_update, updates + 1
             queued.append((tokens, updates, lr, loss))
-            window.add(self.tokens_per_update, time.perf_counter() - t0)
             checkpoint = next_checkpoint <= tokens < cfg.tokens
             # Each loss is read once the next update is queued behind it: read at once, the GPU
             # would idle at every update's start while the host launched its first kernels.
@@ -184,6 +183,8 @@ class Trainer:
                 if done_updates % cfg.log_every == 0 or done_tokens >= cfg.tokens:
                     record = dict(step=step, tokens=done_tokens, loss=value, lr=done_lr)
                     self._log({**record, "tokens_per_s": window.rate()})
+            # Queuing an update and waiting for the one before: in a steady run, one update's time.
+            window.add(self.tokens_per_update, time.perf_counter() - t0)
             if checkpoint:
                 self._save(
                     dict(
