@@ -281,7 +281,7 @@ def make_trainer(variant: str, step: int, teacher, student, args, batch: int, de
 
 def host_syncs(update, device: torch.device) -> list[str] | None:
     """Where update() synchronised with the host (file:line of each call, as torch's CUDA sync
-    debug mode reports them): one is the loss read; any other is a stall to remove."""
+    debug mode reports them): update() does not read its loss, so each is a stall to remove."""
     if device.type != "cuda":
         return None
     with warnings.catch_warnings(record=True) as caught:

@@ -14,7 +14,8 @@
 # call): 8 files at most, as many as a device call brings back.
 # With .ab/ carried (an earlier commit's src/ and bench/, written by `bash scripts/ab_base.sh REV`),
 # the training stage runs that tree first (stage training-base, $OUT/base/training.json), then this
-# one, each on half the time: the same arguments on the same machine, for ratios between trees.
+# one, each on half the time: the same arguments on the same machine, for ratios between trees
+# (so TRAINING_ARGS may only use flags both trees' bench/training.py know).
 # Override stage arguments with TESTS_K (and its time limit TESTS_S), TRAINING_ARGS, KERNELS_ARGS, e.g.
 # TRAINING_ARGS="--shapes smollm2-135m --eager" (shell-quoted, as on a command line:
 # KERNELS_ARGS="--methods 'fla chunk + floor'"); leave stages out with SKIP="gpu-tests kernels".

@@ -306,11 +306,11 @@ class CountingObjective:
         return value + 0 * sum(p.sum() for p in student.parameters())
 
 
-@pytest.mark.parametrize("nan_at", [None, 3])
-def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, nan_at):
+@pytest.mark.parametrize("updates,nan_at", [(5, None), (1, None), (5, 3)])
+def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, updates, nan_at):
     """Trainer.run reads update k's loss only once update k + 1 is queued (no GPU idle between
-    updates): every loss still reaches the log in order, first and last are right, and a NaN stops
-    the run naming the tokens of the update that produced it."""
+    updates): every loss still reaches the log in order with a throughput (a one-update run too),
+    first and last are right, and a NaN stops the run naming the tokens of the update that produced it."""
     import dataclasses
     import itertools
 
@@ -321,7 +321,9 @@ def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, nan
     from tiny_models import make_teacher
 
     student = transfer(make_teacher("qwen2", num_hidden_layers=1), "rad-rwkv7").train()
-    cfg = dataclasses.replace(ConvertConfig().steps()[3], seq_len=8, batch_size=2, tokens=5 * 16, log_every=1)
+    cfg = dataclasses.replace(
+        ConvertConfig().steps()[3], seq_len=8, batch_size=2, tokens=updates * 16, log_every=1
+    )
     batch = torch.randint(0, student.config.vocab_size, (2, 8))
 
     class Loader:  # what Trainer needs of a loader
@@ -344,5 +346,6 @@ def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, nan
         return
     result = trainer.run()
     records = [json.loads(line) for line in metrics.path.read_text().splitlines()]
-    assert [(r["tokens"], r["loss"]) for r in records] == [(16 * k, float(k)) for k in range(1, 6)]
-    assert (result.first_loss, result.last_loss, result.updates) == (1.0, 5.0, 5)
+    assert [(r["tokens"], r["loss"]) for r in records] == [(16 * k, float(k)) for k in range(1, updates + 1)]
+    assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in records)
+    assert (result.first_loss, result.last_loss, result.updates) == (1.0, float(updates), updates)

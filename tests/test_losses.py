@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radlads.train.losses import chunked_cross_entropy, chunked_kl, compiled, cross_entropy_terms, kl_terms
+from radlads.train.losses import (
+    _addmm_into,
+    chunked_cross_entropy,
+    chunked_kl,
+    compiled,
+    cross_entropy_terms,
+    kl_terms,
+)
 
 
 def heads(seed: int, C: int = 16, V: int = 50):
@@ -82,6 +89,8 @@ def test_bf16_autocast_gradients_are_close_to_fp32(device):
     assert s.grad.dtype == s.dtype and student_head.weight.grad.dtype == torch.float32
     for got, want in zip((s.grad, student_head.weight.grad), fp32):
         assert (got - want).norm() / want.norm() < 3e-2
+    if device == "cuda" and torch.__version__ >= "2.11":  # the torch the project's GPUs run
+        assert _addmm_into(torch.float32, torch.bfloat16, s.device)  # the fused fp32 accumulation ran
 
 
 def test_compiled_vocab_terms_equal_eager_ones():

@@ -45,11 +45,13 @@ def test_teacher_hidden_states_match_transformers_without_building_a_mask(family
     [
         ("eager", {}),  # eager attention without a mask would attend to the future
         ("sdpa", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),  # layers that slide
+        ("sdpa", dict(family="mistral", sliding_window=4, layer_types=["full_attention"] * 3)),  # all slide
     ],
-    ids=["eager-attention", "sliding-window"],
+    ids=["eager-attention", "sliding-window", "mistral-window"],
 )
 def test_teacher_hidden_states_fall_back_where_the_mask_is_not_plain_causal(attn, overrides, mask_builds):
-    teacher = make_teacher("qwen2", **overrides)
+    """Mistral slides every layer whatever `layer_types` (kept from a config.json) says."""
+    teacher = make_teacher(**{"family": "qwen2", **overrides})
     teacher.set_attn_implementation(attn)
     ids = torch.randint(0, teacher.config.vocab_size, (2, 17))
     with torch.no_grad():

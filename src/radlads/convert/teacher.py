@@ -59,8 +59,10 @@ def _causal_without_mask(config, length: int) -> bool:
     """Whether attention without a mask computes what the model's own mask would give it."""
     if config._attn_implementation not in _CAUSAL_WITHOUT_MASK:
         return False
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:  # e.g. Qwen2 with use_sliding_window: some layers slide
-        return all(kind == "full_attention" for kind in layer_types[: config.num_hidden_layers])
-    window = getattr(config, "sliding_window", None)  # e.g. Mistral: every layer slides
+    layer_types = getattr(config, "layer_types", None) or []  # e.g. Qwen2 with use_sliding_window
+    if any(kind != "full_attention" for kind in layer_types[: config.num_hidden_layers]):
+        return False
+    # Mistral slides every layer by config.sliding_window whatever layer_types says; Qwen2/3 set
+    # it to None when they do not slide.
+    window = getattr(config, "sliding_window", None)
     return window is None or length <= window

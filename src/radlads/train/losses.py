@@ -53,8 +53,19 @@ def cross_entropy_terms(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]
     return -picked.sum(), grad.to(logits.dtype)
 
 
-# cuBLAS can add a bf16 product into an fp32 matrix itself (torch >= 2.8, CUDA only).
-_ADDMM_INTO_OTHER_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
+@functools.cache
+def _addmm_into(out_dtype: torch.dtype, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this torch can add a `dtype` product into an `out_dtype` matrix in one cuBLAS call
+    (`addmm(..., out_dtype=...)`: CUDA only; torch 2.8-2.9 have it but reject an `out_dtype` input)."""
+    if device.type != "cuda" or "dtype_out" not in torch.ops.aten.addmm.overloads():
+        return False
+    out, a = torch.zeros(2, 2, dtype=out_dtype, device=device), torch.ones(2, 2, dtype=dtype, device=device)
+    try:
+        with torch.autocast(device.type, enabled=False):
+            torch.addmm(out, a, a, out_dtype=out_dtype, out=out)
+    except RuntimeError:
+        return False
+    return bool((out == 2).all())
 
 
 def accumulate_product(out: Tensor, a: Tensor, b: Tensor) -> None:
@@ -62,7 +73,7 @@ def accumulate_product(out: Tensor, a: Tensor, b: Tensor) -> None:
     `out` (beta = 1) in fp32: no bf16 product is written and read back by a separate add (for the
     LM head's gradient, [V, C] per chunk: ~3.4 ms a step-2 update at the 0.5B shape), and each
     chunk's product is not rounded to bf16 before it is summed."""
-    if out.dtype != a.dtype and a.is_cuda and _ADDMM_INTO_OTHER_DTYPE:
+    if out.dtype != a.dtype and _addmm_into(out.dtype, a.dtype, a.device):
         with torch.autocast(a.device.type, enabled=False):  # autocast would cast `out` to bf16
             torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
     else:

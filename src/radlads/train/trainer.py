@@ -65,22 +65,23 @@ class StepResult:
 
 
 class _Window:
-    """Tokens trained and the seconds they took since the last log."""
+    """Tokens of the updates finished since the last log, and the wall time since (checkpoints
+    and evaluations left out by `restart`)."""
 
     def __init__(self):
-        self.tokens, self.seconds, self.last = 0, 0.0, float("nan")
+        self.restart()
 
-    def add(self, tokens: int, seconds: float) -> None:
+    def restart(self) -> None:
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
         self.tokens += tokens
-        self.seconds += seconds
 
     def rate(self) -> float:
-        """Tokens per second so far, and the next window starts. Two logs in a row (the losses read
-        at the end of a run) give the second the first's rate."""
-        if self.seconds:
-            self.last = self.tokens / self.seconds
-        self.tokens, self.seconds = 0, 0.0
-        return self.last
+        """Tokens per second since the last log; starts the next window."""
+        rate = self.tokens / (time.perf_counter() - self.start)
+        self.restart()
+        return rate
 
 
 class Trainer:
@@ -164,7 +165,6 @@ class Trainer:
         self.student.train()
         queued: list[tuple[int, int, float, Tensor]] = []  # updates whose loss is still on the device
         while tokens < cfg.tokens:
-            t0 = time.perf_counter()
             lr = learning_rate(cfg, tokens)
             loss = self.train_step(batches, lr)
             tokens, updates = tokens + self.tokens_per_update, updates + 1
@@ -178,13 +178,12 @@ class Trainer:
                 value = self._read_loss(done_loss, done_tokens)
                 first_loss = value if first_loss is None else first_loss
                 last_loss = value
+                window.add(self.tokens_per_update)
                 bar.update(self.tokens_per_update)
                 bar.set_postfix(loss=f"{value:.4g}", refresh=False)
                 if done_updates % cfg.log_every == 0 or done_tokens >= cfg.tokens:
                     record = dict(step=step, tokens=done_tokens, loss=value, lr=done_lr)
                     self._log({**record, "tokens_per_s": window.rate()})
-            # Queuing an update and waiting for the one before: in a steady run, one update's time.
-            window.add(self.tokens_per_update, time.perf_counter() - t0)
             if checkpoint:
                 self._save(
                     dict(
@@ -198,6 +197,7 @@ class Trainer:
                     )
                 )
                 next_checkpoint += cfg.checkpoint_every
+                window.restart()
         bar.close()
         result = StepResult(
             step,
