@@ -256,10 +256,10 @@ def make_trainer(variant: str, step: int, teacher, student, args, batch: int, de
     if teacher is not None:
         teacher.set_attn_implementation("sdpa" if radlads else "eager")
         prepare_teacher(teacher, compile and device.type == "cuda", whole_layers=step == 2)
+    # Before prepare_student, which resets Dynamo: compiled code keeps _fla_runs' answer.
+    kernels._fla_runs = (lambda backend, on_cuda: False) if variant == "radlads-keep-break" else FLA_RUNS
     if radlads:
         keep = variant in KEEPS
-        # Before prepare_student, which resets Dynamo: compiled code keeps _fla_runs' answer.
-        kernels._fla_runs = (lambda backend, on_cuda: False) if variant == "radlads-keep-break" else FLA_RUNS
         prepare_student(student, args.activation_checkpointing, compile and device.type == "cuda", keep)
     if not radlads:
         student.config.kernel_backend = args.baseline_backend  # the mixers share this config
@@ -468,15 +468,16 @@ def ratios(results: list[dict]) -> list[dict]:
         rad, base, eager = ran.get("radlads"), ran.get("baseline"), ran.get("radlads-eager")
         keep, keep_break = ran.get("radlads-keep"), ran.get("radlads-keep-break")
         row = dict(shape=shape, step=step)
+        if keep:
+            row.update(keep_batch=keep["batch"], keep_mfu=keep["mfu"])
         if keep and keep_break and keep_break["batch"] == keep["batch"]:
-            row.update(keep_batch=keep["batch"], keep_mfu=keep["mfu"], keep_break_mfu=keep_break["mfu"])
-            row["op_gain"] = keep["tok_s"] / keep_break["tok_s"]
+            row.update(keep_break_mfu=keep_break["mfu"], op_gain=keep["tok_s"] / keep_break["tok_s"])
         if rad:
             row.update(radlads_batch=rad["batch"], radlads_mfu=rad["mfu"])
         if rad and eager and eager["batch"] == rad["batch"]:
             row["compile_gain"] = rad["tok_s"] / eager["tok_s"]
         if rad and keep:  # each at its own batch
-            row.update(keep_batch=keep["batch"], keep_gain=keep["tok_s"] / rad["tok_s"], keep_mfu=keep["mfu"])
+            row["keep_gain"] = keep["tok_s"] / rad["tok_s"]
         if rad and base:
             # Peaks compare only at one batch; at two, the baseline ran out of memory at radlads'.
             same_batch = rad["batch"] == base["batch"] and base["peak_gb"]
@@ -488,7 +489,7 @@ def ratios(results: list[dict]) -> list[dict]:
                 baseline_peak_gb=base["peak_gb"],
                 peak_mem_ratio=rad["peak_gb"] / base["peak_gb"] if same_batch else None,
             )
-        if len(row) > 2:
+        if row.keys() & {"op_gain", "compile_gain", "keep_gain", "tok_s_ratio"}:
             out.append(row)
     return out
 

@@ -80,3 +80,15 @@ def test_whole_layer_compile_matches_eager_once_for_all_layers_and_undoes():
     )
     prepare_teacher(teacher, compile=False)
     assert "forward" not in vars(layer)
+
+
+def test_teacher_hidden_states_with_a_padding_mask_are_transformers_own():
+    teacher = make_teacher("qwen2")
+    teacher.set_attn_implementation("sdpa")
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        want = teacher.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        got = teacher_hidden_states(teacher, ids, mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -36,10 +36,7 @@ def teacher_attention_io(teacher, input_ids: Tensor, attention_mask: Tensor | No
     ]
     try:
         with torch.no_grad():
-            if attention_mask is None:
-                teacher_hidden_states(teacher, input_ids)
-            else:
-                teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            teacher_hidden_states(teacher, input_ids, attention_mask)
     finally:
         for h in handles:
             h.remove()

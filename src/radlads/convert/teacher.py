@@ -34,10 +34,13 @@ def prepare_teacher(teacher: nn.Module, compile: bool, whole_layers: bool = Fals
                 module.forward = torch.compile(module.forward)
 
 
-def teacher_hidden_states(teacher: nn.Module, input_ids: Tensor) -> Tensor:
-    """`teacher.model(input_ids).last_hidden_state` of a batch without padding.
+def teacher_hidden_states(
+    teacher: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None
+) -> Tensor:
+    """`teacher.model(input_ids, attention_mask).last_hidden_state`.
 
-    Where the mask transformers would build is plain causal, the layers run without one (SDPA and
+    Where the mask transformers would build is plain causal (no padding mask given), the layers run
+    without one (SDPA and
     flash attention then run causal, as transformers has them do for such a batch) and the mask
     is never built: building it checks the position ids for packed sequences with a `.all()` read
     on the host, which stalls the host until the GPU has drained its queue (in step 2, the
@@ -45,8 +48,8 @@ def teacher_hidden_states(teacher: nn.Module, input_ids: Tensor) -> Tensor:
     again."""
     model = teacher.model
     length = input_ids.shape[1]
-    if not _causal_without_mask(model.config, length):
-        return model(input_ids=input_ids, use_cache=False).last_hidden_state
+    if attention_mask is not None or not _causal_without_mask(model.config, length):
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     hidden = model.embed_tokens(input_ids)
     position_ids = torch.arange(length, device=input_ids.device)[None]
     position_embeddings = model.rotary_emb(hidden, position_ids)

@@ -76,8 +76,9 @@ def rwkv7_chunk(
 # fla's autograd.Function (ChunkDPLRDeltaRuleFunction) runs inside them: its forward with a context
 # that records what it saves, its backward with a context that hands those tensors back, so the
 # ops run exactly fla's Triton kernel sequence (fla's backend dispatch, which would pick its
-# TileLang kernels where tilelang is installed, is not consulted). Tensors fla saves beyond the op's inputs (only when it
-# keeps its intermediates) leave the forward op as extra outputs; the order is fla's.
+# TileLang kernels where tilelang is installed, is not consulted). Tensors fla saves beyond the
+# op's inputs (only when it keeps its intermediates) leave the forward op as extra outputs, in
+# fla's order.
 
 _FLA_SAVES_INPUTS = 7  # q, k, v, a, b, gk, initial_state: the op's inputs (no initial state here)
 

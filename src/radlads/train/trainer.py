@@ -65,8 +65,8 @@ class StepResult:
 
 
 class _Window:
-    """Tokens of the updates finished since the last log, and the wall time since (checkpoints
-    and evaluations left out by `restart`)."""
+    """Tokens of the updates finished since the last log, and the wall time since (`restart`
+    leaves checkpoints out)."""
 
     def __init__(self):
         self.restart()
