@@ -437,6 +437,7 @@ class Budget:
 KERNEL_FAMILIES = (
     # Inductor names its fused kernels after the ops inside (..._to_copy_..., ..._cat_...): first.
     ("compiled (fused)", re.compile(r"^triton_")),
+    ("vocab loss", re.compile(r"^_kl_rows$")),  # radlads.kernels.kl_div
     ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|cublas", re.I)),
     ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
     ("recurrence", re.compile(r"chunk|fused_recurrent|dplr|wy_|wu_|gla|rwkv|delta", re.I)),

@@ -115,6 +115,7 @@ def test_kernel_families_file_fused_kernels_first_and_unknown_ones_as_other():
     assert family("triton_poi_fused__to_copy_mul_0") == "compiled (fused)"
     assert family("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == "matmul"
     assert family("chunk_dplr_fwd_A_kernel_intra_tensorcore") == family("wu_fwd_kernel") == "recurrence"
+    assert family("_kl_rows") == "vocab loss"
     assert family("void at::native::vectorized_elementwise_kernel<4, add>") == "elementwise"
 
 

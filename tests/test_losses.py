@@ -76,7 +76,8 @@ def test_without_gradients_the_loss_is_the_same():
     ],
 )
 def test_bf16_autocast_gradients_are_close_to_fp32(device):
-    """Under bf16 autocast (on CUDA, the head's gradient summed by cuBLAS into fp32 over chunks)."""
+    """Under bf16 autocast (on CUDA, the head's gradient summed by cuBLAS into fp32 over chunks,
+    and the terms from the Triton kernel training runs)."""
     student_head, teacher_head = heads(3, C=32, V=300)
     student_head, teacher_head = student_head.to(device), teacher_head.to(device)
     s = torch.randn(4, 16, 32, device=device, requires_grad=True)
@@ -84,8 +85,8 @@ def test_bf16_autocast_gradients_are_close_to_fp32(device):
     chunked_kl(s, student_head, t, teacher_head, 24).backward()
     fp32 = s.grad.clone(), student_head.weight.grad.clone()
     s.grad, student_head.weight.grad = None, None
-    with torch.autocast(device, dtype=torch.bfloat16):
-        chunked_kl(s, student_head, t, teacher_head, 24).backward()
+    with torch.autocast(device, dtype=torch.bfloat16):  # on CUDA, the terms' Triton kernel too
+        chunked_kl(s, student_head, t, teacher_head, 24, compile=device == "cuda").backward()
     assert s.grad.dtype == s.dtype and student_head.weight.grad.dtype == torch.float32
     for got, want in zip((s.grad, student_head.weight.grad), fp32):
         assert (got - want).norm() / want.norm() < 3e-2
@@ -123,3 +124,31 @@ def test_compiled_alignment_term_has_the_eager_value_and_gradient():
         grads.append((loss.detach(), student_out.grad))
     torch.testing.assert_close(grads[1][0], grads[0][0])
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1.6e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("vocab", [1000, 151936])  # one ragged block; the Qwen2.5 vocabulary
+def test_triton_kl_terms_match_the_reference(vocab):
+    """The Triton kernel step 2 runs on CUDA against kl_terms on the same bf16 logits: one row
+    peaked far above the rest (exp would overflow without the running maximum), one nearly flat."""
+    from radlads.kernels.kl_div import kl_terms_triton
+
+    torch.manual_seed(7)
+    s = (3 * torch.randn(5, vocab, device="cuda")).bfloat16()
+    t = (3 * torch.randn(5, vocab, device="cuda")).bfloat16()
+    s[0, 3], t[0, 3] = 200.0, 150.0
+    s[1], t[1] = s[1] * 1e-3, t[1] * 1e-3
+    want_loss, want_grad = kl_terms(s, t)
+    loss, grad = kl_terms_triton(s, t)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad, want_grad, rtol=1.6e-2, atol=1e-5)
+    # what step 2 does: the gradient over the student's logits, from a strided view of a buffer
+    wide = torch.zeros(5, vocab + 8, device="cuda", dtype=torch.bfloat16)
+    wide[:, :vocab] = s
+    loss, grad = kl_terms_triton(wide[:, :vocab], t, out=wide[:, :vocab])
+    assert grad.data_ptr() == wide.data_ptr()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad, want_grad, rtol=1.6e-2, atol=1e-5)
+    with pytest.raises(ValueError, match="unit column stride"):
+        kl_terms_triton(s.T, t.T)

@@ -37,6 +37,14 @@ def maybe_compiled(fn, x: Tensor, compile: bool):
     return compiled(fn) if compile and x.is_cuda else fn  # on CPU compiling costs more than it saves
 
 
+def fused_kl_terms(s_logits: Tensor, t_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """kl_terms in one Triton kernel (CUDA), the gradient written over the student's logits:
+    two reads of each logit tensor and one write, where the compiled kl_terms moved ~30% more."""
+    from ..kernels.kl_div import kl_terms_triton  # Triton: CUDA installs only
+
+    return kl_terms_triton(s_logits, t_logits, out=s_logits)
+
+
 def kl_terms(s_logits: Tensor, t_logits: Tensor) -> tuple[Tensor, Tensor]:
     """Summed KL(teacher || student) of rows of logits, and its gradient wrt the student's logits."""
     s_logp = F.log_softmax(s_logits.float(), dim=-1)
@@ -125,9 +133,9 @@ def chunked_kl(
     compile: bool = False,
 ) -> Tensor:
     """Mean over tokens of KL(teacher || student) of the next-token distributions (temperature 1);
-    `compile`: fuse each chunk's terms with torch.compile on CUDA."""
+    `compile`: fuse each chunk's terms on CUDA (a Triton kernel)."""
     s, t = student_hidden.flatten(0, -2), teacher_hidden.flatten(0, -2)
-    kl = maybe_compiled(kl_terms, s, compile)
+    kl = fused_kl_terms if compile and s.is_cuda else kl_terms
 
     def terms(rows: slice, s_logits: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
