@@ -116,7 +116,7 @@ def test_rad_rwkv7_decay_never_falls_below_its_declared_floor():
     with torch.no_grad():
         for w0 in (-1e4, -50.0, 0.0, 50.0, 1e4):  # from no decay to the strongest the form allows
             mixer.w0.fill_(w0)
-            log_w = mixer.log_decay(x)
+            log_w = mixer.log_decay(mixer.w_lora(x))
             for value in (log_w, log_w.bfloat16(), log_w.half()):
                 assert value.min() >= LOG_W_MIN and value.max() <= 0
 

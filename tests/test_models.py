@@ -266,3 +266,48 @@ def test_compiled_mixer_casts_kernel_inputs_in_the_graph_that_computes_them(arch
         casts = [n for n in calls if n.target == "to" and changes_dtype(n)]
         assert not casts or len(casts) < len(calls), f"a graph of casts only: {g.graph}"
     assert len(graphs) >= 2  # before and after the recurrence's graph break
+
+
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-groupnorm-lowrank-gate"])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])  # q/k/v with and without biases
+def test_training_reads_the_mixer_input_in_one_matmul_to_the_same_output_and_gradients(
+    variant, family, monkeypatch
+):
+    """Where its input's gradient is wanted, a mixer's maps of the input run as one matmul
+    (fused_linears): the same output as without gradients (each map alone, as generation and step
+    1 run them), and the same gradients as the maps run one by one."""
+    import radlads.models.common as common
+
+    student = perturbed_student(family, **VARIANTS[variant])
+    mixer = student.model.layers[1].self_attn
+    x = torch.randn(2, 7, student.config.hidden_size, requires_grad=True)
+    position_embeddings = student.model.rotary_emb(x, torch.arange(7)[None])
+    v_first = torch.randn(2, 7, mixer.num_heads, mixer.head_dim)
+    alone = []
+    mixer.q_proj.register_forward_hook(lambda *_: alone.append(True))
+    with torch.no_grad():
+        expected = mixer(x, position_embeddings, v_first=v_first)[0]
+    assert alone  # without gradients the q projection ran as its own module
+    alone.clear()
+    mixer(x.detach(), position_embeddings, v_first=v_first)[0].sum().backward()
+    assert alone  # and without x's gradient (step 1)
+
+    def run():
+        alone.clear()
+        x.grad = None
+        student.zero_grad()
+        out = mixer(x, position_embeddings, v_first=v_first)[0]
+        out.pow(2).sum().backward()
+        return out, x.grad, {n: p.grad for n, p in mixer.named_parameters() if p.grad is not None}
+
+    fused, fused_x_grad, fused_grads = run()
+    assert not alone  # it was part of the one matmul
+    monkeypatch.setattr(common, "fused_linears", lambda x, maps: [m(x) for m in maps])
+    one_by_one, x_grad, grads = run()
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(fused, one_by_one)
+    # x's gradient is one matmul's sum instead of several: fp32 rounding in another order
+    torch.testing.assert_close(fused_x_grad, x_grad, rtol=1e-4, atol=1e-4)
+    assert fused_grads.keys() == grads.keys() and "q_proj.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

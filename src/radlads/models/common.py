@@ -4,6 +4,7 @@ GQA, and the low-rank ("LoRA") maps that produce RWKV's data-dependent parameter
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 
@@ -23,7 +24,10 @@ class LowRank(nn.Module):
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.down(x)
+        return self.up_from(self.down(x))
+
+    def up_from(self, h: Tensor) -> Tensor:
+        """The map's second half, from h = x A computed elsewhere (fused_linears)."""
         return self.up(torch.tanh(h) if self.activation == "tanh" else h)
 
     def init_parameters(self) -> None:
@@ -59,10 +63,12 @@ class TeacherProjections(nn.Module):
 
     def project(self, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v as [B, T, heads, N]: q with H heads, k and v with H_kv heads, RoPE applied."""
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        return self.to_heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), position_embeddings)
+
+    def to_heads(self, q: Tensor, k: Tensor, v: Tensor, position_embeddings) -> tuple[Tensor, Tensor, Tensor]:
+        """project's second half, from the three projections [B, T, heads * N]."""
+        B, T, _ = q.shape
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
         if self.family.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, k, *position_embeddings, unsqueeze_dim=2)  # q, k are [B, T, heads, N]
@@ -80,6 +86,28 @@ def decay_speed_schedule(
     depth = layer_idx / max(num_layers - 1, 1)
     n = torch.arange(dim, dtype=torch.float32) / max(dim - 1, 1)
     return base + span * n ** power(depth)
+
+
+def fused_linears(x: Tensor, maps: list[nn.Linear]) -> list[Tensor]:
+    """[m(x) for m in maps]; when x's gradient is wanted, as one matmul with the maps' weights
+    stacked.
+
+    A time mixer's maps of its input (the q/k/v projections, the gate, the LoRAs' first factors)
+    are ~2,200 output columns in seven matmuls at the Qwen2.5-0.5B shape, five of them narrow (GQA's
+    k and v, the LoRAs' 32-64 columns): each reads all of x for little arithmetic, and in backward
+    each writes its own [B, T, C] input gradient, then summed. One matmul reads x once and writes
+    one input gradient (step 2 on an H100: 1.04x, docs/benchmarks.md). Where x needs no gradient
+    (step 1, where x is the teacher's hidden state) the separate maps win: the stacked weight's
+    gradient needs the maps' output gradients gathered into one tensor first, which cost more there
+    than the saved reads of x (0.97x). Without gradients (generation) each map runs alone too:
+    stacking the weights at every decoded token would copy them."""
+    if not (torch.is_grad_enabled() and x.requires_grad) or len(maps) < 2:
+        return [m(x) for m in maps]
+    weight = torch.cat([m.weight for m in maps])
+    bias = None
+    if any(m.bias is not None for m in maps):
+        bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in maps])
+    return list(F.linear(x, weight, bias).split([m.out_features for m in maps], dim=-1))
 
 
 def to_matmul_dtype(x: Tensor) -> Tensor:
@@ -105,12 +133,16 @@ class LinearMixer(TeacherProjections):
     def scale(self) -> float:
         return 1.0 if self.out_norm is not None else self.head_dim**-0.5
 
-    def heads(self, x: Tensor, position_embeddings, attention_mask: Tensor | None):
-        """r, k, v as [B, T, H, N] with k and v expanded to all query heads."""
-        r, k, v = self.project(x, position_embeddings)
+    def read_input(self, x: Tensor, *maps: nn.Linear) -> list[Tensor]:
+        """The teacher's q, k, v projections of x, then each of `maps` applied to x (fused_linears)."""
+        return fused_linears(x, [self.q_proj, self.k_proj, self.v_proj, *maps])
+
+    def heads(self, q: Tensor, k: Tensor, v: Tensor, position_embeddings, attention_mask: Tensor | None):
+        """r, k, v as [B, T, H, N] from the q, k, v projections, k and v expanded to all query heads."""
+        r, k, v = self.to_heads(q, k, v, position_embeddings)
         k, v = self.expand_kv(k), self.expand_kv(v)
         if attention_mask is not None:  # padded positions must not write into the state
-            keep = attention_mask[:, -x.shape[1] :, None, None].to(k.dtype)
+            keep = attention_mask[:, -q.shape[1] :, None, None].to(k.dtype)
             k, v = k * keep, v * keep
         return r, k, v
 

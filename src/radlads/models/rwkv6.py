@@ -39,8 +39,9 @@ class RadRWKV6Mixer(LinearMixer):
         self.w_lora.init_parameters()
         self.gate.init_parameters()
 
-    def log_decay(self, x: Tensor) -> Tensor:
-        return -torch.exp(self.w0 + self.w_lora(x).float())
+    def log_decay(self, w_lora_out: Tensor) -> Tensor:
+        """log w from the decay LoRA's output (w_lora(x))."""
+        return -torch.exp(self.w0 + w_lora_out.float())
 
     def forward(
         self,
@@ -51,8 +52,9 @@ class RadRWKV6Mixer(LinearMixer):
         attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         B, T, _ = x.shape
-        r, k, v = self.heads(x, position_embeddings, attention_mask)
-        log_w = self.log_decay(x).view(B, T, self.num_heads, self.head_dim)
+        q, k, v, gate, w_down = self.read_input(x, self.gate.down, self.w_lora.down)
+        r, k, v = self.heads(q, k, v, position_embeddings, attention_mask)
+        log_w = self.log_decay(self.w_lora.up_from(w_down)).view(B, T, self.num_heads, self.head_dim)
         k = k * -torch.expm1(log_w).to(k.dtype)  # 1 - w, accurate when w is close to 1
         y = self.recur(gla_recurrence, *kernel_inputs(r, log_w, k, v), cache=cache)  # see kernel_inputs
-        return self.output(y, torch.sigmoid(self.gate(x))), v_first
+        return self.output(y, torch.sigmoid(self.gate.up_from(gate))), v_first

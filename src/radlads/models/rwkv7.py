@@ -67,8 +67,9 @@ class RadRWKV7Mixer(LinearMixer):
         if isinstance(self.gate, nn.Linear):
             init.zeros_(self.gate.weight)
 
-    def log_decay(self, x: Tensor) -> Tensor:
-        d = self.w0 + self.w_lora(x).float()
+    def log_decay(self, w_lora_out: Tensor) -> Tensor:
+        """log w from the decay LoRA's output (w_lora(x))."""
+        d = self.w0 + w_lora_out.float()
         return -torch.exp(-0.5 - F.softplus(-d))
 
     def forward(
@@ -81,15 +82,21 @@ class RadRWKV7Mixer(LinearMixer):
     ) -> tuple[Tensor, Tensor]:
         B, T, _ = x.shape
         heads = (B, T, self.num_heads, self.head_dim)
-        r, k, v = self.heads(x, position_embeddings, attention_mask)
-        log_w = self.log_decay(x).view(heads)
-        a = torch.sigmoid(self.a0 + self.a_lora(x)).view(heads)
+        gate_in = self.gate if isinstance(self.gate, nn.Linear) else self.gate.down
+        loras = [self.w_lora, self.a_lora] + ([] if self.holds_v_first else [self.v_lora])
+        q, k, v, gate, *downs = self.read_input(x, gate_in, *(lora.down for lora in loras))
+        w_out, a_out, *v_out = (lora.up_from(h) for lora, h in zip(loras, downs))
+        if not isinstance(self.gate, nn.Linear):
+            gate = self.gate.up_from(gate)
+        r, k, v = self.heads(q, k, v, position_embeddings, attention_mask)
+        log_w = self.log_decay(w_out).view(heads)
+        a = torch.sigmoid(self.a0 + a_out).view(heads)
         kappa = F.normalize(k * self.k_k.view(heads[2:]), dim=-1)
         k = k * (1 + (a - 1) * self.k_a.view(heads[2:]))
         if self.holds_v_first:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + self.v_lora(x)).view(heads)
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + v_out[0]).view(heads)
         inputs = kernel_inputs(r, log_w, k, v, -kappa, kappa * a)  # here: see kernel_inputs
         y = self.recur(
             rwkv7_recurrence,
@@ -98,4 +105,4 @@ class RadRWKV7Mixer(LinearMixer):
             log_w_min=LOG_W_MIN,
             recompute=not self.keep_kernel_intermediates,
         )
-        return self.output(y, torch.sigmoid(self.gate(x))), v_first
+        return self.output(y, torch.sigmoid(gate)), v_first
