@@ -7,6 +7,8 @@ Tensors are [B, T, H, K] (v: [B, T, H, V]); states are fp32 [B, H, K, V]. Backen
 "fla" (Triton, CUDA), "chunked" (PyTorch, differentiable, any device), "loop" (PyTorch,
 one token at a time: ground truth). "auto" picks fla on CUDA when installed, else chunked.
 The RADLADS_KERNEL_BACKEND environment variable overrides "auto".
+
+kl_div (imported where used: it needs Triton) holds step 2's loss terms as one Triton kernel.
 """
 
 from __future__ import annotations
