@@ -96,7 +96,7 @@ def fused_linears(x: Tensor, maps: list[nn.Linear]) -> list[Tensor]:
     are ~2,200 output columns in seven matmuls at the Qwen2.5-0.5B shape, five of them narrow (GQA's
     k and v, the LoRAs' 32-64 columns): each reads all of x for little arithmetic, and in backward
     each writes its own [B, T, C] input gradient, then summed. One matmul reads x once and writes
-    one input gradient (step 2 on an H100: 1.04x, docs/benchmarks.md). Where x needs no gradient
+    one input gradient (step 2 on an H100: 1.025-1.04x, docs/benchmarks.md). Where x needs no gradient
     (step 1, where x is the teacher's hidden state) the separate maps win: the stacked weight's
     gradient needs the maps' output gradients gathered into one tensor first, which cost more there
     than the saved reads of x (0.97x). Without gradients (generation) each map runs alone too:
