@@ -16,7 +16,6 @@ written once), and the largest difference from the eager code.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,23 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def time_methods(methods: dict[str, Callable], want, device, work: float, unit: str) -> list[dict]:
-    """Time each method; `work` (GB, TFLOP) per run gives the rate; `want` is the eager result
-    (a tuple: the largest difference over its parts)."""
-    rows = []
-    for name, fn in methods.items():
-        got = fn()
-        # back to back, as training queues them: the host's time per call stays off the timeline
-        ms = median(time_ms(lambda fn=fn: [fn() for _ in range(10)], device, warmup=1, repeats=10)) / 10
-        errs = [(g.float() - w.float()).abs().max().item() for g, w in zip(got, want)]
-        rows.append(dict(method=name, ms=ms, **{unit: work / (ms * 1e-3)}, max_err=max(errs)))
-    base = next(r["ms"] for r in rows if r["method"] == "compiled")
-    for r in rows:
-        r["x_compiled"] = base / r["ms"]
-    print(markdown_table(rows, ["method", "ms", "x_compiled", unit, "max_err"]))
-    return rows
-
-
 def logits(rows: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:
     """Peaked like a trained LM's: a few large logits over a spread of small ones."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -71,9 +53,21 @@ def bench_kl(args, device) -> list[dict]:
     for config in args.kl_configs.split(","):
         block, warps = (int(x) for x in config.split("x"))
         methods[f"triton {block}x{warps}"] = lambda b=block, w=warps: kl_terms_triton(s, t, out, b, w)
-    print(f"\n## kl: {args.rows} x {args.vocab} bf16 logits\n")
     least_bytes = 3 * s.numel() * s.element_size()
-    return time_methods(methods, kl_terms(s, t), device, least_bytes / 1e9, "gb_s")
+    want = kl_terms(s, t)
+    rows = []
+    for name, fn in methods.items():
+        got = fn()
+        # back to back, as training queues them: the host's time per call stays off the timeline
+        ms = median(time_ms(lambda fn=fn: [fn() for _ in range(10)], device, warmup=1, repeats=10)) / 10
+        err = max((g.float() - w.float()).abs().max().item() for g, w in zip(got, want))
+        rows.append(dict(method=name, ms=ms, gb_s=least_bytes / (ms * 1e6), max_err=err))
+    base = next(r["ms"] for r in rows if r["method"] == "compiled")
+    for r in rows:
+        r["x_compiled"] = base / r["ms"]
+    print(f"\n## kl: {args.rows} x {args.vocab} bf16 logits\n")
+    print(markdown_table(rows, ["method", "ms", "x_compiled", "gb_s", "max_err"]))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
