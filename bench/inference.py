@@ -46,6 +46,7 @@ from common import (
 )
 
 PREFILL_WARMUP_TOKENS = 1024  # enough to compile/autotune every kernel; the shapes' T does not matter
+COMPILED_TEACHER = "teacher-compiled"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +63,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--eager-decode",
         action="store_true",
         help="also run each student with CUDA-graph decoding off (rows ARCH-eager)",
+    )
+    p.add_argument(
+        "--uncompiled-decode",
+        action="store_true",
+        help="also run each student with CUDA graphs of the uncompiled step (rows ARCH-graph)",
+    )
+    p.add_argument(
+        "--no-compiled-teacher",
+        action="store_true",
+        help="leave out the teacher-compiled row (static cache, compiled decoding; CUDA only)",
     )
     p.add_argument("--budget-s", type=float, default=300.0, help="stop adding cells after this")
     p.add_argument(
@@ -138,11 +149,42 @@ def forward(model, ids, mask, cache=None):
     return model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
 
 
-def run_model(model, ids: torch.Tensor, args: argparse.Namespace, other_bytes: int, row: dict) -> None:
-    """Time prefill then decode for one model, filling `row` as it goes (an OOM keeps what ran)."""
+def static_copy(model, cache, max_len: int):
+    """A StaticCache of `max_len` positions holding what the prefill's DynamicCache holds."""
+    from transformers import StaticCache
+
+    static = StaticCache(config=model.config, max_cache_len=max_len)
+    for i, layer in enumerate(cache.layers):
+        static.update(layer.keys, layer.values, i)
+    return static
+
+
+def compiled_static_step(model):
+    """One decoding step as generate() takes it with a static cache: HF's compiled forward, positions
+    given, no attention mask (the static cache masks the positions not written yet)."""
+    compiled = model.get_compiled_call(None)
+    kwarg = cache_kwarg(type(model).forward)
+
+    def step(token, mask, cache, position: int):
+        positions = torch.full_like(token, position)
+        return compiled(
+            input_ids=token, position_ids=positions, use_cache=True, logits_to_keep=1, **{kwarg: cache}
+        )
+
+    return step
+
+
+def run_model(
+    model, ids: torch.Tensor, args: argparse.Namespace, other_bytes: int, row: dict, static: bool = False
+) -> None:
+    """Time prefill then decode for one model, filling `row` as it goes (an OOM keeps what ran).
+    `static`: decode through a StaticCache and HF's compiled step instead (the prefill, the one of
+    the teacher's own row, runs once untimed)."""
     device = ids.device
     B, L = ids.shape
-    steps = args.decode_warmup + args.decode_steps
+    # Compiled steps: compiling, then CUDA-graph trees' warm-up and recording, come first.
+    warmup = max(args.decode_warmup, 3) if static else args.decode_warmup
+    steps = warmup + args.decode_steps
     mask = None if args.no_mask else torch.ones(B, L + steps, dtype=torch.long, device=device)
 
     def phase_peak_gb() -> float | None:
@@ -156,7 +198,7 @@ def run_model(model, ids: torch.Tensor, args: argparse.Namespace, other_bytes: i
         base = allocated_memory(device)
         reset_peak_memory(device)
         out, times = None, []
-        while len(times) < max(args.prefill_repeats, 1) and sum(times) < 2000:
+        while len(times) < (1 if static else max(args.prefill_repeats, 1)) and sum(times) < 2000:
             out = None  # free the previous cache before the next prefill allocates its own
             watch = Stopwatch(device).start()
             out = forward(model, ids, None if mask is None else mask[:, :L])
@@ -164,13 +206,21 @@ def run_model(model, ids: torch.Tensor, args: argparse.Namespace, other_bytes: i
         cache = returned_cache(out)
         token = out.logits[:, -1:].argmax(-1)
         del out
-        prefill_ms = median(times)
-        row.update(
-            prefill_ms=prefill_ms,
-            prefill_runs=len(times),
-            prefill_tok_s=B * L / (prefill_ms / 1e3),
-            prefill_peak_gb=phase_peak_gb(),
-        )
+
+        def step(token, mask, cache, position):
+            return forward(model, token, mask, cache)
+
+        if static:
+            cache = static_copy(model, cache, L + steps)
+            step = compiled_static_step(model)
+        else:
+            prefill_ms = median(times)
+            row.update(
+                prefill_ms=prefill_ms,
+                prefill_runs=len(times),
+                prefill_tok_s=B * L / (prefill_ms / 1e3),
+                prefill_peak_gb=phase_peak_gb(),
+            )
         if base is not None:
             row["cache_mb"] = (allocated_memory(device) - base) / 2**20
         row["status"] = "ok (prefill only)"
@@ -178,13 +228,13 @@ def run_model(model, ids: torch.Tensor, args: argparse.Namespace, other_bytes: i
         reset_peak_memory(device)
         watch = Stopwatch(device)
         for t in range(steps):
-            if t == args.decode_warmup:
+            if t == warmup:
                 watch.start()
             seen = L + t + 1
-            out = forward(model, token, None if mask is None else mask[:, :seen], cache)
+            out = step(token, None if mask is None else mask[:, :seen], cache, seen - 1)
             cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
             del out
-            if t >= args.decode_warmup:
+            if t >= warmup:
                 watch.mark()
         step_ms = watch.intervals_ms()
         total_s = sum(step_ms) / 1e3
@@ -196,9 +246,9 @@ def run_model(model, ids: torch.Tensor, args: argparse.Namespace, other_bytes: i
         )
 
 
-def guarded_run(model, ids, args, other_bytes, row: dict) -> None:
+def guarded_run(model, ids, args, other_bytes, row: dict, static: bool = False) -> None:
     """run_model under common.guarded: an OOM or a crash becomes the row's status."""
-    guarded(lambda: run_model(model, ids, args, other_bytes, row), row, ids.device)
+    guarded(lambda: run_model(model, ids, args, other_bytes, row, static), row, ids.device)
     if row["status"] == "OOM" and "prefill_ms" in row:
         row["status"] = "OOM (decode)"
 
@@ -261,7 +311,7 @@ def ratios(results: list[dict[str, Any]], students: list[str]) -> list[dict[str,
         by_cell.setdefault((r["batch"], r["context"]), {})[r["model"]] = r
     out = []
     for (B, L), rows in sorted(by_cell.items()):
-        t = rows.get("teacher", {})
+        t, tc = rows.get("teacher", {}), rows.get(COMPILED_TEACHER, {})
         for s in students:
             st = rows.get(s, {})
 
@@ -276,6 +326,7 @@ def ratios(results: list[dict[str, Any]], students: list[str]) -> list[dict[str,
                     context=L,
                     student=s,
                     decode_speedup=ratio("decode_tok_s"),
+                    decode_speedup_vs_compiled=ratio("decode_tok_s", den=tc),
                     prefill_time_ratio=ratio("prefill_ms"),
                     peak_mem_ratio=peaks[0] / peaks[1] if all(peaks) else None,
                     cache_ratio=ratio("cache_mb"),
@@ -286,6 +337,30 @@ def ratios(results: list[dict[str, Any]], students: list[str]) -> list[dict[str,
     return out
 
 
+WARMUP_CONTEXTS = (64, 128)
+
+
+def warm_up(models: dict, args: argparse.Namespace, device, vocab: int) -> list[dict[str, Any]]:
+    """Compile and capture every model's decoding for every batch size before the timed cells, at
+    two short contexts (the second gives Dynamo's automatic dynamic shapes their recompile for the
+    teacher's static cache), so that cells time steady state and the budget calibrates on them.
+    Returns how long each took: the wait a user has on a model's first generate() calls."""
+    short = argparse.Namespace(**{**vars(args), "decode_steps": 2, "prefill_repeats": 1})
+    rows = []
+    for B in (int(b) for b in args.batches.split(",")):
+        for L in WARMUP_CONTEXTS:
+            ids = torch.randint(0, vocab, (B, L), device=device)
+            for name, model in models.items():
+                row: dict[str, Any] = dict(batch=B, context=L, model=name)
+                started = time.monotonic()
+                guarded_run(model, ids, short, 0, row, static=name == COMPILED_TEACHER)
+                rows.append(dict(batch=B, context=L, model=name, seconds=time.monotonic() - started))
+                print(
+                    f"warm-up B={B} ctx={L} {name}: {row['status']}, {rows[-1]['seconds']:.1f} s", flush=True
+                )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     budget = Budget(args.budget_s)
@@ -294,11 +369,16 @@ def main(argv: list[str] | None = None) -> None:
     students = [a for a in args.archs.split(",") if a]
 
     models = {"teacher": build_teacher(args.shape, device, dtype)}
+    if device.type == "cuda" and not args.no_compiled_teacher:
+        models[COMPILED_TEACHER] = models["teacher"]  # the same weights, decoded the fastest HF way
     for arch in list(students):
         models[arch] = build_student(models["teacher"], arch)
         if args.eager_decode:
             models[f"{arch}-eager"] = build_student(models["teacher"], arch, cuda_graph_decode=False)
             students.append(f"{arch}-eager")
+        if args.uncompiled_decode:
+            models[f"{arch}-graph"] = build_student(models["teacher"], arch, compile_decode=False)
+            students.append(f"{arch}-graph")
     costs = {n: ModelCost.of(m) for n, m in models.items()}
     wbytes = {n: weight_bytes(m) for n, m in models.items()}
     print(
@@ -309,12 +389,13 @@ def main(argv: list[str] | None = None) -> None:
 
     cells = plan(costs, args, device)
     print_plan(cells, list(models))
+    first_use = warm_up(models, args, device, costs["teacher"].vocab)
     results: list[dict[str, Any]] = []
     calibration: list[float] = []
     measured = 0
 
     def save() -> Path:
-        payload = dict(args=vars(args), costs=costs, plan=cells, results=results)
+        payload = dict(args=vars(args), costs=costs, plan=cells, first_use=first_use, results=results)
         return write_json(args.out, "inference", {**payload, "ratios": ratios(results, students)})
 
     for cell in sorted(cells, key=lambda c: c["est_s"]):
@@ -331,8 +412,8 @@ def main(argv: list[str] | None = None) -> None:
             if name in cell["too_big"]:
                 row["status"] = "skipped (est. OOM)"
             else:
-                other = sum(w for n, w in wbytes.items() if n != name)
-                guarded_run(model, ids, args, other, row)
+                other = sum(w for n, w in wbytes.items() if models[n] is not model)
+                guarded_run(model, ids, args, other, row, static=name == COMPILED_TEACHER)
             row["prefill_floor_ms"] = prefill_floor(costs[name], B, L)["ms"]
             row["decode_floor_ms"] = decode_floor(costs[name], B, L)["ms"]
             results.append(row)
@@ -342,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
         measured += 1
-        if measured > 1:  # the first cell pays one-off compilation and autotuning: no calibration on it
+        if measured > 1:  # the first cell pays one-off autotuning at its shapes: no calibration on it
             calibration.append((time.monotonic() - started) / cell["est_s"])
         del ids
         save()  # after every cell: a run killed from outside keeps what it measured

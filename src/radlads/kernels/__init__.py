@@ -79,6 +79,12 @@ def _run(backend: str, r, log_w, k, v, *ab, log_w_min: float | None = None, reco
     return op(r, log_w, k, v, *ab, **kwargs)
 
 
+def _one_token_traced(r: Tensor) -> bool:
+    """One token, no autograd, under torch.compile (compiled decoding): the per-token update in
+    PyTorch fuses into the caller's graph, where fla's kernel would break it into one graph per layer."""
+    return r.shape[1] == 1 and not torch.is_grad_enabled() and torch.compiler.is_compiling()
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast gives matmuls on this device type, or None outside autocast."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
@@ -120,9 +126,11 @@ def rwkv7_recurrence(
     memory). False keeps them from the forward instead: the backward skips most of a forward's
     work, and each call holds ~2.2 KB more per token and head (at K = V = 64) until its backward."""
     inputs = kernel_inputs(r, log_w, k, v, a, b)
+    state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    if _one_token_traced(r):
+        return recurrent_loop(*inputs, **state)
     if initial_state is None and not output_final_state and _fla_runs(backend, r.is_cuda):
         return fla_ops.rwkv7_chunk(*inputs, scale=scale, log_w_min=log_w_min, recompute=recompute), None
-    state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     return _run(backend, *inputs, log_w_min=log_w_min, recompute=recompute, **state)
 
 
@@ -138,8 +146,11 @@ def gla_recurrence(
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """Diagonal-decay rule (GLA; RWKV-6 with u = 0): h_t = diag(w_t) h + k_t v_t^T, y_t = scale h_t^T r_t."""
+    inputs = kernel_inputs(r, log_w, k, v)
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    return _run(backend, *kernel_inputs(r, log_w, k, v), **state)
+    if _one_token_traced(r):
+        return recurrent_loop(*inputs, **state)
+    return _run(backend, *inputs, **state)
 
 
 __all__ = [

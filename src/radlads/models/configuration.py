@@ -64,6 +64,7 @@ class RadladsConfig(PretrainedConfig):
         groupnorm: bool = False,
         kernel_backend: str = "auto",
         cuda_graph_decode: bool = True,
+        compile_decode: bool = True,
         init_k_k: float = 0.85,
         init_k_a: float = 1.0,
         init_a0: float = 0.0,
@@ -79,6 +80,8 @@ class RadladsConfig(PretrainedConfig):
         self.kernel_backend = kernel_backend
         # Decode one token per step through a captured CUDA graph (pure linear students on CUDA).
         self.cuda_graph_decode = cuda_graph_decode
+        # ... compiled with torch.compile first (the first step of each batch size compiles it).
+        self.compile_decode = compile_decode
         self.init_k_k, self.init_k_a, self.init_a0, self.init_v0 = init_k_k, init_k_a, init_a0, init_v0
         for key in _MIRRORED:
             if key not in kwargs and key in self.teacher_config:

@@ -1,14 +1,18 @@
 """CUDA-graph decoding: one captured one-token forward per batch size.
 
 A student's cache has the same shape at every position, so the decode step is a fixed sequence of
-a few hundred small kernels. Eager PyTorch spends far longer launching them than the GPU spends
-running them; replaying a captured graph launches them all at once. Softmax (hybrid) layers grow a
+small kernels. Eager PyTorch spends far longer launching them than the GPU spends running them;
+replaying a captured graph launches them all at once. What is captured is the step compiled by
+torch.compile (`compile_decode`, on by default): at one token every kernel is tiny, so the step
+costs about a fixed time per kernel, and Inductor fuses the ~50 kernels of an eager layer (norms,
+RoPE, LoRA activations, decay, the state update) into a handful. Softmax (hybrid) layers grow a
 KV cache every token and cannot be captured: such students decode eagerly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
 from collections import OrderedDict
@@ -27,44 +31,59 @@ def _uncached_autocast():
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
+def one_token(model: nn.Module, ids: Tensor, positions: Tensor, keep: Tensor, states: list[Tensor]) -> Tensor:
+    """Logits of one decoding step from the recurrent `states`, which it updates in place."""
+    scratch = RadladsCache(len(states))
+    scratch.states = list(states)
+    hidden = model.model(
+        input_ids=ids, position_ids=positions, attention_mask=keep, cache=scratch
+    ).last_hidden_state
+    for static, new in zip(states, scratch.states):
+        static.copy_(new)
+    return model.lm_head(hidden)
+
+
+@functools.cache
+def compiled_one_token():
+    # Default dynamism: the first batch size compiles with static shapes, a second one recompiles
+    # with the batch dynamic, and every later batch size reuses that (compiling a 24-layer step
+    # takes tens of seconds). Inductor's kernels are captured like any others; its own CUDA graphs
+    # ("reduce-overhead") would nest inside ours.
+    return torch.compile(one_token)
+
+
 class DecodeGraph:
     """The captured step for one batch size. It owns static input buffers and the recurrent state;
     the cache being decoded borrows that state (its `states` point at the graph's tensors), so a
     replay reads and updates the state in place with no copies."""
 
-    def __init__(self, model: nn.Module, cache: RadladsCache, batch: int, mask_dtype: torch.dtype):
+    def __init__(
+        self, model: nn.Module, cache: RadladsCache, batch: int, mask_dtype: torch.dtype, compiled: bool
+    ):
         device = cache.states[0].device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.keep = torch.ones(batch, 1, dtype=mask_dtype, device=device)
         self.states = [s.clone() for s in cache.states]
         self.bound: weakref.ref[RadladsCache] | None = None
+        self.compiled = compiled
         self.graph = torch.cuda.CUDAGraph()
-        self.logits = self._capture(model)
+        self.logits = self._capture(model, compiled_one_token() if compiled else one_token)
 
-    def _step(self, model: nn.Module) -> Tensor:
-        scratch = RadladsCache(len(self.states))
-        scratch.states = list(self.states)
-        hidden = model.model(
-            input_ids=self.ids, position_ids=self.positions, attention_mask=self.keep, cache=scratch
-        ).last_hidden_state
-        for static, new in zip(self.states, scratch.states):
-            static.copy_(new)
-        return model.lm_head(hidden)
-
-    def _capture(self, model: nn.Module) -> Tensor:
-        # Warm up on a side stream first (as torch.cuda.graphs asks): Triton autotuning and lazy
-        # initialisation must not happen while capturing. The warm-up only touches our own buffers.
-        # Under autocast, its cache of low-precision weight copies lives only as long as the
-        # autocast block: a graph reading those copies would read freed memory on the next call.
+    def _capture(self, model: nn.Module, step) -> Tensor:
+        # Warm up on a side stream first (as torch.cuda.graphs asks): compiling, Triton autotuning
+        # and lazy initialisation must not happen while capturing. The warm-up only touches our own
+        # buffers. Under autocast, its cache of low-precision weight copies lives only as long as
+        # the autocast block: a graph reading those copies would read freed memory on the next call.
+        inputs = (model, self.ids, self.positions, self.keep, self.states)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with _uncached_autocast(), torch.cuda.stream(side):
             for _ in range(2):
-                self._step(model)
+                step(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         with _uncached_autocast(), torch.cuda.graph(self.graph):
-            return self._step(model)
+            return step(*inputs)
 
     def bind(self, cache: RadladsCache) -> None:
         """Make `cache` decode through this graph; the cache bound before keeps a copy of its state."""
@@ -102,6 +121,7 @@ class DecodeGraphs:
         self.graphs: OrderedDict[tuple, DecodeGraph] = OrderedDict()
         self.weights: tuple = ()
         self.failed = False
+        self.uncompilable = False
 
     def clear(self) -> None:
         """Free every captured graph (a cache decoding through one keeps its state)."""
@@ -138,7 +158,7 @@ class DecodeGraphs:
         weights = tuple((p.data_ptr(), p.dtype) for p in params)
         if weights != self.weights:
             self.graphs.clear()
-            self.weights, self.failed = weights, False
+            self.weights, self.failed, self.uncompilable = weights, False, False
         batch = input_ids.shape[0]
         if position_ids is None:
             position_ids = torch.full((batch, 1), cache.seen_tokens, device=input_ids.device)
@@ -148,16 +168,26 @@ class DecodeGraphs:
         # Capture and replay on the model's GPU: a graph captures the current device's work only.
         with torch.cuda.device(input_ids.device):
             if key not in self.graphs:
-                try:
-                    self.graphs[key] = DecodeGraph(model, cache, batch, keep.dtype)
-                except Exception as error:  # e.g. a RoPE variant that syncs with the host per step
-                    logger.warning("CUDA-graph decoding is off for this model (%s); decoding eagerly", error)
-                    self.failed = True
+                graph = self._capture(model, cache, batch, keep.dtype)
+                if graph is None:
                     return None
+                self.graphs[key] = graph
                 while len(self.graphs) > self.MAX_GRAPHS:
                     self.graphs.popitem(last=False)
             self.graphs.move_to_end(key)
             return self.graphs[key](input_ids, position_ids[:, -1:], keep, cache)
+
+    def _capture(self, model: nn.Module, cache: RadladsCache, batch: int, mask_dtype) -> DecodeGraph | None:
+        """The compiled step captured, else (compiling failed) the eager step, else None."""
+        for compiled in (True, False) if model.config.compile_decode and not self.uncompilable else (False,):
+            try:
+                return DecodeGraph(model, cache, batch, mask_dtype, compiled)
+            except Exception as error:  # e.g. a RoPE variant that syncs with the host per step
+                what = "compiled CUDA-graph decoding" if compiled else "CUDA-graph decoding"
+                logger.warning("%s is off for this model (%s)", what, error)
+                self.uncompilable = True
+        self.failed = True
+        return None
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, DecodeGraphs] = weakref.WeakKeyDictionary()
