@@ -89,8 +89,8 @@ def decay_speed_schedule(
 
 
 def fused_linears(x: Tensor, maps: list[nn.Linear]) -> list[Tensor]:
-    """[m(x) for m in maps]; when x's gradient is wanted, as one matmul with the maps' weights
-    stacked.
+    """[m(x) for m in maps]; when x's gradient is wanted, or under torch.compile without autograd
+    (compiled decoding), as one matmul with the maps' weights stacked.
 
     A time mixer's maps of its input (the q/k/v projections, the gate, the LoRAs' first factors)
     are ~2,200 output columns in seven matmuls at the Qwen2.5-0.5B shape, five of them narrow (GQA's
@@ -99,9 +99,11 @@ def fused_linears(x: Tensor, maps: list[nn.Linear]) -> list[Tensor]:
     one input gradient (step 2 on an H100: 1.025-1.04x, docs/benchmarks.md). Where x needs no gradient
     (step 1, where x is the teacher's hidden state) the separate maps win: the stacked weight's
     gradient needs the maps' output gradients gathered into one tensor first, which cost more there
-    than the saved reads of x (0.97x). Without gradients (generation) each map runs alone too:
-    stacking the weights at every decoded token would copy them."""
-    if not (torch.is_grad_enabled() and x.requires_grad) or len(maps) < 2:
+    than the saved reads of x (0.97x). Eager generation runs each map alone too: stacking would
+    copy the weights at every token. A compiled decoding step stacks them: a one-token step pays
+    a fixed time per kernel, and the copy (one fused kernel) costs less than six matmul launches."""
+    grad = torch.is_grad_enabled()
+    if not ((grad and x.requires_grad) or (not grad and torch.compiler.is_compiling())) or len(maps) < 2:
         return [m(x) for m in maps]
     weight = torch.cat([m.weight for m in maps])
     bias = None
