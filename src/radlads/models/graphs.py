@@ -119,18 +119,9 @@ class DecodeGraphs:
 
     def __init__(self):
         self.graphs: OrderedDict[tuple, DecodeGraph] = OrderedDict()
-        self.params: list[nn.Parameter] = []
-        self.registrations = -1
-        self.weights: list[int] = []
-        self.device: torch.device | None = None
-        self.spread = self.failed = self.uncompilable = False
-
-    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        """model.parameters(), listed again only after a parameter was registered anywhere (listing
-        walks every module: ~0.3-1 ms at 600 parameters, more than a replayed step's other host work)."""
-        if self.registrations != _Registrations.count:
-            self.params, self.registrations = list(model.parameters()), _Registrations.count
-        return self.params
+        self.weights: tuple = ()
+        self.failed = False
+        self.uncompilable = False
 
     def clear(self) -> None:
         """Free every captured graph (a cache decoding through one keeps its state)."""
@@ -161,21 +152,13 @@ class DecodeGraphs:
     ) -> Tensor | None:
         """Logits of one decoding step, or None where it must run eagerly (a model spread over
         several devices, or capturing failed)."""
-        params = self.parameters(model)
-        # This runs on the host before every replay, a few milliseconds apart: addresses only (a move
-        # or a dtype change gives new ones), the devices looked at only when they change.
-        weights = [p.data_ptr() for p in params]
-        if weights != self.weights or input_ids.device != self.device:
-            self.graphs.clear()
-            self.weights, self.device, self.failed, self.uncompilable = (
-                weights,
-                input_ids.device,
-                False,
-                False,
-            )
-            self.spread = any(p.device != input_ids.device for p in params)
-        if self.spread:
+        params = list(model.parameters())
+        if any(p.device != input_ids.device for p in params):
             return None
+        weights = tuple((p.data_ptr(), p.dtype) for p in params)
+        if weights != self.weights:
+            self.graphs.clear()
+            self.weights, self.failed, self.uncompilable = weights, False, False
         batch = input_ids.shape[0]
         if position_ids is None:
             position_ids = torch.full((batch, 1), cache.seen_tokens, device=input_ids.device)
@@ -206,18 +189,6 @@ class DecodeGraphs:
         self.failed = True
         return None
 
-
-class _Registrations:
-    """How many parameters were registered on any module (a model's parameter list changes only then)."""
-
-    count = 0
-
-    @classmethod
-    def hook(cls, module, name, param):
-        cls.count += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_Registrations.hook)
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, DecodeGraphs] = weakref.WeakKeyDictionary()
 
