@@ -270,10 +270,22 @@ def test_step3_trains_without_the_teacher_in_memory(workspace, tmp_path, monkeyp
     assert teacher_ref and alive_in_step3 == [False]
 
 
-def test_generate_eval_and_bench_generate_commands(converted, workspace, tmp_path, capsys):
+def test_generate_eval_and_bench_generate_commands(converted, workspace, tmp_path, capsys, monkeypatch):
     teacher, _ = workspace
-    assert main(["generate", "--model", str(converted), "--prompt", "The cat", "--max-new-tokens", "6"]) == 0
-    assert capsys.readouterr().out.strip()
+    loaded, real_load = [], AutoModelForCausalLM.from_pretrained
+
+    def load(*args, **kwargs):
+        loaded.append(real_load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load)
+    for flags in ([], ["--compile-decode"]):
+        args = ["generate", "--model", str(converted), "--prompt", "The cat", "--max-new-tokens", "6", *flags]
+        assert main(args) == 0
+        assert capsys.readouterr().out.strip()
+    # a one-off prompt decodes without compiling unless asked (the saved default compiles)
+    assert [m.config.compile_decode for m in loaded] == [False, True]
+    monkeypatch.undo()
     report_dir = tmp_path / "report"
     args = ["eval", "--model", str(converted), "--teacher", str(teacher), "--seq-len", "128",
             "--max-windows", "4", "--limit", "4", "--out", str(report_dir), "--quiet"]  # fmt: skip

@@ -180,6 +180,10 @@ class DecodeGraphs:
     def _capture(self, model: nn.Module, cache: RadladsCache, batch: int, mask_dtype) -> DecodeGraph | None:
         """The compiled step captured, else (compiling failed) the eager step, else None."""
         for compiled in (True, False) if model.config.compile_decode and not self.uncompilable else (False,):
+            if compiled:
+                logger.info(
+                    "compiling the decoding step for batch size %d (compile_decode=False skips it)", batch
+                )
             try:
                 return DecodeGraph(model, cache, batch, mask_dtype, compiled)
             except Exception as error:  # e.g. a RoPE variant that syncs with the host per step
