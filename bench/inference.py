@@ -15,6 +15,7 @@ peak is what that model alone would allocate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import time
@@ -47,6 +48,7 @@ from common import (
 
 PREFILL_WARMUP_TOKENS = 1024  # enough to compile/autotune every kernel; the shapes' T does not matter
 COMPILED_TEACHER = "teacher-compiled"
+WARMUP_CONTEXTS = (64, 128)  # two lengths: the compiled teacher's second cache length recompiles
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,8 +162,10 @@ def static_copy(model, cache, max_len: int):
 
 
 def compiled_static_step(model):
-    """One decoding step as generate() takes it with a static cache: HF's compiled forward, positions
-    given, no attention mask (the static cache masks the positions not written yet)."""
+    """One decoding step through HF's compiled forward over a static cache, positions given. No
+    attention mask is passed: the model builds it inside the compiled call from the cache (which
+    masks the positions not written yet); generate() builds a 4D mask outside the call instead,
+    which may lead SDPA to another kernel."""
     compiled = model.get_compiled_call(None)
     kwarg = cache_kwarg(type(model).forward)
 
@@ -172,6 +176,15 @@ def compiled_static_step(model):
         )
 
     return step
+
+
+def release_cudagraph_trees() -> None:
+    """Free the memory the compiled teacher's CUDA graphs recorded (pools and cache copies stay
+    allocated otherwise, into the next models' and cells' peaks); its compiled code is kept and
+    records again in the next cell, which has other shapes anyway."""
+    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+    reset_cudagraph_trees()
 
 
 def run_model(
@@ -191,7 +204,7 @@ def run_model(
         peak = peak_memory(device)
         return None if peak is None else (peak - other_bytes) / GIB
 
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.ExitStack() as stack:
         warm = min(L, PREFILL_WARMUP_TOKENS)
         forward(model, ids[:, :warm], None if mask is None else mask[:, :warm])
         free_memory(device)
@@ -213,6 +226,7 @@ def run_model(
         if static:
             cache = static_copy(model, cache, L + steps)
             step = compiled_static_step(model)
+            stack.callback(release_cudagraph_trees)
         else:
             prefill_ms = median(times)
             row.update(
@@ -337,9 +351,6 @@ def ratios(results: list[dict[str, Any]], students: list[str]) -> list[dict[str,
     return out
 
 
-WARMUP_CONTEXTS = (64, 128)
-
-
 def warm_up(models: dict, args: argparse.Namespace, device, vocab: int) -> list[dict[str, Any]]:
     """Compile and capture every model's decoding for every batch size before the timed cells, at
     two short contexts (the second gives Dynamo's automatic dynamic shapes their recompile for the
@@ -412,7 +423,9 @@ def main(argv: list[str] | None = None) -> None:
             if name in cell["too_big"]:
                 row["status"] = "skipped (est. OOM)"
             else:
-                other = sum(w for n, w in wbytes.items() if models[n] is not model)
+                # teacher-compiled is the teacher's object: its weights count once
+                others = {id(m): wbytes[n] for n, m in models.items() if m is not model}
+                other = sum(others.values())
                 guarded_run(model, ids, args, other, row, static=name == COMPILED_TEACHER)
             row["prefill_floor_ms"] = prefill_floor(costs[name], B, L)["ms"]
             row["decode_floor_ms"] = decode_floor(costs[name], B, L)["ms"]

@@ -283,7 +283,7 @@ def test_generate_eval_and_bench_generate_commands(converted, workspace, tmp_pat
         args = ["generate", "--model", str(converted), "--prompt", "The cat", "--max-new-tokens", "6", *flags]
         assert main(args) == 0
         assert capsys.readouterr().out.strip()
-    # a one-off prompt decodes without compiling unless asked (the saved default compiles)
+    # the command turns compiled decoding off unless asked (the saved config has it on)
     assert [m.config.compile_decode for m in loaded] == [False, True]
     monkeypatch.undo()
     report_dir = tmp_path / "report"

@@ -99,19 +99,44 @@ def test_graphs_captured_under_autocast_stay_valid_after_the_autocast_block(comp
     prompts = [
         torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(s)).cuda() for s in (6, 7)
     ]
+
+    def distance(x, y):
+        return ((x.float() - y.float()).norm() / y.float().norm()).item()
+
     for ids in prompts:  # the second prompt replays a graph captured in the first autocast block
         exact = decode(student, ids, 8, graphed=False)[0]  # fp32
-        errors = []
+        runs = []
         for graphed in (False, True):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = decode(student, ids, 8, graphed=graphed)[0]
+                runs.append(decode(student, ids, 8, graphed=graphed)[0])
             torch.cuda.empty_cache()  # free what a dead autocast cache held, so stale reads show
-            errors.append(((logits.float() - exact).norm() / exact.norm()).item())
-        # Both runs are off fp32 by bf16 rounding, not by the same amount: a compiled step rounds
-        # where its fused kernels store, not after every op (on an H100 it was 1.6% from eager bf16).
-        # A read of a freed weight copy would be garbage, off by ~100%.
-        assert errors[1] < 2 * errors[0] + 1e-3, errors
+        # A read of a freed weight copy would be garbage, off by ~100%. Captured as it is, the
+        # replay runs eager's kernels: bf16 logits within 1e-2 (on an H200: 0.6% of logits off by
+        # 1-2 bf16 ulps). Compiled, it rounds where its fused kernels store, not after every op
+        # (1.6% from eager bf16 on an H100): it must be as close to fp32 as eager bf16 is, or closer.
+        if compiled:
+            assert distance(runs[1], exact) < 2 * distance(runs[0], exact) + 1e-3
+        else:
+            assert distance(runs[1], runs[0]) < 1e-2
     assert len(decode_graphs(student).graphs) == 1
+
+
+@gpu
+@needs_cuda
+def test_a_step_that_fails_to_compile_is_captured_uncompiled(monkeypatch):
+    import radlads.models.graphs as graphs
+
+    def broken(*args):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(graphs, "compiled_one_token", lambda: broken)
+    student = cuda_student("rwkv7")
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(5)).cuda()
+    eager, _ = decode(student, ids, 8, graphed=False)
+    graphed, _ = decode(student, ids, 8, graphed=True)
+    captured = decode_graphs(student).graphs
+    assert len(captured) == 1 and not next(iter(captured.values())).compiled
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
 
 
 @gpu

@@ -6,7 +6,9 @@
 Tensors are [B, T, H, K] (v: [B, T, H, V]); states are fp32 [B, H, K, V]. Backends:
 "fla" (Triton, CUDA), "chunked" (PyTorch, differentiable, any device), "loop" (PyTorch,
 one token at a time: ground truth). "auto" picks fla on CUDA when installed, else chunked.
-The RADLADS_KERNEL_BACKEND environment variable overrides "auto".
+The RADLADS_KERNEL_BACKEND environment variable overrides "auto". One exception: a single token
+traced by torch.compile without autograd (compiled decoding) always takes the PyTorch per-token
+step, whatever the backend, so that the step stays one graph.
 
 kl_div (imported where used: it needs Triton) holds step 2's loss terms as one Triton kernel.
 """

@@ -80,7 +80,7 @@ class RadladsConfig(PretrainedConfig):
         self.kernel_backend = kernel_backend
         # Decode one token per step through a captured CUDA graph (pure linear students on CUDA).
         self.cuda_graph_decode = cuda_graph_decode
-        # ... compiled with torch.compile first (the first step of each batch size compiles it).
+        # ... compiled with torch.compile first (the first decoding steps wait for it, see graphs.py).
         self.compile_decode = compile_decode
         self.init_k_k, self.init_k_a, self.init_a0, self.init_v0 = init_k_k, init_k_a, init_a0, init_v0
         for key in _MIRRORED:

@@ -45,11 +45,12 @@ def one_token(model: nn.Module, ids: Tensor, positions: Tensor, keep: Tensor, st
 
 @functools.cache
 def compiled_one_token():
-    # Default dynamism: the first batch size compiles with static shapes, a second one recompiles
-    # with the batch dynamic, and every later batch size reuses that (compiling a 24-layer step
-    # takes tens of seconds). Inductor's kernels are captured like any others; its own CUDA graphs
-    # ("reduce-overhead") would nest inside ours.
-    return torch.compile(one_token)
+    # fullgraph: a graph break or Dynamo's recompile limit raises, and the caller captures the
+    # uncompiled step instead of a silently split or uncompiled one. Default dynamism: the first
+    # batch size compiles with static shapes, a second one recompiles with the batch dynamic, and
+    # later batch sizes reuse that (compiling a 24-layer step takes tens of seconds). Inductor's
+    # kernels are captured like any others; its own CUDA graphs ("reduce-overhead") would nest in ours.
+    return torch.compile(one_token, fullgraph=True)
 
 
 class DecodeGraph:
@@ -122,6 +123,7 @@ class DecodeGraphs:
         self.weights: tuple = ()
         self.failed = False
         self.uncompilable = False
+        self.announced = False
 
     def clear(self) -> None:
         """Free every captured graph (a cache decoding through one keeps its state)."""
@@ -164,32 +166,38 @@ class DecodeGraphs:
             position_ids = torch.full((batch, 1), cache.seen_tokens, device=input_ids.device)
         keep = attention_mask[:, -1:] if attention_mask is not None else torch.ones_like(input_ids)
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        key = (batch, keep.dtype, autocast, torch.is_inference_mode_enabled())
+        compiled = model.config.compile_decode and not self.uncompilable
+        key = (batch, keep.dtype, autocast, torch.is_inference_mode_enabled(), compiled)
         # Capture and replay on the model's GPU: a graph captures the current device's work only.
         with torch.cuda.device(input_ids.device):
             if key not in self.graphs:
-                graph = self._capture(model, cache, batch, keep.dtype)
+                graph = self._capture(model, cache, batch, keep.dtype, compiled)
                 if graph is None:
                     return None
+                key = (*key[:-1], graph.compiled)  # uncompiled where compiling failed
                 self.graphs[key] = graph
                 while len(self.graphs) > self.MAX_GRAPHS:
                     self.graphs.popitem(last=False)
             self.graphs.move_to_end(key)
             return self.graphs[key](input_ids, position_ids[:, -1:], keep, cache)
 
-    def _capture(self, model: nn.Module, cache: RadladsCache, batch: int, mask_dtype) -> DecodeGraph | None:
-        """The compiled step captured, else (compiling failed) the eager step, else None."""
-        for compiled in (True, False) if model.config.compile_decode and not self.uncompilable else (False,):
-            if compiled:
-                logger.info(
-                    "compiling the decoding step for batch size %d (compile_decode=False skips it)", batch
-                )
+    def _capture(
+        self, model: nn.Module, cache: RadladsCache, batch: int, mask_dtype, compiled: bool
+    ) -> DecodeGraph | None:
+        """The compiled step captured, else (compiling failed) the uncompiled step, else None."""
+        if compiled and not self.announced:  # the first decoding step stalls; say why, once
+            logger.warning(
+                "compiling the decoding step (~1 min for the first batch size, once more for a second "
+                "one; config.compile_decode = False skips it)"
+            )
+            self.announced = True
+        for attempt in (True, False) if compiled else (False,):
             try:
-                return DecodeGraph(model, cache, batch, mask_dtype, compiled)
+                return DecodeGraph(model, cache, batch, mask_dtype, attempt)
             except Exception as error:  # e.g. a RoPE variant that syncs with the host per step
-                what = "compiled CUDA-graph decoding" if compiled else "CUDA-graph decoding"
+                what = "compiled CUDA-graph decoding" if attempt else "CUDA-graph decoding"
                 logger.warning("%s is off for this model (%s)", what, error)
-                self.uncompilable = True
+                self.uncompilable |= attempt
         self.failed = True
         return None
 
