@@ -39,13 +39,12 @@ def teacher_hidden_states(
 ) -> Tensor:
     """`teacher.model(input_ids, attention_mask).last_hidden_state`.
 
-    Where the mask transformers would build is plain causal (no padding mask given), the layers run
-    without one (SDPA and
-    flash attention then run causal, as transformers has them do for such a batch) and the mask
-    is never built: building it checks the position ids for packed sequences with a `.all()` read
-    on the host, which stalls the host until the GPU has drained its queue (in step 2, the
-    student's whole forward), after which the GPU waits on each launch until the host is ahead
-    again."""
+    Where the mask transformers would build is plain causal (no padding mask given), the layers
+    run without one (SDPA and flash attention then run causal, as transformers has them do for
+    such a batch) and the mask is never built: building it checks the position ids for packed
+    sequences with a `.all()` read on the host, which stalls the host until the GPU has drained
+    its queue (in step 2, the student's whole forward), after which the GPU waits on each launch
+    until the host is ahead again."""
     model = teacher.model
     length = input_ids.shape[1]
     if attention_mask is not None or not _causal_without_mask(model.config, length):

@@ -102,8 +102,8 @@ def fused_linears(x: Tensor, maps: list[nn.Linear]) -> list[Tensor]:
     than the saved reads of x (0.97x). Eager generation runs each map alone too: stacking would
     copy the weights at every token. A compiled decoding step stacks them: a one-token step pays
     a fixed time per kernel, and the copy (one fused kernel) costs less than six matmul launches."""
-    grad = torch.is_grad_enabled()
-    if not ((grad and x.requires_grad) or (not grad and torch.compiler.is_compiling())) or len(maps) < 2:
+    stack = x.requires_grad if torch.is_grad_enabled() else torch.compiler.is_compiling()
+    if not stack or len(maps) < 2:
         return [m(x) for m in maps]
     weight = torch.cat([m.weight for m in maps])
     bias = None
