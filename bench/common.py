@@ -192,6 +192,7 @@ class ModelCost:
     lm_head_params: int
     decode_weight_bytes: int  # bytes one decode step must read: all weights but the embedding gather
     act_bytes: int  # bytes per element of activations / KV cache
+    piece_tokens: int | None = None  # a prefill runs at most this many tokens at once (students)
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelCost:
@@ -220,6 +221,7 @@ class ModelCost:
             lm_head_params=lm_head.numel(),
             decode_weight_bytes=read,
             act_bytes=lm_head.element_size(),
+            piece_tokens=getattr(config, "prefill_chunk_tokens", None),
         )
 
     def kv_bytes_per_token(self) -> int:

@@ -49,6 +49,13 @@ from common import (
 PREFILL_WARMUP_TOKENS = 1024  # enough to compile/autotune every kernel; the shapes' T does not matter
 COMPILED_TEACHER = "teacher-compiled"
 WARMUP_CONTEXTS = (64, 128)  # two lengths: the compiled teacher's second cache length recompiles
+# Rows beside each student's own, one flag each: --eager-decode gives rows ARCH-eager, and so on.
+STUDENT_VARIANTS = {
+    "eager_decode": ("eager", dict(cuda_graph_decode=False)),
+    "uncompiled_decode": ("graph", dict(compile_decode=False)),
+    "eager_prefill": ("eager-prefill", dict(compile_prefill=False)),
+    "one_pass_prefill": ("one-pass", dict(prefill_chunk_tokens=None)),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,16 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-warmup", type=int, default=3)
     p.add_argument("--prefill-repeats", type=int, default=3, help="at most; fewer once 2 s are spent")
     p.add_argument("--no-mask", action="store_true", help="call forward without an attention mask")
-    p.add_argument(
-        "--eager-decode",
-        action="store_true",
-        help="also run each student with CUDA-graph decoding off (rows ARCH-eager)",
-    )
-    p.add_argument(
-        "--uncompiled-decode",
-        action="store_true",
-        help="also run each student with CUDA graphs of the uncompiled step (rows ARCH-graph)",
-    )
+    for flag, (suffix, options) in STUDENT_VARIANTS.items():
+        p.add_argument(
+            f"--{flag.replace('_', '-')}",
+            action="store_true",
+            help=f"also run each student with {options} (rows ARCH-{suffix})",
+        )
     p.add_argument(
         "--no-compiled-teacher",
         action="store_true",
@@ -102,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def estimate_peak_bytes(cost: ModelCost, batch: int, context: int) -> int:
-    """Rough prefill peak: weights + KV cache or state + the live activations of one layer.
+    """Rough prefill peak: weights + KV cache or state + the live activations of one layer (of one
+    piece, where the model prefills in pieces).
 
     Bytes per token, no autograd: a layer peaks either in its MLP (gate, up and their product:
     3 I in bf16) or in its attention; softmax attention holds q/k/v, RoPE temporaries and the output
@@ -116,7 +120,8 @@ def estimate_peak_bytes(cost: ModelCost, batch: int, context: int) -> int:
     persistent = 12 * cost.hidden + (0 if cost.kind == "softmax" else 2 * width)
     per_token = persistent + max(6 * cost.intermediate, mixer)
     cache = batch * context * cost.kv_bytes_per_token() + batch * cost.state_bytes()
-    return cost.decode_weight_bytes + cache + batch * context * per_token
+    tokens = min(batch * context, cost.piece_tokens or batch * context)
+    return cost.decode_weight_bytes + cache + tokens * per_token
 
 
 def estimate_seconds(cost: ModelCost, batch: int, context: int, args: argparse.Namespace) -> float:
@@ -384,12 +389,10 @@ def main(argv: list[str] | None = None) -> None:
         models[COMPILED_TEACHER] = models["teacher"]  # the same weights, decoded the fastest HF way
     for arch in list(students):
         models[arch] = build_student(models["teacher"], arch)
-        if args.eager_decode:
-            models[f"{arch}-eager"] = build_student(models["teacher"], arch, cuda_graph_decode=False)
-            students.append(f"{arch}-eager")
-        if args.uncompiled_decode:
-            models[f"{arch}-graph"] = build_student(models["teacher"], arch, compile_decode=False)
-            students.append(f"{arch}-graph")
+        for flag, (suffix, options) in STUDENT_VARIANTS.items():
+            if getattr(args, flag):
+                models[f"{arch}-{suffix}"] = build_student(models["teacher"], arch, **options)
+                students.append(f"{arch}-{suffix}")
     costs = {n: ModelCost.of(m) for n, m in models.items()}
     wbytes = {n: weight_bytes(m) for n, m in models.items()}
     print(

@@ -1,4 +1,5 @@
-"""A CPU stand-in for the part of fla that radlads' custom op `radlads::rwkv7_chunk` calls.
+"""A CPU stand-in for the parts of fla that radlads' custom ops (`radlads::rwkv7_chunk`,
+`radlads::recurrence_fwd`) call.
 
 fla's kernels need CUDA; the op's own machinery (schema, fake outputs, autograd registration, the
 context it hands fla's Function, tracing through torch.compile) does not. The stand-in computes
@@ -74,6 +75,16 @@ class StandInFunction:
         return (dq, dk, dv, da, db, dgk, None, None) + (None,) * 8
 
 
+def _gla(r, k, v, gk, **state):
+    """fla's chunk_gla / fused_recurrent_gla (the decay, gk, after v)."""
+    return recurrent_chunked(r, gk, k, v, **state)
+
+
+def _rwkv7(r, w, k, v, a, b, lower_bound=None, disable_recompute=False, **state):
+    """fla's chunk_rwkv7 / fused_recurrent_rwkv7."""
+    return recurrent_chunked(r, w, k, v, a, b, **state)
+
+
 _REGISTERED = False
 
 
@@ -88,7 +99,12 @@ def install(monkeypatch) -> None:
     chunk = sys.modules["fla.ops.generalized_delta_rule.dplr.chunk"]
     chunk.gate_bound_is_safe, chunk.ChunkDPLRDeltaRuleFunction = _gate_bound_is_safe, StandInFunction
     sys.modules["fla.utils"].TRITON_ABOVE_3_4_0 = True
+    for rule, function in (("gla", _gla), ("rwkv7", _rwkv7)):
+        module = types.ModuleType(f"fla.ops.{rule}")
+        setattr(module, f"chunk_{rule}", function)
+        setattr(module, f"fused_recurrent_{rule}", function)
+        monkeypatch.setitem(sys.modules, module.__name__, module)
     if not _REGISTERED:
-        for op in (fla_ops._rwkv7_chunk, fla_ops._rwkv7_chunk_bwd):
+        for op in (fla_ops._rwkv7_chunk, fla_ops._rwkv7_chunk_bwd, fla_ops._recurrence_fwd):
             op.register_kernel("cpu")(op._init_fn)
         _REGISTERED = True

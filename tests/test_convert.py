@@ -279,12 +279,15 @@ def test_generate_eval_and_bench_generate_commands(converted, workspace, tmp_pat
         return loaded[-1]
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load)
-    for flags in ([], ["--compile-decode"]):
+    for flags in ([], ["--compile"]):
         args = ["generate", "--model", str(converted), "--prompt", "The cat", "--max-new-tokens", "6", *flags]
         assert main(args) == 0
         assert capsys.readouterr().out.strip()
-    # the command turns compiled decoding off unless asked (the saved config has it on)
-    assert [m.config.compile_decode for m in loaded] == [False, True]
+    # the command turns compiling off unless asked (the saved config has it on)
+    assert [(m.config.compile_prefill, m.config.compile_decode) for m in loaded] == [
+        (False, False),
+        (True, True),
+    ]
     monkeypatch.undo()
     report_dir = tmp_path / "report"
     args = ["eval", "--model", str(converted), "--teacher", str(teacher), "--seq-len", "128",

@@ -263,6 +263,20 @@ def test_rwkv7_chunk_op_passes_opcheck(op_device, keep):
     torch.library.opcheck(torch.ops.radlads.rwkv7_chunk, (*leaves, 0.125, LOG_W_MIN, keep))
 
 
+@pytest.mark.parametrize("stateful", [False, True], ids=["from-zero", "from-state"])
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["gla", "rwkv7"])
+def test_recurrence_fwd_op_passes_opcheck(op_device, delta_rule, stateful):
+    """radlads::recurrence_fwd (every fla call without autograd): schema, fake outputs and traced
+    forms agree with what it does."""
+    args, state = random_inputs(2, 96, 2, 64, 64, delta_rule, device=op_device, dtype=torch.bfloat16, seed=4)
+    args = [x.bfloat16() for x in args]
+    a, b = args[4:] if delta_rule else (None, None)
+    floor = LOG_W_MIN if delta_rule else None
+    with torch.no_grad():
+        inputs = (*args[:4], a, b, 0.125, state if stateful else None, floor)
+        torch.library.opcheck(torch.ops.radlads.recurrence_fwd, inputs)
+
+
 @pytest.mark.parametrize("keep", [False, True], ids=["recompute", "kept"])
 def test_compiled_rwkv7_layers_have_no_graph_break_at_the_recurrence(op_device, keep):
     """A compiled RAD-RWKV7 layer is one graph through the recurrence (a break per layer left step

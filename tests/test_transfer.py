@@ -47,7 +47,7 @@ def test_hybrid_softmax_layer_reproduces_the_teacher_layer():
     x = torch.randn(1, 32, 64)
     pe = both.model.rotary_emb(x, torch.arange(32)[None])
     with torch.no_grad():
-        ours, _ = layer(x, pe)
+        ours, _, _ = layer(x, pe)
         theirs = teacher.model.layers[2].self_attn(
             hidden_states=x, position_embeddings=pe, attention_mask=None
         )[0]

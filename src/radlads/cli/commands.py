@@ -111,8 +111,8 @@ def generate(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
-    # One prompt: compiling the step would take longer than the tokens it speeds up.
-    model.config.compile_decode = args.compile_decode
+    # One prompt: compiling would take longer than the tokens it speeds up.
+    model.config.compile_decode = model.config.compile_prefill = args.compile
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     ids = tokenizer(args.prompt, return_tensors="pt").to(device)
     sampling = (

@@ -144,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument(
-        "--compile-decode",
+        "--compile",
         action="store_true",
-        help="torch.compile the CUDA decoding step first (~1 min; pays off after thousands of tokens)",
+        help="torch.compile the prefill's layers and the CUDA decoding step first (~1-2 min on CUDA; "
+        "pays off after thousands of tokens)",
     )
     p.add_argument("--device", default="auto")
     return parser

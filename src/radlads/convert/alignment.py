@@ -67,11 +67,11 @@ def student_attention_outputs(
             continue
         mixer = layer.self_attn
         if checkpointing and torch.is_grad_enabled():
-            y, v_first = checkpoint(
+            y, v_first, _ = checkpoint(
                 mixer, io.inputs[idx], position_embeddings, None, v_first, use_reentrant=False
             )
         else:
-            y, v_first = mixer(io.inputs[idx], position_embeddings, v_first=v_first)
+            y, v_first, _ = mixer(io.inputs[idx], position_embeddings, v_first=v_first)
         outs.append(y)
     return outs
 

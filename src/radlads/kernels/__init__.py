@@ -63,7 +63,9 @@ def _fla_runs(backend: str, on_cuda: bool) -> bool:
 
 
 # fla's autotuned Triton kernels are not for Dynamo to trace: a compiled caller breaks its graph
-# here and runs the kernel as it is (fla_ops.rwkv7_chunk, training's RWKV-7 call, does not).
+# here and runs the kernel as it is. With fla, only calls with autograd that no custom op covers
+# get here (GLA, RWKV-7 with a state); fla_ops.rwkv7_chunk (training's RWKV-7) and
+# fla_ops.recurrence_fwd (every call without autograd) are ops that a compiled graph keeps whole.
 @torch.compiler.disable
 def _run(backend: str, r, log_w, k, v, *ab, log_w_min: float | None = None, recompute: bool = True, **kwargs):
     op = _dispatch(backend, r.is_cuda)
@@ -85,6 +87,16 @@ def _one_token_traced(r: Tensor) -> bool:
     """One token, no autograd, under torch.compile (compiled decoding): the per-token update in
     PyTorch fuses into the caller's graph, where fla's kernel would break it into one graph per layer."""
     return r.shape[1] == 1 and not torch.is_grad_enabled() and torch.compiler.is_compiling()
+
+
+def _without_autograd(inputs: list[Tensor], state: dict, log_w_min: float | None = None):
+    """fla without autograd (prefill, evaluation) through the custom op radlads::recurrence_fwd,
+    which a compiled layer traces as one node: no graph break at the recurrence."""
+    r, log_w, k, v, *ab = inputs
+    y, final = fla_ops.recurrence_fwd(
+        r, log_w, k, v, *ab, scale=state["scale"], initial_state=state["initial_state"], log_w_min=log_w_min
+    )
+    return y, final if state["output_final_state"] else None
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -131,8 +143,11 @@ def rwkv7_recurrence(
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if _one_token_traced(r):
         return recurrent_loop(*inputs, **state)
-    if initial_state is None and not output_final_state and _fla_runs(backend, r.is_cuda):
-        return fla_ops.rwkv7_chunk(*inputs, scale=scale, log_w_min=log_w_min, recompute=recompute), None
+    if _fla_runs(backend, r.is_cuda):
+        if not torch.is_grad_enabled():
+            return _without_autograd(inputs, state, log_w_min)
+        if initial_state is None and not output_final_state:
+            return fla_ops.rwkv7_chunk(*inputs, scale=scale, log_w_min=log_w_min, recompute=recompute), None
     return _run(backend, *inputs, log_w_min=log_w_min, recompute=recompute, **state)
 
 
@@ -152,6 +167,8 @@ def gla_recurrence(
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if _one_token_traced(r):
         return recurrent_loop(*inputs, **state)
+    if _fla_runs(backend, r.is_cuda) and not torch.is_grad_enabled():
+        return _without_autograd(inputs, state)
     return _run(backend, *inputs, **state)
 
 

@@ -4,8 +4,9 @@ fla is imported inside the functions that launch its kernels, so this module (an
 it defines) loads on a CPU install too; nothing here runs there.
 
 Training's RWKV-7 call is a PyTorch custom op (`radlads::rwkv7_chunk`, with its backward as a
-second op): torch.compile sees one opaque node instead of fla's Python, so a compiled decoder
-layer stays one graph across the recurrence, forward and backward. Called from inside a compiled
+second op), and so is every call without autograd (`radlads::recurrence_fwd`: prefill and
+evaluation, both rules, with a state in and out): torch.compile sees one opaque node instead of
+fla's Python, so a compiled decoder layer stays one graph across the recurrence. Called from inside a compiled
 layer, fla's own entry point is a graph break: Dynamo leaves the graph, fla's dispatch runs, a
 resume function enters a second graph, and the host pays that per layer and direction, which
 left step 2's forward at the edge of host-bound on an H100 (docs/benchmarks.md, fifth run).
@@ -71,9 +72,50 @@ def rwkv7_chunk(
     return torch.ops.radlads.rwkv7_chunk(r, log_w, k, v, a, b, scale, log_w_min, keep)[0]
 
 
+def recurrence_fwd(
+    r: Tensor,
+    log_w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    log_w_min: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`dplr` without autograd, from `initial_state` (zeros where None), returning y and the final
+    state, as the custom op `radlads::recurrence_fwd`."""
+    y, state = torch.ops.radlads.recurrence_fwd(r, log_w, k, v, a, b, scale, initial_state, log_w_min)
+    return y, state
+
+
 # --------------------------------------------------------------------------- the custom ops
+
+
+@torch.library.custom_op("radlads::recurrence_fwd", mutates_args=(), device_types="cuda")
+def _recurrence_fwd(
+    r: Tensor,
+    log_w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor | None,
+    b: Tensor | None,
+    scale: float,
+    initial_state: Tensor | None,
+    log_w_min: float | None,
+) -> tuple[Tensor, Tensor]:
+    y, state = dplr(r, log_w, k, v, a, b, scale, initial_state, True, log_w_min)
+    return y.contiguous(), state.float()
+
+
+@_recurrence_fwd.register_fake
+def _(r, log_w, k, v, a, b, scale, initial_state, log_w_min):
+    B, T, H, K = r.shape
+    return r.new_empty(B, T, H, v.shape[-1]), r.new_empty(B, H, K, v.shape[-1], dtype=torch.float32)
+
+
 #
-# fla's autograd.Function (ChunkDPLRDeltaRuleFunction) runs inside them: its forward with a context
+# radlads::rwkv7_chunk: fla's autograd.Function (ChunkDPLRDeltaRuleFunction) runs inside it: its forward with a context
 # that records what it saves, its backward with a context that hands those tensors back, so the
 # ops run exactly fla's Triton kernel sequence (fla's backend dispatch, which would pick its
 # TileLang kernels where tilelang is installed, is not consulted). Tensors fla saves beyond the

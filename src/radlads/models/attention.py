@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import RadladsCache
 from .common import TeacherProjections
 
 
@@ -29,14 +28,18 @@ class SoftmaxAttention(TeacherProjections):
         self,
         x: Tensor,
         position_embeddings: tuple[Tensor, Tensor],
-        cache: RadladsCache | None = None,
+        state: tuple[Tensor, Tensor] | None = None,
         v_first: Tensor | None = None,
         attention_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+        use_cache: bool = False,
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+        """y, v_first passed through, and where `use_cache` the keys and values so far (`state`, the
+        earlier ones, [B, S, H_kv, N] each, with x's appended)."""
         B, T, _ = x.shape
         q, k, v = self.project(x, position_embeddings)
-        if cache is not None:
-            k, v = cache.append_kv(self.layer_idx, k, v)
+        if state is not None:
+            k, v = torch.cat([state[0], k], dim=1), torch.cat([state[1], v], dim=1)
+        state = (k, v) if use_cache else None
         k, v = self.expand_kv(k), self.expand_kv(v)
         S = k.shape[1]
         if attention_mask is None and S == T:
@@ -46,4 +49,4 @@ class SoftmaxAttention(TeacherProjections):
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), v_first
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), v_first, state

@@ -21,13 +21,6 @@ class RadladsCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
-    def append_kv(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        past = self.states[layer_idx]
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
-        self.states[layer_idx] = (k, v)
-        return k, v
-
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Follow beam search's reordering of the batch."""
         for i, s in enumerate(self.states):

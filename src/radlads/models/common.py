@@ -148,20 +148,18 @@ class LinearMixer(TeacherProjections):
             k, v = k * keep, v * keep
         return r, k, v
 
-    def recur(self, op, *args, cache=None, **options) -> Tensor:
-        """Run a kernel op from the cached state and store its final state back."""
-        state = cache.states[self.layer_idx] if cache is not None else None
-        y, state = op(
+    def recur(
+        self, op, *args, state: Tensor | None, use_cache: bool, **options
+    ) -> tuple[Tensor, Tensor | None]:
+        """Run a kernel op from `state` (zeros where None); y, and the final state where `use_cache`."""
+        return op(
             *args,
             **options,
             scale=self.scale,
             initial_state=state,
-            output_final_state=cache is not None,
+            output_final_state=use_cache,
             backend=self.config.kernel_backend,
         )
-        if cache is not None:
-            cache.states[self.layer_idx] = state
-        return y
 
     def output(self, y: Tensor, gate: Tensor) -> Tensor:
         B, T = y.shape[:2]

@@ -65,6 +65,8 @@ class RadladsConfig(PretrainedConfig):
         kernel_backend: str = "auto",
         cuda_graph_decode: bool = True,
         compile_decode: bool = True,
+        compile_prefill: bool = True,
+        prefill_chunk_tokens: int | None = 65536,
         init_k_k: float = 0.85,
         init_k_a: float = 1.0,
         init_a0: float = 0.0,
@@ -82,6 +84,11 @@ class RadladsConfig(PretrainedConfig):
         self.cuda_graph_decode = cuda_graph_decode
         # ... compiled with torch.compile first (the first decoding steps wait for it, see graphs.py).
         self.compile_decode = compile_decode
+        # Prompts (more than one token, no autograd) on CUDA run through compiled layers (prefill.py).
+        self.compile_prefill = compile_prefill
+        # A forward without autograd over more tokens than this (batch x length) runs in pieces that
+        # carry the state: a prefill's memory is a piece's (None: one pass). Hybrids run in one pass.
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.init_k_k, self.init_k_a, self.init_a0, self.init_v0 = init_k_k, init_k_a, init_a0, init_v0
         for key in _MIRRORED:
             if key not in kwargs and key in self.teacher_config:

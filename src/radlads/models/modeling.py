@@ -12,6 +12,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from . import prefill
 from .attention import SoftmaxAttention
 from .cache import RadladsCache
 from .common import LinearMixer, LowRank, to_matmul_dtype
@@ -53,14 +54,26 @@ class RadladsDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = family.norm(teacher)
         self.mlp = family.mlp(teacher)
 
-    def forward(self, hidden_states, position_embeddings, cache=None, v_first=None, attention_mask=None):
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings,
+        state=None,
+        v_first=None,
+        attention_mask=None,
+        use_cache=False,
+    ):
+        """hidden states, v_first and (where `use_cache`) the layer's state after them: the state is
+        an argument, not a cache lookup, so that one compiled graph serves every layer."""
         mixer_in = to_matmul_dtype(self.input_layernorm(hidden_states))
-        attn, v_first = self.self_attn(mixer_in, position_embeddings, cache, v_first, attention_mask)
+        attn, v_first, state = self.self_attn(
+            mixer_in, position_embeddings, state, v_first, attention_mask, use_cache
+        )
         hidden_states = hidden_states + attn
         hidden_states = hidden_states + self.mlp(
             to_matmul_dtype(self.post_attention_layernorm(hidden_states))
         )
-        return hidden_states, v_first
+        return hidden_states, v_first, state
 
 
 class RadladsPreTrainedModel(PreTrainedModel):
@@ -90,6 +103,7 @@ class RadladsModel(RadladsPreTrainedModel):
         self.layers = nn.ModuleList(RadladsDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = family.norm(teacher)
         self.rotary_emb = family.rotary(teacher)
+        self.compiled_layers = prefill.CompiledLayers()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -113,24 +127,57 @@ class RadladsModel(RadladsPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        T = hidden.shape[1]
+        B, T = hidden.shape[:2]
         if use_cache and cache is None:
             cache = RadladsCache(self.config.num_hidden_layers)
         past = cache.seen_tokens if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=hidden.device)[None]
-        position_embeddings = self.rotary_emb(hidden, position_ids)
-        all_hidden = (hidden,) if output_hidden_states else None
-        v_first = None
-        for layer in self.layers:
-            hidden, v_first = layer(hidden, position_embeddings, cache, v_first, attention_mask)
-            if output_hidden_states:
-                all_hidden += (hidden,)
-        if cache is not None:
-            cache.seen_tokens += T
+        pieces = [(0, T)]
+        if not (torch.is_grad_enabled() or output_hidden_states or self.config.softmax_layers):
+            pieces = prefill.spans(T, B, self.config.prefill_chunk_tokens)
+        # A forward without a cache that runs in pieces carries the state in one of its own.
+        state = cache if cache is not None or len(pieces) == 1 else RadladsCache(len(self.layers))
+        outputs, all_hidden = [], None
+        for start, end in pieces:
+            mask = None if attention_mask is None else attention_mask[:, : attention_mask.shape[1] - T + end]
+            out, all_hidden = self.run_layers(
+                hidden[:, start:end], position_ids[:, start:end], mask, state, output_hidden_states
+            )
+            outputs.append(out)
+            prefill.keep_tail(outputs, logits_to_keep)
+        hidden = torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0]
         # Slice before the norm: a long prefill that needs one position's logits normalises one position.
         hidden = self.norm(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return RadladsOutput(last_hidden_state=hidden, cache=cache, hidden_states=all_hidden)
+
+    def run_layers(
+        self,
+        hidden: Tensor,
+        position_ids: Tensor,
+        attention_mask: Tensor | None,
+        cache: RadladsCache | None,
+        output_hidden_states: bool | None,
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """The decoder layers over `hidden`, continuing from `cache` (updated in place)."""
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        run = (
+            self.compiled_layers if self.compiled_layers.applies(self.config, hidden) else prefill.call_layer
+        )
+        all_hidden = (hidden,) if output_hidden_states else None
+        v_first = None
+        for i, layer in enumerate(self.layers):
+            state = cache.states[i] if cache is not None else None
+            hidden, v_first, state = run(
+                layer, hidden, position_embeddings, state, v_first, attention_mask, cache is not None
+            )
+            if cache is not None:
+                cache.states[i] = state
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        if cache is not None:
+            cache.seen_tokens += hidden.shape[1]
+        return hidden, all_hidden
 
 
 class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from transformers import initialization as init
 
 from ..kernels import gla_recurrence, kernel_inputs
-from .cache import RadladsCache
 from .common import LinearMixer, LowRank, decay_speed_schedule
 from .configuration import RadladsConfig
 
@@ -47,14 +46,17 @@ class RadRWKV6Mixer(LinearMixer):
         self,
         x: Tensor,
         position_embeddings: tuple[Tensor, Tensor],
-        cache: RadladsCache | None = None,
+        state: Tensor | None = None,
         v_first: Tensor | None = None,
         attention_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+        use_cache: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """y, v_first passed through (RWKV-6 has no value residual), and where `use_cache` the state."""
         B, T, _ = x.shape
         q, k, v, gate, w_down = self.read_input(x, self.gate.down, self.w_lora.down)
         r, k, v = self.heads(q, k, v, position_embeddings, attention_mask)
         log_w = self.log_decay(self.w_lora.up_from(w_down)).view(B, T, self.num_heads, self.head_dim)
         k = k * -torch.expm1(log_w).to(k.dtype)  # 1 - w, accurate when w is close to 1
-        y = self.recur(gla_recurrence, *kernel_inputs(r, log_w, k, v), cache=cache)  # see kernel_inputs
-        return self.output(y, torch.sigmoid(self.gate.up_from(gate))), v_first
+        inputs = kernel_inputs(r, log_w, k, v)  # here: see kernel_inputs
+        y, state = self.recur(gla_recurrence, *inputs, state=state, use_cache=use_cache)
+        return self.output(y, torch.sigmoid(self.gate.up_from(gate))), v_first, state

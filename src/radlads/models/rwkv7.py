@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from transformers import initialization as init
 
 from ..kernels import kernel_inputs, rwkv7_recurrence
-from .cache import RadladsCache
 from .common import LinearMixer, LowRank, decay_speed_schedule
 from .configuration import RadladsConfig
 
@@ -76,10 +75,13 @@ class RadRWKV7Mixer(LinearMixer):
         self,
         x: Tensor,
         position_embeddings: tuple[Tensor, Tensor],
-        cache: RadladsCache | None = None,
+        state: Tensor | None = None,
         v_first: Tensor | None = None,
         attention_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+        use_cache: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """y, v_first (layer 0's v, which later layers mix in) and, where `use_cache`, the state
+        after x (from `state`, zeros where None)."""
         B, T, _ = x.shape
         heads = (B, T, self.num_heads, self.head_dim)
         gate_in = self.gate if isinstance(self.gate, nn.Linear) else self.gate.down
@@ -98,11 +100,12 @@ class RadRWKV7Mixer(LinearMixer):
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + v_out[0]).view(heads)
         inputs = kernel_inputs(r, log_w, k, v, -kappa, kappa * a)  # here: see kernel_inputs
-        y = self.recur(
+        y, state = self.recur(
             rwkv7_recurrence,
             *inputs,
-            cache=cache,
+            state=state,
+            use_cache=use_cache,
             log_w_min=LOG_W_MIN,
             recompute=not self.keep_kernel_intermediates,
         )
-        return self.output(y, torch.sigmoid(gate)), v_first
+        return self.output(y, torch.sigmoid(gate)), v_first, state

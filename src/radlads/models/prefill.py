@@ -1,0 +1,88 @@
+"""Prefill: the decoder layers compiled on CUDA (`compile_prefill`), and long inputs run in pieces
+that carry the recurrent state (`prefill_chunk_tokens`), so that a prefill's memory is set by the
+piece, not by the context.
+
+Compiled, a layer is one graph: the recurrence without autograd is a custom op
+(kernels.fla_ops.recurrence_fwd), and each layer's state comes in and goes out as an argument.
+Eager, a layer launches ~50 small kernels (norms, RoPE, LoRA activations, decay, gating); Inductor
+fuses them into a few, which is most of a short prefill's time and much of a long one's.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+# fla's chunked kernels work in 64-token chunks: pieces of a multiple of 64 split the input where
+# one pass would have split it anyway.
+PIECE_MULTIPLE = 64
+
+
+def call_layer(layer: nn.Module, *args):
+    return layer(*args)
+
+
+@functools.cache
+def compiled_call_layer():
+    # One function for all layers: Dynamo takes a layer's parameters as inputs, so every layer runs
+    # the same graph (layer 0, which supplies v_first, gets its own). dynamic=True: lengths and
+    # batch sizes are symbolic from the first compile, so a new prompt length does not recompile
+    # (a batch of 1 does get a graph of its own).
+    return torch.compile(call_layer, dynamic=True)
+
+
+class CompiledLayers:
+    """A model's compiled layer call. Where compiling fails, that model's layers run eagerly from
+    then on, after one warning (the failed layer reruns eagerly: its state is an argument, so
+    nothing was written)."""
+
+    def __init__(self):
+        self.failed = False
+        self.announced = False
+
+    def applies(self, config, hidden: Tensor) -> bool:
+        return (
+            config.compile_prefill
+            and not self.failed
+            and hidden.is_cuda
+            and hidden.shape[1] > 1
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        )
+
+    def __call__(self, layer: nn.Module, *args):
+        if not self.announced:  # the first prefill stalls; say why, once
+            logger.warning(
+                "compiling the decoder layers for prefill (once, tens of seconds; "
+                "config.compile_prefill = False skips it)"
+            )
+            self.announced = True
+        try:
+            return compiled_call_layer()(layer, *args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # an eager rerun raises it again if it is not the compiler's
+            logger.warning("compiled prefill is off for this model (%s)", error)
+            self.failed = True
+        return layer(*args)
+
+
+def spans(length: int, batch: int, chunk_tokens: int | None) -> list[tuple[int, int]]:
+    """[start, end) pieces of `length` positions with at most `chunk_tokens` tokens over the batch
+    each (a multiple of 64 positions, at least 64); one piece where it all fits or there is no limit."""
+    if not chunk_tokens or batch * length <= chunk_tokens:
+        return [(0, length)]
+    step = max(PIECE_MULTIPLE, chunk_tokens // batch // PIECE_MULTIPLE * PIECE_MULTIPLE)
+    return [(start, min(start + step, length)) for start in range(0, length, step)]
+
+
+def keep_tail(pieces: list[Tensor], positions: int) -> None:
+    """Drop leading pieces ([B, T_i, C]) whose positions none of the last `positions` need
+    (0: keep all)."""
+    while positions and len(pieces) > 1 and sum(p.shape[1] for p in pieces[1:]) >= positions:
+        pieces.pop(0)
