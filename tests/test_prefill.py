@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from radlads.models import prefill
 from radlads.models.modeling import RadladsModel
-from test_kernels import op_device  # noqa: F401 (a fixture)
+from test_kernels import op_device, rel_err  # noqa: F401 (op_device: a fixture)
 from test_models import VARIANTS, perturbed_student
 
 
@@ -99,25 +99,31 @@ def aot_eager_layers(monkeypatch, device: str) -> None:
 @pytest.mark.parametrize("variant", ["rwkv7", "rwkv6"])
 def test_compiled_prefill_is_one_graph_per_layer_and_equals_eager(op_device, variant, monkeypatch):  # noqa: F811
     """With a cache, each layer's state goes in and out as an argument and the recurrence is one
-    custom op: no graph break, and the graph serves every layer but the first (which keeps v_first)."""
+    custom op: no graph break, and the graph serves every layer but the first (which keeps v_first).
+    Compiled and eager differ by rounding only: no more than each differs from the PyTorch
+    reference (fla's fp32 dots are tf32: its rounding, ~1e-3, sets the scale on a GPU)."""
     student = perturbed_student(**VARIANTS[variant]).to(op_device)
     ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(1)).to(op_device)
-    runs = []
-    for compiled in (False, True):
+    runs = {}
+    for name, compiled, backend in (
+        ("reference", False, "chunked"),
+        ("eager", False, "auto"),
+        ("compiled", True, "auto"),
+    ):
         torch.compiler.reset()
         counters.clear()
-        student.config.compile_prefill = compiled
+        student.config.compile_prefill, student.config.kernel_backend = compiled, backend
         if compiled:
             aot_eager_layers(monkeypatch, op_device)
         with torch.no_grad():
             first = student(ids[:, :32], use_cache=True)  # from no state
             then = student(ids[:, 32:], cache=first.cache, use_cache=True)  # from the cached one
-        runs.append((first.logits, then.logits, *then.cache.states))
+        runs[name] = (first.logits, then.logits, *then.cache.states)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
     assert not student.model.compiled_layers.failed
-    for ours, eager in zip(runs[1], runs[0]):
-        torch.testing.assert_close(ours, eager, rtol=1e-4, atol=1e-4)
+    for ours, eager, reference in zip(runs["compiled"], runs["eager"], runs["reference"]):
+        assert rel_err(ours, eager) <= max(2 * rel_err(eager, reference), 1e-5)
 
 
 def test_a_layer_that_fails_to_compile_runs_eagerly_from_then_on(monkeypatch, caplog):

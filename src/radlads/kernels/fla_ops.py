@@ -46,7 +46,9 @@ def dplr(
         initial_state = initial_state.float()
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if a is None:
-        if _use_recurrent(r):
+        # fla 0.6.0's chunk_gla fails in fp32 on an H100 ("misaligned address" while autotuning, at
+        # K = 16 and 32; bf16 runs): without autograd, fp32 takes the recurrent kernel instead.
+        if _use_recurrent(r) or (r.dtype == torch.float32 and not torch.is_grad_enabled()):
             return fused_recurrent_gla(r, k, v, gk=log_w, **state)
         return chunk_gla(r, k, v, log_w, **state)
     if _use_recurrent(r):
