@@ -46,7 +46,6 @@ from common import (
     write_json,
 )
 
-PREFILL_WARMUP_TOKENS = 1024  # enough to compile/autotune every kernel; the shapes' T does not matter
 COMPILED_TEACHER = "teacher-compiled"
 WARMUP_CONTEXTS = (64, 128)  # two lengths: the compiled teacher's second cache length recompiles
 # Rows beside each student's own, one flag each: --eager-decode gives rows ARCH-eager, and so on.
@@ -127,10 +126,9 @@ def estimate_peak_bytes(cost: ModelCost, batch: int, context: int) -> int:
 def estimate_seconds(cost: ModelCost, batch: int, context: int, args: argparse.Namespace) -> float:
     """Rough wall time of one model's cell; calibrated against measured cells as the run goes."""
     prefill = prefill_floor(cost, batch, context)["ms"] / 1e3 / 0.3 + cost.layers * 1.5e-3
-    warm = prefill_floor(cost, batch, min(context, PREFILL_WARMUP_TOKENS))["ms"] / 1e3 / 0.3
     timed = min(args.prefill_repeats * prefill, max(prefill, 2.0))
     step = max(decode_floor(cost, batch, context)["ms"] / 1e3 / 0.5, cost.layers * 0.6e-3)
-    return warm + timed + (args.decode_warmup + args.decode_steps) * step
+    return prefill + timed + (args.decode_warmup + args.decode_steps) * step
 
 
 # --------------------------------------------------------------------------- one model, one cell
@@ -210,8 +208,9 @@ def run_model(
         return None if peak is None else (peak - other_bytes) / GIB
 
     with torch.no_grad(), contextlib.ExitStack() as stack:
-        warm = min(L, PREFILL_WARMUP_TOKENS)
-        forward(model, ids[:, :warm], None if mask is None else mask[:, :warm])
+        # The whole prefill once, untimed: a long one may take paths a short one does not (a
+        # student's pieces after the first start from a state: another compiled graph).
+        forward(model, ids, None if mask is None else mask[:, :L])
         free_memory(device)
         base = allocated_memory(device)
         reset_peak_memory(device)
