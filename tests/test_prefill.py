@@ -91,7 +91,7 @@ def aot_eager_layers(monkeypatch, device: str) -> None:
     """On CPU, compiled layers through aot_eager (Dynamo's graphs, run eagerly: no C++ toolchain)."""
     if device != "cpu":
         return
-    compiled = torch.compile(prefill.call_layer, backend="aot_eager", dynamic=True)
+    compiled = torch.compile(prefill.call_layer, backend="aot_eager")
     monkeypatch.setattr(prefill, "compiled_call_layer", lambda: compiled)
     monkeypatch.setattr(prefill.CompiledLayers, "applies", lambda self, config, hidden: hidden.shape[1] > 1)
 

@@ -28,17 +28,17 @@ def call_layer(layer: nn.Module, *args):
 
 
 # Graphs of the one compiled function: layer 0 (which supplies v_first) or another, a batch of 1
-# or more, with a state or from none, with a cache or without, and each model loaded: past
-# Dynamo's default of 8 a new case would silently run uncompiled.
+# or more, static or symbolic shapes, with a state or from none, with a cache or without: past
+# Dynamo's default of 8 (reached in one benchmark run) a new case would silently run uncompiled.
 RECOMPILE_LIMIT = 64
 
 
 @functools.cache
 def compiled_call_layer():
     # One function for all layers: Dynamo takes a layer's parameters as inputs, so every layer runs
-    # the same graph. dynamic=True: lengths and batch sizes are symbolic from the first compile, so
-    # a new prompt length does not recompile (a batch of 1 does get a graph of its own).
-    compiled = torch.compile(call_layer, dynamic=True)
+    # the same graph. The first length and batch compile static; the first other ones recompile
+    # with them symbolic, which later ones reuse (a batch of 1 keeps a graph of its own).
+    compiled = torch.compile(call_layer)
 
     def call(layer: nn.Module, *args):
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
