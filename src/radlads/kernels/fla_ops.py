@@ -46,8 +46,9 @@ def dplr(
         initial_state = initial_state.float()
     state = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
     if a is None:
-        # fla 0.6.0's chunk_gla fails in fp32 on an H100 ("misaligned address" while autotuning, at
-        # K = 16 and 32; bf16 runs): without autograd, fp32 takes the recurrent kernel instead.
+        # fla 0.6.0's chunk_gla failed in fp32 on an H100 ("misaligned address" while autotuning,
+        # K = 16 and 32, Triton's default dots; bf16 ran, and K = 64 with IEEE dots passed): without
+        # autograd, fp32 takes the recurrent kernel, slower but sure (fp32 serves checks, not speed).
         if _use_recurrent(r) or (r.dtype == torch.float32 and not torch.is_grad_enabled()):
             return fused_recurrent_gla(r, k, v, gk=log_w, **state)
         return chunk_gla(r, k, v, log_w, **state)
