@@ -65,7 +65,7 @@ def _fla_runs(backend: str, on_cuda: bool) -> bool:
 # fla's autotuned Triton kernels are not for Dynamo to trace: a compiled caller breaks its graph
 # here and runs the kernel as it is. With fla, only calls with autograd that no custom op covers
 # get here (GLA, RWKV-7 with a state); fla_ops.rwkv7_chunk (training's RWKV-7) and
-# fla_ops.recurrence_fwd (every call without autograd) are ops that a compiled graph keeps whole.
+# radlads::recurrence_fwd (every call without autograd) are ops that a compiled graph keeps whole.
 @torch.compiler.disable
 def _run(backend: str, r, log_w, k, v, *ab, log_w_min: float | None = None, recompute: bool = True, **kwargs):
     op = _dispatch(backend, r.is_cuda)
@@ -93,8 +93,9 @@ def _without_autograd(inputs: list[Tensor], state: dict, log_w_min: float | None
     """fla without autograd (prefill, evaluation) through the custom op radlads::recurrence_fwd,
     which a compiled layer traces as one node: no graph break at the recurrence."""
     r, log_w, k, v, *ab = inputs
-    y, final = fla_ops.recurrence_fwd(
-        r, log_w, k, v, *ab, scale=state["scale"], initial_state=state["initial_state"], log_w_min=log_w_min
+    a, b = ab or (None, None)
+    y, final = torch.ops.radlads.recurrence_fwd(
+        r, log_w, k, v, a, b, state["scale"], state["initial_state"], log_w_min
     )
     return y, final if state["output_final_state"] else None
 

@@ -75,26 +75,11 @@ def rwkv7_chunk(
     return torch.ops.radlads.rwkv7_chunk(r, log_w, k, v, a, b, scale, log_w_min, keep)[0]
 
 
-def recurrence_fwd(
-    r: Tensor,
-    log_w: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: Tensor | None = None,
-    b: Tensor | None = None,
-    scale: float = 1.0,
-    initial_state: Tensor | None = None,
-    log_w_min: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """`dplr` without autograd, from `initial_state` (zeros where None), returning y and the final
-    state, as the custom op `radlads::recurrence_fwd`."""
-    y, state = torch.ops.radlads.recurrence_fwd(r, log_w, k, v, a, b, scale, initial_state, log_w_min)
-    return y, state
-
-
 # --------------------------------------------------------------------------- the custom ops
 
 
+# radlads::recurrence_fwd: `dplr` without autograd, from the initial state (zeros where None), to
+# y and the final state; callers: radlads.kernels, for every fla call without autograd.
 @torch.library.custom_op("radlads::recurrence_fwd", mutates_args=(), device_types="cuda")
 def _recurrence_fwd(
     r: Tensor,

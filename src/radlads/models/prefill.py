@@ -3,8 +3,8 @@ that carry the recurrent state (`prefill_chunk_tokens`), so that a prefill's mem
 piece, not by the context.
 
 Compiled, a layer is one graph: the recurrence without autograd is a custom op
-(kernels.fla_ops.recurrence_fwd), and each layer's state comes in and goes out as an argument.
-Eager, a layer launches ~50 small kernels (norms, RoPE, LoRA activations, decay, gating); Inductor
+(radlads::recurrence_fwd, kernels.fla_ops), and each layer's state comes in and goes out as an
+argument. Eager, a layer launches ~50 small kernels (norms, RoPE, LoRA activations, decay, gating); Inductor
 fuses them into a few, which is most of a short prefill's time and much of a long one's.
 """
 
