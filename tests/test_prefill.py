@@ -140,10 +140,25 @@ def test_a_layer_that_fails_to_compile_runs_eagerly_from_then_on(monkeypatch, ca
     pe = student.model.rotary_emb(x, torch.arange(5)[None])
     v_first = torch.randn(2, 5, student.config.num_attention_heads, student.config.head_dim)
     layers = prefill.CompiledLayers()
-    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="radlads.models.prefill"):
-        out = layers(layer, x, pe, None, v_first, None, True)
+    with torch.no_grad():
+        # A bad input fails eagerly too: the user gets its error, and compiling stays on.
+        with pytest.raises(RuntimeError, match="size"):
+            layers(layer, x, pe, None, v_first[:, :3], None, True)
+        assert not layers.failed
+        with caplog.at_level(logging.WARNING, logger="radlads.models.prefill"):
+            out = layers(layer, x, pe, None, v_first, None, True)
         expected = layer(x, pe, None, v_first, None, True)
-    assert layers.failed and len(calls) == 1
+    assert layers.failed and len(calls) == 2
     assert "compiled prefill is off" in caplog.text and "could not lower" in caplog.text
     for ours, eager in zip(out, expected):
         torch.testing.assert_close(ours, eager)
+
+
+def test_training_leaves_prefill_to_its_own_compile_settings():
+    from radlads.convert.steps import prepare_student
+
+    student = perturbed_student(**VARIANTS["rwkv7"])
+    assert student.model.compiled_layers.enabled
+    prepare_student(student, activation_checkpointing=False, compile=False)
+    assert not student.model.compiled_layers.enabled
+    assert student.config.compile_prefill  # nothing saved with the model changed

@@ -26,6 +26,9 @@ def prepare_student(
     # one layer at a time: keeping their intermediates then costs one layer's worth, and saves
     # the kernels a third forward.
     student.keep_kernel_intermediates(keep_kernel_intermediates or activation_checkpointing)
+    # Held-out evaluation runs the layers as training has them (compiled by `compile` or not, maybe
+    # sharded), not through a second, inference-time compile.
+    student.model.compiled_layers.enabled = False
     if compile:
         # Code compiled for an earlier step's student (other shapes, other inputs needing grad)
         # counts against Dynamo's recompile limit (8 per function), past which it runs eagerly

@@ -110,7 +110,7 @@ def kernel_inputs(*tensors: Tensor) -> list[Tensor]:
     take (fp32 master weights, embeddings and RoPE tables promote some inputs to fp32, which would
     run fla's slower fp32 kernels), else the first's. Callers compiled with torch.compile should
     cast with this themselves, in the frame that computes the inputs: the kernel call can be a
-    graph break (fla's GLA, fla with a state), and Dynamo compiles a function entered before a
+    graph break (fla's GLA or RWKV-7 with a state, under autograd), and Dynamo compiles a function entered before a
     break as a graph of its own, so casts made inside it run as kernels of their own instead of
     fusing into the ones that compute the inputs. (Already in the dtype, the cast is free.)"""
     dtype = autocast_dtype(tensors[0].device.type) or tensors[0].dtype

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 # The fused recurrent kernel wins for decoding (a handful of tokens, no autograd); the chunked
-# kernel for prefill and training. fla's fused recurrent ops have no backward.
+# kernel for prefill and training (but see fp32 GLA in dplr). fla's fused recurrent ops have no
+# backward.
 _RECURRENT_MAX_TOKENS = 16
 
 

@@ -87,7 +87,8 @@ class RadladsConfig(PretrainedConfig):
         # Prompts (more than one token, no autograd) on CUDA run through compiled layers (prefill.py).
         self.compile_prefill = compile_prefill
         # A forward without autograd over more tokens than this (batch x length) runs in pieces that
-        # carry the state: a prefill's memory is a piece's (None: one pass). Hybrids run in one pass.
+        # carry the state: a prefill's memory is a piece's (None: one pass; pieces are at least 64
+        # positions long). Hybrids and forwards returning all hidden states run in one pass.
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.init_k_k, self.init_k_a, self.init_a0, self.init_v0 = init_k_k, init_k_a, init_a0, init_v0
         for key in _MIRRORED:

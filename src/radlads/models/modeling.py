@@ -203,8 +203,9 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
 
     def compile_layers(self) -> None:
         """torch.compile each decoder layer and, for step 1, which runs it alone, each time mixer, in
-        place: their norms, projections' epilogues, gates and RoPE fuse into few kernels. The
-        recurrence stays fla's (a graph break, see radlads.kernels)."""
+        place, for training: their norms, projections' epilogues, gates and RoPE fuse into few
+        kernels. The recurrence is a custom op there (RWKV-7) or a graph break (GLA with autograd,
+        see radlads.kernels). Prompts at inference compile through models.prefill instead."""
         for layer in self.model.layers:
             layer.compile()
             layer.self_attn.compile()

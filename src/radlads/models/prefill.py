@@ -29,7 +29,8 @@ def call_layer(layer: nn.Module, *args):
 
 # Graphs of the one compiled function: layer 0 (which supplies v_first) or another, a batch of 1
 # or more, static or symbolic shapes, with a state or from none, with a cache or without: past
-# Dynamo's default of 8 (reached in one benchmark run) a new case would silently run uncompiled.
+# Dynamo's default of 8 (reached in one benchmark run) a new case would run uncompiled (with only
+# Dynamo's log line to say so).
 RECOMPILE_LIMIT = 64
 
 
@@ -48,22 +49,26 @@ def compiled_call_layer():
 
 
 class CompiledLayers:
-    """A model's compiled layer call. Where compiling fails, that model's layers run eagerly from
-    then on, after one warning (the failed layer reruns eagerly: its state is an argument, so
-    nothing was written)."""
+    """A model's compiled layer call. Where compiling fails (and the layer then runs eagerly), that
+    model's layers run eagerly from then on, after one warning. `enabled`: a switch for this
+    process, not saved with the model (training turns it off: its own settings compile layers)."""
 
     def __init__(self):
+        self.enabled = True
         self.failed = False
         self.announced = False
 
     def applies(self, config, hidden: Tensor) -> bool:
+        # Compiling (the decoding step traces the model) and one token come first: Dynamo then
+        # reads none of the switches after them, so changing one does not recompile that step.
         return (
-            config.compile_prefill
-            and not self.failed
-            and hidden.is_cuda
+            not torch.compiler.is_compiling()
             and hidden.shape[1] > 1
+            and hidden.is_cuda
             and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
+            and config.compile_prefill
+            and self.enabled
+            and not self.failed
         )
 
     def __call__(self, layer: nn.Module, *args):
@@ -75,17 +80,21 @@ class CompiledLayers:
             self.announced = True
         try:
             return compiled_call_layer()(layer, *args)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             raise
-        except Exception as error:  # an eager rerun raises it again if it is not the compiler's
+        except Exception as error:
+            # The layer's state is an argument: nothing was written, so it can run again eagerly.
+            # If that fails too, the input was at fault, not the compiler: the user gets its error.
+            out = layer(*args)
             logger.warning("compiled prefill is off for this model (%s)", error)
             self.failed = True
-        return layer(*args)
+            return out
 
 
 def spans(length: int, batch: int, chunk_tokens: int | None) -> list[tuple[int, int]]:
     """[start, end) pieces of `length` positions with at most `chunk_tokens` tokens over the batch
-    each (a multiple of 64 positions, at least 64); one piece where it all fits or there is no limit."""
+    each (a multiple of 64 positions, at least 64: a batch of more than chunk_tokens / 64 sequences
+    gets pieces of 64 positions, over the limit); one piece where it all fits or there is no limit."""
     if not chunk_tokens or batch * length <= chunk_tokens:
         return [(0, length)]
     step = max(PIECE_MULTIPLE, chunk_tokens // batch // PIECE_MULTIPLE * PIECE_MULTIPLE)
