@@ -91,7 +91,7 @@ def aot_eager_layers(monkeypatch, device: str) -> None:
     """On CPU, compiled layers through aot_eager (Dynamo's graphs, run eagerly: no C++ toolchain)."""
     if device != "cpu":
         return
-    compiled = torch.compile(prefill.call_layer, backend="aot_eager")
+    compiled = prefill.compiled_call_layer("aot_eager")
     monkeypatch.setattr(prefill, "compiled_call_layer", lambda: compiled)
     monkeypatch.setattr(prefill.CompiledLayers, "applies", lambda self, config, hidden: hidden.shape[1] > 1)
 
@@ -124,6 +124,28 @@ def test_compiled_prefill_is_one_graph_per_layer_and_equals_eager(op_device, var
     assert not student.model.compiled_layers.failed
     for ours, eager, reference in zip(runs["compiled"], runs["eager"], runs["reference"]):
         assert rel_err(ours, eager) <= max(2 * rel_err(eager, reference), 1e-5)
+
+
+def test_new_prompt_lengths_and_batch_sizes_reuse_the_compiled_layers(monkeypatch):
+    """Lengths and batches (above 1) are symbolic from the first compile: a user's next prompt of
+    another length runs the compiled graphs it has, instead of waiting for a compile."""
+    import fla_stand_in
+    import radlads.kernels
+
+    fla_stand_in.install(monkeypatch)
+    monkeypatch.setattr(radlads.kernels, "_fla_runs", lambda backend, on_cuda: True)
+    aot_eager_layers(monkeypatch, "cpu")
+    torch.compiler.reset()
+    counters.clear()
+    student = perturbed_student(**VARIANTS["rwkv7"])
+    graphs = []
+    for batch, length in [(1, 64), (1, 130), (16, 64), (3, 77), (16, 300)]:
+        ids = torch.randint(0, 320, (batch, length))
+        with torch.no_grad():
+            student(ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # layer 0 and the others, at a batch of 1, then at any other batch
+    assert graphs == [2, 2, 4, 4, 4], graphs
 
 
 def test_a_layer_that_fails_to_compile_runs_eagerly_from_then_on(monkeypatch, caplog):

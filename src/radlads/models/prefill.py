@@ -28,20 +28,31 @@ def call_layer(layer: nn.Module, *args):
 
 
 # Graphs of the one compiled function: layer 0 (which supplies v_first) or another, a batch of 1
-# or more, static or symbolic shapes, with a state or from none, with a cache or without: past
+# or more, with a state or from none, with a cache or without, a mask or none: past
 # Dynamo's default of 8 (reached in one benchmark run) a new case would run uncompiled (with only
 # Dynamo's log line to say so).
 RECOMPILE_LIMIT = 64
 
 
+def mark_sizes_dynamic(hidden, position_embeddings, state, v_first, attention_mask, *rest) -> None:
+    """Mark the batch and length dims of a layer call's arguments dynamic before Dynamo sees them:
+    the first compile then serves every prompt length and batch size above 1. Left to Dynamo, the
+    first call compiles static shapes and the first other length or batch compiles again."""
+    sized = [(t, (0, 1)) for t in (hidden, *position_embeddings, v_first, attention_mask)]
+    for tensor, dims in [*sized, (state, (0,))]:  # a state's other dims are heads and head size
+        if isinstance(tensor, Tensor):
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
 @functools.cache
-def compiled_call_layer():
+def compiled_call_layer(backend: str = "inductor"):
     # One function for all layers: Dynamo takes a layer's parameters as inputs, so every layer runs
-    # the same graph. The first length and batch compile static; the first other ones recompile
-    # with them symbolic, which later ones reuse (a batch of 1 keeps a graph of its own).
-    compiled = torch.compile(call_layer)
+    # the same graph (a batch of 1 gets its own: Dynamo specialises sizes of 1).
+    compiled = torch.compile(call_layer, backend=backend)
 
     def call(layer: nn.Module, *args):
+        mark_sizes_dynamic(*args)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return compiled(layer, *args)
 
