@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from radlads.cli.main import main
-from radlads.convert.plan import GPU_COUNTS, plan
+from radlads.convert.plan import GPU_COUNTS, kept_kernel_bytes, plan
 from radlads.convert.transfer import transfer
 from tiny_models import make_teacher, make_teacher_folder
 
@@ -64,3 +64,23 @@ def test_cli_prints_table(tmp_path, capsys):
     assert "| step 1 (alignment) |" in out and "| step 3 (CE, act. ckpt) |" in out
     assert "teacher parameters:" in out and "Recommended: 1 GPU(s) of 24 GB" in out
     assert main(["plan", "--teacher", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("arch", ["rad-rwkv7", "rad-rwkv6"])
+def test_kept_kernel_intermediates_count_per_converted_layer_token_and_head(tmp_path, arch):
+    """RAD-RWKV7 keeps fla's intermediates in every converted layer (2,176 bytes per token and head
+    at head size 64: what the custom op's fake outputs hold); under activation checkpointing the
+    recomputed layer keeps them either way; RAD-RWKV6's kernels always recompute."""
+    make_teacher("qwen2").config.save_pretrained(tmp_path)
+    options = dict(arch=arch, softmax_layers=(1,), batch_size=4, seq_len=128, step3_seq_len=512)
+    default, kept = plan(tmp_path, **options), plan(tmp_path, keep_kernel_intermediates=True, **options)
+    cfg = make_teacher("qwen2").config
+    converted = cfg.num_hidden_layers - 1
+    per_token = cfg.num_attention_heads * kept_kernel_bytes(cfg.hidden_size // cfg.num_attention_heads)
+    extra = {a.name: b.activation_bytes - a.activation_bytes for a, b in zip(default.steps, kept.steps)}
+    expected = converted * per_token if arch == "rad-rwkv7" else 0
+    assert extra["step 1 (alignment)"] == pytest.approx(4 * 128 * expected)
+    assert extra["step 2 (KL)"] == pytest.approx(4 * 128 * expected)
+    assert extra["step 3 (CE)"] == pytest.approx(512 * expected)
+    assert extra["step 2 (KL, act. ckpt)"] == extra["step 3 (CE, act. ckpt)"] == 0
+    assert kept_kernel_bytes(64) == 2176

@@ -231,6 +231,7 @@ def plan(args: argparse.Namespace) -> int:
         step3_seq_len=args.step3_seq_len,
         batch_size=args.batch_size,
         softmax_layers=tuple(args.softmax_layers),
+        keep_kernel_intermediates=args.keep_kernel_intermediates,
     )
     print(result.to_markdown(), end="")
     return 0

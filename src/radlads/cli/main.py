@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="comma-separated layers that keep softmax attention",
     )
+    p.add_argument(
+        "--keep-kernel-intermediates",
+        action="store_true",
+        help="count fla's kept RWKV-7 intermediates, as convert --keep-kernel-intermediates trains",
+    )
 
     p = add("generate", help="generate text with a student (constant memory per token)")
     p.add_argument("--model", required=True)

@@ -25,6 +25,9 @@ Activations (not sharded: every GPU runs its own micro-batch of `batch_size × s
   of all layers are summed, so the graphs of all mixers live until backward);
 - with activation checkpointing only each layer's input (1 bf16 hidden-sized tensor per token) is
   kept, plus one layer's full activations while it is recomputed;
+- RAD-RWKV7 with `keep_kernel_intermediates` (and the layer recomputed under checkpointing, which
+  training always runs that way) also holds fla's forward intermediates: `kept_kernel_bytes`
+  per token and head (2,176 at head size 64), in every converted layer until its backward;
 - the chunked KL / CE materialises `chunk × vocab` logits, one chunk at a time: for KL the
   student's and the teacher's bf16 logits (on CUDA radlads' Triton kernel writes the gradient over
   the student's: 2 bf16 copies; measured on an H100, step 2 at 48 × 512 tokens on the
@@ -54,6 +57,16 @@ MLP_BF16_INTERMEDIATES = 4
 NORM_RESIDUAL_TENSORS = 4
 KL_BYTES = 2 * BF16  # per chunk element: student logits (then their gradient), teacher logits
 CE_BYTES = 3 * FP32
+FLA_CHUNK = 64  # RAD-RWKV7's fla chunk size (with its decay floor)
+
+
+def kept_kernel_bytes(head_dim: int) -> float:
+    """Bytes per token and head that fla's chunked RWKV-7 forward keeps for its backward when told
+    not to recompute them (kernels.fla_ops' fake outputs, fla 0.6.0): gi, ge (fp32), three
+    chunk-wide products (two bf16, one fp32), five gated bf16 copies, the chunk states (bf16, one per
+    64 tokens), the new values (bf16) and the inverted chunk matrix (fp32)."""
+    n, c = head_dim, FLA_CHUNK
+    return 2 * n * FP32 + (2 * BF16 + FP32) * c + 5 * n * BF16 + n * n * BF16 / c + n * BF16 + c * FP32
 
 
 @dataclass
@@ -185,8 +198,12 @@ def plan(
     chunk_tokens: int = 4096,
     softmax_layers: tuple[int, ...] = (),
     usable_fraction: float = 0.9,
+    keep_kernel_intermediates: bool = False,
 ) -> ConversionPlan:
-    """Parameter counts (exact) and per-step memory estimates (see the module docstring)."""
+    """Parameter counts (exact) and per-step memory estimates (see the module docstring).
+    `keep_kernel_intermediates`: as `radlads convert --keep-kernel-intermediates` (RAD-RWKV7:
+    every converted layer keeps fla's intermediates until its backward; under activation
+    checkpointing the recomputed layer keeps them anyway, as training does)."""
     cfg = load_config(teacher)
     t_model, s_model = build_meta_models(cfg, arch, softmax_layers=list(softmax_layers))
     scfg = s_model.config
@@ -201,6 +218,11 @@ def plan(
     n_layers, c, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     mixer_tok, mlp_tok, input_tok = _layer_tokens_bytes(cfg, head_dim)
     layer_tok = mixer_tok + mlp_tok
+    # fla's kept RWKV-7 intermediates (RAD-RWKV6's GLA kernels always recompute): in every converted
+    # layer with the switch; under activation checkpointing in the one layer recomputed, either way.
+    kept_tok = cfg.num_attention_heads * kept_kernel_bytes(head_dim) if arch == "rad-rwkv7" else 0
+    all_kept_tok = len(converted) * kept_tok if keep_kernel_intermediates else 0
+    recomputed_tok = layer_tok + kept_tok
 
     def logits(tokens: int, bytes_per_element: int) -> float:
         return min(chunk_tokens, tokens) * vocab * bytes_per_element
@@ -211,25 +233,25 @@ def plan(
     # Step 1: frozen teacher + frozen student remainder (bf16) + trainable mixers (16 B/param).
     tok1 = batch_size * seq_len
     states1 = teacher_bytes + (student_params - mixer_params) * BF16 + mixer_params * ADAM_STATE_BYTES
-    act1 = tok1 * (n_layers * 2 * c * BF16 + len(converted) * mixer_tok)
+    act1 = tok1 * (n_layers * 2 * c * BF16 + len(converted) * mixer_tok + all_kept_tok)
     steps.append(StepMemory("step 1 (alignment)", states1, act1))
 
     # Step 2: frozen teacher + whole untied student trained.
     tok2 = batch_size * seq_len
     states2 = teacher_bytes + student_untied * ADAM_STATE_BYTES
     tail2 = 2 * tok2 * c * BF16 + logits(tok2, KL_BYTES) + tok2 * mlp_tok  # finals, KL, teacher layer
-    steps.append(StepMemory("step 2 (KL)", states2, tok2 * n_layers * layer_tok + tail2))
+    steps.append(StepMemory("step 2 (KL)", states2, tok2 * (n_layers * layer_tok + all_kept_tok) + tail2))
     steps.append(
-        StepMemory("step 2 (KL, act. ckpt)", states2, tok2 * (n_layers * input_tok + layer_tok) + tail2)
+        StepMemory("step 2 (KL, act. ckpt)", states2, tok2 * (n_layers * input_tok + recomputed_tok) + tail2)
     )
 
     # Step 3: student alone at long context.
     tok3 = step3_batch_size * step3_seq_len
     states3 = student_untied * ADAM_STATE_BYTES
     tail3 = tok3 * c * BF16 + logits(tok3, CE_BYTES)
-    steps.append(StepMemory("step 3 (CE)", states3, tok3 * n_layers * layer_tok + tail3))
+    steps.append(StepMemory("step 3 (CE)", states3, tok3 * (n_layers * layer_tok + all_kept_tok) + tail3))
     steps.append(
-        StepMemory("step 3 (CE, act. ckpt)", states3, tok3 * (n_layers * input_tok + layer_tok) + tail3)
+        StepMemory("step 3 (CE, act. ckpt)", states3, tok3 * (n_layers * input_tok + recomputed_tok) + tail3)
     )
 
     return ConversionPlan(
