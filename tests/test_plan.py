@@ -64,6 +64,13 @@ def test_cli_prints_table(tmp_path, capsys):
     assert "| step 1 (alignment) |" in out and "| step 3 (CE, act. ckpt) |" in out
     assert "teacher parameters:" in out and "Recommended: 1 GPU(s) of 24 GB" in out
     assert main(["plan", "--teacher", str(tmp_path / "missing")]) == 2
+    args = ["plan", "--teacher", str(folder), "--batch-size", "64", "--seq-len", "4096"]
+    tables = []
+    for flags in ([], ["--keep-kernel-intermediates"]):
+        assert main(args + flags) == 0
+        tables.append(capsys.readouterr().out)
+    step1 = [next(line for line in t.splitlines() if line.startswith("| step 1")) for t in tables]
+    assert float(step1[1].split("|")[3]) > float(step1[0].split("|")[3])  # activations GB/GPU
 
 
 @pytest.mark.parametrize("arch", ["rad-rwkv7", "rad-rwkv6"])
