@@ -208,9 +208,10 @@ def run_model(
         return None if peak is None else (peak - other_bytes) / GIB
 
     with torch.no_grad(), contextlib.ExitStack() as stack:
-        # The whole prefill once, untimed: a long one may take paths a short one does not (a
-        # student's pieces after the first start from a state: another compiled graph).
-        forward(model, ids, None if mask is None else mask[:, :L])
+        if not static:  # (the static row times no prefill)
+            # The whole prefill once, untimed: a long one may take paths a short one does not (a
+            # student's pieces after the first start from a state: another compiled graph).
+            forward(model, ids, None if mask is None else mask[:, :L])
         free_memory(device)
         base = allocated_memory(device)
         reset_peak_memory(device)

@@ -89,15 +89,13 @@ def _one_token_traced(r: Tensor) -> bool:
     return r.shape[1] == 1 and not torch.is_grad_enabled() and torch.compiler.is_compiling()
 
 
-def _without_autograd(inputs: list[Tensor], state: dict, log_w_min: float | None = None):
+def _without_autograd(
+    r, log_w, k, v, a=None, b=None, *, scale, initial_state, output_final_state, log_w_min=None
+) -> tuple[Tensor, Tensor | None]:
     """fla without autograd (prefill, evaluation) through the custom op radlads::recurrence_fwd,
     which a compiled layer traces as one node: no graph break at the recurrence."""
-    r, log_w, k, v, *ab = inputs
-    a, b = ab or (None, None)
-    y, final = torch.ops.radlads.recurrence_fwd(
-        r, log_w, k, v, a, b, state["scale"], state["initial_state"], log_w_min
-    )
-    return y, final if state["output_final_state"] else None
+    y, final = torch.ops.radlads.recurrence_fwd(r, log_w, k, v, a, b, scale, initial_state, log_w_min)
+    return y, final if output_final_state else None
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -110,9 +108,10 @@ def kernel_inputs(*tensors: Tensor) -> list[Tensor]:
     take (fp32 master weights, embeddings and RoPE tables promote some inputs to fp32, which would
     run fla's slower fp32 kernels), else the first's. Callers compiled with torch.compile should
     cast with this themselves, in the frame that computes the inputs: the kernel call can be a
-    graph break (fla's GLA or RWKV-7 with a state, under autograd), and Dynamo compiles a function entered before a
-    break as a graph of its own, so casts made inside it run as kernels of their own instead of
-    fusing into the ones that compute the inputs. (Already in the dtype, the cast is free.)"""
+    graph break (fla's GLA or RWKV-7 with a state, under autograd), and Dynamo compiles a function
+    entered before a break as a graph of its own, so casts made inside it run as kernels of their
+    own instead of fusing into the ones that compute the inputs. (Already in the dtype, the cast
+    is free.)"""
     dtype = autocast_dtype(tensors[0].device.type) or tensors[0].dtype
     return [x.to(dtype) for x in tensors]
 
@@ -146,7 +145,7 @@ def rwkv7_recurrence(
         return recurrent_loop(*inputs, **state)
     if _fla_runs(backend, r.is_cuda):
         if not torch.is_grad_enabled():
-            return _without_autograd(inputs, state, log_w_min)
+            return _without_autograd(*inputs, **state, log_w_min=log_w_min)
         if initial_state is None and not output_final_state:
             return fla_ops.rwkv7_chunk(*inputs, scale=scale, log_w_min=log_w_min, recompute=recompute), None
     return _run(backend, *inputs, log_w_min=log_w_min, recompute=recompute, **state)
@@ -169,7 +168,7 @@ def gla_recurrence(
     if _one_token_traced(r):
         return recurrent_loop(*inputs, **state)
     if _fla_runs(backend, r.is_cuda) and not torch.is_grad_enabled():
-        return _without_autograd(inputs, state)
+        return _without_autograd(*inputs, **state)
     return _run(backend, *inputs, **state)
 
 

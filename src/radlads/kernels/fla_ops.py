@@ -6,10 +6,11 @@ it defines) loads on a CPU install too; nothing here runs there.
 Training's RWKV-7 call is a PyTorch custom op (`radlads::rwkv7_chunk`, with its backward as a
 second op), and so is every call without autograd (`radlads::recurrence_fwd`: prefill and
 evaluation, both rules, with a state in and out): torch.compile sees one opaque node instead of
-fla's Python, so a compiled decoder layer stays one graph across the recurrence. Called from inside a compiled
-layer, fla's own entry point is a graph break: Dynamo leaves the graph, fla's dispatch runs, a
-resume function enters a second graph, and the host pays that per layer and direction, which
-left step 2's forward at the edge of host-bound on an H100 (docs/benchmarks.md, fifth run).
+fla's Python, so a compiled decoder layer stays one graph across the recurrence. Called from
+inside a compiled layer, fla's own entry point is a graph break: Dynamo leaves the graph, fla's
+dispatch runs, a resume function enters a second graph, and the host pays that per layer and
+direction, which left step 2's forward at the edge of host-bound on an H100 (docs/benchmarks.md,
+fifth run).
 """
 
 import torch
@@ -104,12 +105,12 @@ def _(r, log_w, k, v, a, b, scale, initial_state, log_w_min):
 
 
 #
-# radlads::rwkv7_chunk: fla's autograd.Function (ChunkDPLRDeltaRuleFunction) runs inside it: its forward with a context
-# that records what it saves, its backward with a context that hands those tensors back, so the
-# ops run exactly fla's Triton kernel sequence (fla's backend dispatch, which would pick its
-# TileLang kernels where tilelang is installed, is not consulted). Tensors fla saves beyond the
-# op's inputs (only when it keeps its intermediates) leave the forward op as extra outputs, in
-# fla's order.
+# radlads::rwkv7_chunk: fla's autograd.Function (ChunkDPLRDeltaRuleFunction) runs inside it: its
+# forward with a context that records what it saves, its backward with a context that hands those
+# tensors back, so the ops run exactly fla's Triton kernel sequence (fla's backend dispatch, which
+# would pick its TileLang kernels where tilelang is installed, is not consulted). Tensors fla saves
+# beyond the op's inputs (only when it keeps its intermediates) leave the forward op as extra
+# outputs, in fla's order.
 
 _FLA_SAVES_INPUTS = 7  # q, k, v, a, b, gk, initial_state: the op's inputs (no initial state here)
 

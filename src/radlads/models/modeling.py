@@ -137,12 +137,12 @@ class RadladsModel(RadladsPreTrainedModel):
         if not (torch.is_grad_enabled() or output_hidden_states or self.config.softmax_layers):
             pieces = prefill.spans(T, B, self.config.prefill_chunk_tokens)
         # A forward without a cache that runs in pieces carries the state in one of its own.
-        state = cache if cache is not None or len(pieces) == 1 else RadladsCache(len(self.layers))
+        carried = cache if cache is not None or len(pieces) == 1 else RadladsCache(len(self.layers))
         outputs, all_hidden = [], None
         for start, end in pieces:
             mask = None if attention_mask is None else attention_mask[:, : attention_mask.shape[1] - T + end]
             out, all_hidden = self.run_layers(
-                hidden[:, start:end], position_ids[:, start:end], mask, state, output_hidden_states
+                hidden[:, start:end], position_ids[:, start:end], mask, carried, output_hidden_states
             )
             outputs.append(out)
             prefill.keep_tail(outputs, logits_to_keep)
