@@ -193,3 +193,26 @@ def test_compare_runs_pairs_rows_of_two_runs_by_shape_step_variant_and_batch():
     new = run(("s", 2, "radlads-keep", 48, 110.0, 9.1, 0.33), ("s", 1, "radlads-keep", 80, 60.0, 4.0, 0.22))
     (row,) = compare_runs.compare(base, new)  # step 1 ran at another batch: no pair
     assert (row["step"], row["tok_s_ratio"]) == (2, pytest.approx(1.1))
+
+
+def test_step1_overlap_runs_the_teacher_as_each_workload_says(tiny_models, tmp_path):
+    import step1_overlap
+
+    teacher, student0 = tiny_models
+    student = copy.deepcopy(student0).train()
+    args = training.parse_args(["--tiny"])
+    trainer = training.make_trainer("radlads-keep", 1, teacher, student, args, 2, torch.device("cpu"))
+    ids = [torch.randint(0, teacher.config.vocab_size, (2, 16)) for _ in range(2)]
+    runs = step1_overlap.workloads(teacher, student, trainer, ids, torch.device("cpu"))
+    calls = []
+    teacher.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    counted = {}
+    for name, run in runs.items():
+        calls.clear()
+        run()
+        counted[name] = len(calls)
+    # "student" trains on teacher I/O computed beforehand: it must not run the teacher again.
+    assert counted == dict(teacher=1, student=0, update=1, serial=2, overlapped=2)
+    step1_overlap.main(["--tiny", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "step1-overlap-b2.json").read_text())["results"]
+    assert all(math.isfinite(results[name]) for name in runs)
