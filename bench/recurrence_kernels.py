@@ -148,6 +148,7 @@ def reference_op(rule: str, backend: str) -> Callable:
 TRAINING_OPTIONS = {
     "fla chunk + floor + kept": dict(disable_recompute=True),  # keep_kernel_intermediates
     "fla chunk + floor + chunk 32": dict(chunk_size=32),
+    "fla chunk + floor + chunk 32 + kept": dict(chunk_size=32, disable_recompute=True),
 }
 
 

@@ -240,6 +240,36 @@ def test_fla_gradients_match_reference(delta_rule, recompute, stateful, dtype, t
     assert max(errors) < tol, errors
 
 
+@pytest.mark.gpu
+@needs_fla
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "kept"])
+def test_tilelang_kernels_where_fla_takes_them_match_reference_in_one_graph(recompute):
+    """Where fla's TileLang backend is installed and takes training's RWKV-7 call (a grid of at
+    least half the SMs), rwkv7_recurrence runs it: compiled in one graph (fullgraph), with
+    output and gradients matching the fp32 reference's."""
+    from radlads.kernels.fla_ops import tilelang_chunk_size
+
+    B, T, H, K = 12, 128, 6, 64  # B x H = 72 >= half an H100's 132 SMs
+    if tilelang_chunk_size(B, H, K, K, torch.bfloat16, torch.device("cuda"), LOG_W_MIN) is None:
+        pytest.skip("fla's TileLang backend is not installed here or does not take this call")
+    args, _ = random_inputs(B, T, H, K, K, True, device="cuda", dtype=torch.bfloat16, seed=5)
+
+    def run(*xs, backend="fla"):
+        y, _ = rwkv7_recurrence(*xs, scale=K**-0.5, backend=backend, log_w_min=LOG_W_MIN, recompute=recompute)
+        return y
+
+    results = []
+    compiled = torch.compile(run, fullgraph=True)  # fails on a graph break
+    for fn, inputs, backend in ((compiled, args, "fla"), (run, [x.float() for x in args], "chunked")):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        y = fn(*leaves, backend=backend)
+        y.float().square().sum().backward()
+        results.append([y, *(x.grad for x in leaves)])
+    errors = [rel_err(got, ref) for got, ref in zip(*results)]
+    print(f"tilelang vs chunked recompute={recompute}: {errors}")
+    assert max(errors) < 3e-2, errors
+
+
 @pytest.fixture(params=["stand-in", pytest.param("fla", marks=[pytest.mark.gpu, needs_fla])])
 def op_device(request, monkeypatch) -> str:
     """Where radlads::rwkv7_chunk runs: on CPU around a stand-in for fla (tests/fla_stand_in.py:
