@@ -6,7 +6,12 @@
 # are too big to bring back) into $OUT/gpu-cache.tgz. Copy that file to .gpu-cache/ here and carry
 # .gpu-cache in the next call: it is unpacked first, and fla's kernels compile only the configs
 # that won instead of benchmarking every one again.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl
+# More wheels, installed the same way: .wheels-extra/ (carried) and /root/stash (relayed there by
+# scripts/relay.sh, for wheels too big to carry), e.g. fla's TileLang backend: tilelang (~50 MB,
+# relayed), z3-solver, apache-tvm-ffi and torch-c-dlpack-ext (carried); the machine has nvcc.
+extra=$(ls .wheels-extra/*.whl /root/stash/*.whl 2> /dev/null || true)
+# shellcheck disable=SC2086  # one word per wheel
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl $extra
 export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/gpu-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/gpu-cache/inductor
