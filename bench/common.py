@@ -9,6 +9,7 @@ student's RadladsCache, the teacher's DynamicCache), never a re-implementation.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
@@ -77,6 +78,13 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 # --------------------------------------------------------------------------- environment
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: where it runs, where its JSON goes, a CPU smoke run."""
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON directory (default $OUT or bench/results)")
+    p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
 
 
 def pick_device(requested: str | None = None) -> torch.device:

@@ -28,6 +28,7 @@ from common import (
     Budget,
     ModelCost,
     Stopwatch,
+    add_run_arguments,
     allocated_memory,
     build_student,
     build_teacher,
@@ -86,9 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip cells estimated above (default: 110%% of the GPU)",
     )
     p.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) or float32 (default on CPU)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=None, help="JSON directory (default $OUT or bench/results)")
-    p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
+    add_run_arguments(p)
     args = p.parse_args(argv)
     if args.tiny:
         args.shape, args.contexts, args.batches = "tiny", "64,256", "1,2"

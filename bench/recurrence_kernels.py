@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from common import (
     Budget,
+    add_run_arguments,
     default_out_dir,
     free_memory,
     markdown_table,
@@ -69,9 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated method names to run (default: all; the reference always)",
     )
     p.add_argument("--budget-s", type=float, default=90.0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
+    add_run_arguments(p)
     args = p.parse_args(argv)
     if args.tiny:
         args.batch, args.tokens, args.heads, args.head_dim, args.decode_batch = 2, 64, 2, 16, 2

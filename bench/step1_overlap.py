@@ -22,11 +22,11 @@ import argparse
 import copy
 import itertools
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import training
 from common import (
+    add_run_arguments,
     build_student,
     build_teacher,
     default_out_dir,
@@ -47,9 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch", type=int, default=64, help="sequences; three batches' teacher I/O are alive at once"
     )
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
+    add_run_arguments(p)
     args = p.parse_args(argv)
     if args.tiny:
         args.shape, args.batch, args.seq_len = "tiny", 2, 32

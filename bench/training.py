@@ -55,6 +55,7 @@ from common import (
     Budget,
     ModelCost,
     Stopwatch,
+    add_run_arguments,
     build_student,
     build_teacher,
     default_out_dir,
@@ -150,11 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-backend", default="chunked", help="the baseline's recurrence kernels")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOPS / 1e12, help="MFU's ceiling")
     p.add_argument("--budget-s", type=float, default=300.0, help="skip cells that would end later")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=None, help="JSON directory (default $OUT or bench/results)")
+    add_run_arguments(p)
     p.add_argument("--profile", type=int, default=0, help="CUDA: the N kernels with most GPU time per row")
     p.add_argument("--trace", action="store_true", help="with --profile: radlads rows' timelines, to --out")
-    p.add_argument("--tiny", action="store_true", help="CPU-sized smoke run")
     args = p.parse_args(argv)
     if args.tiny:  # new defaults; flags given explicitly still win
         p.set_defaults(**TINY)
