@@ -232,6 +232,7 @@ def plan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         softmax_layers=tuple(args.softmax_layers),
         keep_kernel_intermediates=args.keep_kernel_intermediates,
+        tilelang=args.tilelang,
     )
     print(result.to_markdown(), end="")
     return 0

@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count fla's kept RWKV-7 intermediates, as convert --keep-kernel-intermediates trains",
     )
+    p.add_argument(
+        "--tilelang",
+        action="store_true",
+        help="count those of fla's TileLang kernels (radlads[tilelang] installed), not its Triton ones",
+    )
 
     p = add("generate", help="generate text with a student (constant memory per token)")
     p.add_argument("--model", required=True)

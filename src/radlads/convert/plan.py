@@ -27,7 +27,8 @@ Activations (not sharded: every GPU runs its own micro-batch of `batch_size × s
   kept, plus one layer's full activations while it is recomputed;
 - RAD-RWKV7 with `keep_kernel_intermediates` (and the layer recomputed under checkpointing, which
   training always runs that way) also holds fla's forward intermediates: `kept_kernel_bytes`
-  per token and head (2,176 at head size 64), in every converted layer until its backward;
+  per token and head (2,176 at head size 64; 1,344 for its TileLang kernels), in every converted
+  layer until its backward;
 - the chunked KL / CE materialises `chunk × vocab` logits, one chunk at a time: for KL the
   student's and the teacher's bf16 logits (on CUDA radlads' Triton kernel writes the gradient over
   the student's: 2 bf16 copies; measured on an H100, step 2 at 48 × 512 tokens on the
@@ -58,14 +59,23 @@ NORM_RESIDUAL_TENSORS = 4
 KL_BYTES = 2 * BF16  # per chunk element: student logits (then their gradient), teacher logits
 CE_BYTES = 3 * FP32
 FLA_CHUNK = 64  # RAD-RWKV7's fla chunk size (with its decay floor)
+TILELANG_CHUNK = 32  # fla's TileLang kernels' chunk size on an H100 (its verifier turns down 64)
+FP16 = 2
 
 
-def kept_kernel_bytes(head_dim: int) -> float:
+def kept_kernel_bytes(head_dim: int, tilelang: bool = False) -> float:
     """Bytes per token and head that fla's chunked RWKV-7 forward keeps for its backward when told
-    not to recompute them (kernels.fla_ops' fake outputs, fla 0.6.0): gi, ge (fp32), three
-    chunk-wide products (two bf16, one fp32), five gated bf16 copies, the chunk states (bf16, one per
-    64 tokens), the new values (bf16) and the inverted chunk matrix (fp32)."""
-    n, c = head_dim, FLA_CHUNK
+    not to recompute them (fla 0.6.0). Its Triton kernels (kernels.fla_ops' fake outputs): gi, ge
+    (fp32), three chunk-wide products (two bf16, one fp32), five gated bf16 copies, the chunk
+    states (bf16, one per 64 tokens), the new values (bf16) and the inverted chunk matrix (fp32).
+    Its TileLang kernels (`tilelang`; the fake outputs of fla's `chunk_dplr_delta_rule_fwd_ctx`
+    op): the chunk states (bf16, one per 32 tokens), the new values and five gated copies (bf16),
+    and four chunk-wide matrices (fp32, fp16, two bf16)."""
+    n = head_dim
+    if tilelang:
+        c = TILELANG_CHUNK
+        return n * n * BF16 / c + 6 * n * BF16 + c * (FP32 + FP16 + 2 * BF16)
+    c = FLA_CHUNK
     return 2 * n * FP32 + (2 * BF16 + FP32) * c + 5 * n * BF16 + n * n * BF16 / c + n * BF16 + c * FP32
 
 
@@ -199,11 +209,13 @@ def plan(
     softmax_layers: tuple[int, ...] = (),
     usable_fraction: float = 0.9,
     keep_kernel_intermediates: bool = False,
+    tilelang: bool = False,
 ) -> ConversionPlan:
     """Parameter counts (exact) and per-step memory estimates (see the module docstring).
     `keep_kernel_intermediates`: as `radlads convert --keep-kernel-intermediates` (RAD-RWKV7:
     every converted layer keeps fla's intermediates until its backward; under activation
-    checkpointing the recomputed layer keeps them anyway, as training does)."""
+    checkpointing the recomputed layer keeps them anyway, as training does). `tilelang`: those
+    of fla's TileLang kernels, which training runs where they are installed and fla takes them."""
     cfg = load_config(teacher)
     t_model, s_model = build_meta_models(cfg, arch, softmax_layers=list(softmax_layers))
     scfg = s_model.config
@@ -220,7 +232,7 @@ def plan(
     layer_tok = mixer_tok + mlp_tok
     # fla's kept RWKV-7 intermediates (RAD-RWKV6's GLA kernels always recompute): in every converted
     # layer with the switch; under activation checkpointing in the one layer recomputed, either way.
-    kept_tok = cfg.num_attention_heads * kept_kernel_bytes(head_dim) if arch == "rad-rwkv7" else 0
+    kept_tok = cfg.num_attention_heads * kept_kernel_bytes(head_dim, tilelang) if arch == "rad-rwkv7" else 0
     all_kept_tok = len(converted) * kept_tok if keep_kernel_intermediates else 0
     recomputed_tok = layer_tok + kept_tok
 
