@@ -85,6 +85,15 @@ def _rwkv7(r, w, k, v, a, b, lower_bound=None, disable_recompute=False, **state)
     return recurrent_chunked(r, w, k, v, a, b, **state)
 
 
+def _rwkv7_tilelang(q, k, v, a, b, gk, scale, lower_bound, chunk_size, disable_recompute):
+    """fla's chunk_dplr_delta_rule_tilelang (differentiable here through the reference); its calls
+    go to TILELANG_CALLS."""
+    TILELANG_CALLS.append(dict(chunk_size=chunk_size, keep=disable_recompute, lower_bound=lower_bound))
+    assert all(x.is_contiguous() for x in (q, k, v, a, b, gk)), "its kernels read dense strides"
+    return recurrent_chunked(q, gk, k, v, a, b, scale=scale)
+
+
+TILELANG_CALLS: list[dict] = []
 _REGISTERED = False
 
 
@@ -99,6 +108,10 @@ def install(monkeypatch) -> None:
     chunk = sys.modules["fla.ops.generalized_delta_rule.dplr.chunk"]
     chunk.gate_bound_is_safe, chunk.ChunkDPLRDeltaRuleFunction = _gate_bound_is_safe, StandInFunction
     sys.modules["fla.utils"].TRITON_ABOVE_3_4_0 = True
+    tilelang = types.ModuleType("fla.ops.generalized_delta_rule.dplr.backends.tilelang.chunk")
+    tilelang.chunk_dplr_delta_rule_tilelang = _rwkv7_tilelang
+    monkeypatch.setitem(sys.modules, tilelang.__name__, tilelang)
+    TILELANG_CALLS.clear()
     for rule, function in (("gla", _gla), ("rwkv7", _rwkv7)):
         module = types.ModuleType(f"fla.ops.{rule}")
         setattr(module, f"chunk_{rule}", function)

@@ -240,6 +240,33 @@ def test_fla_gradients_match_reference(delta_rule, recompute, stateful, dtype, t
     assert max(errors) < tol, errors
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "kept"])
+def test_training_call_goes_to_tilelang_with_its_inputs_in_place(recompute, monkeypatch):
+    """Where fla's TileLang backend takes the call, training's RWKV-7 call runs its function with
+    r, log_w, k, v, a, b in their places (a stand-in computing with the reference: a swap would
+    change the output), dense inputs (the mixers' can be column slices), the chunk size fla took,
+    the floor, and whether to keep its intermediates."""
+    import fla_stand_in
+    import radlads.kernels
+    from radlads.kernels import fla_ops
+
+    fla_stand_in.install(monkeypatch)
+    monkeypatch.setattr(radlads.kernels, "_fla_runs", lambda backend, on_cuda: backend == "fla")
+    monkeypatch.setattr(fla_ops, "tilelang_chunk_size", lambda *shape: 32)
+    args, _ = random_inputs(2, 40, 2, 16, 16, True, seed=6)
+    sliced = [torch.cat([x, x], dim=-1)[..., :16] for x in args]  # same values, not contiguous
+    results = []
+    for backend, values in (("fla", sliced), ("chunked", args)):
+        leaves = [x.detach().requires_grad_() for x in values]  # detach keeps the slices' strides
+        y, _ = rwkv7_recurrence(
+            *leaves, scale=0.25, backend=backend, log_w_min=LOG_W_MIN, recompute=recompute
+        )
+        y.square().sum().backward()
+        results.append([y, *(x.grad for x in leaves)])
+    assert fla_stand_in.TILELANG_CALLS == [dict(chunk_size=32, keep=not recompute, lower_bound=LOG_W_MIN)]
+    assert max(rel_err(got, ref) for got, ref in zip(*results)) < 1e-5
+
+
 @pytest.mark.gpu
 @needs_fla
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "kept"])

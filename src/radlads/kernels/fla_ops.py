@@ -1,4 +1,5 @@
-"""flash-linear-attention's Triton kernels behind the reference's signature (CUDA only).
+"""flash-linear-attention's kernels behind the reference's signature (CUDA only): its Triton kernels,
+and for training's RWKV-7 call its TileLang ones where tilelang is installed and fla takes the call.
 
 fla is imported inside the functions that launch its kernels, so this module (and the custom op
 it defines) loads on a CPU install too; nothing here runs there.
