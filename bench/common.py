@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -111,6 +112,12 @@ def environment() -> dict[str, Any]:
             info[name] = __import__(name).__version__
         except Exception:  # missing or without __version__: record the fact, do not fail the run
             info[name] = None
+    # Where installed, fla runs its TileLang kernels for the calls its verifier takes (radlads'
+    # training recurrence, the benchmarks' chunk_rwkv7 rows at 32-token chunks): read, not imported.
+    try:
+        info["tilelang"] = importlib.metadata.version("tilelang")
+    except importlib.metadata.PackageNotFoundError:
+        info["tilelang"] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:

@@ -19,7 +19,6 @@ the premise before anything is built on it, on the path `radlads convert` runs (
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 from collections.abc import Callable
 
@@ -100,9 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = build_teacher(args.shape, device, dtype)
-    student = (
-        copy.deepcopy(build_student(teacher, "rad-rwkv7")).to(device=device, dtype=torch.float32).train()
-    )
+    student = build_student(teacher, "rad-rwkv7").to(device=device, dtype=torch.float32).train()
     bench_args = training.parse_args(["--shapes", args.shape, "--steps", "1", "--seq-len", str(args.seq_len)])
     trainer = training.make_trainer("radlads-keep", 1, teacher, student, bench_args, args.batch, device)
     vocab = teacher.config.vocab_size

@@ -51,7 +51,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 GB = 1e9
 GPU_COUNTS = (1, 2, 4, 8, 16)
-BF16, FP32 = 2, 4
+BF16, FP16, FP32 = 2, 2, 4
 ADAM_STATE_BYTES = FP32 + FP32 + 2 * FP32  # master copy, gradient, two moments
 MIXER_BF16_TENSORS = 10
 MLP_BF16_INTERMEDIATES = 4
@@ -60,7 +60,6 @@ KL_BYTES = 2 * BF16  # per chunk element: student logits (then their gradient), 
 CE_BYTES = 3 * FP32
 FLA_CHUNK = 64  # RAD-RWKV7's fla chunk size (with its decay floor)
 TILELANG_CHUNK = 32  # fla's TileLang kernels' chunk size on an H100 (its verifier turns down 64)
-FP16 = 2
 
 
 def kept_kernel_bytes(head_dim: int, tilelang: bool = False) -> float:
