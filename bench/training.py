@@ -350,7 +350,8 @@ def measure(cell: dict, teacher, student0, args, device, budget: Budget, row: di
     # fp32 master weights on the device, as convert loads each step's student.
     student = copy.deepcopy(student0).to(device=device, dtype=torch.float32).train()
     trainer = make_trainer(row["variant"], cell["step"], teacher, student, args, row["batch"], device)
-    ids = torch.randint(0, cell["vocab"], (row["batch"], cell["seq_len"]), device=device)
+    # One update's sequences: the trainer runs them as micro-batches of row["batch"].
+    ids = torch.randint(0, cell["vocab"], (row["batch"] * args.grad_accum, cell["seq_len"]), device=device)
     batches: Iterator[torch.Tensor] = itertools.repeat(ids)  # data loading is not what is measured here
 
     def update() -> torch.Tensor:

@@ -1,20 +1,41 @@
 #!/usr/bin/env bash
-# The real-teacher run on the GPU (issue: real teacher): import SmolLM2 from the stashed GGUF,
-# tokenize the stashed corpus, convert (steps 0-2), evaluate student vs teacher.
-# Meant to be started detached (setsid) so it outlives one 10-minute device call; logs to $RUN/log.
-#   ARCH=rad-rwkv7 STEP1=12M STEP2=8M setsid bash scripts/device_convert.sh > /root/run.log 2>&1 &
+# A real-teacher conversion on a remote GPU host: import SmolLM2 from the stashed GGUF, tokenize
+# the stashed corpus (once per host), convert with the user's command, evaluate student vs
+# teacher, and pack the small result files into $RUN/results/$NAME/.
+# Start it detached (setsid) so that it outlives one job-size limit; it logs to stdout.
+#   NAME=rwkv7 STEP1=16M STEP2=32M STEP3=8M setsid bash scripts/device_convert.sh > /root/rwkv7.log 2>&1 &
+# Knobs (environment): ARCH, STEP1/2/3 (token budgets), SOFTMAX (layers kept as softmax, e.g.
+# 10,20), EXTRA (more convert flags), PASSKEY (lengths), WINDOWS (held-out windows of 2048).
+# With STEP3 > 0 the student after step 2 is evaluated too (step 3 on/off from one run).
 set -euo pipefail
 source scripts/device_env.sh
-ARCH=${ARCH:-rad-rwkv7}; STEP1=${STEP1:-12M}; STEP2=${STEP2:-8M}
+ARCH=${ARCH:-rad-rwkv7}; NAME=${NAME:-$ARCH}
+STEP1=${STEP1:-16M}; STEP2=${STEP2:-32M}; STEP3=${STEP3:-0}
+PASSKEY=${PASSKEY:-1k,4k,8k}; WINDOWS=${WINDOWS:-64}
 RUN=${RUN:-/root/run}; STASH=${STASH:-/root/stash}
-mkdir -p "$RUN"
+mkdir -p "$RUN/results/$NAME"
 TEACHER=$(python3 -c "from radlads.teachers import resolve_teacher as r; print(r('$STASH/SmolLM2-135M-Instruct.Q4_1.gguf', cache_dir='$RUN/teacher'))")
-[ -f "$RUN/data/index.json" ] || radlads prepare-data --teacher "$TEACHER" --data "$STASH/corpus.jsonl.xz" --out "$RUN/data" --quiet
-date +%s > "$RUN/$ARCH.start"
-radlads convert --teacher "$TEACHER" --data "$RUN/data" --out "$RUN/$ARCH" --arch "$ARCH" \
-  --step1-tokens "$STEP1" --step2-tokens "$STEP2" --step3-tokens 0 --seq-len 512 --batch-size 32 \
-  --step2-lr 1e-4 --checkpoint-every 2M --quiet
-date +%s > "$RUN/$ARCH.end"
-radlads eval --model "$RUN/$ARCH" --teacher "$TEACHER" --data "$RUN/data" --seq-len 2048 --max-windows 64 \
-  --passkey 1k,4k --speed 1k,4k,16k --out "$RUN/$ARCH/eval" --quiet
-echo "done $ARCH"
+if [ ! -f "$RUN/data/index.json" ]; then
+  radlads prepare-data --teacher "$TEACHER" --data "$STASH/corpus.jsonl.xz" --out "$RUN/data" --quiet
+fi
+hybrid=()
+[ -n "${SOFTMAX:-}" ] && hybrid=(--softmax-layers "$SOFTMAX")
+start=$(date +%s)
+# shellcheck disable=SC2086  # EXTRA is several flags
+radlads convert --teacher "$TEACHER" --data "$RUN/data" --out "$RUN/$NAME" --arch "$ARCH" "${hybrid[@]}" \
+  --step1-tokens "$STEP1" --step2-tokens "$STEP2" --step3-tokens "$STEP3" --quiet ${EXTRA:-}
+echo "convert_s $(($(date +%s) - start))" > "$RUN/results/$NAME/wall.txt"
+
+evaluate() {  # evaluate MODEL_DIR LABEL
+  radlads eval --model "$1" --teacher "$TEACHER" --data "$RUN/data" --seq-len 2048 --max-windows "$WINDOWS" \
+    --passkey "$PASSKEY" --out "$1/eval" --quiet > /dev/null
+  cp "$1/eval/results.json" "$RUN/results/$NAME/results-$2.json"
+  cp "$1/eval/report.md" "$RUN/results/$NAME/report-$2.md"
+}
+if [ "$STEP3" != 0 ]; then
+  radlads export --checkpoint "$RUN/$NAME/checkpoints/step2" --out "$RUN/$NAME-step2" --teacher "$TEACHER" --quiet
+  evaluate "$RUN/$NAME-step2" step2
+fi
+evaluate "$RUN/$NAME" final
+cp "$RUN/$NAME/metrics.jsonl" "$RUN/$NAME/radlads.json" "$RUN/results/$NAME/"
+echo "done $NAME"

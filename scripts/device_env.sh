@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Source on the lent GPU machine (no network): installs the carried fla/gguf wheels and puts
-# the checkout's src/ on the path.  Usage: `source scripts/device_env.sh` (carry .wheels).
+# Source on the remote GPU host (no network): installs the carried fla/gguf wheels (once per host,
+# so that runs started side by side do not install over each other) and puts the checkout's src/
+# on the path.  Usage: `source scripts/device_env.sh` (carry .wheels).
 # Triton's and TorchInductor's caches live under /tmp/gpu-cache. `save_gpu_cache` packs Triton's
 # autotuning results (small JSON files; the compiled kernels, ~200 MB after a training benchmark,
 # are too big to bring back) into $OUT/gpu-cache.tgz. Copy that file to .gpu-cache/ here and carry
@@ -10,8 +11,11 @@
 # scripts/relay.sh, for wheels too big to carry), e.g. fla's TileLang backend: tilelang (~50 MB,
 # relayed), z3-solver, apache-tvm-ffi and torch-c-dlpack-ext (carried); the machine has nvcc.
 extra=$(ls .wheels-extra/*.whl /root/stash/*.whl 2> /dev/null || true)
-# shellcheck disable=SC2086  # one word per wheel
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl $extra
+if [ ! -f /tmp/site/.installed ]; then
+  # shellcheck disable=SC2086  # one word per wheel
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl $extra
+  touch /tmp/site/.installed
+fi
 export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/gpu-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/gpu-cache/inductor

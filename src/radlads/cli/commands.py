@@ -18,38 +18,42 @@ from ..eval.tasks import SAMPLES_DIR
 from ..teachers import resolve_teacher
 from ..train.config import ConvertConfig
 
-# Micro-batch and accumulation per teacher size (sequences of 512 tokens, one 80 GB GPU).
+# Per teacher size: sequences per optimizer update (each step's micro-batch is then chosen to fit
+# the GPU, convert.batching, unless --batch-size gives it) and, for small teachers, the recipe
+# measured best on SmolLM2-135M (docs/results/smollm2-135m.md): step 2 distils at 2048 tokens,
+# where the student learns to use long context, with a cosine LR from 1e-4.
 PRESETS: dict[str, dict[int, dict]] = {
     "cpu-smoke": {
         1: dict(batch_size=2, seq_len=128),
         2: dict(batch_size=2, seq_len=128),
-        3: dict(seq_len=512),
+        3: dict(seq_len=512, batch_size=1),
     },
-    "small": {1: dict(batch_size=32), 2: dict(batch_size=16, grad_accum=2), 3: dict(batch_size=1)},  # < 1B
-    "medium": {
-        1: dict(batch_size=16, grad_accum=2),
-        2: dict(batch_size=4, grad_accum=8),
-        3: dict(batch_size=1),
+    "small": {
+        1: dict(global_batch_size=128),
+        2: dict(global_batch_size=32, seq_len=2048, lr=1e-4, lr_final=1e-5),
+        3: dict(global_batch_size=8),
     },
-    "large": {
-        1: dict(batch_size=8, grad_accum=4),
-        2: dict(batch_size=2, grad_accum=16),
-        3: dict(batch_size=1),
-    },
+    "medium": {1: dict(global_batch_size=32), 2: dict(global_batch_size=32), 3: dict(global_batch_size=4)},
+    "large": {1: dict(global_batch_size=32), 2: dict(global_batch_size=32), 3: dict(global_batch_size=4)},
 }
 PRESET_NAMES = ("auto", *PRESETS)
 
 
 def preset(name: str, teacher: str) -> dict[int, dict]:
+    """The preset's step settings; step 3 stays within the teacher's trained context."""
+    teacher_cfg = json.loads((resolve_teacher(teacher) / "config.json").read_text())
     if name == "auto":
-        name = _size_class(resolve_teacher(teacher))
+        name = _size_class(teacher_cfg)
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
-    return PRESETS[name]
+    steps = {k: dict(v) for k, v in PRESETS[name].items()}
+    if name != "cpu-smoke":
+        trained = teacher_cfg.get("max_position_embeddings") or 16384
+        steps[3].setdefault("seq_len", min(16384, trained))
+    return steps
 
 
-def _size_class(teacher_dir: Path) -> str:
-    cfg = json.loads((teacher_dir / "config.json").read_text())
+def _size_class(cfg: dict) -> str:
     layer = 4 * cfg["hidden_size"] ** 2 + 3 * cfg["hidden_size"] * cfg["intermediate_size"]
     params = cfg["num_hidden_layers"] * layer + cfg["vocab_size"] * cfg["hidden_size"]
     return "small" if params < 1e9 else "medium" if params < 10e9 else "large"

@@ -21,7 +21,8 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=["rad-rwkv7", "rad-rwkv6"])
     p.add_argument(
         "--preset",
-        help="batch/accumulation preset: auto (from teacher size) or " + ", ".join(commands.PRESET_NAMES),
+        help="batch sizes and recipe by teacher size: auto (default without --config: from the "
+        "teacher's size) or " + ", ".join(commands.PRESET_NAMES[1:]),
     )
     p.add_argument(
         "--softmax-layers",
@@ -178,8 +179,9 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
         if not data.get(key):
             raise SystemExit(f"radlads: --{key} is required (or set `{key}:` in --config)")
     steps = {k: dict(data.get(f"step{k}", {})) for k in (1, 2, 3)}
-    if args.preset:
-        for k, values in commands.preset(args.preset, data["teacher"]).items():
+    preset = args.preset or (None if args.config else "auto")  # a YAML config says all itself
+    if preset:
+        for k, values in commands.preset(preset, data["teacher"]).items():
             steps[k].update(values)
     for k in (1, 2, 3):
         flags = {

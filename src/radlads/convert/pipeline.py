@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib.util
 import json
 import logging
 import shutil
@@ -26,11 +27,12 @@ from ..train.checkpoint import (
     read_trainer_state,
     save_model,
 )
-from ..train.config import ConvertConfig
+from ..train.config import ConvertConfig, StepConfig
 from ..train.distributed import Distributed
 from ..train.metrics import MetricsLog
 from ..train.trainer import Trainer
 from .alignment import layer_cosines
+from .batching import size_step
 from .steps import AttentionAlignment, ContextExtension, Distillation, prepare_student
 from .teacher import prepare_teacher
 from .transfer import load_teacher, transfer
@@ -151,7 +153,6 @@ class Conversion:
         save_model(self.checkpoint(0), student, {"step": 0, "complete": True, "layer_cosines": cosines})
 
     def train(self, step: int) -> None:
-        cfg = self.cfg.steps()[step]
         if step == 3:  # context extension has no teacher: its weights would only take activation memory
             self._teacher = None
             gc.collect()  # an FSDP-sharded module and its FSDP state refer to each other: a cycle
@@ -174,9 +175,11 @@ class Conversion:
         }[step]()
         if step < 3:  # the trainer shards the student
             self.dist.shard_teacher(self.teacher)
+        cfg = self.sized(step)
         shards = self.shards()
         rank = dict(rank=self.dist.rank, world_size=self.dist.world_size)
-        loader = PackedLoader(shards, cfg.seq_len, cfg.batch_size, seed=self.cfg.seed + step, **rank)
+        per_update = cfg.batch_size * cfg.grad_accum  # this process's sequences of each update
+        loader = PackedLoader(shards, cfg.seq_len, per_update, seed=self.cfg.seed + step, **rank)
         heldout = list(self._heldout_batches(cfg.seq_len, cfg.batch_size, cfg.heldout_batches, **rank))
         trainer = Trainer(
             objective,
@@ -201,6 +204,17 @@ class Conversion:
             result.heldout_start,
             result.heldout_end,
         )
+
+    def sized(self, step: int) -> StepConfig:
+        """The step's config with its micro-batch chosen for the device where none was given."""
+        options = dict(
+            activation_checkpointing=self.cfg.activation_checkpointing,
+            softmax_layers=tuple(self.cfg.student.get("softmax_layers", ())),
+            keep_kernel_intermediates=self.cfg.keep_kernel_intermediates,
+            tilelang=self.device.type == "cuda" and importlib.util.find_spec("tilelang") is not None,
+        )
+        step_cfg, world = self.cfg.steps()[step], self.dist.world_size
+        return size_step(step_cfg, step, self.device, world, self.teacher_dir, self.cfg.arch, **options)[0]
 
     def _previous(self, step: int) -> Path:
         previous = self.latest_complete_before(step)

@@ -34,8 +34,11 @@ class StepConfig:
     lr: float
     lr_final: float | None = None  # cosine decay to this value; None keeps the LR flat
     seq_len: int = 512
-    batch_size: int = 8  # sequences per micro-batch
-    grad_accum: int = 1
+    # Sequences per optimizer update, over all processes. With batch_size None the micro-batch is
+    # chosen to fit the device (convert.batching) and accumulation makes up the rest.
+    global_batch_size: int = 128
+    batch_size: int | None = None  # sequences per micro-batch and process; None: the largest that fits
+    grad_accum: int = 1  # micro-batches per update where batch_size is given
     warmup_tokens: int = 0
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -52,6 +55,9 @@ class StepConfig:
 
     @property
     def tokens_per_update(self) -> int:
+        """Tokens per update and process (batch_size must be resolved)."""
+        if self.batch_size is None:
+            raise ValueError("the micro-batch is not chosen yet (convert.batching.size_step)")
         return self.seq_len * self.batch_size * self.grad_accum
 
 
@@ -64,7 +70,7 @@ def _step2() -> StepConfig:
 
 
 def _step3() -> StepConfig:
-    return StepConfig(tokens=0, lr=1e-5, seq_len=16384, batch_size=1)
+    return StepConfig(tokens=0, lr=1e-5, seq_len=16384, global_batch_size=8)
 
 
 @dataclass

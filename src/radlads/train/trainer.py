@@ -109,6 +109,7 @@ class Trainer:
         self.device, self.dist = device, dist or Distributed(device=device)
         self.progress = progress and self.dist.is_main
         self.tokens_per_update = cfg.tokens_per_update * self.dist.world_size
+        self.micro_batch = cfg.batch_size  # halved where an update runs out of memory
         student.requires_grad_(False)
         for p in objective.trainable(student):  # unties the embeddings (steps 2-3) before sharding
             p.requires_grad_(True)
@@ -182,7 +183,9 @@ class Trainer:
                 bar.update(self.tokens_per_update)
                 bar.set_postfix(loss=f"{value:.4g}", refresh=False)
                 if done_updates % cfg.log_every == 0 or done_tokens >= cfg.tokens:
-                    record = dict(step=step, tokens=done_tokens, loss=value, lr=done_lr)
+                    record = dict(
+                        step=step, tokens=done_tokens, loss=value, lr=done_lr, micro_batch=self.micro_batch
+                    )
                     self._log({**record, "tokens_per_s": window.rate()})
             if checkpoint:
                 self._save(
@@ -223,18 +226,45 @@ class Trainer:
         return value
 
     def train_step(self, batches: Iterator[Tensor], lr: float) -> Tensor:
-        """One optimizer update at learning rate `lr` from `grad_accum` micro-batches of `batches`;
+        """One optimizer update at learning rate `lr` from the next batch of `batches` (this
+        process's sequences of the update), run as micro-batches of `micro_batch` sequences;
         returns the mean loss, on the device: reading it waits for the update to finish (`run`
         reads it once the next update is queued). bench/training.py times this method as `run`
-        calls it: keep `run`'s work in it."""
+        calls it: keep `run`'s work in it.
+
+        An update that runs out of GPU memory is run again from the same batch with half the
+        micro-batch (one process only: under torchrun the other ranks would wait in a collective),
+        so nothing is lost but the time of the failed try."""
+        batch = next(batches)
+        while True:
+            try:
+                return self._update(batch, lr)
+            except torch.OutOfMemoryError:
+                if self.micro_batch == 1 or self.dist.enabled:
+                    raise
+            # Out of the except block, so that the error's frames (and the tensors they hold) are gone.
+            self._retry_smaller()
+
+    def _retry_smaller(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.micro_batch = max(1, self.micro_batch // 2)
+        logger.warning(
+            "step %d: an update ran out of memory; running it again with micro-batches of %d sequences",
+            self.objective.step,
+            self.micro_batch,
+        )
+
+    def _update(self, batch: Tensor, lr: float) -> Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # Summed on the device and read once per update: a read per micro-batch would stall the
         # host until the GPU drains, leaving the GPU idle while the next micro-batch is launched.
         total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.grad_accum):
+        for part in batch.split(self.micro_batch):
             with self.autocast():
-                loss = self.loss(next(batches)) / self.cfg.grad_accum
+                loss = self.loss(part) * (len(part) / len(batch))
             loss.backward()
             total += loss.detach()
         total = self.dist.mean(total)  # every rank decides on the same values below

@@ -1,0 +1,136 @@
+"""convert's micro-batch: the largest that the memory plan fits, the global batch kept by
+accumulation, and an update that runs out of memory run again smaller with nothing lost."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from radlads.convert import batching
+from radlads.convert.plan import GB, plan
+from radlads.convert.steps import ContextExtension
+from radlads.convert.transfer import transfer
+from radlads.train.config import ConvertConfig
+from radlads.train.trainer import Trainer
+from tiny_models import make_teacher
+
+CUDA = torch.device("cuda")  # never touched: the tests fake what the device reports
+
+
+def test_choice_is_the_largest_divisor_under_the_usable_memory():
+    def peak(batch):
+        return (10 + batch) * GB
+
+    # 85% of 100 GB usable: 10 + b <= 85, so b <= 75; the largest divisor of 128 under it is 64.
+    choice = batching.choose(128, 1, peak, 100 * GB)
+    assert (choice.micro_batch, choice.grad_accum) == (64, 2)
+    assert choice.estimated_peak_gb == pytest.approx(74.0)
+    # two processes: 64 each, all fit
+    assert batching.choose(128, 2, peak, 100 * GB).micro_batch == 64
+    assert batching.choose(128, 1, peak, 1000 * GB).micro_batch == 128
+    assert batching.choose(96, 1, peak, 20 * GB).micro_batch == 6  # 16 GB usable: 6 divides 96
+
+
+def test_too_little_memory_for_one_sequence_is_a_clear_error():
+    with pytest.raises(ValueError, match="activation-checkpointing.*radlads plan"):
+        batching.choose(8, 1, lambda b: 30 * GB * b, 20 * GB)
+
+
+def test_cpu_takes_a_small_divisor_of_the_global_batch():
+    assert batching.choose(128, 1, None, None).micro_batch == 8
+    assert batching.choose(12, 1, None, None) == batching.BatchChoice(6, 2, None, None)
+
+
+def test_estimator_is_the_plans_estimate_at_every_micro_batch(tmp_path):
+    make_teacher("qwen2").config.save_pretrained(tmp_path)
+    cfg = dataclasses.replace(ConvertConfig().step2, seq_len=256)
+    estimate = batching.peak_estimator(tmp_path, "rad-rwkv7", 2, cfg, 1)
+    for batch in (3, 17):
+        row = next(s for s in plan(tmp_path, seq_len=256, batch_size=batch).steps if s.name == "step 2 (KL)")
+        assert estimate(batch) == pytest.approx(row.per_gpu_bytes(1), rel=1e-9)
+
+
+@pytest.mark.parametrize("memory_gb, expected", [(1e3, 128), (0.3, None)])
+def test_step_is_sized_to_the_memory_the_device_reports(tmp_path, monkeypatch, memory_gb, expected):
+    make_teacher("qwen2").config.save_pretrained(tmp_path)
+    monkeypatch.setattr(batching, "available_bytes", lambda device: memory_gb * GB)
+    step1 = ConvertConfig().step1
+    estimate = batching.peak_estimator(tmp_path, "rad-rwkv7", 1, step1, 1)
+    sized, choice = batching.size_step(step1, 1, CUDA, 1, tmp_path, "rad-rwkv7")
+    if expected is None:  # tiny model, but 0.3 GB: the largest divisor whose estimate fits
+        expected = max(d for d in (1, 2, 4, 8, 16, 32, 64, 128) if estimate(d) <= 0.85 * memory_gb * GB)
+    assert (sized.batch_size, sized.grad_accum) == (expected, 128 // expected)
+    assert sized.tokens_per_update == 128 * step1.seq_len  # the global batch is kept
+    assert choice.estimated_peak_gb == pytest.approx(estimate(expected) / GB)
+    # a given micro-batch is kept as given
+    given = dataclasses.replace(step1, batch_size=3, grad_accum=2)
+    assert batching.size_step(given, 1, CUDA, 1, tmp_path, "rad-rwkv7") == (given, None)
+
+
+def _trainer(micro_batch: int) -> Trainer:
+    torch.manual_seed(0)
+    student = transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7").train()
+    cfg = dataclasses.replace(ConvertConfig().step3, seq_len=16, batch_size=micro_batch, lr=1e-2)
+    return Trainer(ContextExtension(), student, cfg, None, [], None, None, torch.device("cpu"), progress=False)
+
+
+def test_an_update_out_of_memory_runs_again_with_smaller_micro_batches():
+    batch = torch.randint(0, 320, (8, 16), generator=torch.Generator().manual_seed(1))
+    reference = _trainer(micro_batch=2)
+    reference_loss = reference.train_step(itertools.repeat(batch), 1e-2)
+
+    trainer = _trainer(micro_batch=8)
+    objective_loss, tries = trainer.loss, []
+
+    def loss_that_fits_two(part):
+        tries.append(len(part))
+        if len(part) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return objective_loss(part)
+
+    trainer.loss = loss_that_fits_two
+    loss = trainer.train_step(itertools.repeat(batch), 1e-2)
+    assert tries == [8, 4, 2, 2, 2, 2] and trainer.micro_batch == 2
+    # the same update as one run at 2 from the start: same loss, same weights, one optimizer step
+    assert loss.item() == pytest.approx(reference_loss.item(), rel=1e-5)
+    for p, q in zip(trainer.params, reference.params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert all(s["step"].item() == 1 for s in trainer.optimizer.state.values())
+    # at one sequence there is nothing smaller to try: the error is the user's
+    trainer.loss = lambda part: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
+    trainer.micro_batch = 1
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train_step(itertools.repeat(copy.copy(batch)), 1e-2)
+
+
+def _config(argv):
+    from radlads.cli.main import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(["convert", *argv]))
+
+
+def test_small_teachers_get_the_recipe_and_a_fitted_micro_batch_by_default(tmp_path):
+    from tiny_models import make_teacher_folder
+
+    teacher = make_teacher_folder(tmp_path / "teacher")
+    base = ["--teacher", str(teacher), "--data", "d", "--out", "o"]
+    cfg = _config(base)
+    assert (cfg.step1.global_batch_size, cfg.step1.batch_size, cfg.step1.seq_len) == (128, None, 512)
+    assert (cfg.step2.seq_len, cfg.step2.global_batch_size, cfg.step2.lr, cfg.step2.lr_final) == (
+        2048,
+        32,
+        1e-4,
+        1e-5,
+    )
+    assert cfg.step3.seq_len == 512  # the tiny teacher's max_position_embeddings, under 16384
+    # flags win over the preset; --batch-size fixes the micro-batch of steps 1-2
+    cfg = _config([*base, "--seq-len", "256", "--batch-size", "4", "--step2-lr", "3e-4"])
+    assert (cfg.step2.seq_len, cfg.step2.batch_size, cfg.step2.lr) == (256, 4, 3e-4)
+    # a YAML config is taken as it is: no preset unless one is named
+    (tmp_path / "run.yaml").write_text("step2: {seq_len: 1024, lr: 2.0e-5}\n")
+    cfg = _config([*base, "--config", str(tmp_path / "run.yaml")])
+    assert (cfg.step2.seq_len, cfg.step2.lr, cfg.step2.global_batch_size) == (1024, 2e-5, 128)
