@@ -3,24 +3,25 @@ its own thread) with tiny random models. Outputs must equal generate()'s greedy 
 
 from __future__ import annotations
 
+import http.client
+import importlib
 import json
 import random
-import socket
-import threading
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
-import http.client
 import openai
 import pytest
 import torch
-import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from radlads.convert.transfer import transfer
 from radlads.serve import ServeConfig, create_app, load_engine
+from radlads.serve import running as serve_in_thread
 from radlads.serve.prefix_cache import PrefixCache
 from radlads.serve.text import TextStream
 from tiny_models import make_teacher_folder
@@ -53,20 +54,8 @@ def folders(tmp_path_factory):
 def running(folder, **config):
     """A server on a free loopback port: (base URL, engine)."""
     engine, name = load_engine(folder, ServeConfig(**config), "cpu")
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, name), log_level="warning"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
+    with serve_in_thread(create_app(engine, name)) as url:
+        yield url, engine
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +202,9 @@ def test_bad_input_gets_an_openai_error_and_leaves_other_streams_alone(student_s
     url, engine = student_server
     api = client(url)
     ids = reference.tokenizer.encode("Hello world!")
-    long_stream = api.completions.create(model="student", prompt=ids, max_tokens=40, temperature=0, stream=True)
+    long_stream = api.completions.create(
+        model="student", prompt=ids, max_tokens=40, temperature=0, stream=True
+    )
     first = next(long_stream)  # running while the bad requests arrive
     headers = {"Authorization": f"Bearer {KEY}"}
     for what, body, status, code in BAD:
@@ -242,7 +233,9 @@ def test_stop_strings_cut_the_text_before_them(student_server, reference):
     api = client(url)
     out = api.completions.create(model="student", prompt=ids, max_tokens=24, temperature=0, stop=[stop])
     assert out.choices[0].text == full[: full.index(stop)] and out.choices[0].finish_reason == "stop"
-    stream = api.completions.create(model="student", prompt=ids, max_tokens=24, temperature=0, stop=stop, stream=True)
+    stream = api.completions.create(
+        model="student", prompt=ids, max_tokens=24, temperature=0, stop=stop, stream=True
+    )
     assert stream_text(stream) == (full[: full.index(stop)], "stop")
 
 
@@ -321,9 +314,11 @@ def test_kv_cache_models_are_served_too(folders, kind):
         with ThreadPoolExecutor(4) as pool:
             got = list(
                 pool.map(
-                    lambda ids: client(url).completions.create(
-                        model=kind, prompt=ids, max_tokens=10, temperature=0
-                    ).model_extra["token_ids"],
+                    lambda ids: (
+                        client(url)
+                        .completions.create(model=kind, prompt=ids, max_tokens=10, temperature=0)
+                        .model_extra["token_ids"]
+                    ),
                     jobs,
                     timeout=60,
                 )
@@ -344,5 +339,42 @@ def test_health_and_metrics_are_open_and_count(student_server):
     }
     assert metrics["radlads_generated_tokens_total"] >= 3
     assert metrics['radlads_requests_total{outcome="rejected"}'] >= 0
-    for name in ("radlads_active_streams", "radlads_generated_tokens_per_second", "radlads_prefix_cache_bytes"):
+    for name in (
+        "radlads_active_streams",
+        "radlads_generated_tokens_per_second",
+        "radlads_prefix_cache_bytes",
+    ):
         assert name in metrics
+
+
+def test_cli_builds_the_server_config(monkeypatch, tmp_path):
+    import radlads.serve
+    from radlads.cli.main import main
+
+    calls = []
+    monkeypatch.setattr(radlads.serve, "serve", lambda *args: calls.append(args))
+    main(["serve", "--model", str(tmp_path), "--api-key", "k", "--max-batch", "3", "--prefix-cache-mb", "0"])
+    ((model, config, device),) = calls
+    assert model == str(tmp_path) and device is None
+    assert (config.host, config.port, config.api_key, config.max_batch) == ("127.0.0.1", 8000, "k", 3)
+    assert config.prefix_cache_bytes == 0
+
+
+def test_bench_tiny_mode_runs(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    serve_bench = importlib.import_module("serve")
+    argv = ["--tiny", "--contexts", "64", "--streams", "1,3", "--new-tokens", "4"]
+    payload = serve_bench.main(
+        [*argv, "--prefix-tokens", "256", "--prefix-questions", "3", "--out", str(tmp_path)]
+    )
+    rows = payload["results"]
+    assert [(r["model"], r["streams"]) for r in rows] == [
+        (m, n) for m in ("student", "teacher") for n in (1, 3)
+    ]
+    for row in rows:
+        assert row["status"] == "ok" and row["tokens"] == 4 * row["streams"], row
+        assert row["tok_s"] > 0 and 0 < row["ttft_p50_s"] <= row["ttft_max_s"] and row["itl_p99_ms"] > 0
+    off, on = payload["prefix_cache"]
+    # The second prompt leaves the first at the document's end (256 tokens), the third starts there.
+    assert (off["skipped_tokens"], on["skipped_tokens"]) == (0, 256)
+    assert json.loads((tmp_path / "serve.json").read_text())["results"] == json.loads(json.dumps(rows))

@@ -125,8 +125,11 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from ..serve import ServeConfig
-    from ..serve import serve as run_server
+    try:
+        from ..serve import ServeConfig
+        from ..serve import serve as run_server
+    except ImportError as error:
+        raise RuntimeError(f"radlads serve needs its extra ({error}): pip install 'radlads[serve]'") from None
 
     config = ServeConfig(
         host=args.host,

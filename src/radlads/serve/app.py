@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -55,7 +57,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         try:
             data = json.loads(await request.body())
         except ValueError as error:
-            raise APIError(400, f"the request body is not valid JSON ({error})", code="invalid_json") from None
+            raise APIError(
+                400, f"the request body is not valid JSON ({error})", code="invalid_json"
+            ) from None
         try:
             body = schema.model_validate(data)
         except ValidationError as error:
@@ -112,10 +116,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             opening = [chat_chunk(rid, model_name, {"role": "assistant", "content": ""}, None)]
 
             def chunks(event: Event) -> list[dict]:
-                delta = {"content": event.text} if event.text else {}
-                return [chat_chunk(rid, model_name, delta, None)] * bool(delta) + [
-                    chat_chunk(rid, model_name, {}, event.finish_reason)
-                ] * bool(event.finish_reason)
+                out = [chat_chunk(rid, model_name, {"content": event.text}, None)] if event.text else []
+                if event.finish_reason:
+                    out.append(chat_chunk(rid, model_name, {}, event.finish_reason))
+                return out
 
             return sse(seq, chunks, opening)
         text, last = await collect(request, seq)
@@ -184,7 +188,9 @@ def chat_prompt(body: ChatRequest, tokenizer) -> list[int]:
             400, "this model's tokenizer has no chat template: use /v1/completions", param="messages"
         )
     messages = [m.model_dump() for m in body.messages]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+    return list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    )
 
 
 def check_lengths(prompt: list[int], max_tokens: int, config: ServeConfig) -> None:
@@ -269,6 +275,32 @@ def load_engine(model: str | Path, config: ServeConfig, device: str | None = Non
     net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return Engine(net, tokenizer, config), config.model_name or Path(model).name
+
+
+@contextmanager
+def running(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 60
+) -> Iterator[str]:
+    """Serve `app` from a thread of this process (port 0: a free one) while the block runs; yields
+    its base URL. For tests and benchmarks, which talk to it over real HTTP."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    sock = socket.socket()
+    sock.bind((host, port))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server did not start within {start_timeout_s:.0f} s")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=start_timeout_s)
+        sock.close()
 
 
 def serve(model: str | Path, config: ServeConfig, device: str | None = None) -> None:

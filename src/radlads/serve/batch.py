@@ -31,12 +31,10 @@ def is_student(model) -> bool:
 
 
 def forward(model, ids: Tensor, cache) -> tuple[Tensor, object]:
-    """The last position's logits ([B, V]) of `ids` run on from `cache`, and the cache after them."""
-    if is_student(model):
-        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], out.cache
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1], out.past_key_values
+    """The last position's logits ([B, V]) of `ids` run on from `cache` (a student's RadladsCache, a
+    teacher's DynamicCache, None to start one), and the cache after them."""
+    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], out.cache
 
 
 def cache_bytes(cache) -> int:
@@ -149,7 +147,9 @@ class SeparateCaches:
         rows = []
         device = self.model.get_input_embeddings().weight.device
         for seq in self.running:
-            logits, seq.cache = forward(self.model, torch.tensor([[seq.last_token]], device=device), seq.cache)
+            logits, seq.cache = forward(
+                self.model, torch.tensor([[seq.last_token]], device=device), seq.cache
+            )
             rows.append(logits)
         return list(self.running), torch.cat(rows)
 

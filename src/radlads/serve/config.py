@@ -22,6 +22,12 @@ class ServeConfig:
     max_waiting: int = 1024  # requests queued beyond the running batch; more get 429
 
     def __post_init__(self):
-        for name in ("max_batch", "max_prompt_tokens", "max_new_tokens", "prefix_block_tokens", "max_waiting"):
+        for name in (
+            "max_batch",
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "prefix_block_tokens",
+            "max_waiting",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -54,10 +54,15 @@ class Metrics:
             registry=registry,
         )
         self.prefix_lookups = Counter(
-            "radlads_prefix_cache_lookups", "Prefix-state cache lookups by result", ["result"], registry=registry
+            "radlads_prefix_cache_lookups",
+            "Prefix-state cache lookups by result",
+            ["result"],
+            registry=registry,
         )
         self.prefix_tokens_skipped = Counter(
-            "radlads_prefix_cache_skipped_tokens", "Prompt tokens not prefilled thanks to the cache", registry=registry
+            "radlads_prefix_cache_skipped_tokens",
+            "Prompt tokens not prefilled thanks to the cache",
+            registry=registry,
         )
 
     def track(self, name: str, help_text: str, read: Callable[[], float]) -> None:

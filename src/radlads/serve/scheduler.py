@@ -112,9 +112,13 @@ class Engine:
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="radlads-engine", daemon=True)
         self.metrics.track("radlads_active_streams", "Requests prefilling or decoding", self.active)
-        self.metrics.track("radlads_waiting_requests", "Requests queued for a slot", lambda: len(self.waiting))
         self.metrics.track(
-            "radlads_state_memory_bytes", "Recurrent states and KV caches of admitted requests", self.state_bytes
+            "radlads_waiting_requests", "Requests queued for a slot", lambda: len(self.waiting)
+        )
+        self.metrics.track(
+            "radlads_state_memory_bytes",
+            "Recurrent states and KV caches of admitted requests",
+            self.state_bytes,
         )
         self.metrics.track(
             "radlads_prefix_cache_bytes",
@@ -162,7 +166,7 @@ class Engine:
                     while not self.stopping and not (self.waiting or self.prefilling or len(self.batch)):
                         self.wakeup.wait()
                     if self.stopping:
-                        return
+                        return self._fail_all("the server is shutting down")
                     self._drop_cancelled()
                     self._admit()
                 if self.prefilling:
@@ -180,6 +184,11 @@ class Engine:
                 self._finish(seq, error=f"{type(error).__name__}: {error}")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _fail_all(self, why: str) -> None:
+        for seq in [*self.waiting, *self.prefilling, *self.batch.sequences()]:
+            self._finish(seq, error=why)
+        self.waiting.clear()
 
     def _drop_cancelled(self) -> None:
         for queue in (self.waiting, self.prefilling):
@@ -239,7 +248,9 @@ class Engine:
         if delta:
             seq.emit(Event(text=delta))
 
-    def _finish(self, seq: Sequence, reason: str | None = None, error: str | None = None, text: str = "") -> None:
+    def _finish(
+        self, seq: Sequence, reason: str | None = None, error: str | None = None, text: str = ""
+    ) -> None:
         if seq.finished:
             return
         seq.finished = True
@@ -251,9 +262,7 @@ class Engine:
         self.metrics.requests.labels(reason or "error").inc()
         if reason and reason != "cancelled":
             text += seq.text.finish()
-        seq.emit(
-            Event(text, reason, error, prompt_tokens=len(seq.prompt), tokens=list(seq.generated))
-        )
+        seq.emit(Event(text, reason, error, prompt_tokens=len(seq.prompt), tokens=list(seq.generated)))
 
 
 def eos_ids(model) -> set[int]:
