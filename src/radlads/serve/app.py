@@ -49,7 +49,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def refuse(request: Request, error: APIError) -> JSONResponse:
-        metrics.requests.labels("rejected").inc()
+        if error.status < 500:  # a failed generation was counted as an error already
+            metrics.requests.labels("rejected").inc()
         return JSONResponse(error.body(), status_code=error.status)
 
     async def parse(request: Request, schema: type[Sampling]) -> Sampling:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -26,7 +26,7 @@ class Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, gt=0)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    stop: str | list[str] | None = Field(default=None, max_length=4)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
@@ -62,35 +62,27 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def completion_body(rid: str, model: str, text: str, finish: str | None, **extra) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+def response(kind: str, rid: str, model: str, choice: dict, **extra) -> dict:
     return {
         "id": rid,
-        "object": "text_completion",
+        "object": kind,
         "created": int(time.time()),
         "model": model,
         "choices": [choice],
         **extra,
     }
+
+
+def completion_body(rid: str, model: str, text: str, finish: str | None, **extra) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return response("text_completion", rid, model, choice, **extra)
 
 
 def chat_body(rid: str, model: str, text: str, finish: str | None, **extra) -> dict:
     choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        **extra,
-    }
+    return response("chat.completion", rid, model, choice, **extra)
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return response("chat.completion.chunk", rid, model, choice)
