@@ -73,7 +73,8 @@ class Sequence:
         return len(self.prompt) + len(self.generated) - 1
 
     def emit(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if not self.loop.is_closed():  # at shutdown the HTTP side may be gone first
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def cancel(self) -> None:
         """The client left: the loop drops this sequence at its next turn."""
