@@ -128,6 +128,27 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    try:
+        from ..serve import ServeConfig
+        from ..serve import serve as run_server
+    except ImportError as error:
+        raise RuntimeError(f"radlads serve needs its extra ({error}): pip install 'radlads[serve]'") from None
+
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        api_key=args.api_key,
+        model_name=args.model_name,
+        prefix_cache_bytes=args.prefix_cache_mb << 20,
+    )
+    run_server(args.model, config, args.device)
+    return 0
+
+
 def _eval_settings(args: argparse.Namespace, default_heldout: Path) -> EvalSettings:
     return EvalSettings(
         heldout=args.data or (str(default_heldout) if (default_heldout / "index.json").is_file() else None),

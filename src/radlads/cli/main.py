@@ -1,4 +1,4 @@
-"""`radlads` console script: convert, step0..step3, prepare-data, eval, generate, plan."""
+"""`radlads` console script: convert, step0..step3, prepare-data, eval, generate, serve, plan."""
 
 from __future__ import annotations
 
@@ -148,6 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count those of fla's TileLang kernels (radlads[tilelang] installed), not its Triton ones",
     )
+
+    p = add("serve", help="OpenAI-compatible HTTP server (continuous batching) for a student or teacher")
+    p.add_argument("--model", required=True, help="model folder: a student, a hybrid or a plain HF teacher")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=64, help="requests decoding at once; more wait")
+    p.add_argument("--max-prompt-tokens", type=int, default=32768, help="longer prompts are refused")
+    p.add_argument("--max-new-tokens", type=int, default=8192, help="larger max_tokens are refused")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (default: open)")
+    p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
+    p.add_argument(
+        "--prefix-cache-mb", type=int, default=1024, help="memory for cached prefix states; 0 turns it off"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
 
     p = add("generate", help="generate text with a student (constant memory per token)")
     p.add_argument("--model", required=True)

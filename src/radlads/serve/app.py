@@ -1,0 +1,311 @@
+"""The HTTP layer: OpenAI's /v1/completions and /v1/chat/completions (streamed as server-sent
+events or not), /v1/models, /health and /metrics, over one Engine."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from .config import ServeConfig
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Sampling,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    new_id,
+    usage,
+)
+from .sampling import SamplingParams
+from .scheduler import Engine, Event, QueueFull, Sequence
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def create_app(engine: Engine, model_name: str) -> FastAPI:
+    """The server's app; it starts the engine's thread on startup and stops it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="radlads", lifespan=lifespan)
+    config, metrics = engine.config, engine.metrics
+
+    @app.exception_handler(APIError)
+    async def refuse(request: Request, error: APIError) -> JSONResponse:
+        if error.status < 500:  # a failed generation was counted as an error already
+            metrics.requests.labels("rejected").inc()
+        return JSONResponse(error.body(), status_code=error.status)
+
+    async def parse(request: Request, schema: type[Sampling]) -> Sampling:
+        check_api_key(request, config.api_key)
+        try:
+            data = json.loads(await request.body())
+        except ValueError as error:
+            raise APIError(
+                400, f"the request body is not valid JSON ({error})", code="invalid_json"
+            ) from None
+        try:
+            body = schema.model_validate(data)
+        except ValidationError as error:
+            raise APIError(400, *validation_message(error)) from None
+        if body.model != model_name:
+            raise APIError(
+                404,
+                f"model {body.model!r} is not served here; this server serves {model_name!r} (see /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+        return body
+
+    def submit(prompt: list[int], body: Sampling, max_tokens: int) -> Sequence:
+        check_lengths(prompt, max_tokens, config)
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop_strings(),
+            ignore_eos=body.ignore_eos,
+        )
+        try:
+            return engine.submit(prompt, params)
+        except QueueFull as error:
+            raise APIError(429, str(error), code="server_busy") from None
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await parse(request, CompletionRequest)
+        prompt = completion_prompt(body.prompt, engine.tokenizer, engine.model.config.vocab_size)
+        seq = submit(prompt, body, body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
+        rid = new_id("cmpl")
+        if body.stream:
+            return sse(seq, lambda e: [completion_body(rid, model_name, e.text, e.finish_reason)])
+        text, last = await collect(request, seq)
+        return completion_body(
+            rid,
+            model_name,
+            text,
+            last.finish_reason,
+            usage=usage(last.prompt_tokens, len(last.tokens)),
+            token_ids=last.tokens,  # not OpenAI's: the generated tokens, for exact comparisons
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await parse(request, ChatRequest)
+        prompt = chat_prompt(body, engine.tokenizer)
+        seq = submit(prompt, body, body.max_completion_tokens or body.max_tokens or config.max_new_tokens)
+        rid = new_id("chatcmpl")
+        if body.stream:
+            opening = [chat_chunk(rid, model_name, {"role": "assistant", "content": ""}, None)]
+
+            def chunks(event: Event) -> list[dict]:
+                out = [chat_chunk(rid, model_name, {"content": event.text}, None)] if event.text else []
+                if event.finish_reason:
+                    out.append(chat_chunk(rid, model_name, {}, event.finish_reason))
+                return out
+
+            return sse(seq, chunks, opening)
+        text, last = await collect(request, seq)
+        return chat_body(
+            rid, model_name, text, last.finish_reason, usage=usage(last.prompt_tokens, len(last.tokens))
+        )
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_api_key(request, config.api_key)
+        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "radlads"}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health():
+        if not engine.thread.is_alive():
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+# --- requests to prompts ---
+
+
+def check_api_key(request: Request, key: str | None) -> None:
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    # compare_digest: the time taken does not tell how much of a guess was right.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+        raise APIError(
+            401,
+            "missing or wrong API key: send the server's --api-key as `Authorization: Bearer KEY`",
+            code="invalid_api_key",
+        )
+
+
+def validation_message(error: ValidationError) -> tuple[str, str]:
+    first = error.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or "body"
+    return f"{param}: {first['msg']}", param
+
+
+def completion_prompt(prompt: str | list, tokenizer, vocab_size: int) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise APIError(400, f"one prompt per request, got {len(prompt)}", param="prompt")
+        prompt = prompt[0]
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise APIError(400, f"prompt token ids must lie in [0, {vocab_size})", param="prompt")
+    return ids
+
+
+def chat_prompt(body: ChatRequest, tokenizer) -> list[int]:
+    if tokenizer.chat_template is None:
+        raise APIError(
+            400, "this model's tokenizer has no chat template: use /v1/completions", param="messages"
+        )
+    messages = [m.model_dump() for m in body.messages]
+    return list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    )
+
+
+def check_lengths(prompt: list[int], max_tokens: int, config: ServeConfig) -> None:
+    if len(prompt) > config.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"the prompt has {len(prompt)} tokens, over this server's limit of {config.max_prompt_tokens} "
+            "(--max-prompt-tokens); shorten it",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    if max_tokens > config.max_new_tokens:
+        raise APIError(
+            400,
+            f"max_tokens {max_tokens} is over this server's limit of {config.max_new_tokens} "
+            "(--max-new-tokens)",
+            param="max_tokens",
+        )
+
+
+# --- responses ---
+
+
+def sse(seq: Sequence, chunks: Callable[[Event], list[dict]], opening: list[dict] = ()) -> StreamingResponse:
+    """Server-sent events: one `data:` line per chunk, then `data: [DONE]`. If the client leaves,
+    Starlette cancels this generator, and its `finally` frees the request's slot."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            for chunk in opening:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            async for event in seq.stream():
+                if event.error:
+                    yield f"data: {json.dumps(APIError(500, event.error).body())}\n\n"
+                    return
+                for chunk in chunks(event):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            seq.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def collect(request: Request, seq: Sequence) -> tuple[str, Event]:
+    """A whole completion's text and last event; a client that leaves first cancels it."""
+    watcher = asyncio.create_task(cancel_on_disconnect(request, seq))
+    parts = []
+    try:
+        async for event in seq.stream():
+            parts.append(event.text)
+    finally:
+        watcher.cancel()
+        seq.cancel()
+    if event.error:
+        raise APIError(500, f"generation failed: {event.error}", code="generation_failed")
+    return "".join(parts), event
+
+
+async def cancel_on_disconnect(request: Request, seq: Sequence) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    seq.cancel()
+
+
+# --- running it ---
+
+
+def load_engine(model: str | Path, config: ServeConfig, device: str | None = None) -> tuple[Engine, str]:
+    """The engine over a model folder (a student, or any HF causal LM; a GGUF teacher is imported
+    first), and the name it is served as."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import radlads.models  # noqa: F401  (registers the student architecture with the Auto classes)
+
+    from ..teachers import resolve_teacher
+
+    folder = resolve_teacher(model)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return Engine(net, tokenizer, config), config.model_name or Path(model).name
+
+
+@contextmanager
+def running(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 60
+) -> Iterator[str]:
+    """Serve `app` from a thread of this process (port 0: a free one) while the block runs; yields
+    its base URL. For tests and benchmarks, which talk to it over real HTTP."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    sock = socket.socket()
+    sock.bind((host, port))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server did not start within {start_timeout_s:.0f} s")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=start_timeout_s)
+        sock.close()
+
+
+def serve(model: str | Path, config: ServeConfig, device: str | None = None) -> None:
+    import uvicorn
+
+    engine, name = load_engine(model, config, device)
+    uvicorn.run(create_app(engine, name), host=config.host, port=config.port, log_level="info")

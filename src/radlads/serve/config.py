@@ -1,0 +1,33 @@
+"""ServeConfig: every knob of `radlads serve`, defaulted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback only unless asked: the server has no TLS
+    port: int = 8000
+    max_batch: int = 64  # sequences decoding (or waiting for their prefill) at once
+    max_prompt_tokens: int = 32768
+    max_new_tokens: int = 8192  # a request asking for more is refused
+    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer KEY`
+    model_name: str | None = None  # the id clients pass as `model` (default: the folder's name)
+    # Tokens a prefill runs at once before the running streams get their next token (None: the
+    # student's `prefill_chunk_tokens`, else 8192).
+    prefill_chunk_tokens: int | None = None
+    prefix_cache_bytes: int = 1 << 30  # 0 switches the prefix-state cache off
+    prefix_block_tokens: int = 64  # prefixes are cached at multiples of this
+    max_waiting: int = 1024  # requests queued beyond the running batch; more get 429
+
+    def __post_init__(self):
+        for name in (
+            "max_batch",
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "prefix_block_tokens",
+            "max_waiting",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -1,0 +1,88 @@
+"""The OpenAI request bodies radlads accepts, its response bodies, and OpenAI's error shape."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+
+class APIError(Exception):
+    """A request the server refuses, answered as {"error": {...}} with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class Sampling(BaseModel):
+    model: str
+    max_tokens: int | None = Field(default=None, gt=0)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)  # one choice per request
+    ignore_eos: bool = False  # not OpenAI's: generate exactly max_tokens (as vLLM offers)
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[int] | list[str]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatRequest(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def response(kind: str, rid: str, model: str, choice: dict, **extra) -> dict:
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        **extra,
+    }
+
+
+def completion_body(rid: str, model: str, text: str, finish: str | None, **extra) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return response("text_completion", rid, model, choice, **extra)
+
+
+def chat_body(rid: str, model: str, text: str, finish: str | None, **extra) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    return response("chat.completion", rid, model, choice, **extra)
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return response("chat.completion.chunk", rid, model, choice)

@@ -1,0 +1,392 @@
+"""radlads serve on CPU: the official openai client against a server on 127.0.0.1 (in this process,
+its own thread) with tiny random models. Outputs must equal generate()'s greedy tokens."""
+
+from __future__ import annotations
+
+import http.client
+import importlib
+import json
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from radlads.convert.transfer import transfer
+from radlads.serve import ServeConfig, create_app, load_engine
+from radlads.serve import running as serve_in_thread
+from radlads.serve.prefix_cache import PrefixCache
+from radlads.serve.text import TextStream
+from tiny_models import make_teacher_folder
+
+KEY = "test-key"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SERVER = dict(api_key=KEY, max_batch=8, max_prompt_tokens=400, max_new_tokens=64, prefix_cache_bytes=1 << 24)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny teacher, its student and a hybrid student, each a folder with a chat-template tokenizer."""
+    tmp = tmp_path_factory.mktemp("serve")
+    teacher = make_teacher_folder(tmp)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(teacher)
+    out = {"teacher": teacher}
+    for name, options in (("student", {}), ("hybrid", {"softmax_layers": [-1]})):
+        out[name] = tmp / name
+        transfer(teacher, "rad-rwkv7", **options).save_pretrained(out[name])
+        tokenizer.save_pretrained(out[name])
+    return out
+
+
+@contextmanager
+def running(folder, **config):
+    """A server on a free loopback port: (base URL, engine)."""
+    engine, name = load_engine(folder, ServeConfig(**config), "cpu")
+    with serve_in_thread(create_app(engine, name)) as url:
+        yield url, engine
+
+
+@pytest.fixture(scope="module")
+def student_server(folders):
+    with running(folders["student"], **SERVER) as served:
+        yield served
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def raw(url: str, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):
+    """(status, parsed JSON or text) of a plain HTTP request: what a client without openai sends."""
+    connection = http.client.HTTPConnection(urlsplit(url).netloc, timeout=30)
+    content = json.dumps(body).encode() if isinstance(body, dict) else body
+    connection.request(method, path, body=content, headers=headers or {})
+    response = connection.getresponse()
+    data = response.read().decode()
+    connection.close()
+    kind = response.getheader("content-type", "")
+    return response.status, json.loads(data) if kind.startswith("application/json") else data
+
+
+class Reference:
+    """generate()'s greedy continuation from a separately loaded copy of the served model."""
+
+    def __init__(self, folder):
+        self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.eos = self.tokenizer.eos_token_id
+
+    def tokens(self, ids: list[int], n: int) -> list[int]:
+        with torch.no_grad():
+            out = self.model.generate(
+                torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=self.eos
+            )[0, len(ids) :].tolist()
+        return out[: out.index(self.eos)] if self.eos in out else out
+
+    def text(self, ids: list[int], n: int) -> str:
+        return self.tokenizer.decode(self.tokens(ids, n), skip_special_tokens=True)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def reference(folders):
+    return Reference(folders["student"])
+
+
+def stream_text(chunks, chat: bool = False) -> tuple[str, str | None]:
+    text, finish = "", None
+    for chunk in chunks:
+        choice = chunk.choices[0]
+        text += (choice.delta.content or "") if chat else choice.text
+        finish = choice.finish_reason or finish
+    return text, finish
+
+
+def test_completions_equal_generate_greedy(student_server, reference):
+    url, _ = student_server
+    api = client(url)
+    prompt = "The cat sat on the mat."
+    ids = reference.tokenizer.encode(prompt)
+    want = reference.tokens(ids, 12)
+    for given in (prompt, ids):
+        out = api.completions.create(model="student", prompt=given, max_tokens=12, temperature=0)
+        assert out.model_extra["token_ids"] == want
+        assert out.choices[0].text == reference.tokenizer.decode(want, skip_special_tokens=True)
+        assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(want)
+    stream = api.completions.create(model="student", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+    text, finish = stream_text(stream)
+    assert text == reference.tokenizer.decode(want, skip_special_tokens=True)
+    assert finish == ("length" if len(want) == 12 else "stop")
+
+
+def test_chat_equals_generate_on_the_chat_template(student_server, reference):
+    url, _ = student_server
+    api = client(url)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
+    want = reference.text(reference.chat_ids(messages), 16)
+    out = api.chat.completions.create(model="student", messages=messages, max_tokens=16, temperature=0)
+    assert out.choices[0].message.content == want and out.choices[0].message.role == "assistant"
+    stream = api.chat.completions.create(
+        model="student", messages=messages, max_tokens=16, temperature=0, stream=True
+    )
+    assert stream_text(stream, chat=True)[0] == want
+
+
+def test_32_concurrent_clients_all_get_their_own_greedy_output(student_server, reference):
+    url, engine = student_server
+    rng = random.Random(0)
+    jobs = [
+        ([rng.randrange(1, 300) for _ in range(rng.randint(2, 12))], rng.randint(2, 5), i % 2 == 0)
+        for i in range(32)
+    ]
+    want = [reference.text(ids, n) for ids, n, _ in jobs]
+
+    def ask(job):
+        ids, n, streamed = job
+        out = client(url).completions.create(
+            model="student", prompt=ids, max_tokens=n, temperature=0, stream=streamed
+        )
+        return stream_text(out)[0] if streamed else out.choices[0].text
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(ask, jobs, timeout=90))
+    assert got == want
+    assert time.monotonic() - start < 90
+    assert engine.active() == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_leaving_frees_its_slot(student_server, stream):
+    url, engine = student_server
+    cancelled = engine.metrics.requests.labels("cancelled")._value.get()
+    body = {"model": "student", "prompt": "The cat", "max_tokens": 64, "ignore_eos": True, "stream": stream}
+    connection = http.client.HTTPConnection(urlsplit(url).netloc, timeout=30)
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+    if stream:
+        response = connection.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")  # a first token
+    else:
+        time.sleep(0.1)  # admitted and generating
+    connection.close()
+    deadline = time.monotonic() + 15
+    while engine.active() or engine.metrics.requests.labels("cancelled")._value.get() == cancelled:
+        assert time.monotonic() < deadline, "the stream's slot was not freed"
+        time.sleep(0.05)
+
+
+BAD = [
+    ("not json", b"{model: student", 400, "invalid_json"),
+    ("unknown model", {"model": "gpt-4", "prompt": "hi"}, 404, "model_not_found"),
+    ("prompt too long", {"model": "student", "prompt": [5] * 401}, 400, "context_length_exceeded"),
+    ("max_tokens 0", {"model": "student", "prompt": "hi", "max_tokens": 0}, 400, None),
+    ("max_tokens negative", {"model": "student", "prompt": "hi", "max_tokens": -3}, 400, None),
+    ("max_tokens absurd", {"model": "student", "prompt": "hi", "max_tokens": 10**9}, 400, None),
+    ("token out of vocab", {"model": "student", "prompt": [10**6]}, 400, None),
+    ("empty prompt", {"model": "student", "prompt": ""}, 400, None),
+    ("two choices", {"model": "student", "prompt": "hi", "n": 2}, 400, None),
+    ("five stop strings", {"model": "student", "prompt": "hi", "stop": list("abcde")}, 400, None),
+]
+
+
+def test_bad_input_gets_an_openai_error_and_leaves_other_streams_alone(student_server, reference):
+    url, engine = student_server
+    api = client(url)
+    ids = reference.tokenizer.encode("Hello world!")
+    long_stream = api.completions.create(
+        model="student", prompt=ids, max_tokens=40, temperature=0, stream=True
+    )
+    first = next(long_stream)  # running while the bad requests arrive
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for what, body, status, code in BAD:
+        got, answer = raw(url, "POST", "/v1/completions", body, headers)
+        assert got == status, (what, answer)
+        assert answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error", what
+        assert code is None or answer["error"]["code"] == code, what
+    for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        got, answer = raw(url, "POST", "/v1/completions", {"model": "student", "prompt": "hi"}, auth)
+        assert got == 401 and answer["error"]["code"] == "invalid_api_key"
+    assert raw(url, "GET", "/v1/models")[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        client(url, "wrong").models.list()
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert first.choices[0].text + stream_text(long_stream)[0] == reference.text(ids, 40)
+    assert [m.id for m in api.models.list()] == ["student"]
+
+
+def test_stop_strings_cut_the_text_before_them(student_server, reference):
+    url, _ = student_server
+    ids = reference.tokenizer.encode("A linear attention")
+    full = reference.text(ids, 24)
+    stop = full[len(full) // 2 : len(full) // 2 + 5]  # longer than 4: a limit on stop's count, not length
+    assert len(stop) == 5, f"the greedy text {full!r} is too short for this test"
+    api = client(url)
+    out = api.completions.create(model="student", prompt=ids, max_tokens=24, temperature=0, stop=[stop])
+    assert out.choices[0].text == full[: full.index(stop)] and out.choices[0].finish_reason == "stop"
+    stream = api.completions.create(
+        model="student", prompt=ids, max_tokens=24, temperature=0, stop=stop, stream=True
+    )
+    assert stream_text(stream) == (full[: full.index(stop)], "stop")
+
+
+def test_seeded_sampling_repeats(student_server):
+    api = client(student_server[0])
+
+    def sample(seed):
+        out = api.completions.create(
+            model="student",
+            prompt="The cat",
+            max_tokens=12,
+            temperature=1.0,
+            top_p=0.9,
+            seed=seed,
+            extra_body={"ignore_eos": True},
+        )
+        return out.model_extra["token_ids"]
+
+    assert sample(7) == sample(7) and len(sample(7)) == 12
+    assert len({tuple(sample(s)) for s in range(4)}) > 1
+
+
+def test_a_repeated_prefix_skips_its_prefill_and_changes_nothing(student_server, reference):
+    url, engine = student_server
+    api = client(url)
+    rng = random.Random(1)
+    document = [rng.randrange(1, 300) for _ in range(190)]
+    questions = [[rng.randrange(1, 300) for _ in range(70)] for _ in range(3)]
+    skipped = engine.metrics.prefix_tokens_skipped._value.get()
+    for question in questions + questions[:1]:
+        ids = document + question
+        out = api.completions.create(model="student", prompt=ids, max_tokens=8, temperature=0)
+        assert out.model_extra["token_ids"] == reference.tokens(ids, 8)
+    # Each prompt keeps the state at its last block boundary (256 tokens: 4 blocks of 64), past the
+    # document. The second prompt sees where it leaves the first one's blocks and keeps the state
+    # there too (128 tokens); the third starts from that, the repeat of the first from its end.
+    assert engine.metrics.prefix_tokens_skipped._value.get() - skipped == 128 + 256
+
+
+def test_prefix_cache_is_bounded_in_bytes_least_recently_used_first():
+    from radlads.models.cache import RadladsCache
+
+    def state(value):
+        cache = RadladsCache(1)
+        cache.states = [torch.full((1, 2, 4, 4), float(value))]  # 128 bytes
+        return cache
+
+    cache = PrefixCache(max_bytes=300, block_tokens=4)
+    prompts = [[p] * 9 for p in range(3)]
+    for p, prompt in enumerate(prompts):
+        plan = cache.plan(prompt)
+        assert plan.hit == 0 and list(plan.store) == [8]
+        cache.store(plan.store[8], state(p))
+    assert cache.bytes == 256 and len(cache.entries) == 2  # the first prompt's state went
+    assert cache.plan(prompts[0]).hit == 0
+    hit = cache.plan(prompts[2])
+    assert hit.hit == 8 and hit.cache.states[0].eq(2).all()
+
+
+def test_text_stream_holds_back_what_may_start_a_stop_string(reference):
+    tok = reference.tokenizer
+    ids = tok.encode("The cat sat on the mat. Hello world!")
+    stream = TextStream(tok, stop=["mat."])
+    deltas = [stream.push(t) for t in ids]
+    assert "".join(deltas) + stream.finish() == "The cat sat on the " and stream.stopped
+    plain = TextStream(tok, stop=[])
+    assert "".join(plain.push(t) for t in ids) + plain.finish() == tok.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "hybrid"])
+def test_kv_cache_models_are_served_too(folders, kind):
+    reference = Reference(folders[kind])
+    rng = random.Random(2)
+    jobs = [[rng.randrange(1, 300) for _ in range(rng.randint(3, 30))] for _ in range(4)]
+    with running(folders[kind], model_name=kind, **SERVER) as (url, engine):
+        with ThreadPoolExecutor(4) as pool:
+            got = list(
+                pool.map(
+                    lambda ids: (
+                        client(url)
+                        .completions.create(model=kind, prompt=ids, max_tokens=10, temperature=0)
+                        .model_extra["token_ids"]
+                    ),
+                    jobs,
+                    timeout=60,
+                )
+            )
+        assert got == [reference.tokens(ids, 10) for ids in jobs]
+        # A repeated long prompt: a hybrid continues from its cached state (softmax layers' KV
+        # included); a teacher has no prefix cache and prefills it again.
+        long = [rng.randrange(1, 300) for _ in range(150)]
+        for _ in range(2):
+            out = client(url).completions.create(model=kind, prompt=long, max_tokens=6, temperature=0)
+            assert out.model_extra["token_ids"] == reference.tokens(long, 6)
+        assert engine.metrics.prefix_tokens_skipped._value.get() == (128 if kind == "hybrid" else 0)
+        text = raw(url, "GET", "/metrics")[1]
+    assert "radlads_generated_tokens_total" in text and "radlads_state_memory_bytes" in text
+
+
+def test_health_and_metrics_are_open_and_count(student_server):
+    url, _ = student_server
+    client(url).completions.create(model="student", prompt="hi", max_tokens=3, temperature=0)
+    assert raw(url, "GET", "/health") == (200, {"status": "ok"})
+    metrics = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in raw(url, "GET", "/metrics")[1].splitlines()
+        if line and not line.startswith("#")
+    }
+    assert metrics["radlads_generated_tokens_total"] >= 3
+    assert metrics['radlads_requests_total{outcome="rejected"}'] >= 0
+    for name in (
+        "radlads_active_streams",
+        "radlads_generated_tokens_per_second",
+        "radlads_prefix_cache_bytes",
+    ):
+        assert name in metrics
+
+
+def test_cli_builds_the_server_config(monkeypatch, tmp_path):
+    import radlads.serve
+    from radlads.cli.main import main
+
+    calls = []
+    monkeypatch.setattr(radlads.serve, "serve", lambda *args: calls.append(args))
+    main(["serve", "--model", str(tmp_path), "--api-key", "k", "--max-batch", "3", "--prefix-cache-mb", "0"])
+    ((model, config, device),) = calls
+    assert model == str(tmp_path) and device is None
+    assert (config.host, config.port, config.api_key, config.max_batch) == ("127.0.0.1", 8000, "k", 3)
+    assert config.prefix_cache_bytes == 0
+
+
+def test_bench_tiny_mode_runs(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    serve_bench = importlib.import_module("serve")
+    argv = ["--tiny", "--contexts", "64", "--streams", "1,3", "--new-tokens", "4"]
+    payload = serve_bench.main(
+        [*argv, "--prefix-tokens", "256", "--prefix-questions", "3", "--out", str(tmp_path)]
+    )
+    rows = payload["results"]
+    assert [(r["model"], r["streams"]) for r in rows] == [
+        (m, n) for m in ("student", "teacher") for n in (1, 3)
+    ]
+    for row in rows:
+        assert row["status"] == "ok" and row["tokens"] == 4 * row["streams"], row
+        assert row["tok_s"] > 0 and 0 < row["ttft_p50_s"] <= row["ttft_max_s"] and row["itl_p99_ms"] > 0
+    off, on = payload["prefix_cache"]
+    # The second prompt leaves the first at the document's end (256 tokens), the third starts there.
+    assert (off["skipped_tokens"], on["skipped_tokens"]) == (0, 256)
+    assert json.loads((tmp_path / "serve.json").read_text())["results"] == json.loads(json.dumps(rows))
