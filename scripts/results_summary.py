@@ -1,9 +1,10 @@
 """Summarise real-teacher conversions packed by scripts/device_convert.sh into a results page's
 figures: summary.json (one object per evaluated student), a markdown table, and two plots.
 
-    python3 scripts/results_summary.py RESULTS_DIR OUT_DIR [--best NAME:LABEL] [--gpu-minutes NAME=MIN ...]
+    python3 scripts/results_summary.py RESULTS_DIR OUT_DIR [--best NAME:LABEL]
 
-RESULTS_DIR holds one folder per run (results-<label>.json, radlads.json, metrics.jsonl).
+RESULTS_DIR holds one folder per run (results-<label>.json, radlads.json, metrics.jsonl). GPU
+minutes are the training steps' wall time from radlads.json (tokenization and evaluation left out).
 """
 
 from __future__ import annotations
@@ -34,14 +35,13 @@ def passkey_rates(records: list[dict]) -> dict[int, float]:
     return {length: sum(v) / len(v) for length, v in sorted(by_length.items())}
 
 
-def step_tokens(summary: dict, label: str) -> dict[str, int]:
-    """Tokens each step trained, for the student evaluated under `label` (step2: before step 3)."""
-    steps = summary["steps"]
+def trained_steps(summary: dict, label: str) -> dict[str, dict]:
+    """The training steps behind the student evaluated under `label` (step2: before step 3)."""
     last = 2 if label == "step2" else 3
-    return {k: steps[k]["tokens"] for k in ("1", "2", "3") if k in steps and int(k) <= last and "tokens" in steps[k]}
+    return {k: v for k, v in summary["steps"].items() if 0 < int(k) <= last and "tokens" in v}
 
 
-def entry(run: Path, label: str, gpu_minutes: float | None) -> dict:
+def entry(run: Path, label: str) -> dict:
     results = json.loads((run / f"results-{label}.json").read_text())
     summary = json.loads((run / "radlads.json").read_text())
     student, teacher = results["student"], results["teacher"]
@@ -50,17 +50,18 @@ def entry(run: Path, label: str, gpu_minutes: float | None) -> dict:
     s_keys = passkey_rates(student.get("passkey", {}).get("records", []))
     t_keys = passkey_rates(teacher.get("passkey", {}).get("records", []))
     softmax = summary["config"]["student"].get("softmax_layers") or []
+    steps = trained_steps(summary, label)
     return {
         "name": f"{run.name}:{label}",
         "arch": summary["arch"] + (f" + softmax layers {softmax}" if softmax else ""),
-        "tokens": step_tokens(summary, label),
+        "tokens": {k: v["tokens"] for k, v in steps.items()},
         "ppl_student": student["perplexity"]["ppl"],
         "ppl_teacher": teacher["perplexity"]["ppl"],
         "nll_student_by_position": s_buckets,
         "nll_teacher_by_position": t_buckets,
         "nll_gap_1024_2047": s_buckets["1024-2047"] - t_buckets["1024-2047"],
         "passkey": {f"{n // 1000}k": [s_keys[n], t_keys.get(n)] for n in s_keys},
-        "gpu_minutes": gpu_minutes,
+        "gpu_minutes": sum(v["wall_s"] for v in steps.values()) / 60,
         "best": False,
     }
 
@@ -73,7 +74,7 @@ def table(entries: list[dict]) -> str:
     for e in entries:
         tokens = " / ".join(f"{e['tokens'].get(k, 0) / 1e6:.0f}M" for k in ("1", "2", "3"))
         keys = " / ".join(f"{s:.1f} ({t:.1f})" for s, t in e["passkey"].values())
-        minutes = "" if e["gpu_minutes"] is None else f"{e['gpu_minutes']:.1f}"
+        minutes = f"{e['gpu_minutes']:.1f}"
         lines.append(
             f"| {e['name']}{' **best**' if e['best'] else ''} | {tokens} | {e['ppl_student']:.2f} / "
             f"{e['ppl_teacher']:.2f} | {e['ppl_teacher'] / e['ppl_student']:.3f} | "
@@ -94,7 +95,12 @@ def plot_positions(results_dir: Path, entries: list[dict], out: Path) -> None:
             losses = np.asarray(results[who]["perplexity"]["loss_by_position"])
             smooth = np.convolve(losses, np.ones(32) / 32, mode="valid")
             style = dict(color="black", lw=2) if who == "teacher" else {}
-            ax.plot(np.arange(len(smooth)) + 16, smooth, label="teacher" if who == "teacher" else e["name"], **style)
+            ax.plot(
+                np.arange(len(smooth)) + 16,
+                smooth,
+                label="teacher" if who == "teacher" else e["name"],
+                **style,
+            )
         teacher_drawn = True
     ax.set_xscale("log")
     ax.set_xlabel("position in the 2048-token window")
@@ -124,15 +130,15 @@ def plot_scaling(entries: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("results", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--best", help="NAME:LABEL of the recommended student")
-    parser.add_argument("--gpu-minutes", nargs="*", default=[], help="NAME=MINUTES of GPU time per run")
     args = parser.parse_args()
-    minutes = dict(item.split("=") for item in args.gpu_minutes)
     entries = [
-        entry(run, path.stem.removeprefix("results-"), float(minutes[run.name]) if run.name in minutes else None)
+        entry(run, path.stem.removeprefix("results-"))
         for run in sorted(p for p in args.results.iterdir() if p.is_dir())
         for path in sorted(run.glob("results-*.json"))
     ]
