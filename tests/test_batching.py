@@ -130,6 +130,8 @@ def test_small_teachers_get_the_recipe_and_a_fitted_micro_batch_by_default(tmp_p
     # flags win over the preset; --batch-size fixes the micro-batch of steps 1-2
     cfg = _config([*base, "--seq-len", "256", "--batch-size", "4", "--step2-lr", "3e-4"])
     assert (cfg.step2.seq_len, cfg.step2.batch_size, cfg.step2.lr) == (256, 4, 3e-4)
+    cfg = _config([*base, "--global-batch-size", "64"])
+    assert (cfg.step1.global_batch_size, cfg.step2.global_batch_size, cfg.step3.global_batch_size) == (64, 64, 8)
     # a YAML config is taken as it is: no preset unless one is named
     (tmp_path / "run.yaml").write_text("step2: {seq_len: 1024, lr: 2.0e-5}\n")
     cfg = _config([*base, "--config", str(tmp_path / "run.yaml")])
