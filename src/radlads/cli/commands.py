@@ -14,7 +14,6 @@ from ..data import prepare_shards
 from ..data.sources import build_corpus
 from ..eval import speed
 from ..eval.suite import EvalSettings, evaluate_conversion, load_model
-from ..eval.tasks import SAMPLES_DIR
 from ..teachers import resolve_teacher
 from ..train.config import ConvertConfig
 
@@ -154,7 +153,7 @@ def _eval_settings(args: argparse.Namespace, default_heldout: Path) -> EvalSetti
         heldout=args.data or (str(default_heldout) if (default_heldout / "index.json").is_file() else None),
         seq_len=args.seq_len,
         max_windows=args.max_windows,
-        task_dir=args.tasks_dir or str(SAMPLES_DIR),
+        task_dir=args.tasks_dir,
         tasks=args.tasks,
         limit=args.limit,
         passkey_lengths=args.passkey,
