@@ -184,7 +184,7 @@ def ieee_fp32(dtype, monkeypatch) -> None:
         monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
 
 
-# Few shapes: every new shape costs Triton compilations (minutes on the lent GPU).
+# Few shapes: every new shape costs Triton compilations (minutes on a fresh GPU host).
 SHAPES = [(2, 200, 3, 64), (1, 33, 2, 32)]
 
 
