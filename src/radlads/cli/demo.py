@@ -29,9 +29,9 @@ PROMPT = "The LORD said unto Moses,"
 BUDGETS = {
     "cpu": dict(
         step1=dict(
-            tokens="12k", lr=3e-3, lr_final=1e-4, seq_len=512, batch_size=1, heldout_batches=2, log_every=4
+            tokens="6k", lr=3e-3, lr_final=1e-4, seq_len=512, batch_size=1, heldout_batches=1, log_every=2
         ),
-        step2=dict(tokens="4k", lr=1e-4, seq_len=512, batch_size=1, heldout_batches=2, log_every=2),
+        step2=dict(tokens="3k", lr=3e-4, seq_len=512, batch_size=1, heldout_batches=1, log_every=1),
         activation_checkpointing=True,
     ),
     "cuda": dict(
@@ -40,7 +40,7 @@ BUDGETS = {
     ),
 }
 # Held-out windows scored on each model: few on a CPU, where each costs a forward of both models.
-EVAL = {"cpu": dict(seq_len=512, max_windows=8, batch_size=2), "cuda": dict(seq_len=1024, max_windows=64)}
+EVAL = {"cpu": dict(seq_len=512, max_windows=4, batch_size=2), "cuda": dict(seq_len=1024, max_windows=64)}
 POSITION_BUCKETS = ((1, 16), (17, 64), (65, 256), (257, 1024))
 
 
