@@ -26,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..files import write_json_atomic
 from .distributed import Distributed
 
 TRAINER_FILE = "trainer.json"
@@ -42,7 +43,12 @@ def _swapped_in(path: Path, ranks: Distributed) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ranks.barrier()
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if ranks.is_main:  # a full disk: give the space of the half-written checkpoint back
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     ranks.barrier()  # every rank's part is written
     if ranks.is_main:
         if path.exists():
@@ -61,13 +67,6 @@ def _one_process_is_fine() -> Iterator[None]:
         yield
 
 
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_model(path: Path, model, trainer_state: dict, ranks: Distributed | None = None) -> None:
     """A finished step: the model as a Hugging Face folder, plus `trainer_state`."""
     ranks = ranks or Distributed()
@@ -75,7 +74,7 @@ def save_model(path: Path, model, trainer_state: dict, ranks: Distributed | None
     with _swapped_in(path, ranks) as tmp:
         if ranks.is_main:
             model.save_pretrained(tmp, state_dict=full)
-            _write_json(tmp / TRAINER_FILE, trainer_state)
+            write_json_atomic(tmp / TRAINER_FILE, trainer_state)
 
 
 def save_resumable(
@@ -92,7 +91,7 @@ def save_resumable(
             )
         if ranks.is_main:
             model.config.save_pretrained(tmp)  # so `radlads export` can rebuild the model alone
-            _write_json(tmp / TRAINER_FILE, trainer_state)
+            write_json_atomic(tmp / TRAINER_FILE, trainer_state)
 
 
 def is_resumable(path: Path) -> bool:
