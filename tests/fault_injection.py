@@ -74,10 +74,11 @@ class Writes:
         self.events.append((kind, relative, phase(relative)))
         return len(self.events) == self.kill_at
 
-    def die(self, cut: Path | None = None) -> None:
+    def die(self, cut: Path | None = None, kept: int = 0) -> None:
+        """Die; first cut `cut` to its first `kept` bytes plus a random part of what followed."""
         kind, relative, where = self.events[-1]
         if cut is not None and cut.is_file():
-            os.truncate(cut, int(cut.stat().st_size * self.rng.random()))
+            os.truncate(cut, kept + int((cut.stat().st_size - kept) * self.rng.random()))
         with _real["open"](self.report, "w") as f:
             json.dump({"kind": kind, "path": relative, "phase": where}, f)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -88,10 +89,10 @@ class Writes:
 
 
 class _DyingFile:
-    """A file whose close cuts it to a prefix and kills the process."""
+    """A file whose close cuts what was written through it to a prefix and kills the process."""
 
-    def __init__(self, file, path: Path, writes: Writes):
-        self._file, self._path, self._writes = file, path, writes
+    def __init__(self, file, path: Path, writes: Writes, kept: int):
+        self._file, self._path, self._writes, self._kept = file, path, writes, kept
 
     def __getattr__(self, name):
         return getattr(self._file, name)
@@ -107,7 +108,7 @@ class _DyingFile:
 
     def close(self):
         self._file.close()
-        self._writes.die(cut=self._path)
+        self._writes.die(cut=self._path, kept=self._kept)
 
 
 def install(writes: Writes) -> None:
@@ -115,10 +116,11 @@ def install(writes: Writes) -> None:
     import transformers.modeling_utils
 
     def open_(file, mode="r", *args, **kwargs):
-        f = _real["open"](file, mode, *args, **kwargs)
         writing = isinstance(file, str | bytes | os.PathLike) and any(c in mode for c in "wax+")
+        kept = os.path.getsize(file) if writing and "a" in mode and os.path.isfile(file) else 0
+        f = _real["open"](file, mode, *args, **kwargs)
         if writing and writes.event("write", file):
-            return _DyingFile(f, Path(os.fsdecode(file)), writes)
+            return _DyingFile(f, Path(os.fsdecode(file)), writes, kept)
         return f
 
     def before(name):
@@ -131,7 +133,7 @@ def install(writes: Writes) -> None:
         return hooked
 
     def rmtree(path, *args, **kwargs):
-        if writes.event("rmtree", path) and Path(path).is_dir():
+        if writes.event("rmtree", path):
             files = sorted(p for p in Path(path).rglob("*") if p.is_file())
             for p in files[: len(files) // 2]:
                 p.unlink()
@@ -150,6 +152,10 @@ def install(writes: Writes) -> None:
         setattr(os, name, before(name))
     shutil.rmtree = rmtree
     safetensors.torch.save_file = transformers.modeling_utils.safe_save_file = save_file
+
+
+def ready() -> None:
+    """A child that does nothing: starting it starts the forkserver, imports and all."""
 
 
 def run(argv: list[str], root: Path, report: Path, kill_at: int | None = None, seed: int = 0) -> None:

@@ -27,6 +27,7 @@ from ..train.checkpoint import (
     load_model_state,
     read_trainer_state,
     save_model,
+    tidy,
 )
 from ..train.config import ConvertConfig, StepConfig
 from ..train.distributed import Distributed
@@ -126,6 +127,8 @@ class Conversion:
         if self.dist.is_main:
             self._make_out()
             self._write_config()
+            for step in STEPS:
+                tidy(self.checkpoint(step))
         if self.dist.enabled:  # rank 0 tokenizes; the others wait and read its shards
             if self.dist.is_main:
                 self.shards()

@@ -52,11 +52,25 @@ def _swapped_in(path: Path, ranks: Distributed) -> Iterator[Path]:
     ranks.barrier()  # every rank's part is written
     if ranks.is_main:
         if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     ranks.barrier()  # nobody starts the next checkpoint (or reads this one) before the swap
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint folder, its trainer.json first: a removal cut short leaves no checkpoint."""
+    (checkpoint / TRAINER_FILE).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def tidy(path: Path) -> None:
+    """Remove what a kill mid-save left beside the checkpoint at `path`, once `path` itself holds one."""
+    path = Path(path)
+    if (path / TRAINER_FILE).is_file():
+        for leftover in (path.with_name(path.name + ".old"), path.with_name(path.name + ".tmp")):
+            _remove(leftover)
 
 
 @contextmanager
