@@ -21,11 +21,15 @@ def partial_path(path: Path) -> Path:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     partial = partial_path(path)
-    with open(partial, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:  # an error, not a kill: nothing to leave behind
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
