@@ -173,3 +173,33 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(inputs, tmp_path,
     monkeypatch.undo()
     assert main(argv) == 0  # and the run resumes from it
     assert read_trainer_state(step1)["complete"]
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_index_that_would_run_code_is_refused(tmp_path, capsys):
+    import pickle
+
+    from radlads.convert.transfer import transfer
+    from radlads.train.checkpoint import save_resumable
+    from radlads.train.distributed import Distributed
+    from tiny_models import make_teacher
+
+    student = transfer(make_teacher("qwen2", num_hidden_layers=1), "rad-rwkv7")
+    optimizer = torch.optim.AdamW(student.parameters())
+    checkpoint = tmp_path / "step1"
+    save_resumable(checkpoint, student, optimizer, {"tokens": 1, "complete": False}, Distributed())
+    export = ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "exported")]
+    assert main(export) == 0  # the index DCP wrote loads
+    marker = tmp_path / "ran"
+    (checkpoint / "dcp" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    refused(capsys, export, "system, which no radlads checkpoint holds")
+    assert not marker.exists()

@@ -54,7 +54,7 @@ def _summary(out: Path) -> tuple[dict, list[Finding]]:
 
 
 def _exported_files(out: Path, summary: dict) -> list[Finding]:
-    findings = [_config(out / "config.json"), _weights(out), _tokenizer(out)]
+    findings = [_config(out / "config.json"), _weights(out, "weights"), _tokenizer(out)]
     recorded = summary.get("files")
     if summary and recorded is None:
         findings.append(Finding("note", f"{SUMMARY_FILE} records no hashes (an older export): {RERUN}"))
@@ -79,16 +79,16 @@ def _config(path: Path) -> Finding:
     return Finding("ok", path.name)
 
 
-def _weights(folder: Path) -> Finding:
+def _weights(folder: Path, label: str) -> Finding:
     """The weight files are present and their headers cover their sizes (a cut file fails)."""
     try:
         files = weight_files(folder)
         count = len(stored_shapes(files))
     except FileNotFoundError as err:
-        return Finding("missing", f"weights in {folder.name}: {err}")
+        return Finding("missing", f"{label}: {err}")
     except ValueError as err:
-        return Finding("corrupt", f"weights in {folder.name}: {err}")
-    return Finding("ok", f"{', '.join(p.name for p in files)} in {folder.name} ({count} tensors)")
+        return Finding("corrupt", f"{label}: {err}")
+    return Finding("ok", f"{label}: {', '.join(p.name for p in files)} ({count} tensors)")
 
 
 def _tokenizer(out: Path) -> Finding:
@@ -120,4 +120,4 @@ def _checkpoint(out: Path, step: int, recorded: bool) -> list[Finding]:
         return [Finding("ok", what)] + leftovers
     if not state.get("complete"):
         return [Finding("corrupt", f"{found.relative_to(out)}: neither finished nor resumable")] + leftovers
-    return [_weights(found)] + leftovers
+    return [_weights(found, str(found.relative_to(out)))] + leftovers

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from ..files import write_json_atomic
 from .distributed import Distributed
+from .no_pickle import SafePlanner, checked_reader
 
 TRAINER_FILE = "trainer.json"
 STATE_DIR = "dcp"  # the model + optimizer shards of a mid-step checkpoint
@@ -130,7 +131,12 @@ def load_resumable(path: Path, model: nn.Module, optimizer: torch.optim.Optimize
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     with _one_process_is_fine():
-        dcp.load(state, checkpoint_id=state_dir, no_dist=not dist.is_initialized())
+        dcp.load(
+            state,
+            storage_reader=checked_reader(state_dir),
+            planner=SafePlanner(),
+            no_dist=not dist.is_initialized(),
+        )
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -138,7 +144,12 @@ def load_model_state(path: Path, model: nn.Module) -> None:
     """Load only the model part of a mid-step checkpoint into an unsharded model, in one process."""
     state = {"model": model.state_dict()}
     with _one_process_is_fine():
-        dcp.load(state, checkpoint_id=_require_resumable(path), no_dist=True)
+        dcp.load(
+            state,
+            storage_reader=checked_reader(_require_resumable(path)),
+            planner=SafePlanner(),
+            no_dist=True,
+        )
     model.load_state_dict(state["model"])
 
 
