@@ -99,25 +99,33 @@ def _tokenizer(out: Path) -> Finding:
 
 def _checkpoint(out: Path, step: int, recorded: bool) -> list[Finding]:
     path = out / "checkpoints" / f"step{step}"
-    found = find_checkpoint(path)
+    state = _checkpoint_state(out, path, recorded)
+    findings = [] if state is None else [state]
     tmp = path.with_name(path.name + ".tmp")
-    leftovers = [
-        Finding("note", f"{tmp.relative_to(out)}: an interrupted checkpoint write, replaced by the next run")
-    ]
-    leftovers = leftovers if tmp.exists() else []
+    if tmp.exists():
+        findings.append(
+            Finding(
+                "note", f"{tmp.relative_to(out)}: an interrupted checkpoint write; the next run replaces it"
+            )
+        )
+    return findings
+
+
+def _checkpoint_state(out: Path, path: Path, recorded: bool) -> Finding | None:
+    found = find_checkpoint(path)
     if found is None:
-        if recorded:
-            return [
-                Finding("missing", f"checkpoints/step{step}, recorded in {SUMMARY_FILE}; {RERUN}")
-            ] + leftovers
-        return leftovers
+        return (
+            Finding("missing", f"{path.relative_to(out)}, recorded in {SUMMARY_FILE}; {RERUN}")
+            if recorded
+            else None
+        )
+    where = str(found.relative_to(out))
     try:
         state = read_trainer_state(found)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return [Finding("corrupt", f"{found.relative_to(out)}/trainer.json ({err})")] + leftovers
+        return Finding("corrupt", f"{where}/trainer.json ({err})")
     if is_resumable(found):
-        what = f"{found.relative_to(out)}: mid-step checkpoint at {state.get('tokens')} tokens ({STATE_DIR}/)"
-        return [Finding("ok", what)] + leftovers
+        return Finding("ok", f"{where}: mid-step checkpoint at {state.get('tokens')} tokens ({STATE_DIR}/)")
     if not state.get("complete"):
-        return [Finding("corrupt", f"{found.relative_to(out)}: neither finished nor resumable")] + leftovers
-    return [_weights(found, str(found.relative_to(out)))] + leftovers
+        return Finding("corrupt", f"{where}: neither a finished step nor a resumable checkpoint")
+    return _weights(found, where)
