@@ -20,6 +20,8 @@ import re
 import shutil
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 _real = {
@@ -83,9 +85,9 @@ class Writes:
             json.dump({"kind": kind, "path": relative, "phase": where}, f)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def save_events(self) -> None:
+    def save_events(self, cpu_seconds: float) -> None:
         with _real["open"](self.report, "w") as f:
-            json.dump(self.events, f)
+            json.dump({"events": self.events, "cpu_seconds": cpu_seconds}, f)
 
 
 class _DyingFile:
@@ -158,16 +160,40 @@ def ready() -> None:
     """A child that does nothing: starting it starts the forkserver, imports and all."""
 
 
-def run(argv: list[str], root: Path, report: Path, kill_at: int | None = None, seed: int = 0) -> None:
-    """The child's entry point: count (and maybe die at) the writes of `radlads ARGV` under `root`."""
+def die_after_cpu(seconds: float) -> None:
+    """SIGKILL this process once it has run `seconds` of CPU time: a moment in its work that does
+    not move with the load of the machine, as a wall-clock delay would."""
+    start = time.process_time()
+
+    def watch():
+        while time.process_time() - start < seconds:
+            time.sleep(0.002)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def run(
+    argv: list[str],
+    root: Path,
+    report: Path,
+    kill_at: int | None = None,
+    seed: int = 0,
+    cpu: float | None = None,
+) -> None:
+    """The child's entry point: count (and maybe die at) the writes of `radlads ARGV` under `root`,
+    or die after `cpu` seconds of CPU time."""
     import torch
 
-    torch.set_num_threads(1)  # the trials' timing does not depend on what else runs
+    torch.set_num_threads(1)  # one thread: CPU time and results do not depend on the machine's load
     from radlads.cli.main import main
 
+    start = time.process_time()
+    if cpu is not None:
+        die_after_cpu(cpu)
     writes = Writes(root, kill_at, seed, report)
     install(writes)
     code = main(argv)
     if kill_at is None:
-        writes.save_events()
+        writes.save_events(time.process_time() - start)
     sys.exit(code)

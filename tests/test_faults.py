@@ -2,9 +2,9 @@
 
 A tiny conversion (GGUF teacher import, prepare-data, steps 0-3 with mid-step checkpoints, export)
 runs in a child process that dies by SIGKILL: in half the trials at a seeded random write (see
-fault_injection.py), spread over every phase; in the other half after a seeded random delay,
-wherever the process then is. Each trial re-runs the same command, which must end with the
-reference's weights bit for bit (CPU, one thread, same data order and optimizer state: nothing
+fault_injection.py), spread over every phase; in the other half after a seeded random amount of
+CPU time, wherever the process then is. Each trial re-runs the same command, which must end with
+the reference's weights bit for bit (CPU, one thread, same data order and optimizer state: nothing
 may differ), the same metrics.jsonl less timings, and the same files: nothing partial left behind.
 """
 
@@ -15,7 +15,6 @@ import multiprocessing
 import random
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -63,15 +62,17 @@ class Harness:
         shutil.copy(self.base / "tiny.gguf", root / "tiny.gguf")
         return root
 
-    def start(self, root: Path, kill_at: int | None = None, seed: int = 0):
+    def start(self, root: Path, kill_at: int | None = None, seed: int = 0, cpu: float | None = None):
         argv = convert_argv(root, self.corpus, self.config)
         report = root.parent / "report.json"
-        process = self.context.Process(target=fault_injection.run, args=(argv, root, report, kill_at, seed))
+        process = self.context.Process(
+            target=fault_injection.run, args=(argv, root, report, kill_at, seed, cpu)
+        )
         process.start()
         return process, report
 
-    def finish(self, process, kill_after: float | None = None) -> int:
-        process.join(kill_after if kill_after is not None else TRIAL_SECONDS)
+    def finish(self, process) -> int:
+        process.join(TRIAL_SECONDS)
         if process.is_alive():
             process.kill()
             process.join(10)
@@ -106,15 +107,14 @@ def harness(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(harness):
     root = harness.trial_root("reference")
-    started = time.perf_counter()
     process, report = harness.start(root)
     assert harness.finish(process) == 0
-    seconds = time.perf_counter() - started
-    events = [tuple(e) for e in json.loads(report.read_text())]
+    recorded = json.loads(report.read_text())
+    events = [tuple(e) for e in recorded["events"]]
     out = root / "out"
     assert not [f for f in verify(out) if f.problem]
     return dict(
-        seconds=seconds,
+        cpu_seconds=recorded["cpu_seconds"],
         events=events,
         weights=load_file(out / "model.safetensors"),
         metrics=metrics(out),
@@ -139,7 +139,7 @@ def test_the_reference_run_writes_in_every_phase(reference):
 def test_killed_anywhere_the_rerun_ends_as_an_uninterrupted_run(harness, reference):
     rng = random.Random(0)
     trials = [("write", n) for n in event_kills(reference["events"], EVENT_TRIALS, rng)]
-    trials += [("timed", rng.uniform(0.02, 0.9) * reference["seconds"]) for _ in range(TIMED_TRIALS)]
+    trials += [("timed", rng.uniform(0.02, 0.9) * reference["cpu_seconds"]) for _ in range(TIMED_TRIALS)]
     killed, hit = 0, {}
     for i, (how, where) in enumerate(trials):
         root = harness.trial_root(f"trial{i}")
@@ -148,8 +148,8 @@ def test_killed_anywhere_the_rerun_ends_as_an_uninterrupted_run(harness, referen
             code = harness.finish(process)
             hit[i] = json.loads(report.read_text())
         else:
-            process, _ = harness.start(root)
-            code = harness.finish(process, kill_after=where)
+            process, _ = harness.start(root, cpu=where)
+            code = harness.finish(process)
         killed += code == -signal.SIGKILL
         out = root / "out"
         if out.is_dir() and not [f for f in verify(out) if f.problem]:
