@@ -14,7 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a model folder (the shards an index names, or the one file)."""
+    """The safetensors files of a model folder (the shards an index names, or the one file).
+
+    This and stored_shapes name what is wrong, not what to do: that depends on whose folder it is (a
+    teacher's is downloaded again, a conversion's is redone)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -23,10 +26,7 @@ def weight_files(folder: Path) -> list[Path]:
     if not files:
         pickled = sorted(p.name for p in folder.glob("*.bin"))
         found = f" (found {', '.join(pickled)}: pickle files, which radlads does not load)" if pickled else ""
-        raise FileNotFoundError(
-            f"{folder} holds no .safetensors weights{found}; save the teacher with "
-            "save_pretrained(..., safe_serialization=True) or download its safetensors files"
-        )
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights{found}")
     return files
 
 
@@ -35,20 +35,34 @@ def stored_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for path in files:
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; download the teacher's weights again")
+            raise FileNotFoundError(f"{path} is missing")
         try:
             with safe_open(path, framework="pt") as f:
                 shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
         except SafetensorError as err:
-            raise ValueError(
-                f"{path} is not a readable safetensors file ({err}); it may be truncated: download it again"
-            ) from None
+            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
     return shapes
+
+
+def _teacher_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        files = weight_files(folder)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}; save the teacher with save_pretrained(..., safe_serialization=True) or download its "
+            "safetensors files"
+        ) from None
+    try:
+        return stored_shapes(files)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(
+            f"{err}; it may be truncated or incomplete: download the teacher's weights again"
+        ) from None
 
 
 def check_shapes(folder: Path) -> None:
     """The shapes config.json implies, against those the weight files hold."""
-    stored = stored_shapes(weight_files(folder))
+    stored = _teacher_shapes(folder)
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         expected = AutoModelForCausalLM.from_config(config).state_dict()

@@ -54,7 +54,7 @@ def _summary(out: Path) -> tuple[dict, list[Finding]]:
 
 
 def _exported_files(out: Path, summary: dict) -> list[Finding]:
-    findings = [_config(out / "config.json"), _weights(out, "weights"), _tokenizer(out)]
+    findings = [_config(out / "config.json"), _weights(out, "weights", RERUN), _tokenizer(out)]
     recorded = summary.get("files")
     if summary and recorded is None:
         findings.append(Finding("note", f"{SUMMARY_FILE} records no hashes (an older export): {RERUN}"))
@@ -79,15 +79,15 @@ def _config(path: Path) -> Finding:
     return Finding("ok", path.name)
 
 
-def _weights(folder: Path, label: str) -> Finding:
+def _weights(folder: Path, label: str, remedy: str) -> Finding:
     """The weight files are present and their headers cover their sizes (a cut file fails)."""
     try:
         files = weight_files(folder)
         count = len(stored_shapes(files))
     except FileNotFoundError as err:
-        return Finding("missing", f"{label}: {err}")
+        return Finding("missing", f"{label}: {err}; {remedy}")
     except ValueError as err:
-        return Finding("corrupt", f"{label}: {err}")
+        return Finding("corrupt", f"{label}: {err}; {remedy}")
     return Finding("ok", f"{label}: {', '.join(p.name for p in files)} ({count} tensors)")
 
 
@@ -120,12 +120,14 @@ def _checkpoint_state(out: Path, path: Path, recorded: bool) -> Finding | None:
             else None
         )
     where = str(found.relative_to(out))
+    # A rerun skips a step whose checkpoint says it finished, damaged or not: only deleting it redoes it.
+    redo = f"delete {found} and re-run the same `radlads convert` command to redo that step"
     try:
         state = read_trainer_state(found)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return Finding("corrupt", f"{where}/trainer.json ({err})")
+        return Finding("corrupt", f"{where}/trainer.json ({err}); {redo}")
     if is_resumable(found):
         return Finding("ok", f"{where}: mid-step checkpoint at {state.get('tokens')} tokens ({STATE_DIR}/)")
     if not state.get("complete"):
-        return Finding("corrupt", f"{where}: neither a finished step nor a resumable checkpoint")
-    return _weights(found, where)
+        return Finding("corrupt", f"{where}: neither a finished step nor a resumable checkpoint; {redo}")
+    return _weights(found, where, redo)
