@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="student folder (a radlads convert --out)")
     p.add_argument("--teacher", help="teacher folder or .gguf (omit to score the student alone)")
     p.add_argument("--data", help="held-out text or shard folder (default: the run's own held-out split)")
-    p.add_argument("--tasks-dir", help="folder of <task>.jsonl files (default: the bundled smoke samples)")
+    p.add_argument(
+        "--tasks-dir",
+        help="folder of <task>.jsonl files in lm-evaluation-harness' shapes (default: no zero-shot tasks)",
+    )
     p.add_argument("--tasks", type=lambda s: s.split(","), help="comma-separated subset of tasks")
     p.add_argument("--limit", type=int, help="at most this many documents per task")
     p.add_argument("--seq-len", type=int, default=1024, help="perplexity window length")
