@@ -229,11 +229,14 @@ def test_crash_while_writing_index_leaves_no_index(
         prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "out", progress=False)
         write_jsonl(tmp_path / "src" / "docs.jsonl", DOCS)
 
-    def dump_half_then_crash(data: object, f: object, **kwargs: object) -> None:
-        f.write(json.dumps(data)[:20])  # type: ignore[attr-defined]
-        raise KeyboardInterrupt
+    real_dumps = json.dumps
 
-    monkeypatch.setattr(index_module.json, "dump", dump_half_then_crash)
+    def crash_at_the_index(data: object, *args: object, **kwargs: object) -> str:
+        if isinstance(data, dict) and "splits" in data:
+            raise KeyboardInterrupt
+        return real_dumps(data, *args, **kwargs)
+
+    monkeypatch.setattr(index_module.json, "dumps", crash_at_the_index)
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "out", progress=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["heldout.bin", "train.bin"]

@@ -12,7 +12,6 @@ Training code casts to bfloat16 itself where it wants to; the teacher on disk st
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -22,6 +21,8 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+
+from .files import sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def resolve_teacher(path: str | os.PathLike, cache_dir: str | os.PathLike | None
         return path
     gguf_file = find_gguf(path)
     require_gguf_support()
-    sha = file_sha256(gguf_file)
+    sha = sha256_of(gguf_file)
     target = import_folder_for(gguf_file, sha, cache_dir)
     if import_matches(target, sha):
         logger.info("Reusing imported teacher %s", target)
@@ -55,6 +56,7 @@ def resolve_teacher(path: str | os.PathLike, cache_dir: str | os.PathLike | None
         raise FileExistsError(
             f"{target} exists and was not made by radlads; move it or pass cache_dir= to import {gguf_file}"
         )
+    check_gguf(gguf_file)
     return publish_import(gguf_file, sha, target)
 
 
@@ -105,12 +107,36 @@ def require_gguf_support() -> None:
         )
 
 
-def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+def check_gguf(gguf_file: Path) -> None:
+    """Read the file's header and tensor table, so that a truncated or foreign file is named as such
+    rather than failing deep inside the import."""
+    import struct
+
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf_file)
+    except (ValueError, struct.error, OSError, IndexError, KeyError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{gguf_file} is not a readable GGUF file ({err}); it may be truncated or damaged: "
+            "download it again"
+        ) from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def load_teacher_tokenizer(folder: Path):
+    """The tokenizer saved in a teacher folder; without one, AutoTokenizer would guess another."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the teacher's "
+            "tokenizer files there (the ones published with its weights)"
+        )
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def import_folder_for(gguf_file: Path, sha: str, cache_dir: str | os.PathLike | None) -> Path:
@@ -135,7 +161,8 @@ def publish_import(gguf_file: Path, sha: str, target: Path) -> Path:
     complete new one, whatever interrupts us.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    remove_abandoned_imports(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     try:
         import_gguf(gguf_file, sha, staging)
         replace_folder(staging, target, sha)
@@ -145,10 +172,31 @@ def publish_import(gguf_file: Path, sha: str, target: Path) -> Path:
     return target
 
 
+def remove_abandoned_imports(target: Path) -> None:
+    """Delete what imports killed before they finished left beside `target` (as big as the teacher
+    in float32): folders named with the id of a process that is no longer running."""
+    for leftover in target.parent.glob(f".{target.name}.*-*"):
+        kind, _, rest = leftover.name[len(target.name) + 2 :].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("partial", "stale") and pid.isdigit() and not process_alive(int(pid)):
+            logger.info("Removing %s, left by an import that did not finish", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def replace_folder(staging: Path, target: Path, sha: str) -> None:
     stale = None
     if target.exists():
-        stale = target.with_name(f".{target.name}.stale-{uuid.uuid4().hex[:8]}")
+        stale = target.with_name(f".{target.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         target.rename(stale)
     try:
         staging.rename(target)

@@ -10,11 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..convert.pipeline import Conversion, export_checkpoint, resolve_device
+from ..convert.verify import verify as verify_conversion
 from ..data import prepare_shards
 from ..data.sources import build_corpus
 from ..eval import speed
 from ..eval.suite import EvalSettings, evaluate_conversion, load_model
-from ..teachers import resolve_teacher
+from ..teachers import load_teacher_tokenizer, resolve_teacher
 from ..train.config import ConvertConfig
 
 # Per teacher size: sequences per optimizer update (each step's micro-batch is then chosen to fit
@@ -89,13 +90,22 @@ def _fmt(x) -> str:
 def export(args: argparse.Namespace) -> int:
     out = export_checkpoint(args.checkpoint, args.out)
     if args.teacher:
-        AutoTokenizer.from_pretrained(resolve_teacher(args.teacher)).save_pretrained(out)
+        load_teacher_tokenizer(resolve_teacher(args.teacher)).save_pretrained(out)
     print(f"student written to {out}")
     return 0
 
 
+def verify(args: argparse.Namespace) -> int:
+    findings = verify_conversion(args.out)
+    for finding in findings:
+        print(finding)
+    problems = sum(f.problem for f in findings)
+    print(f"{args.out}: {problems} problem(s)" if problems else f"{args.out}: complete and intact")
+    return 1 if problems else 0
+
+
 def prepare_data(args: argparse.Namespace) -> int:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_teacher(args.teacher))
+    tokenizer = load_teacher_tokenizer(resolve_teacher(args.teacher))
     texts = list(args.data)
     if args.source:
         texts.append(build_corpus(args.source, args.out / "text", tokenizer=tokenizer))

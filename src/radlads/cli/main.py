@@ -1,4 +1,5 @@
-"""`radlads` console script: convert, step0..step3, prepare-data, eval, generate, serve, plan."""
+"""`radlads` console script: convert, step0..step3, export, verify, prepare-data, eval, generate, serve,
+plan."""
 
 from __future__ import annotations
 
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path, help="e.g. OUT/checkpoints/step2")
     p.add_argument("--out", required=True, type=Path, help="folder to write")
     p.add_argument("--teacher", help="also copy this teacher's tokenizer into --out")
+
+    p = add("verify", help="check a conversion folder: config, weights, tokenizer, checkpoints, hashes")
+    p.add_argument("out", type=Path, help="the folder a `radlads convert --out` wrote")
 
     p = add("prepare-data", help="tokenize text with the teacher's tokenizer into reusable shards")
     p.add_argument("--teacher", required=True, help="teacher whose tokenizer to use")
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = (0, 1, 2, 3) if args.command == "convert" else (int(args.command[4:]),)
             return commands.convert(config_from_args(args), steps, progress=not args.quiet)
         return getattr(commands, args.command.replace("-", "_"))(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, KeyError, OSError, RuntimeError) as err:  # OSError: a full disk, a permission
         print(f"radlads {args.command}: error: {err}", file=sys.stderr)
         return 2
 

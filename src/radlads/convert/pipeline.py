@@ -9,23 +9,25 @@ from __future__ import annotations
 import functools
 import gc
 import importlib.util
-import json
 import logging
-import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 
-from ..data import PackedLoader, ShardIndex, check_tokenizer, prepare_shards
+from ..data import PackedLoader, ShardIndex, check_tokenizer, check_vocab_size, prepare_shards
+from ..files import copy_atomic, sha256_of, write_json_atomic, write_text_atomic
 from ..models import RadladsForCausalLM
+from ..teachers import load_teacher_tokenizer, resolve_teacher
 from ..train.checkpoint import (
     find_checkpoint,
     is_resumable,
     load_model_state,
     read_trainer_state,
     save_model,
+    tidy,
 )
 from ..train.config import ConvertConfig, StepConfig
 from ..train.distributed import Distributed
@@ -39,6 +41,7 @@ from .transfer import load_teacher, transfer
 
 log = logging.getLogger("radlads")
 STEPS = (0, 1, 2, 3)
+SUMMARY_FILE = "radlads.json"  # written last by an export
 
 
 class StepOrderError(RuntimeError):
@@ -70,8 +73,6 @@ class Conversion:
 
     @functools.cached_property
     def teacher_dir(self) -> Path:
-        from ..teachers import resolve_teacher
-
         return resolve_teacher(self.cfg.teacher)
 
     @property
@@ -83,7 +84,7 @@ class Conversion:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.teacher_dir)
+            self._tokenizer = load_teacher_tokenizer(self.teacher_dir)
         return self._tokenizer
 
     @functools.cache  # noqa: B019  (one Conversion per run; the cache dies with it)
@@ -91,7 +92,9 @@ class Conversion:
         """The data as token shards of the teacher's tokenizer: prepared once under OUT/data."""
         data = Path(self.cfg.data)
         if (data / "index.json").is_file():
-            check_tokenizer(ShardIndex.load(data), self.tokenizer)
+            index = ShardIndex.load(data)
+            check_vocab_size(index, AutoConfig.from_pretrained(self.teacher_dir).vocab_size)
+            check_tokenizer(index, self.tokenizer)
             return data
         prepare_shards(
             data,
@@ -122,8 +125,10 @@ class Conversion:
 
     def run(self, steps: tuple[int, ...] = STEPS) -> Path:
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            self._make_out()
             self._write_config()
+            for step in STEPS:
+                tidy(self.checkpoint(step))
         if self.dist.enabled:  # rank 0 tokenizes; the others wait and read its shards
             if self.dist.is_main:
                 self.shards()
@@ -240,12 +245,23 @@ class Conversion:
 
     # --- outputs ---
 
+    def _make_out(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a file, not a folder; name a new or existing folder")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.out).close()  # unnamed where the OS allows: nothing left behind
+        except OSError as err:
+            raise ValueError(
+                f"cannot write to --out {self.out} ({err.strerror or err}); name a folder you can write to"
+            ) from None
+
     def _write_config(self) -> None:
         """Record the run's config; refuse to mix another teacher or student into an existing run."""
         path = self.out / "config.yaml"
         if path.is_file():
             old = yaml.safe_load(path.read_text()) or {}
-            new = self.cfg.to_dict()
+            new = yaml.safe_load(yaml.safe_dump(self.cfg.to_dict()))  # as read back: tuples are lists
             changed = [k for k in ("teacher", "arch", "student") if old.get(k) != new.get(k)]
             if changed:
                 raise ValueError(
@@ -255,8 +271,7 @@ class Conversion:
             if old != new:  # other settings this time (budgets, batch): keep the record of the last run
                 n = 1 + sum(1 for _ in self.out.glob("config.*.yaml"))
                 path.rename(self.out / f"config.{n}.yaml")
-        with open(path, "w") as f:
-            yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
+        write_text_atomic(path, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def summary(self) -> dict:
         steps = {}
@@ -273,24 +288,31 @@ class Conversion:
         }
 
     def export(self) -> None:
-        """Write the latest finished student as a HF folder in OUT, with the teacher's tokenizer."""
+        """Write the latest finished student as a HF folder in OUT, with the teacher's tokenizer.
+
+        radlads.json goes last, with the sha256 of every file written before it: a folder without it
+        holds an unfinished export (`radlads verify` says so), one with it can be checked."""
         last = self.latest_complete_before(len(STEPS))
         if last is None:
             return
         source = find_checkpoint(self.checkpoint(last))
+        (self.out / SUMMARY_FILE).unlink(missing_ok=True)
         for stale in self.out.glob("model*.safetensors*"):  # a previous export may have been split
             stale.unlink()
         weights = sorted(p.name for p in source.glob("model*.safetensors*"))  # shards + index when split
-        for name in ("config.json", "generation_config.json", *weights):
-            if (source / name).exists():
-                shutil.copy2(source / name, self.out / name)
-        self.tokenizer.save_pretrained(self.out)
+        written = [name for name in ("config.json", *weights) if (source / name).exists()]
+        for name in written:
+            copy_atomic(source / name, self.out / name)
+        written += [Path(p).name for p in self.tokenizer.save_pretrained(self.out)]
         try:
             GenerationConfig.from_pretrained(self.teacher_dir).save_pretrained(self.out)
-        except OSError:
-            pass  # the teacher has no generation_config.json; generate() falls back to config.json
-        with open(self.out / "radlads.json", "w") as f:
-            json.dump(self.summary(), f, indent=1)
+        except OSError:  # the teacher has none: keep the student's, which generate() reads
+            if (source / "generation_config.json").exists():
+                copy_atomic(source / "generation_config.json", self.out / "generation_config.json")
+        if (self.out / "generation_config.json").exists():
+            written.append("generation_config.json")
+        files = {name: sha256_of(self.out / name) for name in sorted(set(written))}
+        write_json_atomic(self.out / SUMMARY_FILE, {**self.summary(), "files": files})
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:

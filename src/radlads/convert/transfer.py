@@ -7,23 +7,27 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..models import RadladsConfig, RadladsForCausalLM, family_of
+from .inputs import check_finite, check_shapes
 
 
 def load_teacher(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None
 ) -> PreTrainedModel:
-    """A teacher HF folder (config.json + safetensors) as a frozen eval-mode model."""
+    """A teacher HF folder (config.json + safetensors) as a frozen eval-mode model, checked first
+    (see inputs.py)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved with "
             "save_pretrained, or a .gguf file through radlads.teachers.resolve_teacher"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    family_of(model.config.model_type)  # fail early, naming the supported families
+    family_of(AutoConfig.from_pretrained(path).model_type)  # fail early, naming the supported families
+    check_shapes(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    check_finite(model, path)
     model.requires_grad_(False).eval()
     return model.to(device) if device else model
 

@@ -4,7 +4,7 @@ from radlads.data.index import ShardIndex
 from radlads.data.loader import PackedLoader
 from radlads.data.shards import Source, prepare_shards
 from radlads.data.text import iter_documents
-from radlads.data.tokenizer import TokenizerMismatchError, check_tokenizer
+from radlads.data.tokenizer import TokenizerMismatchError, check_tokenizer, check_vocab_size
 
 __all__ = [
     "PackedLoader",
@@ -12,6 +12,7 @@ __all__ = [
     "Source",
     "TokenizerMismatchError",
     "check_tokenizer",
+    "check_vocab_size",
     "iter_documents",
     "prepare_shards",
 ]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from radlads.files import write_json_atomic
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -117,18 +118,4 @@ class ShardIndex:
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
-        write_json_atomic(self.directory / INDEX_NAME, self.to_dict())
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write via a temp file and os.replace, so readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_json_atomic(self.directory / INDEX_NAME, self.to_dict(), indent=2)

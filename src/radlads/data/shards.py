@@ -195,6 +195,8 @@ class SplitWriter:
 
     def commit(self) -> None:
         for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the index says they are complete
             f.close()
         directory = self.index.directory
         assert directory is not None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radlads.data import text_extract as tx
+from radlads.files import write_json_atomic
 
 # Characters per token of English prose under BPE vocabularies like SmolLM2's; only used when no
 # tokenizer is given to count exactly.
@@ -280,7 +281,7 @@ def build_corpus(
             documents = deduplicated(extract_documents(spec, package.root), seen)
             counts = write_jsonl(documents, out / f"{name}.jsonl", tokenizer)
             summary[name] = package_record(spec, package) | counts
-    write_json_atomically(out / "sources.json", summary)
+    write_json_atomic(out / "sources.json", summary, indent=2)
     return out
 
 
@@ -400,9 +401,3 @@ def previous_summary(out: Path) -> dict:
         for name, entry in json.loads(record.read_text()).items()
         if (out / f"{name}.jsonl").is_file()
     }
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.replace(path)

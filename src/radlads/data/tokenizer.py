@@ -50,3 +50,14 @@ def check_tokenizer(index: ShardIndex, tokenizer: TokenizerLike) -> None:
         f"(hash {tokenizer_hash(tok)[:12]}). Token ids would not match: re-run "
         "`radlads prepare-data` with the teacher's tokenizer."
     )
+
+
+def check_vocab_size(index: ShardIndex, model_vocab_size: int) -> None:
+    """Raise TokenizerMismatchError if the shards hold ids past the model's embedding rows."""
+    if index.vocab_size <= model_vocab_size:
+        return
+    raise TokenizerMismatchError(
+        f"the data shards in {index.directory} were tokenized with '{index.tokenizer_name}' "
+        f"({index.vocab_size} tokens), more than the teacher's {model_vocab_size} embeddings: "
+        "re-run `radlads prepare-data` with the teacher's tokenizer."
+    )

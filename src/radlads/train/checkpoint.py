@@ -26,7 +26,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..files import write_json_atomic
 from .distributed import Distributed
+from .no_pickle import SafePlanner, checked_reader
 
 TRAINER_FILE = "trainer.json"
 STATE_DIR = "dcp"  # the model + optimizer shards of a mid-step checkpoint
@@ -42,15 +44,34 @@ def _swapped_in(path: Path, ranks: Distributed) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ranks.barrier()
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if ranks.is_main:  # a full disk: give the space of the half-written checkpoint back
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     ranks.barrier()  # every rank's part is written
     if ranks.is_main:
         if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     ranks.barrier()  # nobody starts the next checkpoint (or reads this one) before the swap
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint folder, its trainer.json first: a removal cut short leaves no checkpoint."""
+    (checkpoint / TRAINER_FILE).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def tidy(path: Path) -> None:
+    """Remove what a kill mid-save left beside the checkpoint at `path`, once `path` itself holds one."""
+    path = Path(path)
+    if (path / TRAINER_FILE).is_file():
+        for leftover in (path.with_name(path.name + ".old"), path.with_name(path.name + ".tmp")):
+            _remove(leftover)
 
 
 @contextmanager
@@ -61,13 +82,6 @@ def _one_process_is_fine() -> Iterator[None]:
         yield
 
 
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_model(path: Path, model, trainer_state: dict, ranks: Distributed | None = None) -> None:
     """A finished step: the model as a Hugging Face folder, plus `trainer_state`."""
     ranks = ranks or Distributed()
@@ -75,7 +89,7 @@ def save_model(path: Path, model, trainer_state: dict, ranks: Distributed | None
     with _swapped_in(path, ranks) as tmp:
         if ranks.is_main:
             model.save_pretrained(tmp, state_dict=full)
-            _write_json(tmp / TRAINER_FILE, trainer_state)
+            write_json_atomic(tmp / TRAINER_FILE, trainer_state)
 
 
 def save_resumable(
@@ -92,7 +106,7 @@ def save_resumable(
             )
         if ranks.is_main:
             model.config.save_pretrained(tmp)  # so `radlads export` can rebuild the model alone
-            _write_json(tmp / TRAINER_FILE, trainer_state)
+            write_json_atomic(tmp / TRAINER_FILE, trainer_state)
 
 
 def is_resumable(path: Path) -> bool:
@@ -117,7 +131,12 @@ def load_resumable(path: Path, model: nn.Module, optimizer: torch.optim.Optimize
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     with _one_process_is_fine():
-        dcp.load(state, checkpoint_id=state_dir, no_dist=not dist.is_initialized())
+        dcp.load(
+            state,
+            storage_reader=checked_reader(state_dir),
+            planner=SafePlanner(),
+            no_dist=not dist.is_initialized(),
+        )
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -125,7 +144,12 @@ def load_model_state(path: Path, model: nn.Module) -> None:
     """Load only the model part of a mid-step checkpoint into an unsharded model, in one process."""
     state = {"model": model.state_dict()}
     with _one_process_is_fine():
-        dcp.load(state, checkpoint_id=_require_resumable(path), no_dist=True)
+        dcp.load(
+            state,
+            storage_reader=checked_reader(_require_resumable(path)),
+            planner=SafePlanner(),
+            no_dist=True,
+        )
     model.load_state_dict(state["model"])
 
 

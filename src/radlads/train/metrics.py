@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..files import write_text_atomic
+
 
 class MetricsLog:
     def __init__(self, out_dir: Path):
@@ -21,15 +23,19 @@ class MetricsLog:
         return self._writer
 
     def forget_after(self, step: int, tokens: int) -> None:
-        """On resume, drop what a killed run logged past its last checkpoint, so no point appears twice."""
+        """On resume, drop what a killed run logged past its last checkpoint, so no point appears
+        twice. A line the kill cut short is dropped too: it was logged past the checkpoint."""
         if not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and not (json.loads(line)["step"] == step and json.loads(line)["tokens"] > tokens)
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not (record["step"] == step and record["tokens"] > tokens):
+                kept.append(line + "\n")
+        write_text_atomic(self.path, "".join(kept))
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

@@ -39,6 +39,10 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+class CheckpointWriteError(RuntimeError):
+    pass
+
+
 def learning_rate(cfg: StepConfig, tokens: int) -> float:
     """Linear warm-up, then flat (lr_final None) or cosine from lr to lr_final over the budget."""
     if cfg.warmup_tokens and tokens < cfg.warmup_tokens:
@@ -296,14 +300,33 @@ class Trainer:
     def _save(self, state: dict) -> None:
         """A finished step as a Hugging Face folder, a mid-step checkpoint as sharded DCP state."""
         state = {**state, "step": self.objective.step, "loader": self.loader.state_dict()}
-        if state["complete"]:
-            save_model(self.checkpoint_dir, self.student, state, self.dist)
-        else:
-            save_resumable(self.checkpoint_dir, self.student, self.optimizer, state, self.dist)
+        try:
+            if state["complete"]:
+                save_model(self.checkpoint_dir, self.student, state, self.dist)
+            else:
+                save_resumable(self.checkpoint_dir, self.student, self.optimizer, state, self.dist)
+        except OSError as err:  # a full disk, a quota: the swap never happened, the old one stands
+            raise CheckpointWriteError(self._unwritten(state, err)) from None
+
+    def _unwritten(self, state: dict, err: OSError) -> str:
+        what = (
+            f"step {self.objective.step}: could not write its checkpoint at {state['tokens']} tokens ({err})"
+        )
+        found = find_checkpoint(self.checkpoint_dir)
+        if found is None:
+            return (
+                f"{what}; no earlier checkpoint of this step exists: free space and re-run to start it again"
+            )
+        return (
+            f"{what}; the last good checkpoint is intact in {found} ({read_trainer_state(found)['tokens']} "
+            "tokens): free space and re-run the same command to resume from it"
+        )
 
     def _resume(self) -> dict:
         found = find_checkpoint(self.checkpoint_dir)
-        if found is None:
+        if found is None:  # a fresh start: forget what a run killed before its first checkpoint logged
+            if self.dist.is_main:
+                self.metrics.forget_after(self.objective.step, 0)
             return {}
         state = read_trainer_state(found)
         t0 = time.perf_counter()

@@ -1,0 +1,205 @@
+"""Corrupt and hostile inputs: each ends in one line naming the problem and what to do (no
+traceback), before anything trains, and nothing already written is lost."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from radlads.cli.main import main
+from radlads.data import prepare_shards
+from radlads.train.checkpoint import find_checkpoint, is_resumable, read_trainer_state
+from tiny_models import make_teacher_folder, write_corpus
+from tokenizer_fixture import make_wordlevel_tokenizer
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad-input")
+    return make_teacher_folder(tmp), write_corpus(tmp / "corpus", documents=80)
+
+
+def convert(teacher, data, out, *extra) -> list[str]:
+    return [
+        "convert", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--step1-tokens", "512",
+        "--step2-tokens", "0", "--seq-len", "64", "--batch-size", "2", "--device", "cpu", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def refused(capsys, argv: list[str], *expected: str) -> str:
+    """Run the CLI; it must fail with one error line holding every `expected` piece."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith(f"radlads {argv[0]}: error:")]
+    assert len(errors) == 1, err
+    for piece in expected:
+        assert piece in errors[0], errors[0]
+    return errors[0]
+
+
+def teacher_copy(teacher, tmp_path, name="teacher"):
+    return shutil.copytree(teacher, tmp_path / name)
+
+
+@pytest.mark.parametrize("keep", [20, 1000, 0.5])
+def test_truncated_or_garbage_gguf(tmp_path, capsys, keep):
+    pytest.importorskip("gguf")
+    from tiny_gguf import tiny_llama, tiny_vocab, write_gguf
+
+    good = tmp_path / "good.gguf"
+    write_gguf(tiny_llama(len(tiny_vocab()[0])), good)
+    data = good.read_bytes()
+    bad = tmp_path / "bad" / "teacher.gguf"
+    bad.parent.mkdir()
+    bad.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    refused(capsys, convert(bad, tmp_path, tmp_path / "out"), "not a readable GGUF file", "download it again")
+    bad.write_bytes(b"not a model " * 100)
+    refused(capsys, convert(bad, tmp_path, tmp_path / "out"), "not a readable GGUF file")
+    assert sorted(p.name for p in bad.parent.iterdir()) == ["teacher.gguf"]  # no import left behind
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_truncated_or_garbage_safetensors(inputs, tmp_path, capsys, damage):
+    teacher = teacher_copy(inputs[0], tmp_path)
+    weights = teacher / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 4096)
+    refused(
+        capsys,
+        convert(teacher, inputs[1], tmp_path / "out"),
+        "model.safetensors is not a readable safetensors",
+    )
+
+
+def test_pickle_weights_are_not_loaded(inputs, tmp_path, capsys):
+    teacher = teacher_copy(inputs[0], tmp_path)
+    torch.save(load_file(teacher / "model.safetensors"), teacher / "pytorch_model.bin")
+    (teacher / "model.safetensors").unlink()
+    refused(
+        capsys, convert(teacher, inputs[1], tmp_path / "out"), "no .safetensors weights", "pytorch_model.bin"
+    )
+
+
+def test_config_that_lies_about_shapes(inputs, tmp_path, capsys):
+    teacher = teacher_copy(inputs[0], tmp_path)
+    config = json.loads((teacher / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (teacher / "config.json").write_text(json.dumps(config))
+    refused(
+        capsys,
+        convert(teacher, inputs[1], tmp_path / "out"),
+        "config.json does not describe its weights",
+        "mlp",
+    )
+
+
+def test_teacher_without_tokenizer(inputs, tmp_path, capsys):
+    teacher = teacher_copy(inputs[0], tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (teacher / name).unlink()
+    refused(
+        capsys,
+        convert(teacher, inputs[1], tmp_path / "out"),
+        "holds no tokenizer",
+        "copy the teacher's tokenizer",
+    )
+
+
+@pytest.mark.parametrize(
+    "vocab,expected", [(100, "Token ids would not match"), (2000, "more than the teacher's")]
+)
+def test_shards_of_another_tokenizer(inputs, tmp_path, capsys, vocab, expected):
+    teacher, corpus = inputs
+    shards = tmp_path / "shards"
+    prepare_shards(corpus, make_wordlevel_tokenizer(tmp_path, vocab), shards, progress=False)
+    refused(capsys, convert(teacher, shards, tmp_path / "out"), expected, "radlads prepare-data")
+
+
+def test_out_that_is_a_file_or_not_writable(inputs, tmp_path, capsys, monkeypatch):
+    teacher, corpus = inputs
+    (tmp_path / "afile").write_text("mine")
+    refused(capsys, convert(teacher, corpus, tmp_path / "afile"), "is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "mine"
+    refused(capsys, convert(teacher, corpus, tmp_path / "afile" / "sub"), "cannot write to --out")
+
+    def no_write(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", no_write)
+    refused(
+        capsys, convert(teacher, corpus, tmp_path / "locked"), "cannot write to --out", "Permission denied"
+    )
+
+
+def test_nan_in_the_teacher_is_found_before_training(inputs, tmp_path, capsys):
+    teacher = teacher_copy(inputs[0], tmp_path)
+    weights = load_file(teacher / "model.safetensors")
+    name = next(n for n in weights if "mlp.up_proj" in n)
+    weights[name][0, 0] = float("inf")
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    refused(capsys, convert(teacher, inputs[1], out), "NaN or inf", name)
+    assert not (out / "checkpoints").exists()
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(inputs, tmp_path, capsys, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    teacher, corpus = inputs
+    real_save, calls = dcp.save, []
+
+    def save_until_the_disk_fills(state, checkpoint_id, **kwargs):
+        calls.append(checkpoint_id)
+        if len(calls) == 1:
+            return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+        (checkpoint_id / "__0_0.distcp").parent.mkdir(parents=True, exist_ok=True)
+        (checkpoint_id / "__0_0.distcp").write_bytes(b"\0" * 100)  # what fitted
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", save_until_the_disk_fills)
+    out = tmp_path / "out"
+    argv = convert(teacher, corpus, out, "--checkpoint-every", "128", "--step1-tokens", "384")
+    refused(capsys, argv, "No space left on device", "last good checkpoint is intact", "(128 tokens)")
+    step1 = out / "checkpoints" / "step1"
+    assert find_checkpoint(step1) == step1 and is_resumable(step1)
+    assert read_trainer_state(step1)["tokens"] == 128
+    assert not (out / "checkpoints" / "step1.tmp").exists()  # the space of the half one is given back
+    monkeypatch.undo()
+    assert main(argv) == 0  # and the run resumes from it
+    assert read_trainer_state(step1)["complete"]
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_index_that_would_run_code_is_refused(tmp_path, capsys):
+    import pickle
+
+    from radlads.convert.transfer import transfer
+    from radlads.train.checkpoint import save_resumable
+    from radlads.train.distributed import Distributed
+    from tiny_models import make_teacher
+
+    student = transfer(make_teacher("qwen2", num_hidden_layers=1), "rad-rwkv7")
+    optimizer = torch.optim.AdamW(student.parameters())
+    checkpoint = tmp_path / "step1"
+    save_resumable(checkpoint, student, optimizer, {"tokens": 1, "complete": False}, Distributed())
+    export = ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "exported")]
+    assert main(export) == 0  # the index DCP wrote loads
+    marker = tmp_path / "ran"
+    (checkpoint / "dcp" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    refused(capsys, export, "system, which no radlads checkpoint holds")
+    assert not marker.exists()
