@@ -11,6 +11,7 @@ import gc
 import importlib.util
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -72,12 +73,14 @@ class Conversion:
     def teacher_dir(self) -> Path:
         from ..teachers import resolve_teacher
 
-        return resolve_teacher(self.cfg.teacher)
+        return resolve_teacher(self.cfg.teacher, random_weights=self.cfg.random_teacher_weights)
 
     @property
     def teacher(self):
         if self._teacher is None:
-            self._teacher = load_teacher(self.teacher_dir, dtype=self.dtype, device=self.device)
+            self._teacher = load_teacher(
+                self.teacher_dir, self.dtype, self.device, self.cfg.random_teacher_weights, self.cfg.seed
+            )
         return self._teacher
 
     @property
@@ -281,9 +284,11 @@ class Conversion:
         for stale in self.out.glob("model*.safetensors*"):  # a previous export may have been split
             stale.unlink()
         weights = sorted(p.name for p in source.glob("model*.safetensors*"))  # shards + index when split
-        for name in ("config.json", "generation_config.json", *weights):
+        for name in ("config.json", "generation_config.json"):
             if (source / name).exists():
                 shutil.copy2(source / name, self.out / name)
+        for name in weights:
+            _link_or_copy(source / name, self.out / name)
         self.tokenizer.save_pretrained(self.out)
         try:
             GenerationConfig.from_pretrained(self.teacher_dir).save_pretrained(self.out)
@@ -291,6 +296,16 @@ class Conversion:
             pass  # the teacher has no generation_config.json; generate() falls back to config.json
         with open(self.out / "radlads.json", "w") as f:
             json.dump(self.summary(), f, indent=1)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows one: a 7B student's weights are ~33 GB, which a
+    copy would take again in disk and minutes. The checkpoint is replaced, never written in place,
+    so the link keeps the exported version."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:

@@ -7,22 +7,34 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..models import RadladsConfig, RadladsForCausalLM, family_of
 
 
 def load_teacher(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
 ) -> PreTrainedModel:
-    """A teacher HF folder (config.json + safetensors) as a frozen eval-mode model."""
+    """A teacher HF folder (config.json + safetensors) as a frozen eval-mode model. With
+    `random_weights`, built from config.json alone with the family's random init (from `seed`,
+    the same teacher in every process), directly on `device`: a 7B takes seconds on a GPU, where
+    a CPU init and copy would take minutes and the host's memory."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved with "
             "save_pretrained, or a .gguf file through radlads.teachers.resolve_teacher"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if random_weights:
+        torch.manual_seed(seed)
+        with torch.device(device or "cpu"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     family_of(model.config.model_type)  # fail early, naming the supported families
     model.requires_grad_(False).eval()
     return model.to(device) if device else model
