@@ -87,14 +87,34 @@ def test_plan_recommends_for_one_gpu_what_convert_would_choose(tmp_path, monkeyp
     one_gpu = {int(r[0]): [c.strip() for c in r] for r in rows if r[0].strip() in "123" and len(r) == 6}
     assert sorted(one_gpu) == [1, 2, 3]
     assert one_gpu[2][1:4] == ["8 x 256", "adamw-bf16-state", "no"]
-    # convert, given the same micro-batch and checkpointing on a GPU of that size, takes the same optimizer
+    # convert, given the same micro-batch and checkpointing on a GPU of that size, takes the same
+    # optimizer (with torchao installed: without it, "auto" takes adamw alone)
     monkeypatch.setattr(batching, "available_bytes", lambda device: gpu_gb * GB)
+    monkeypatch.setattr(batching, "installed", lambda: OPTIMIZERS)
     for step, row in one_gpu.items():
         seq_len = 256 if step < 3 else 16384
         cfg = StepConfig(tokens=0, lr=0.0, seq_len=seq_len, batch_size=int(row[1].split(" x ")[0]))
         options = dict(activation_checkpointing=row[3] == "yes")
         sized, _ = batching.size_step(cfg, step, CUDA, 1, tmp_path, "rad-rwkv7", **options)
         assert sized.optimizer == row[2], (step, row)
+
+
+def test_auto_takes_only_installed_optimizers_and_says_what_would_fit(tmp_path, monkeypatch):
+    """Without torchao, "auto" keeps to torch's AdamW; where that fits nothing, the error names
+    torchao's smaller states."""
+    Qwen2Config(**{**TINY, "hidden_size": 1024, "intermediate_size": 4096}).save_pretrained(tmp_path)
+    step2 = StepConfig(tokens=0, lr=0.0, seq_len=256, global_batch_size=8)
+    peak = {
+        n: batching.peak_estimator(tmp_path, "rad-rwkv7", 2, step2, 1, optimizer=n)(1) for n in OPTIMIZERS
+    }
+    gpu = (peak["adamw"] + peak["adamw-8bit"]) / 2 / batching.USABLE_FRACTION  # 8-bit fits, adamw not
+    monkeypatch.setattr(batching, "available_bytes", lambda device: gpu)
+    monkeypatch.setattr(batching, "installed", lambda: OPTIMIZERS)
+    sized, _ = batching.size_step(step2, 2, CUDA, 1, tmp_path, "rad-rwkv7")
+    assert sized.optimizer != "adamw"
+    monkeypatch.setattr(batching, "installed", lambda: ("adamw",))
+    with pytest.raises(ValueError, match=r"radlads\[torchao\]"):
+        batching.size_step(step2, 2, CUDA, 1, tmp_path, "rad-rwkv7")
 
 
 def _loss_curve(optimizer: str, updates: int) -> tuple[list[float], Trainer]:

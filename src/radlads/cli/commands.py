@@ -275,6 +275,7 @@ def one_gpu_table(args: argparse.Namespace, options: dict) -> str:
     from ..convert.batching import USABLE_FRACTION, one_gpu_settings
     from ..convert.plan import GB
     from ..train.config import StepConfig
+    from ..train.optimizers import installed
 
     lines = [
         "",
@@ -283,6 +284,7 @@ def one_gpu_table(args: argparse.Namespace, options: dict) -> str:
         "| step | micro-batch | optimizer | act. ckpt | estimated peak GB | fits |",
         "|---|---|---|---|---:|---|",
     ]
+    missing = set()
     for step, seq_len, batch in (
         (1, args.seq_len, args.batch_size),
         (2, args.seq_len, args.batch_size),
@@ -296,4 +298,7 @@ def one_gpu_table(args: argparse.Namespace, options: dict) -> str:
             f"| {step} | {batch} x {seq_len} | {choice.optimizer} | {'yes' if ckpt else 'no'} | "
             f"{choice.estimated_peak_gb:.1f} | {'yes' if choice.fits else 'no: more GPUs (--nproc)'} |"
         )
+        missing |= {choice.optimizer} - set(installed())
+    if missing:
+        lines += ["", f"radlads[torchao] (not installed here) provides {', '.join(sorted(missing))}."]
     return "\n".join(lines)

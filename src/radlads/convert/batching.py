@@ -8,9 +8,10 @@ the device's memory. Where the estimate is off,
 the trainer halves the micro-batch on an out-of-memory error and runs the same update again.
 
 The optimizer, where the step asks for "auto", is chosen with it: the most precise of
-radlads.train.optimizers.OPTIMIZERS under which a micro-batch of at least MIN_MICRO_TOKENS tokens
-fits (AdamW's fp32 moments take 8 of a 7B student's 16 bytes per parameter; bf16 or 8-bit moments
-leave room for activations where fp32 ones would not).
+radlads.train.optimizers.OPTIMIZERS (torchao's only where it is installed) under which a
+micro-batch of at least MIN_MICRO_TOKENS tokens fits (AdamW's fp32 moments take 8 of a 7B
+student's 16 bytes per parameter; bf16 or 8-bit moments leave room for activations where fp32
+ones would not).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..train.config import StepConfig
-from ..train.optimizers import DEFAULT, OPTIMIZERS
+from ..train.optimizers import DEFAULT, OPTIMIZERS, installed
 from .plan import GB, plan
 
 log = logging.getLogger("radlads")
@@ -169,7 +170,8 @@ def one_gpu_settings(
 ) -> tuple[bool, BatchChoice]:
     """What `step` should run with on one GPU of `gpu_bytes` at cfg's micro-batch: activation
     checkpointing only where no optimizer fits without it (step 1 never checkpoints), and the
-    optimizer that "auto" then takes. The choice's `fits` says whether even that is estimated to fit."""
+    optimizer that "auto" then takes with radlads[torchao] installed. The choice's `fits` says
+    whether even that is estimated to fit."""
     for checkpointing in (False, True) if step > 1 else (False,):
         peaks = {
             name: peak_estimator(
@@ -202,16 +204,24 @@ def size_step(
     if cfg.batch_size is not None and not (on_gpu and auto):
         return cfg, None
     if on_gpu:
-        names = OPTIMIZERS if auto else (cfg.optimizer,)
+        names = installed() if auto else (cfg.optimizer,)
         peaks = {
             name: peak_estimator(teacher_dir, arch, step, cfg, world_size, optimizer=name, **plan_options)
             for name in names
         }
         given = cfg.batch_size is not None
         global_batch = cfg.batch_size * cfg.grad_accum * world_size if given else cfg.global_batch_size
-        choice = choose_optimizer(
-            global_batch, world_size, peaks, available_bytes(device), cfg.seq_len, cfg.batch_size
-        )
+        try:
+            choice = choose_optimizer(
+                global_batch, world_size, peaks, available_bytes(device), cfg.seq_len, cfg.batch_size
+            )
+        except ValueError as err:
+            if auto and len(names) < len(OPTIMIZERS):
+                raise ValueError(
+                    f"{err}; or install radlads[torchao], whose smaller optimizer states (--optimizer) "
+                    "leave more room for activations"
+                ) from err
+            raise
     else:
         choice = choose(cfg.global_batch_size, world_size, None, None, cfg.optimizer)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:

@@ -12,6 +12,7 @@ torchao (`pip install 'radlads[torchao]'`) compiles its update per parameter sha
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,6 +36,12 @@ def check_optimizer(name: str) -> str:
     if name != "auto" and name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose auto or one of {', '.join(OPTIMIZERS)}")
     return name
+
+
+def installed() -> tuple[str, ...]:
+    """The optimizers this environment can build, most precise first: torchao's only where it is
+    installed ("auto" never chooses one that would fail to build)."""
+    return OPTIMIZERS if importlib.util.find_spec("torchao") is not None else (DEFAULT,)
 
 
 def resolve_optimizer(name: str) -> str:

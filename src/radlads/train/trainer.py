@@ -22,6 +22,7 @@ from .checkpoint import find_checkpoint, load_resumable, read_trainer_state, sav
 from .config import StepConfig
 from .distributed import Distributed
 from .metrics import MetricsLog
+from .optimizers import DEFAULT as DEFAULT_OPTIMIZER
 from .optimizers import build_optimizer, resolve_optimizer
 
 logger = logging.getLogger(__name__)
@@ -299,7 +300,8 @@ class Trainer:
 
     def _save(self, state: dict) -> None:
         """A finished step as a Hugging Face folder, a mid-step checkpoint as sharded DCP state."""
-        state = {**state, "step": self.objective.step, "loader": self.loader.state_dict()}
+        state = {**state, "step": self.objective.step, "optimizer": self.optimizer_name}
+        state["loader"] = self.loader.state_dict()
         if state["complete"]:
             save_model(self.checkpoint_dir, self.student, state, self.dist)
         else:
@@ -310,6 +312,13 @@ class Trainer:
         if found is None:
             return {}
         state = read_trainer_state(found)
+        written = state.get("optimizer", DEFAULT_OPTIMIZER)  # checkpoints from before the choice
+        if written != self.optimizer_name:  # one optimizer's state does not load into another's
+            raise ValueError(
+                f"{found} holds the state of optimizer {written}, but this run chose "
+                f"{self.optimizer_name}: pass --optimizer {written} to resume it, or delete "
+                f"{self.checkpoint_dir} to start step {self.objective.step} over"
+            )
         t0 = time.perf_counter()
         load_resumable(found, self.student, self.optimizer)
         self.loader.load_state_dict(state["loader"])
