@@ -146,7 +146,7 @@ def environment() -> dict[str, Any]:
         ).stdout.strip()
     except Exception:
         info["git_commit"] = None
-    # A copied working tree (the lent GPU's) can carry an older .git than the code that ran: this
+    # A copied working tree (on a remote GPU host) can carry an older .git than the code that ran: this
     # names the code itself. `python bench/common.py` prints it for the tree at hand.
     info["source_sha256"] = source_digest()
     return info

@@ -4,12 +4,12 @@
 # on the path.  Usage: `source scripts/device_env.sh` (carry .wheels).
 # Triton's and TorchInductor's caches live under /tmp/gpu-cache. `save_gpu_cache` packs Triton's
 # autotuning results (small JSON files; the compiled kernels, ~200 MB after a training benchmark,
-# are too big to bring back) into $OUT/gpu-cache.tgz. Copy that file to .gpu-cache/ here and carry
-# .gpu-cache in the next call: it is unpacked first, and fla's kernels compile only the configs
+# are too big to bring back) into $OUT/gpu-cache.tgz. Copy that file to .gpu-cache/ here and send
+# .gpu-cache with the next job: it is unpacked first, and fla's kernels compile only the configs
 # that won instead of benchmarking every one again.
-# More wheels, installed the same way: .wheels-extra/ (carried) and /root/stash (relayed there by
-# scripts/relay.sh, for wheels too big to carry), e.g. fla's TileLang backend: tilelang (~50 MB,
-# relayed), z3-solver, apache-tvm-ffi and torch-c-dlpack-ext (carried); the machine has nvcc.
+# More wheels, installed the same way: .wheels-extra/ (copied) and /root/stash (relayed there by
+# scripts/relay.sh, for wheels over the host's file-size limit), e.g. fla's TileLang backend:
+# tilelang (~50 MB, relayed), z3-solver, apache-tvm-ffi and torch-c-dlpack-ext; the host has nvcc.
 extra=$(ls .wheels-extra/*.whl /root/stash/*.whl 2> /dev/null || true)
 if [ ! -f /tmp/site/.installed ]; then
   # shellcheck disable=SC2086  # one word per wheel

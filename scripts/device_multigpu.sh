@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Multi-GPU `radlads convert` (FSDP2, sharded DCP checkpoints) on the lent 2-GPU machine, in ONE
-# device call: run from the repo root with .wheels carried (docs/benchmarks.md, "Multi-GPU (FSDP2)").
+# Multi-GPU `radlads convert` (FSDP2, sharded DCP checkpoints) on a remote host with 2 GPUs, in one
+# job within a job-size limit: run from the repo root with .wheels copied (docs/benchmarks.md,
+# "Multi-GPU (FSDP2)").
 #   bash scripts/device_multigpu.sh
 # Steps 1 and 2 of a random Qwen2.5-0.5B-shaped teacher on random tokens through the user's
 # commands: 1 GPU (`python3 -m radlads convert`), 2 GPUs at the same per-GPU batch (`torchrun
@@ -15,7 +16,7 @@ if [ -d .wheels ]; then
 else  # a CPU smoke run: the installed packages
   export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 fi
-# Never NVLink multicast (NVLS) on the lent machines.
+# NVLink multicast (NVLS) off: not every host supports it.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Keep Triton's autotuning results on disk, so the later runs do not benchmark again (Triton >= 3.3).
 export TRITON_CACHE_AUTOTUNING=1

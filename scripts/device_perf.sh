@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The single-GPU checks and measurements of the performance work, in ONE device call (carry .wheels,
-# and .gpu-cache if an earlier call saved one; docs/benchmarks.md says what each number means):
+# The single-GPU checks and measurements of the performance work, in one job on a remote GPU host
+# (copy .wheels, and .gpu-cache if an earlier job saved one; docs/benchmarks.md says what each
+# number means):
 #   bash scripts/device_perf.sh
-# Stages, each cut to what is left of BUDGET_S (default 560 s, for a 600 s call):
+# Stages, each cut to what is left of BUDGET_S (default 560 s, for a 600 s job-size limit):
 #   gpu-tests  the GPU parity tests of what users run: fla's bf16 kernels (RWKV-7 with RAD-RWKV7's
 #              decay floor) against the per-token loop, their gradients, CUDA-graph decoding
 #   training   bench/training.py, Qwen2.5-0.5B shape, steps 1-3: radlads and baseline, GPU time
@@ -11,8 +12,8 @@
 #   kernels    bench/recurrence_kernels.py (fla chunk with and without the floor, fused, reference)
 # Writes $OUT/training.json, $OUT/traces.tar (the trace-*.json.gz), $OUT/recurrence_kernels.json,
 # $OUT/logs/*.log, $OUT/stages.txt and $OUT/gpu-cache.tgz (Triton's autotuning results, for the next
-# call): 8 files at most, as many as a device call brings back.
-# With .ab/ carried (an earlier commit's src/ and bench/, written by `bash scripts/ab_base.sh REV`),
+# job): 8 files at most, for hosts that return only a few files per job.
+# With .ab/ copied (an earlier commit's src/ and bench/, written by `bash scripts/ab_base.sh REV`),
 # the training stage runs that tree first (stage training-base, $OUT/base/training.json), then this
 # one, each on half the time: the same arguments on the same machine, for ratios between trees
 # (so TRAINING_ARGS may only use flags both trees' bench/training.py know).

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Move a file larger than the device call's 64 MiB limit to the GPU machine in <= 50 MB parts.
+# Move a file larger than a remote GPU host's 64 MiB upload limit to it in <= 50 MB parts.
 #
 # Here:    scripts/relay.sh stage FILE N   # put part N of FILE (0-based) into .relay/ (git-ignored)
-# There:   scripts/relay.sh stash          # (device run, carry .relay) copy staged parts to /root/stash
+# There:   scripts/relay.sh stash          # (on the host, .relay copied) copy staged parts to /root/stash
 # There:   scripts/relay.sh assemble NAME SHA256 [DEST]   # concatenate parts, check the hash
 #
-# Stage part 0, run `stash`, stage part 1, run `stash` (+ `assemble`) at once: the machine stays
-# warm only ~30 s after a call, and a fresh machine has an empty /root/stash.
+# Stage part 0, run `stash`, stage part 1, run `stash` (+ `assemble`) in quick succession: a host
+# released between jobs comes back with an empty /root/stash.
 set -euo pipefail
 PART_BYTES=${PART_BYTES:-50000000}
 STASH=${STASH:-/root/stash}

@@ -1,4 +1,4 @@
-# Sourced by the device scripts. `stage NAME SECONDS CMD...` runs CMD with a time limit, cut to
+# Sourced by the GPU-host scripts. `stage NAME SECONDS CMD...` runs CMD with a time limit, cut to
 # what is left before $DEADLINE (in bash's $SECONDS), output to $OUT/logs/NAME.log; it records how
 # the stage ended in $STAGES and returns 0, so later stages and the summary still run. Stages
 # named in $SKIP (space-separated) are not run.

@@ -79,7 +79,9 @@ def _trainer(micro_batch: int) -> Trainer:
     torch.manual_seed(0)
     student = transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7").train()
     cfg = dataclasses.replace(ConvertConfig().step3, seq_len=16, batch_size=micro_batch, lr=1e-2)
-    return Trainer(ContextExtension(), student, cfg, None, [], None, None, torch.device("cpu"), progress=False)
+    return Trainer(
+        ContextExtension(), student, cfg, None, [], None, None, torch.device("cpu"), progress=False
+    )
 
 
 def test_an_update_out_of_memory_runs_again_with_smaller_micro_batches():
@@ -134,6 +136,12 @@ def test_small_teachers_get_the_recipe_and_a_fitted_micro_batch_by_default(tmp_p
     # flags win over the preset; --batch-size fixes the micro-batch of steps 1-2
     cfg = _config([*base, "--seq-len", "256", "--batch-size", "4", "--step2-lr", "3e-4"])
     assert (cfg.step2.seq_len, cfg.step2.batch_size, cfg.step2.lr) == (256, 4, 3e-4)
+    cfg = _config([*base, "--global-batch-size", "64"])
+    assert (cfg.step1.global_batch_size, cfg.step2.global_batch_size, cfg.step3.global_batch_size) == (
+        64,
+        64,
+        8,
+    )
     # a YAML config is taken as it is: no preset unless one is named
     (tmp_path / "run.yaml").write_text("step2: {seq_len: 1024, lr: 2.0e-5}\n")
     cfg = _config([*base, "--config", str(tmp_path / "run.yaml")])

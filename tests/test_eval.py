@@ -17,6 +17,7 @@ from radlads.eval import (
     SAMPLES_DIR,
     TASKS,
     ModelResults,
+    average_zero_shot,
     bench_generate,
     encode_pair,
     evaluate_passkey,
@@ -271,7 +272,7 @@ def test_end_to_end_report(teacher, student, tokenizer, tmp_path):
             for i in range(2)
         ]
         ppl = evaluate_perplexity(model, windows, progress=False)
-        results[name] = ModelResults(name, tasks=tasks, perplexity=ppl)
+        results[name] = ModelResults(name, tasks=tasks, task_dir=str(SAMPLES_DIR), perplexity=ppl)
     assert set(results["student"].tasks) == set(TASKS)
     for task, scores in results["teacher"].tasks.items():
         assert set(scores) == set(TASKS[task].metrics)
@@ -291,12 +292,26 @@ def test_end_to_end_report(teacher, student, tokenizer, tmp_path):
         for metric in scores:
             assert f"| {task}/{metric} |" in text
     assert "| perplexity/ppl | lower ↓ |" in text
-    assert "Average zero-shot ratio" in text
+    assert "bundled synthetic samples" in text and "Average zero-shot ratio" not in text
     for png in ("task_scores.png", "position_loss.png", "loss_curves.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
         assert f"]({png})" in text
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(saved["teacher"]["perplexity"]["loss_by_position"]) == 63
+
+
+def test_average_ratio_only_from_task_files_the_user_gave(tmp_path):
+    scores = {"student": {"piqa": {"acc": 0.6}}, "teacher": {"piqa": {"acc": 0.8}}}
+
+    def report(task_dir):
+        s, t = (ModelResults(n, tasks=scores[n], task_dir=task_dir) for n in ("student", "teacher"))
+        assert (average_zero_shot(s, t) is None) == (task_dir == str(SAMPLES_DIR))
+        return write_report(tmp_path / str(hash(task_dir)), s, t).read_text()
+
+    assert "**Average zero-shot ratio (student/teacher): 0.7500**" in report(str(tmp_path))
+    assert "Average zero-shot ratio" not in report(str(SAMPLES_DIR))
+    none = write_report(tmp_path / "none", ModelResults("s"), ModelResults("t")).read_text()
+    assert "No zero-shot task files were given" in none and "piqa" not in none
 
 
 def test_report_without_teacher(tmp_path):

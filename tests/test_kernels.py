@@ -73,6 +73,17 @@ def test_chunked_gradients_match_loop(delta_rule):
         assert rel_err(g_chunk, g_loop) < 1e-4
 
 
+@pytest.mark.parametrize("log_w", [-0.6, -40.0])
+def test_chunked_products_stay_finite_for_any_decay(log_w):
+    """RAD-RWKV7's decays take the factored (matmul) products; decays too strong for fp32 factors
+    (RWKV-6's can be) take the masked pairwise form and stay exact."""
+    args, _ = random_inputs(1, 70, 2, 8, 8, False, seed=6)
+    args[1] = torch.full_like(args[1], log_w)
+    y_ref, h_ref = recurrent_loop(*args, output_final_state=True)
+    y, h = recurrent_chunked(*args, output_final_state=True, chunk_size=64)
+    assert rel_err(y, y_ref) < 1e-4 and rel_err(h, h_ref) < 1e-4
+
+
 @pytest.mark.parametrize("delta_rule", [False, True])
 def test_split_prefill_and_decode_match_one_pass(delta_rule):
     """Chunked prefill of a prefix, then token-by-token from the carried state == one pass."""
@@ -173,7 +184,7 @@ def ieee_fp32(dtype, monkeypatch) -> None:
         monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
 
 
-# Few shapes: every new shape costs Triton compilations (minutes on the lent GPU).
+# Few shapes: every new shape costs Triton compilations (minutes on a fresh GPU host).
 SHAPES = [(2, 200, 3, 64), (1, 33, 2, 32)]
 
 

@@ -14,7 +14,6 @@ from ..data import prepare_shards
 from ..data.sources import build_corpus
 from ..eval import speed
 from ..eval.suite import EvalSettings, evaluate_conversion, load_model
-from ..eval.tasks import SAMPLES_DIR
 from ..teachers import resolve_teacher
 from ..train.config import ConvertConfig
 
@@ -155,7 +154,7 @@ def _eval_settings(args: argparse.Namespace, default_heldout: Path) -> EvalSetti
         heldout=args.data or (str(default_heldout) if (default_heldout / "index.json").is_file() else None),
         seq_len=args.seq_len,
         max_windows=args.max_windows,
-        task_dir=args.tasks_dir or str(SAMPLES_DIR),
+        task_dir=args.tasks_dir,
         tasks=args.tasks,
         limit=args.limit,
         passkey_lengths=args.passkey,
@@ -199,51 +198,10 @@ def bench_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_CORPUS = Path(__file__).resolve().parent.parent / "data" / "samples" / "demo-corpus.jsonl.xz"
-# Budgets: a few minutes on 2 CPU cores; on a GPU, enough for a meaningful (if small) conversion.
-DEMO_BUDGETS = {
-    "cpu": dict(
-        step1=dict(tokens="16k", lr=3e-3, seq_len=256, batch_size=2, heldout_batches=2),
-        step2=dict(tokens="8k", lr=1e-4, seq_len=256, batch_size=2, heldout_batches=2),
-    ),
-    "cuda": dict(
-        step1=dict(tokens="20M", seq_len=512, batch_size=32),
-        step2=dict(tokens="20M", lr=1e-4, seq_len=512, batch_size=16),
-    ),
-}
-
-
 def demo(args: argparse.Namespace) -> int:
-    from ..teachers import default_teacher_gguf
+    from .demo import run_demo
 
-    device = resolve_device(args.device)
-    teacher = resolve_teacher(default_teacher_gguf())
-    cfg = ConvertConfig.from_dict(
-        dict(
-            teacher=str(teacher),
-            data=str(DEMO_CORPUS),
-            out=str(args.out),
-            arch=args.arch,
-            device=str(device),
-            step3=dict(tokens=0),
-            held_out_fraction=0.05,
-            **DEMO_BUDGETS[device.type],
-        )
-    )
-    convert(cfg, (0, 1, 2), progress=not args.quiet)
-    on_gpu = device.type == "cuda"
-    settings = EvalSettings(
-        heldout=str(args.out / "data"),
-        seq_len=1024 if on_gpu else 256,
-        max_windows=64 if on_gpu else 4,
-        limit=None,
-    )
-    report = evaluate_conversion(
-        args.out, teacher, args.out / "eval", settings, device, progress=not args.quiet
-    )
-    print(report.read_text())
-    print(f"report written to {report}")
-    return 0
+    return run_demo(args.out, args.arch, resolve_device(args.device), progress=not args.quiet)
 
 
 def plan(args: argparse.Namespace) -> int:

@@ -37,8 +37,17 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--step{k}-lr", type=float, help=f"peak learning rate of step {k}")
     p.add_argument("--seq-len", type=int, help="sequence length of steps 1 and 2")
     p.add_argument("--step3-seq-len", type=int, help="sequence length of step 3 (default 16384)")
-    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (steps 1 and 2)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer update (steps 1 and 2)")
+    p.add_argument(
+        "--global-batch-size",
+        type=int,
+        help="sequences per optimizer update (steps 1 and 2); the micro-batch is fitted to the GPU",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="sequences per micro-batch (steps 1 and 2), instead of the largest that fits the GPU",
+    )
+    p.add_argument("--grad-accum", type=int, help="with --batch-size: micro-batches per optimizer update")
     p.add_argument("--checkpoint-every", type=parse_tokens, help="tokens between checkpoints")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int)
@@ -116,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="student folder (a radlads convert --out)")
     p.add_argument("--teacher", help="teacher folder or .gguf (omit to score the student alone)")
     p.add_argument("--data", help="held-out text or shard folder (default: the run's own held-out split)")
-    p.add_argument("--tasks-dir", help="folder of <task>.jsonl files (default: the bundled smoke samples)")
+    p.add_argument(
+        "--tasks-dir",
+        help="folder of <task>.jsonl files in lm-evaluation-harness' shapes (default: no zero-shot tasks)",
+    )
     p.add_argument("--tasks", type=lambda s: s.split(","), help="comma-separated subset of tasks")
     p.add_argument("--limit", type=int, help="at most this many documents per task")
     p.add_argument("--seq-len", type=int, default=1024, help="perplexity window length")
@@ -224,6 +236,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
             "lr": getattr(args, f"step{k}_lr"),
             "checkpoint_every": args.checkpoint_every,
             "seq_len": args.seq_len if k < 3 else args.step3_seq_len,
+            "global_batch_size": args.global_batch_size if k < 3 else None,
             "batch_size": args.batch_size if k < 3 else None,
             "grad_accum": args.grad_accum if k < 3 else None,
             "optimizer": args.optimizer,

@@ -1,7 +1,7 @@
 """The conversion report: how much of the teacher did the student keep?
 
 Writes report.md (a student / teacher / ratio table for every metric, and the average zero-shot
-ratio that the RADLADS paper headlines), results.json, and PNG plots.
+ratio that the RADLADS paper headlines, from task files the user gave), results.json, and PNG plots.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from .passkey import PasskeyResult
 from .perplexity import PerplexityResult
-from .tasks import TASKS
+from .tasks import TASKS, is_bundled_samples
 
 LOWER_IS_BETTER = {"perplexity", "ppl", "nll", "peak_memory_mb"}
 STEP_TITLES = {
@@ -35,6 +35,7 @@ class ModelResults:
 
     name: str
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    task_dir: str | None = None  # where the task files came from
     perplexity: PerplexityResult | None = None
     passkey: PasskeyResult | None = None
     speed: list[dict] = field(default_factory=list)
@@ -69,7 +70,10 @@ def average_zero_shot(student: ModelResults, teacher: ModelResults) -> tuple[flo
     """(student mean, teacher mean, metrics used) over the tasks both models were scored on.
 
     The ratio of the two means is the paper's "fraction of the teacher's average score kept".
+    None for scores on the bundled smoke samples: they are test fixtures, not a result.
     """
+    if is_bundled_samples(student.task_dir) or is_bundled_samples(teacher.task_dir):
+        return None
     used = [
         f"{task}/{_headline_metric(task)}"
         for task in student.tasks
@@ -109,14 +113,30 @@ def metrics_table(student: ModelResults, teacher: ModelResults | None) -> str:
     return "\n".join(lines)
 
 
+NO_TASKS = (
+    "No zero-shot task files were given, so this report has no zero-shot scores and no average "
+    "ratio. Pass `radlads eval --tasks-dir DIR` with lm-evaluation-harness JSONL files "
+    "(hellaswag.jsonl, arc_easy.jsonl, …) to score them."
+)
+SAMPLE_TASKS = (
+    "The zero-shot rows below come from the bundled synthetic samples (8 items per task, for "
+    "tests): they are not a result, and no average ratio is computed from them."
+)
+
+
 def _headline_section(student: ModelResults, teacher: ModelResults | None) -> str:
+    if not student.tasks:
+        return NO_TASKS
+    if is_bundled_samples(student.task_dir):
+        return SAMPLE_TASKS
     average = average_zero_shot(student, teacher) if teacher else None
     if average is None:
         return "No zero-shot task was scored on both models, so there is no average ratio."
     s_mean, t_mean, used = average
     return (
         f"**Average zero-shot ratio (student/teacher): {s_mean / t_mean:.4f}** "
-        f"(student {s_mean:.4f}, teacher {t_mean:.4f}; mean of {', '.join(used)})."
+        f"(student {s_mean:.4f}, teacher {t_mean:.4f}; mean of {', '.join(used)}, "
+        f"task files from `{student.task_dir}`)."
     )
 
 

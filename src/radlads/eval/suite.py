@@ -14,7 +14,7 @@ from .passkey import evaluate_passkey
 from .perplexity import evaluate_perplexity
 from .report import ModelResults, write_report
 from .speed import bench_generate
-from .tasks import SAMPLES_DIR, evaluate_tasks
+from .tasks import evaluate_tasks
 
 
 @dataclass
@@ -25,7 +25,7 @@ class EvalSettings:
     seq_len: int = 1024  # window length of the perplexity / per-position loss
     batch_size: int = 4
     max_windows: int = 64
-    task_dir: str | None = str(SAMPLES_DIR)
+    task_dir: str | None = None  # folder of <task>.jsonl files; None: no zero-shot tasks
     tasks: list[str] | None = None
     limit: int | None = None
     passkey_lengths: tuple[int, ...] = ()
@@ -73,6 +73,7 @@ def evaluate_model(
             results.tasks = evaluate_tasks(
                 model, tokenizer, settings.task_dir, settings.tasks, settings.limit, progress=progress
             )
+            results.task_dir = settings.task_dir
         if settings.passkey_lengths:
             results.passkey = evaluate_passkey(model, tokenizer, settings.passkey_lengths, progress=progress)
         if settings.speed_contexts:

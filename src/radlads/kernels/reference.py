@@ -47,42 +47,12 @@ def recurrent_loop(
     return y, (h if output_final_state else None)
 
 
-def _pairwise_decay(c_to: Tensor, c_from: Tensor, strict: bool) -> Tensor:
-    """exp(c_to[t] - c_from[s]) on the causal triangle, 0 elsewhere: [..., C, C, K].
-
-    Masking before exp keeps every exponent <= 0, so strong decays underflow to 0
-    instead of overflowing as a ratio of cumulative products would.
-    """
-    C = c_to.shape[-2]
-    mask = torch.ones(C, C, dtype=torch.bool, device=c_to.device).tril(-1 if strict else 0)
-    diff = c_to[..., :, None, :] - c_from[..., None, :, :]
-    return diff.masked_fill(~mask[:, :, None], float("-inf")).exp()
-
-
-def _pair(x: Tensor, decay: Tensor, z: Tensor) -> Tensor:
-    """sum_k x[t,k] decay[t,s,k] z[s,k]: the decayed inner products inside a chunk, [..., C, C]."""
-    return torch.einsum("...tk,...tsk,...sk->...ts", x, decay, z)
-
-
-def _chunk_step(h, r, log_w, k, v, a, b, scale):
-    """Advance the state over one chunk: inputs are [B, H, C, K|V] fp32; returns (y, h_end)."""
-    c = log_w.cumsum(-2)  # log of the decay from the chunk start up to and including t
-    c_excl = c - log_w  # ... up to t-1
-    to_end = (c[..., -1:, :] - c).exp()  # decay from t to the chunk end
-    decay_out = _pairwise_decay(c, c, strict=False)
-    r = r * scale
-    y = (r * c.exp()) @ h + _pair(r, decay_out, k) @ v
-    h_end = c[..., -1, :].exp()[..., None] * h + (to_end * k).transpose(-1, -2) @ v
-    if a is None:
-        return y, h_end
-    # u_t = a_t^T h_{t-1} depends on earlier u's inside the chunk: a unit-lower-triangular system.
-    decay_in = _pairwise_decay(c_excl, c, strict=True)
-    rhs = (a * c_excl.exp()) @ h + _pair(a, decay_in, k) @ v
-    eye = torch.eye(r.shape[-2], device=r.device, dtype=r.dtype)
-    u = torch.linalg.solve_triangular(eye - _pair(a, decay_in, b), rhs, upper=False, unitriangular=True)
-    y = y + _pair(r, decay_out, b) @ u
-    h_end = h_end + (to_end * b).transpose(-1, -2) @ u
-    return y, h_end
+# Inside a chunk the decay from position s to t factors around a middle position m as
+# exp(c_t - m) * exp(m - c_s), which turns the chunk's pairwise products into matmuls. Each factor
+# lies within exp(+-span), span being the chunk's summed -log_w; past this bound a factor could
+# leave fp32's normal range, and the products take the masked pairwise form instead (exact for
+# any decay, but C x C x K elementwise work and memory).
+MAX_FACTORED_SPAN = 60.0
 
 
 def recurrent_chunked(
@@ -95,25 +65,77 @@ def recurrent_chunked(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 32,
+    chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
-    """Same function as `recurrent_loop`, a chunk of tokens per step (differentiable, CPU-friendly)."""
-    T = r.shape[1]
+    """Same function as `recurrent_loop`, a chunk of tokens per step (differentiable, CPU-friendly).
+
+    Everything inside a chunk is computed for all chunks at once; only the state is carried from
+    one chunk to the next, by two small matmuls per chunk:
+        y_n = Q_n h_n + Y_n,    h_{n+1} = diag(w_n) h_n + P_n h_n + D_n
+    """
+    T, dtype = r.shape[1], v.dtype
     pad = (-T) % chunk_size
-    # Padding with log_w = 0 and zero k/v/a/b leaves the state untouched, so the final state is exact.
-    tensors = [x if x is None else _to_chunks(x, pad, chunk_size) for x in (r, log_w, k, v, a, b)]
     h = _initial_state(r, v, initial_state)
-    ys = []
-    for n in range(tensors[0].shape[2]):
-        rn, wn, kn, vn, an, bn = (x if x is None else x[:, :, n] for x in tensors)
-        y, h = _chunk_step(h, rn, wn, kn, vn, an, bn, scale)
-        ys.append(y)
-    y = torch.cat(ys, dim=2).transpose(1, 2)[:, :T].to(v.dtype)
+    # Padding with log_w = 0 and zero k/v/a/b leaves the state untouched, so the final state is exact.
+    r, log_w, k, v, a, b = (
+        x if x is None else _to_chunks(x, pad, chunk_size) for x in (r, log_w, k, v, a, b)
+    )
+    with torch.autocast(r.device.type, enabled=False):  # fp32 throughout, as the loop
+        Q, Y, P, D, log_w_end = _chunk_terms(r * scale, log_w, k, v, a, b)
+        w_end = log_w_end.exp().transpose(-1, -2)  # [B, H, N, K, 1]: it scales the state's rows
+        ys = []
+        for n in range(Q.shape[2]):
+            ys.append(Q[:, :, n] @ h)
+            h_next = w_end[:, :, n] * h + D[:, :, n]
+            h = h_next if P is None else h_next + P[:, :, n] @ h
+        y = torch.stack(ys, dim=2) + Y  # [B, H, N, C, V]
+    y = y.flatten(2, 3).transpose(1, 2)[:, :T].to(dtype)
     return y, (h if output_final_state else None)
+
+
+def _chunk_terms(r, log_w, k, v, a, b):
+    """The per-chunk matrices of `recurrent_chunked` from [B, H, N, C, K|V] fp32 inputs."""
+    c = log_w.cumsum(-2)  # log of the decay from the chunk start up to and including t
+    c_excl = c - log_w  # ... up to t-1
+    c_end = c[..., -1:, :]
+    to_end = (c_end - c).exp()  # decay from t to the chunk end
+    factored = _max_span(log_w) <= MAX_FACTORED_SPAN
+    A_rk = _decayed_products(r, k, c, c, strict=False, factored=factored)
+    Q, Y = r * c.exp(), A_rk @ v
+    D = (to_end * k).transpose(-1, -2) @ v
+    if a is None:
+        return Q, Y, None, D, c_end
+    # u_t = a_t^T h_{t-1} depends on earlier u's inside the chunk: a unit-lower-triangular system
+    # (I - A_ab) u = a exp(c_excl) h + A_ak v, solved once for the h-part (W) and the v-part (U).
+    A_ab = _decayed_products(a, b, c_excl, c, strict=True, factored=factored)
+    A_ak = _decayed_products(a, k, c_excl, c, strict=True, factored=factored)
+    A_rb = _decayed_products(r, b, c, c, strict=False, factored=factored)
+    eye = torch.eye(r.shape[-2], device=r.device, dtype=r.dtype)
+    lower = eye - A_ab
+    W = torch.linalg.solve_triangular(lower, a * c_excl.exp(), upper=False, unitriangular=True)
+    U = torch.linalg.solve_triangular(lower, A_ak @ v, upper=False, unitriangular=True)
+    b_to_end = (to_end * b).transpose(-1, -2)
+    return Q + A_rb @ W, Y + A_rb @ U, b_to_end @ W, D + b_to_end @ U, c_end
+
+
+def _max_span(log_w: Tensor) -> float:
+    return float(-log_w.detach().sum(-2).min()) if log_w.numel() else 0.0
+
+
+def _decayed_products(x: Tensor, z: Tensor, c_x: Tensor, c_z: Tensor, strict: bool, factored: bool) -> Tensor:
+    """sum_k x[t,k] exp(c_x[t,k] - c_z[s,k]) z[s,k] on the causal triangle, 0 elsewhere: [..., C, C]."""
+    C = x.shape[-2]
+    mask = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
+    if not factored:
+        decay = (c_x[..., :, None, :] - c_z[..., None, :, :]).masked_fill(~mask[:, :, None], float("-inf"))
+        return torch.einsum("...tk,...tsk,...sk->...ts", x, decay.exp(), z)
+    middle = c_z[..., C // 2 : C // 2 + 1, :]
+    products = (x * (c_x - middle).exp()) @ (z * (middle - c_z).exp()).transpose(-1, -2)
+    return products.masked_fill(~mask, 0.0)
 
 
 def _to_chunks(x: Tensor, pad: int, chunk_size: int) -> Tensor:
     """[B, T, H, D] -> [B, H, T/chunk, chunk, D] in fp32, zero-padded at the end."""
-    x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad))
+    x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)) if pad else x.float()
     B, T, H, D = x.shape
     return x.transpose(1, 2).reshape(B, H, T // chunk_size, chunk_size, D)

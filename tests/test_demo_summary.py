@@ -1,0 +1,31 @@
+"""The demo's closing summary, from the files a run leaves (no models: fast)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from radlads.cli.demo import RESULTS_PAGE, summary
+
+
+def test_summary_shows_steps_perplexities_positions_samples_and_where_to_look(tmp_path):
+    step = dict(tokens=6144, updates=12, wall_s=61.0, heldout_start=150.0, heldout_end=20.0)
+    run = {"teacher": "/x/SmolLM2-135M-Instruct-hf", "arch": "rad-rwkv7", "steps": {"1": step, "2": step}}
+    (tmp_path / "radlads.json").write_text(json.dumps(run))
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    loss = {"teacher": np.full(511, 3.0), "student": np.linspace(4.0, 5.0, 511)}
+    results = {
+        name: {"perplexity": {"ppl": float(np.exp(v.mean())), "loss_by_position": v.tolist()}}
+        for name, v in loss.items()
+    }
+    (eval_dir / "results.json").write_text(json.dumps(results))
+    text = summary(tmp_path, eval_dir / "report.md", {"teacher": " Moses", "student": " and"}, 300.0)
+    assert "SmolLM2-135M-Instruct-hf -> rad-rwkv7 in 5.0 min" in text
+    assert "6,144 tokens in 12 updates of 512 tokens" in text and "150 -> 20" in text
+    assert "NLL @1-16" in text and "NLL @257-511" in text  # buckets end at the window's length
+    teacher_row = next(line for line in text.splitlines() if line.strip().startswith("teacher"))
+    assert teacher_row.split()[1:] == ["20.1", "3.000", "3.000", "3.000", "3.000"]
+    assert "'Moses'" in text and "'and'" in text
+    assert str(eval_dir / "report.md") in text and RESULTS_PAGE in text
