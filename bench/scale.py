@@ -1,14 +1,15 @@
 """Helpers of scripts/device_scale.sh (a Qwen2.5-7B-shaped `radlads convert` on one GPU): its
-inputs, and the summary of the run's metrics.jsonl as docs/bench/<shape>-one-gpu.json.
+inputs, and the summary of the runs' metrics.jsonl as docs/bench/<shape>-one-gpu.json.
 
-  python bench/scale.py inputs --work W [--shape qwen2.5-7b] [--train-tokens 16M]
-  python bench/scale.py summary --run W/run --out docs/bench/qwen2.5-7b-one-gpu.json [--gpu NAME]
+  python bench/scale.py inputs --work W [--shape qwen2.5-7b] [--train-tokens 16000000]
+  python bench/scale.py summary --run W/step1 W/step2 W/step3 --out docs/bench/qwen2.5-7b-one-gpu.json
 
-The summary, per step: steady-state tokens/s (median of the logged windows after the first
---skip-logs, which hold compilation and warm-up), MFU from the FLOPs per token that
-bench/training.py counts for the step at the run's sequence length, peak memory, the micro-batch
-and the optimizer the step ran with; and the GPU-hours of the whole protocol (PROTOCOL_TOKENS)
-at those rates, where all three steps ran.
+The summary, per step (from whichever run folder logged it; a later folder wins): steady-state
+tokens/s (median of the logged windows after the first --skip-logs, which hold compilation and
+warm-up), MFU from the FLOPs per token that bench/training.py counts for the step at the run's
+sequence length (activation checkpointing's recomputation not counted), peak memory, the
+micro-batch and the optimizer the step ran with; and the GPU-hours of the whole protocol
+(PROTOCOL_TOKENS) at those rates, where all three steps ran.
 """
 
 from __future__ import annotations
@@ -35,25 +36,31 @@ def flops_per_token(teacher_dir: Path, arch: str, step: int, seq_len: int) -> fl
     return step_flops(step, *costs, mixer_weights(student), seq_len)["total"]
 
 
-def summarise(run: Path, gpu: str, peak_flops: float = PEAK_BF16_FLOPS, skip: int = 2) -> dict[str, Any]:
-    """The run folder (a `radlads convert --out`) as the one-GPU JSON (module docstring)."""
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    figures = step_figures(run, 1, skip, steps=(1, 2, 3))
+def summarise(
+    runs: list[Path], gpu: str, peak_flops: float = PEAK_BF16_FLOPS, skip: int = 2
+) -> dict[str, Any]:
+    """The run folders (each a `radlads convert --out` or `radlads stepK --out`) as the one-GPU JSON
+    (module docstring)."""
     steps = {}
-    for step, fig in figures.items():
-        seq_len = config[f"step{step}"]["seq_len"]
-        flops = flops_per_token(Path(config["teacher"]), config["arch"], step, seq_len)
-        steps[str(step)] = {
-            "tokens_per_s": fig["tokens_per_s"],
-            "mfu": fig["tokens_per_s"] * flops / peak_flops,
-            "peak_gb": fig["peak_gb_per_gpu"][0] if fig["peak_gb_per_gpu"] else None,
-            "batch": fig["micro_batch"],
-            "optimizer": fig["optimizer"],
-            "seq_len": seq_len,
-            "flops_per_token": flops,
-            "tokens": fig["tokens"],
-            "windows": fig["windows"],
-        }
+    for run in runs:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        for step, fig in step_figures(run, 1, skip, steps=(1, 2, 3)).items():
+            seq_len = config[f"step{step}"]["seq_len"]
+            flops = flops_per_token(Path(config["teacher"]), config["arch"], step, seq_len)
+            steps[str(step)] = {
+                "tokens_per_s": fig["tokens_per_s"],
+                "mfu": fig["tokens_per_s"] * flops / peak_flops,
+                "peak_gb": fig["peak_gb_per_gpu"][0] if fig["peak_gb_per_gpu"] else None,
+                "batch": fig["micro_batch"],
+                "optimizer": fig["optimizer"],
+                "seq_len": seq_len,
+                "flops_per_token": flops,
+                "tokens": fig["tokens"],
+                "windows": fig["windows"],
+                "complete": fig["complete"],
+                "run": str(run),
+            }
+    steps = dict(sorted(steps.items()))
     hours = None
     if set(steps) == {"1", "2", "3"}:
         hours = sum(n / steps[str(k)]["tokens_per_s"] for k, n in PROTOCOL_TOKENS.items()) / 3600
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-tokens", type=int, default=16_000_000)
     p.add_argument("--heldout-tokens", type=int, default=262_144)
     p = sub.add_parser("summary", help="the run's metrics.jsonl as the one-GPU JSON")
-    p.add_argument("--run", type=Path, required=True, help="the convert --out folder")
+    p.add_argument("--run", type=Path, nargs="+", required=True, help="convert/stepK --out folders")
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p.add_argument("--gpu", help="GPU name (default: this machine's CUDA device)")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOPS / 1e12, help="MFU's ceiling")

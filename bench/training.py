@@ -29,9 +29,10 @@ forward and recompute nothing), norms, activations, softmaxes and other elementw
 
     PYTHONPATH=src python bench/training.py --budget-s 300 --out $OUT   # H100: both shapes, ~5 min
     PYTHONPATH=src python bench/training.py --tiny                      # CPU smoke run, seconds
-    # one H200, the Qwen2.5-7B shape (docs/plan/qwen2.5-7b.json): the smaller optimizer state it needs
-    PYTHONPATH=src python bench/training.py --shapes qwen2.5-7b --optimizer adamw-8bit \
-        --activation-checkpointing --batch 16,8,1 --step3-seq-len 16384 --no-baseline
+    # one H200, the Qwen2.5-7B shape (docs/plan/qwen2.5-7b.json), with the optimizer state and
+    # checkpointing `radlads plan --gpu-memory-gb 141` recommends for its steps 2-3 (not yet run)
+    PYTHONPATH=src python bench/training.py --shapes qwen2.5-7b --optimizer adamw-bf16-state \
+        --activation-checkpointing --batch 8,8,1 --step3-seq-len 16384 --no-baseline
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--optimizer",
         choices=OPTIMIZERS,
         default="adamw",
-        help="radlads rows, as `radlads convert --optimizer` (the 7B shape fits one H200 with adamw-8bit)",
+        help="radlads rows, as `radlads convert --optimizer` (adamw-bf16-state and adamw-8bit: radlads[torchao])",
     )
     p.add_argument(
         "--no-compile", action="store_true", help="radlads rows: as `radlads convert --no-compile`"

@@ -156,5 +156,24 @@ def test_summary_without_every_step_has_no_protocol_cost(inputs, tmp_path):
     metrics.write_text(
         "".join(line + "\n" for line in metrics.read_text().splitlines() if '"step": 3' not in line)
     )
-    summary = scale.summarise(tmp_path / "run", "H200")
+    summary = scale.summarise([tmp_path / "run"], "H200")
     assert set(summary["steps"]) == {"1", "2"} and summary["protocol_gpu_hours"] is None
+
+
+def test_summary_of_one_run_per_step(inputs, tmp_path):
+    """scripts/device_scale.sh runs each step in its own folder (all starting from one step 0)."""
+    _fake_run(tmp_path / "all", inputs / "teacher")
+    lines = (tmp_path / "all/metrics.jsonl").read_text().splitlines()
+    runs = []
+    for step in (3, 1, 2):
+        run = tmp_path / f"step{step}"
+        _fake_run(run, inputs / "teacher")
+        (run / "metrics.jsonl").write_text("".join(f"{x}\n" for x in lines if f'"step": {step},' in x))
+        runs.append(run)
+    merged = scale.summarise(runs, "H200")
+    together = scale.summarise([tmp_path / "all"], "H200")
+    assert list(merged["steps"]) == ["1", "2", "3"]
+    assert merged["protocol_gpu_hours"] == together["protocol_gpu_hours"]
+    for step, figures in merged["steps"].items():
+        assert figures["run"] == str(tmp_path / f"step{step}")
+        assert {**figures, "run": None} == {**together["steps"][step], "run": None}

@@ -21,8 +21,8 @@ def load_teacher(
 ) -> PreTrainedModel:
     """A teacher HF folder (config.json + safetensors) as a frozen eval-mode model. With
     `random_weights`, built from config.json alone with the family's random init (from `seed`,
-    the same teacher in every process), directly on `device`: a 7B takes seconds on a GPU, where
-    a CPU init and copy would take minutes and the host's memory."""
+    the same teacher in every process), directly on `device`: no init on the host, nor a copy
+    of a 7B's weights from it."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
