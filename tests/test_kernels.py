@@ -385,3 +385,72 @@ def test_fla_follows_autocast_dtype():
     )
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, y_bf16, rtol=0, atol=0)
+
+
+def slow_decay_inputs(T: int, seed: int, device="cpu", dtype=torch.float32):
+    """Trained students' decays: most channels keep over hundreds of tokens (log w in (-0.02, 0)),
+    so that what a chunk's outputs owe to earlier chunks is large. `random_inputs`' decays forget
+    within a chunk and cannot tell a kernel that drops the carried state from one that keeps it."""
+    args, _ = random_inputs(1, T, 2, 64, 64, True, device=device, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    args[1] = (-0.02 * torch.rand(args[1].shape, generator=g)).to(device)
+    args[5] = args[5] * 0.1  # a light delta rule, as RAD-RWKV7 starts (a = sigmoid(a0) small)
+    return args
+
+
+def far_gradients(op, args, tail: int, far: int, **kwargs) -> list[torch.Tensor]:
+    """Gradients of a loss on the last `tail` outputs at the first `far` tokens: only the state
+    carried across chunks takes them there. r is left out: it reaches only its own token's output."""
+    leaves = [x.clone().requires_grad_() for x in args]
+    y, _ = op(*leaves, scale=0.125, **kwargs)
+    y[:, -tail:].float().square().sum().backward()
+    return [x.grad[:, :far] for x in leaves[1:]]
+
+
+def test_chunked_gradients_reach_across_chunks():
+    args = slow_decay_inputs(160, seed=3)
+    loop = far_gradients(recurrent_loop, args, tail=16, far=96)
+    chunked = far_gradients(recurrent_chunked, args, tail=16, far=96, chunk_size=32)
+    for g_chunk, g_loop in zip(chunked, loop):
+        assert g_loop.norm() > 0
+        assert rel_err(g_chunk, g_loop) < 1e-4
+
+
+@pytest.mark.gpu
+@needs_fla
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "kept"])
+def test_fla_gradients_reach_across_chunks(recompute):
+    """A loss on the last tokens only: the gradients at tokens many chunks earlier flow through the
+    carried state alone, and must match the fp32 reference's."""
+    args = slow_decay_inputs(512, seed=3, device="cuda", dtype=torch.bfloat16)
+    options = dict(log_w_min=LOG_W_MIN, recompute=recompute)
+    fla = far_gradients(rwkv7_recurrence, args, tail=32, far=384, backend="fla", **options)
+    ref = far_gradients(rwkv7_recurrence, [x.float() for x in args], tail=32, far=384, backend="chunked")
+    for name, g_fla, g_ref in zip(("log_w", "k", "v", "a", "b"), fla, ref):
+        assert g_ref.norm() > 0, name
+        assert rel_err(g_fla, g_ref) < 3e-2, (name, rel_err(g_fla, g_ref))
+
+
+@pytest.mark.gpu
+@needs_fla
+def test_trained_layers_learn_from_far_context_on_gpu():
+    """The student as training runs it (compiled layers, activation checkpointing, bf16 autocast, fla)
+    against the same student on the CPU reference: the gradient of a loss on the last tokens with
+    respect to the first tokens' embeddings, which only the recurrent state carries that far."""
+    from radlads.convert.steps import prepare_student
+
+    teacher = make_teacher("qwen2", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    T, tail = 512, 32
+    ids = torch.randint(0, teacher.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    far = []
+    for device in ("cuda", "cpu"):
+        student = transfer(teacher, arch="rad-rwkv7").to(device).train()
+        if device == "cuda":
+            prepare_student(student, activation_checkpointing=True, compile=True)
+        embeds = student.get_input_embeddings()(ids.to(device)).detach().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = student(inputs_embeds=embeds).logits[:, -tail:]
+        logits.float().logsumexp(-1).sum().backward()
+        far.append(embeds.grad[:, : T - 128].float().cpu())
+    assert far[1].norm() > 0
+    assert rel_err(*far) < 5e-2, rel_err(*far)
