@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-_SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+_SRC = ROOT / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(_SRC))
 
@@ -39,8 +40,27 @@ PEAK_BF16_FLOPS = 790e12
 PEAK_HBM_BYTES_PER_S = 3.0e12
 GIB = 1024**3
 
+SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+    "rms_norm_eps",
+)
+
+
+def plan_shape(name: str) -> dict[str, Any]:
+    """A teacher shape from the published config.json kept in docs/plan/NAME.json."""
+    config = json.loads((ROOT / "docs" / "plan" / f"{name}.json").read_text())
+    return dict(family=config["model_type"], **{k: config[k] for k in SHAPE_KEYS})
+
+
 # Teacher shapes (public configs). Random weights: timing does not depend on their values.
 SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-7b": plan_shape("qwen2.5-7b"),
     "qwen2.5-0.5b": dict(
         family="qwen2",
         vocab_size=151936,
@@ -165,6 +185,61 @@ def build_teacher(shape: str, device: torch.device, dtype: torch.dtype, seed: in
             teacher_config(shape), dtype=dtype, attn_implementation="sdpa"
         )
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def write_random_inputs(
+    work: Path, shape: str, train_tokens: int, heldout_tokens: int, weights: bool = True
+) -> None:
+    """A teacher folder of the shape (with random bf16 weights, or with `weights=False` its
+    config.json alone, for `radlads convert --random-teacher-weights`), a word-level tokenizer of
+    its vocabulary, and a prepared shard folder of uniformly random token ids: throughput depends
+    on none of their values."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from radlads.data.index import PrepareSettings, ShardIndex, SplitInfo
+    from radlads.data.shards import token_dtype
+    from radlads.data.tokenizer import tokenizer_hash
+
+    sys.path.insert(0, str(ROOT / "tests"))  # the offline word-level tokenizer of the test fixtures
+    from tokenizer_fixture import make_wordlevel_tokenizer
+
+    vocab = SHAPES[shape]["vocab_size"]
+    tokenizer = AutoTokenizer.from_pretrained(make_wordlevel_tokenizer(work, vocab))
+    if weights:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        teacher = build_teacher(shape, device, torch.bfloat16)
+        teacher.config.eos_token_id = tokenizer.eos_token_id
+        teacher.save_pretrained(work / "teacher")
+    else:
+        config = teacher_config(shape)
+        config.eos_token_id = tokenizer.eos_token_id
+        config.save_pretrained(work / "teacher")
+    tokenizer.save_pretrained(work / "teacher")
+    # Loaded as the pipeline loads it: next to config.json, AutoTokenizer picks the family's class.
+    tokenizer = AutoTokenizer.from_pretrained(work / "teacher")
+
+    data, dtype = work / "data", token_dtype(vocab)
+    data.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, tokens in (("train", train_tokens), ("heldout", heldout_tokens)):
+        rng.integers(0, vocab, tokens, dtype=np.int64).astype(dtype).tofile(data / f"{split}.bin")
+        splits[split] = SplitInfo(file=f"{split}.bin", documents=1, tokens=tokens)
+    ShardIndex(
+        dtype=dtype.name,
+        tokenizer_name=f"random word-level ({vocab})",
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        vocab_size=vocab,
+        eos_id=tokenizer.eos_token_id,
+        settings=PrepareSettings(
+            held_out_fraction=0.0, held_out_tokens=heldout_tokens, append_eos=False, seed=0
+        ),
+        splits=splits,
+        sources=[],
+    ).save(data)
+    what = "random, bf16" if weights else "config.json only"
+    print(f"teacher ({shape}, {what}) in {work / 'teacher'}; {train_tokens} random train tokens in {data}")
 
 
 def build_student(teacher: nn.Module, arch: str, **options) -> nn.Module:

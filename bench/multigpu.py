@@ -21,60 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from common import SHAPES, build_teacher, markdown_table, write_json
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the offline word-level tokenizer of the test fixtures
-
-from tokenizer_fixture import make_wordlevel_tokenizer  # noqa: E402
-
-# --------------------------------------------------------------------------- inputs
-
-
-def make_inputs(work: Path, shape: str, train_tokens: int, heldout_tokens: int) -> None:
-    """A random-weight teacher folder (bf16, with a word-level tokenizer of its vocabulary) and a
-    prepared shard folder of uniformly random token ids: throughput does not depend on either."""
-    from transformers import AutoTokenizer
-
-    from radlads.data.index import PrepareSettings, ShardIndex, SplitInfo
-    from radlads.data.shards import token_dtype
-    from radlads.data.tokenizer import tokenizer_hash
-
-    vocab = SHAPES[shape]["vocab_size"]
-    tokenizer = AutoTokenizer.from_pretrained(make_wordlevel_tokenizer(work, vocab))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = build_teacher(shape, device, torch.bfloat16)
-    teacher.config.eos_token_id = tokenizer.eos_token_id
-    teacher.save_pretrained(work / "teacher")
-    tokenizer.save_pretrained(work / "teacher")
-    # Loaded as the pipeline loads it: next to config.json, AutoTokenizer picks the family's class.
-    tokenizer = AutoTokenizer.from_pretrained(work / "teacher")
-
-    data, dtype = work / "data", token_dtype(vocab)
-    data.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, tokens in (("train", train_tokens), ("heldout", heldout_tokens)):
-        rng.integers(0, vocab, tokens, dtype=np.int64).astype(dtype).tofile(data / f"{split}.bin")
-        splits[split] = SplitInfo(file=f"{split}.bin", documents=1, tokens=tokens)
-    ShardIndex(
-        dtype=dtype.name,
-        tokenizer_name=f"random word-level ({vocab})",
-        tokenizer_hash=tokenizer_hash(tokenizer),
-        vocab_size=vocab,
-        eos_id=tokenizer.eos_token_id,
-        settings=PrepareSettings(
-            held_out_fraction=0.0, held_out_tokens=heldout_tokens, append_eos=False, seed=0
-        ),
-        splits=splits,
-        sources=[],
-    ).save(data)
-    print(
-        f"teacher ({shape}, random, bf16) in {work / 'teacher'}; {train_tokens} random train tokens in {data}"
-    )
-
+from common import SHAPES, markdown_table, write_json, write_random_inputs
 
 # --------------------------------------------------------------------------- the killed run
 
@@ -124,12 +71,13 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def step_figures(run: Path, world: int, skip: int) -> dict[int, dict]:
+def step_figures(run: Path, world: int, skip: int, steps=(1, 2)) -> dict[int, dict]:
     """Per step of one run: steady-state tokens/s (median over the logged windows after the first
-    `skip`, which hold compilation and warm-up), per GPU too, and each rank's peak memory."""
+    `skip`, which hold compilation and warm-up), per GPU too, each rank's peak memory, and the
+    micro-batch and optimizer it ended with."""
     finished = read_json(run / "radlads.json").get("steps", {})
     figures = {}
-    for step in (1, 2):
+    for step in steps:
         logged = [r for r in records(run / "metrics.jsonl") if r["step"] == step]
         if not logged:
             continue
@@ -142,6 +90,8 @@ def step_figures(run: Path, world: int, skip: int) -> dict[int, dict]:
             "windows": len(steady),
             "peak_gb_per_gpu": [max(p[rank] for p in peaks) for rank in range(world)] if peaks else None,
             "tokens": logged[-1]["tokens"],
+            "micro_batch": logged[-1].get("micro_batch"),
+            "optimizer": logged[-1].get("optimizer"),
             "complete": finished.get(str(step), {}).get("complete", False),
             "wall_s": finished.get(str(step), {}).get("wall_s"),
         }
@@ -234,7 +184,7 @@ def main() -> None:
     p.add_argument("--skip-logs", type=int, default=2, help="logged windows per step left out as warm-up")
     args = parser.parse_args()
     if args.command == "inputs":
-        make_inputs(args.work, args.shape, args.train_tokens, args.heldout_tokens)
+        write_random_inputs(args.work, args.shape, args.train_tokens, args.heldout_tokens)
     elif args.command == "kill-after-checkpoint":
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         result = kill_after_checkpoint(args.checkpoint, cmd)

@@ -29,6 +29,10 @@ forward and recompute nothing), norms, activations, softmaxes and other elementw
 
     PYTHONPATH=src python bench/training.py --budget-s 300 --out $OUT   # H100: both shapes, ~5 min
     PYTHONPATH=src python bench/training.py --tiny                      # CPU smoke run, seconds
+    # one H200, the Qwen2.5-7B shape (docs/plan/qwen2.5-7b.json), with the optimizer state and
+    # checkpointing `radlads plan --gpu-memory-gb 141` recommends for its steps 2-3 (not yet run)
+    PYTHONPATH=src python bench/training.py --shapes qwen2.5-7b --optimizer adamw-bf16-state \
+        --activation-checkpointing --batch 8,8,1 --step3-seq-len 16384 --no-baseline
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ from radlads.convert.steps import AttentionAlignment, ContextExtension, Distilla
 from radlads.convert.teacher import prepare_teacher
 from radlads.models.common import LinearMixer, LowRank
 from radlads.train.config import ConvertConfig
+from radlads.train.optimizers import OPTIMIZERS
 from radlads.train.trainer import Trainer
 
 STEPS = (1, 2, 3)
@@ -127,6 +132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--updates", type=int, default=5, help="timed updates, at most; >= 1")
     p.add_argument("--max-timed-s", type=float, default=6.0, help="fewer timed updates past this")
     p.add_argument("--activation-checkpointing", action="store_true", help="radlads rows, as in convert")
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="radlads rows, as `radlads convert --optimizer` (adamw-bf16-state and adamw-8bit: radlads[torchao])",
+    )
     p.add_argument(
         "--no-compile", action="store_true", help="radlads rows: as `radlads convert --no-compile`"
     )
@@ -248,7 +259,11 @@ def make_trainer(variant: str, step: int, teacher, student, args, batch: int, de
     cfg = ConvertConfig()
     seq_len = args.step3_seq_len if step == 3 else args.seq_len
     step_cfg = dataclasses.replace(
-        cfg.steps()[step], seq_len=seq_len, batch_size=batch, grad_accum=args.grad_accum
+        cfg.steps()[step],
+        seq_len=seq_len,
+        batch_size=batch,
+        grad_accum=args.grad_accum,
+        optimizer=args.optimizer,
     )
     radlads = variant != "baseline"
     compile = variant in ("radlads", *KEEPS) and not args.no_compile

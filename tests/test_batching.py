@@ -66,9 +66,13 @@ def test_step_is_sized_to_the_memory_the_device_reports(tmp_path, monkeypatch, m
     assert (sized.batch_size, sized.grad_accum) == (expected, 128 // expected)
     assert sized.tokens_per_update == 128 * step1.seq_len  # the global batch is kept
     assert choice.estimated_peak_gb == pytest.approx(estimate(expected) / GB)
-    # a given micro-batch is kept as given
-    given = dataclasses.replace(step1, batch_size=3, grad_accum=2)
+    # a given micro-batch is kept as given; with the optimizer given too, nothing is chosen
+    given = dataclasses.replace(step1, batch_size=3, grad_accum=2, optimizer="adamw-8bit")
     assert batching.size_step(given, 1, CUDA, 1, tmp_path, "rad-rwkv7") == (given, None)
+    sized, choice = batching.size_step(
+        dataclasses.replace(given, optimizer="auto"), 1, CUDA, 1, tmp_path, "rad-rwkv7"
+    )
+    assert (sized.batch_size, sized.grad_accum, sized.optimizer) == (3, 2, choice.optimizer)
 
 
 def _trainer(micro_batch: int) -> Trainer:

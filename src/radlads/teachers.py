@@ -34,16 +34,19 @@ _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*
 _SHA_PREFIX_LEN = 16
 
 
-def resolve_teacher(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+def resolve_teacher(
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, random_weights: bool = False
+) -> Path:
     """Return an HF model folder for `path`, importing a GGUF file into one the first time.
 
     `path` may be an HF model folder (returned unchanged), a `.gguf` file, or a folder holding
     exactly one `.gguf` file. The import goes to `cache_dir/<sha-prefix>/` when `cache_dir` is
     given, else to `<gguf stem>-hf/` beside the file when that folder is writable, else to
-    `~/.cache/radlads/teachers/<sha-prefix>/`.
+    `~/.cache/radlads/teachers/<sha-prefix>/`. With `random_weights`, a folder holding a
+    config.json (weights or not): the teacher is built from the config alone.
     """
     path = Path(path).expanduser()
-    if is_hf_model_folder(path):
+    if is_hf_model_folder(path) or (random_weights and (path / "config.json").is_file()):
         return path
     gguf_file = find_gguf(path)
     require_gguf_support()
@@ -92,6 +95,11 @@ def find_gguf(path: Path) -> Path:
         if len(found) > 1:
             names = ", ".join(p.name for p in found)
             raise ValueError(f"{path} holds several GGUF files ({names}); pass the one to use")
+        if (path / "config.json").is_file():
+            raise ValueError(
+                f"{path} holds a config.json but no weights; to convert a teacher of this shape with "
+                "random weights (throughput runs: nothing it learns is useful), pass --random-teacher-weights"
+            )
     raise ValueError(
         f"{path} is not a teacher: expected a Hugging Face model folder (config.json + weights), "
         f"a {GGUF_SUFFIX} file, or a folder holding exactly one {GGUF_SUFFIX} file"

@@ -39,9 +39,10 @@ PRESETS: dict[str, dict[int, dict]] = {
 PRESET_NAMES = ("auto", *PRESETS)
 
 
-def preset(name: str, teacher: str) -> dict[int, dict]:
+def preset(name: str, teacher: str, random_weights: bool = False) -> dict[int, dict]:
     """The preset's step settings; step 3 stays within the teacher's trained context."""
-    teacher_cfg = json.loads((resolve_teacher(teacher) / "config.json").read_text())
+    folder = resolve_teacher(teacher, random_weights=random_weights)
+    teacher_cfg = json.loads((folder / "config.json").read_text())
     if name == "auto":
         name = _size_class(teacher_cfg)
     if name not in PRESETS:
@@ -216,6 +217,11 @@ def demo(args: argparse.Namespace) -> int:
 def plan(args: argparse.Namespace) -> int:
     from ..convert.plan import plan as make_plan
 
+    options = dict(
+        softmax_layers=tuple(args.softmax_layers),
+        keep_kernel_intermediates=args.keep_kernel_intermediates,
+        tilelang=args.tilelang,
+    )
     result = make_plan(
         args.teacher,
         arch=args.arch,
@@ -223,9 +229,44 @@ def plan(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         step3_seq_len=args.step3_seq_len,
         batch_size=args.batch_size,
-        softmax_layers=tuple(args.softmax_layers),
-        keep_kernel_intermediates=args.keep_kernel_intermediates,
-        tilelang=args.tilelang,
+        optimizer=args.optimizer,
+        **options,
     )
     print(result.to_markdown(), end="")
+    print(one_gpu_table(args, options))
     return 0
+
+
+def one_gpu_table(args: argparse.Namespace, options: dict) -> str:
+    """Per step, the optimizer and activation checkpointing that `radlads convert` should run with
+    on one GPU of --gpu-memory-gb, as its own sizing estimates them (convert.batching)."""
+    from ..convert.batching import USABLE_FRACTION, one_gpu_settings
+    from ..convert.plan import GB
+    from ..train.config import StepConfig
+    from ..train.optimizers import installed
+
+    lines = [
+        "",
+        f"On one GPU of {args.gpu_memory_gb:g} GB ({USABLE_FRACTION:.0%} usable, as convert sizes a step):",
+        "",
+        "| step | micro-batch | optimizer | act. ckpt | estimated peak GB | fits |",
+        "|---|---|---|---|---:|---|",
+    ]
+    missing = set()
+    for step, seq_len, batch in (
+        (1, args.seq_len, args.batch_size),
+        (2, args.seq_len, args.batch_size),
+        (3, args.step3_seq_len, 1),
+    ):
+        cfg = StepConfig(tokens=0, lr=0.0, seq_len=seq_len, batch_size=batch)
+        ckpt, choice = one_gpu_settings(
+            args.teacher, args.arch, step, cfg, args.gpu_memory_gb * GB, **options
+        )
+        lines.append(
+            f"| {step} | {batch} x {seq_len} | {choice.optimizer} | {'yes' if ckpt else 'no'} | "
+            f"{choice.estimated_peak_gb:.1f} | {'yes' if choice.fits else 'no: more GPUs (--nproc)'} |"
+        )
+        missing |= {choice.optimizer} - set(installed())
+    if missing:
+        lines += ["", f"radlads[torchao] (not installed here) provides {', '.join(sorted(missing))}."]
+    return "\n".join(lines)

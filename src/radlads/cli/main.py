@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..train.config import ConvertConfig, parse_tokens
+from ..train.optimizers import OPTIMIZERS
 from . import commands
 
 
@@ -52,6 +53,19 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--activation-checkpointing", action="store_true", default=None)
+    p.add_argument(
+        "--optimizer",
+        choices=("auto", *OPTIMIZERS),
+        help="steps 1-3 (default auto: the most precise whose memory estimate fits the GPU; "
+        "adamw-bf16-state and adamw-8bit need radlads[torchao])",
+    )
+    p.add_argument(
+        "--random-teacher-weights",
+        action="store_true",
+        default=None,
+        help="--teacher holds a config.json only: build it with random weights on the device "
+        "(throughput runs at a model's exact shape; the student learns nothing useful)",
+    )
     p.add_argument(
         "--keep-kernel-intermediates",
         action="store_true",
@@ -164,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count those of fla's TileLang kernels (radlads[tilelang] installed), not its Triton ones",
     )
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="the table's optimizer state; the one-GPU recommendation below it tries each",
+    )
 
     p = add("serve", help="OpenAI-compatible HTTP server (continuous batching) for a student or teacher")
     p.add_argument("--model", required=True, help="model folder: a student, a hybrid or a plain HF teacher")
@@ -199,7 +219,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     data = {}
     if args.config:
         data = ConvertConfig.from_yaml(args.config).to_dict()
-    switches = ("activation_checkpointing", "keep_kernel_intermediates", "compile")
+    switches = ("activation_checkpointing", "keep_kernel_intermediates", "compile", "random_teacher_weights")
     for key in ("teacher", "data", "out", "arch", "device", "seed") + switches:
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
@@ -211,7 +231,8 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     steps = {k: dict(data.get(f"step{k}", {})) for k in (1, 2, 3)}
     preset = args.preset or (None if args.config else "auto")  # a YAML config says all itself
     if preset:
-        for k, values in commands.preset(preset, data["teacher"]).items():
+        random_weights = data.get("random_teacher_weights", False)
+        for k, values in commands.preset(preset, data["teacher"], random_weights).items():
             steps[k].update(values)
     for k in (1, 2, 3):
         flags = {
@@ -222,6 +243,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
             "global_batch_size": args.global_batch_size if k < 3 else None,
             "batch_size": args.batch_size if k < 3 else None,
             "grad_accum": args.grad_accum if k < 3 else None,
+            "optimizer": args.optimizer,
         }
         steps[k].update({key: v for key, v in flags.items() if v is not None})
         data[f"step{k}"] = steps[k]

@@ -6,6 +6,12 @@ can take depends on the GPU. `radlads.convert.plan` estimates a step's peak from
 config alone, and the choice is the largest divisor of the per-process batch whose estimate fits
 the device's memory. Where the estimate is off,
 the trainer halves the micro-batch on an out-of-memory error and runs the same update again.
+
+The optimizer, where the step asks for "auto", is chosen with it: the most precise of
+radlads.train.optimizers.OPTIMIZERS (torchao's only where it is installed) under which a
+micro-batch of at least MIN_MICRO_TOKENS tokens fits (AdamW's fp32 moments take 8 of a 7B
+student's 16 bytes per parameter; bf16 or 8-bit moments leave room for activations where fp32
+ones would not).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..train.config import StepConfig
+from ..train.optimizers import DEFAULT, OPTIMIZERS, installed
 from .plan import GB, plan
 
 log = logging.getLogger("radlads")
@@ -29,6 +36,9 @@ log = logging.getLogger("radlads")
 USABLE_FRACTION = 0.85
 # Without a GPU there is no memory plan: a micro-batch of this many sequences at most.
 CPU_MICRO_BATCH = 8
+# "auto" takes a smaller optimizer state before a micro-batch under this many tokens: below it a
+# large teacher's matmuls leave the GPU underused.
+MIN_MICRO_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -37,12 +47,19 @@ class BatchChoice:
     grad_accum: int
     estimated_peak_gb: float | None  # the plan's peak per GPU at this micro-batch (None on CPU)
     available_gb: float | None  # memory the process could take when it chose
+    optimizer: str = DEFAULT
+
+    @property
+    def fits(self) -> bool:
+        """Whether the plan's estimate is within the usable memory (True on the CPU: no plan)."""
+        return self.estimated_peak_gb is None or self.estimated_peak_gb <= self.available_gb * USABLE_FRACTION
 
     def describe(self, step: int, cfg: StepConfig, world_size: int) -> str:
         per_update = self.micro_batch * self.grad_accum * world_size
         text = (
             f"step {step}: micro-batch {self.micro_batch} x {cfg.seq_len} tokens, {self.grad_accum} "
-            f"accumulated x {world_size} process(es) = {per_update} sequences per update"
+            f"accumulated x {world_size} process(es) = {per_update} sequences per update, "
+            f"optimizer {self.optimizer}"
         )
         if self.estimated_peak_gb is not None:
             text += (
@@ -89,15 +106,20 @@ def peak_estimator(
 
 
 def choose(
-    global_batch: int, world_size: int, peak: Callable[[int], float] | None, available: float | None
+    global_batch: int,
+    world_size: int,
+    peak: Callable[[int], float] | None,
+    available: float | None,
+    optimizer: str = DEFAULT,
 ) -> BatchChoice:
-    """The largest divisor of the per-process batch whose estimated peak fits `available` bytes
-    (USABLE_FRACTION of it); on the CPU (`peak` None) the largest divisor up to CPU_MICRO_BATCH."""
+    """The largest divisor of the per-process batch whose estimated peak (under `optimizer`) fits
+    `available` bytes (USABLE_FRACTION of it); on the CPU (`peak` None) the largest divisor up to
+    CPU_MICRO_BATCH."""
     per_process = -(-global_batch // world_size)
     divisors = [d for d in range(per_process, 0, -1) if per_process % d == 0]
     if peak is None:
         micro = next(d for d in divisors if d <= CPU_MICRO_BATCH)
-        return BatchChoice(micro, per_process // micro, None, None)
+        return BatchChoice(micro, per_process // micro, None, None, optimizer)
     budget = available * USABLE_FRACTION
     micro = next((d for d in divisors if peak(d) <= budget), None)
     if micro is None:
@@ -106,7 +128,61 @@ def choose(
             f"{budget / GB:.1f} GB this GPU has free to use; use --activation-checkpointing, more GPUs "
             "(--nproc) or a shorter --seq-len (see `radlads plan`)"
         )
-    return BatchChoice(micro, per_process // micro, peak(micro) / GB, available / GB)
+    return BatchChoice(micro, per_process // micro, peak(micro) / GB, available / GB, optimizer)
+
+
+def choose_optimizer(
+    global_batch: int,
+    world_size: int,
+    peaks: dict[str, Callable[[int], float]],
+    available: float,
+    seq_len: int,
+    micro_batch: int | None = None,
+) -> BatchChoice:
+    """`choose` under the first optimizer of `peaks` (most precise first) whose micro-batch holds
+    at least MIN_MICRO_TOKENS tokens (or the whole per-process batch); else under the one that
+    fits the largest. With `micro_batch` given, the first under which that micro-batch fits, else
+    the last (the trainer halves it where it runs out of memory)."""
+    per_process = -(-global_batch // world_size)
+    if micro_batch is not None:
+        budget = available * USABLE_FRACTION
+        name = next((n for n, peak in peaks.items() if peak(micro_batch) <= budget), list(peaks)[-1])
+        peak = peaks[name](micro_batch) / GB
+        return BatchChoice(micro_batch, per_process // micro_batch, peak, available / GB, name)
+    wanted = min(per_process, -(-MIN_MICRO_TOKENS // seq_len))
+    fitting, error = [], None
+    for name, peak in peaks.items():
+        try:
+            choice = choose(global_batch, world_size, peak, available, name)
+        except ValueError as err:
+            error = err
+            continue
+        if choice.micro_batch >= wanted:
+            return choice
+        fitting.append(choice)
+    if not fitting:
+        raise error
+    return max(fitting, key=lambda c: c.micro_batch)
+
+
+def one_gpu_settings(
+    teacher_dir: str | Path, arch: str, step: int, cfg: StepConfig, gpu_bytes: float, **plan_options
+) -> tuple[bool, BatchChoice]:
+    """What `step` should run with on one GPU of `gpu_bytes` at cfg's micro-batch: activation
+    checkpointing only where no optimizer fits without it (step 1 never checkpoints), and the
+    optimizer that "auto" then takes with radlads[torchao] installed. The choice's `fits` says
+    whether even that is estimated to fit."""
+    for checkpointing in (False, True) if step > 1 else (False,):
+        peaks = {
+            name: peak_estimator(
+                teacher_dir, arch, step, cfg, 1, checkpointing, optimizer=name, **plan_options
+            )
+            for name in OPTIMIZERS
+        }
+        choice = choose_optimizer(cfg.batch_size, 1, peaks, gpu_bytes, cfg.seq_len, cfg.batch_size)
+        if choice.fits:
+            break
+    return checkpointing, choice
 
 
 def size_step(
@@ -118,13 +194,37 @@ def size_step(
     arch: str,
     **plan_options,
 ) -> tuple[StepConfig, BatchChoice | None]:
-    """`cfg` with its micro-batch and accumulation set: as given where batch_size is set, else
-    chosen for the device. The choice is None where the user gave the micro-batch."""
-    if cfg.batch_size is not None:
-        return cfg, None
+    """`cfg` with its micro-batch, accumulation and optimizer set: as given where given, else chosen
+    for the device. The choice is None where the user gave both the micro-batch and the optimizer,
+    or the micro-batch on the CPU (no memory plan there: "auto" is DEFAULT)."""
     on_gpu = device.type == "cuda"
-    peak = peak_estimator(teacher_dir, arch, step, cfg, world_size, **plan_options) if on_gpu else None
-    choice = choose(cfg.global_batch_size, world_size, peak, available_bytes(device) if on_gpu else None)
+    auto = cfg.optimizer == "auto"
+    if not on_gpu and auto:
+        cfg = dataclasses.replace(cfg, optimizer=DEFAULT)
+    if cfg.batch_size is not None and not (on_gpu and auto):
+        return cfg, None
+    if on_gpu:
+        names = installed() if auto else (cfg.optimizer,)
+        peaks = {
+            name: peak_estimator(teacher_dir, arch, step, cfg, world_size, optimizer=name, **plan_options)
+            for name in names
+        }
+        given = cfg.batch_size is not None
+        global_batch = cfg.batch_size * cfg.grad_accum * world_size if given else cfg.global_batch_size
+        try:
+            choice = choose_optimizer(
+                global_batch, world_size, peaks, available_bytes(device), cfg.seq_len, cfg.batch_size
+            )
+        except ValueError as err:
+            if auto and len(names) < len(OPTIMIZERS):
+                raise ValueError(
+                    f"{err}; or install radlads[torchao], whose smaller optimizer states (--optimizer) "
+                    "leave more room for activations"
+                ) from err
+            raise
+    else:
+        choice = choose(cfg.global_batch_size, world_size, None, None, cfg.optimizer)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         log.info(choice.describe(step, cfg, world_size))
-    return dataclasses.replace(cfg, batch_size=choice.micro_batch, grad_accum=choice.grad_accum), choice
+    sized = dict(batch_size=choice.micro_batch, grad_accum=choice.grad_accum, optimizer=choice.optimizer)
+    return dataclasses.replace(cfg, **sized), choice

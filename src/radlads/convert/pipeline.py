@@ -10,6 +10,7 @@ import functools
 import gc
 import importlib.util
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -73,12 +74,14 @@ class Conversion:
 
     @functools.cached_property
     def teacher_dir(self) -> Path:
-        return resolve_teacher(self.cfg.teacher)
+        return resolve_teacher(self.cfg.teacher, random_weights=self.cfg.random_teacher_weights)
 
     @property
     def teacher(self):
         if self._teacher is None:
-            self._teacher = load_teacher(self.teacher_dir, dtype=self.dtype, device=self.device)
+            self._teacher = load_teacher(
+                self.teacher_dir, self.dtype, self.device, self.cfg.random_teacher_weights, self.cfg.seed
+            )
         return self._teacher
 
     @property
@@ -302,7 +305,7 @@ class Conversion:
         weights = sorted(p.name for p in source.glob("model*.safetensors*"))  # shards + index when split
         written = [name for name in ("config.json", *weights) if (source / name).exists()]
         for name in written:
-            copy_atomic(source / name, self.out / name)
+            (_link_or_copy if name in weights else copy_atomic)(source / name, self.out / name)
         written += [Path(p).name for p in self.tokenizer.save_pretrained(self.out)]
         try:
             GenerationConfig.from_pretrained(self.teacher_dir).save_pretrained(self.out)
@@ -313,6 +316,16 @@ class Conversion:
             written.append("generation_config.json")
         files = {name: sha256_of(self.out / name) for name in sorted(set(written))}
         write_json_atomic(self.out / SUMMARY_FILE, {**self.summary(), "files": files})
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows one: a 7B student's weights are ~33 GB, which a
+    copy would take again in disk and minutes. The checkpoint is replaced, never written in place,
+    so the link keeps the exported version."""
+    try:
+        os.link(source, target)
+    except OSError:
+        copy_atomic(source, target)
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:

@@ -6,8 +6,9 @@ assumptions (all sizes in bytes, GB = 1e9 bytes):
 
 Model states (sharded: divided by the number of GPUs with FSDP2 / ZeRO-3):
 - the frozen teacher is held in bf16 (2 bytes/param) in steps 1 and 2;
-- trainable parameters keep an fp32 master copy (4), an fp32 gradient (4) and AdamW's two fp32
-  moments (8): 16 bytes per trainable parameter;
+- trainable parameters keep an fp32 master copy (4), an fp32 gradient (4) and AdamW's two
+  moments: fp32 (8; 16 bytes per trainable parameter in all), bf16 (4; 12 in all) or 8-bit with
+  a fp32 scale per 256 values (~2; ~10 in all), by the optimizer (radlads.train.optimizers);
 - step 1 trains only the time mixers; the rest of the student (embeddings, MLPs, norms, head,
   kept softmax layers) is frozen and held in bf16 (2 bytes/param);
 - steps 2 and 3 train the whole student with the LM head untied from the embedding (SPEC §2),
@@ -49,10 +50,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from ..train.optimizers import STATE_BYTES
+
 GB = 1e9
 GPU_COUNTS = (1, 2, 4, 8, 16)
 BF16, FP16, FP32 = 2, 2, 4
-ADAM_STATE_BYTES = FP32 + FP32 + 2 * FP32  # master copy, gradient, two moments
 MIXER_BF16_TENSORS = 10
 MLP_BF16_INTERMEDIATES = 4
 NORM_RESIDUAL_TENSORS = 4
@@ -107,6 +109,7 @@ class ConversionPlan:
     step3_batch_size: int
     gpu_memory_gb: float
     usable_fraction: float = 0.9
+    optimizer: str = "adamw"
     steps: list[StepMemory] = field(default_factory=list)
 
     @property
@@ -141,6 +144,8 @@ class ConversionPlan:
             f"- time-mixer parameters trained in step 1: {self.mixer_params:,}",
             f"- micro-batch: {self.batch_size} x {self.seq_len} tokens (steps 1-2), "
             f"{self.step3_batch_size} x {self.step3_seq_len} (step 3)",
+            f"- optimizer: {self.optimizer}, {STATE_BYTES[self.optimizer]:.4g} bytes per trained "
+            "parameter (master weight, gradient, moments)",
             f"- GPU: {self.gpu_memory_gb:g} GB, {self.usable_fraction:.0%} usable; "
             "teacher and student+optimizer sharded with FSDP2",
             "",
@@ -209,12 +214,15 @@ def plan(
     usable_fraction: float = 0.9,
     keep_kernel_intermediates: bool = False,
     tilelang: bool = False,
+    optimizer: str = "adamw",
 ) -> ConversionPlan:
     """Parameter counts (exact) and per-step memory estimates (see the module docstring).
     `keep_kernel_intermediates`: as `radlads convert --keep-kernel-intermediates` (RAD-RWKV7:
     every converted layer keeps fla's intermediates until its backward; under activation
     checkpointing the recomputed layer keeps them anyway, as training does). `tilelang`: those
-    of fla's TileLang kernels, which training runs where they are installed and fla takes them."""
+    of fla's TileLang kernels, which training runs where they are installed and fla takes them.
+    `optimizer`: one of radlads.train.optimizers.OPTIMIZERS, for the bytes of each trained parameter."""
+    trained_bytes = STATE_BYTES[optimizer]
     cfg = load_config(teacher)
     t_model, s_model = build_meta_models(cfg, arch, softmax_layers=list(softmax_layers))
     scfg = s_model.config
@@ -241,15 +249,15 @@ def plan(
     teacher_bytes = teacher_params * BF16
     steps: list[StepMemory] = []
 
-    # Step 1: frozen teacher + frozen student remainder (bf16) + trainable mixers (16 B/param).
+    # Step 1: frozen teacher + frozen student remainder (bf16) + trainable mixers.
     tok1 = batch_size * seq_len
-    states1 = teacher_bytes + (student_params - mixer_params) * BF16 + mixer_params * ADAM_STATE_BYTES
+    states1 = teacher_bytes + (student_params - mixer_params) * BF16 + mixer_params * trained_bytes
     act1 = tok1 * (n_layers * 2 * c * BF16 + len(converted) * mixer_tok + all_kept_tok)
     steps.append(StepMemory("step 1 (alignment)", states1, act1))
 
     # Step 2: frozen teacher + whole untied student trained.
     tok2 = batch_size * seq_len
-    states2 = teacher_bytes + student_untied * ADAM_STATE_BYTES
+    states2 = teacher_bytes + student_untied * trained_bytes
     tail2 = 2 * tok2 * c * BF16 + logits(tok2, KL_BYTES) + tok2 * mlp_tok  # finals, KL, teacher layer
     steps.append(StepMemory("step 2 (KL)", states2, tok2 * (n_layers * layer_tok + all_kept_tok) + tail2))
     steps.append(
@@ -258,7 +266,7 @@ def plan(
 
     # Step 3: student alone at long context.
     tok3 = step3_batch_size * step3_seq_len
-    states3 = student_untied * ADAM_STATE_BYTES
+    states3 = student_untied * trained_bytes
     tail3 = tok3 * c * BF16 + logits(tok3, CE_BYTES)
     steps.append(StepMemory("step 3 (CE)", states3, tok3 * (n_layers * layer_tok + all_kept_tok) + tail3))
     steps.append(
@@ -278,5 +286,6 @@ def plan(
         step3_batch_size=step3_batch_size,
         gpu_memory_gb=gpu_memory_gb,
         usable_fraction=usable_fraction,
+        optimizer=optimizer,
         steps=steps,
     )

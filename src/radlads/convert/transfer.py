@@ -14,10 +14,16 @@ from .inputs import check_finite, check_shapes
 
 
 def load_teacher(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
 ) -> PreTrainedModel:
     """A teacher HF folder (config.json + safetensors) as a frozen eval-mode model, checked first
-    (see inputs.py)."""
+    (see inputs.py). With `random_weights`, built from config.json alone with the family's random
+    init (from `seed`, the same teacher in every process), directly on `device`: no init on the
+    host, nor a copy of a 7B's weights from it."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -25,9 +31,14 @@ def load_teacher(
             "save_pretrained, or a .gguf file through radlads.teachers.resolve_teacher"
         )
     family_of(AutoConfig.from_pretrained(path).model_type)  # fail early, naming the supported families
-    check_shapes(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    check_finite(model, path)
+    if random_weights:
+        torch.manual_seed(seed)
+        with torch.device(device or "cpu"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    else:
+        check_shapes(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        check_finite(model, path)
     model.requires_grad_(False).eval()
     return model.to(device) if device else model
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from .optimizers import check_optimizer
+
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 
 
@@ -46,8 +48,11 @@ class StepConfig:
     checkpoint_every: int = 20_000_000  # tokens
     log_every: int = 10  # optimizer steps
     heldout_batches: int = 4  # held-out batches scored at the start and end of the step
+    # train.optimizers.OPTIMIZERS, or "auto": the most precise whose memory estimate fits (convert.batching)
+    optimizer: str = "auto"
 
     def __post_init__(self):
+        check_optimizer(self.optimizer)
         self.tokens = parse_tokens(self.tokens)
         self.warmup_tokens = parse_tokens(self.warmup_tokens)
         self.checkpoint_every = parse_tokens(self.checkpoint_every)
@@ -97,6 +102,9 @@ class ConvertConfig:
     compile: bool = True  # on CUDA, torch.compile the student's layers (one process) and the losses
     held_out_fraction: float = 0.01
     kl_chunk_tokens: int = 4096  # rows of [tokens, vocab] logits materialised at once in KL / CE
+    # The teacher folder holds a config.json only: build the teacher from it with random weights,
+    # on the device (throughput runs at a model's exact shape; nothing such a run learns is useful).
+    random_teacher_weights: bool = False
 
     def steps(self) -> dict[int, StepConfig]:
         return {1: self.step1, 2: self.step2, 3: self.step3}

@@ -22,6 +22,8 @@ from .checkpoint import find_checkpoint, load_resumable, read_trainer_state, sav
 from .config import StepConfig
 from .distributed import Distributed
 from .metrics import MetricsLog
+from .optimizers import DEFAULT as DEFAULT_OPTIMIZER
+from .optimizers import build_optimizer, resolve_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +121,8 @@ class Trainer:
             p.requires_grad_(True)
         self.loss = self.dist.shard_student(student, objective.step, objective.loss)
         self.params = objective.trainable(student)  # again: sharding replaced them with DTensors
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=cfg.lr,
-            betas=cfg.betas,
-            weight_decay=cfg.weight_decay,
-            fused=True,  # CPU too: one update path, with the non-finite check on the device
-        )
+        self.optimizer_name = resolve_optimizer(cfg.optimizer)
+        self.optimizer = build_optimizer(self.optimizer_name, self.params, cfg)
 
     def autocast(self):
         # bf16 activations on GPU with fp32 master weights: an LR of 1e-5 would vanish in bf16 weights.
@@ -188,7 +185,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{value:.4g}", refresh=False)
                 if done_updates % cfg.log_every == 0 or done_tokens >= cfg.tokens:
                     record = dict(
-                        step=step, tokens=done_tokens, loss=value, lr=done_lr, micro_batch=self.micro_batch
+                        step=step,
+                        tokens=done_tokens,
+                        loss=value,
+                        lr=done_lr,
+                        micro_batch=self.micro_batch,
+                        optimizer=self.optimizer_name,
                     )
                     self._log({**record, "tokens_per_s": window.rate()})
             if checkpoint:
@@ -262,7 +264,10 @@ class Trainer:
 
     def _update(self, batch: Tensor, lr: float) -> Tensor:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], Tensor):  # torchao's: a tensor, so its compiled update takes any LR
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         # Summed on the device and read once per update: a read per micro-batch would stall the
         # host until the GPU drains, leaving the GPU idle while the next micro-batch is launched.
         total = torch.zeros((), device=self.device)
@@ -283,7 +288,7 @@ class Trainer:
             # the host launched them.
             self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
-        elif finite.item():  # other optimizers (the benchmark's baseline)
+        elif finite.item():  # others (torchao's, the benchmark's baseline): a wait on the GPU per update
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
@@ -299,7 +304,8 @@ class Trainer:
 
     def _save(self, state: dict) -> None:
         """A finished step as a Hugging Face folder, a mid-step checkpoint as sharded DCP state."""
-        state = {**state, "step": self.objective.step, "loader": self.loader.state_dict()}
+        state = {**state, "step": self.objective.step, "optimizer": self.optimizer_name}
+        state["loader"] = self.loader.state_dict()
         try:
             if state["complete"]:
                 save_model(self.checkpoint_dir, self.student, state, self.dist)
@@ -329,6 +335,13 @@ class Trainer:
                 self.metrics.forget_after(self.objective.step, 0)
             return {}
         state = read_trainer_state(found)
+        written = state.get("optimizer", DEFAULT_OPTIMIZER)  # checkpoints from before the choice
+        if written != self.optimizer_name:  # one optimizer's state does not load into another's
+            raise ValueError(
+                f"{found} holds the state of optimizer {written}, but this run chose "
+                f"{self.optimizer_name}: pass --optimizer {written} to resume it, or delete "
+                f"{self.checkpoint_dir} to start step {self.objective.step} over"
+            )
         t0 = time.perf_counter()
         load_resumable(found, self.student, self.optimizer)
         self.loader.load_state_dict(state["loader"])

@@ -1,0 +1,111 @@
+"""Helpers of scripts/device_scale.sh (a Qwen2.5-7B-shaped `radlads convert` on one GPU): its
+inputs, and the summary of the runs' metrics.jsonl as docs/bench/<shape>-one-gpu.json.
+
+  python bench/scale.py inputs --work W [--shape qwen2.5-7b] [--train-tokens 16000000]
+  python bench/scale.py summary --run W/step1 W/step2 W/step3 --out docs/bench/qwen2.5-7b-one-gpu.json
+
+The summary, per step (from whichever run folder logged it; a later folder wins): steady-state
+tokens/s (median of the logged windows after the first --skip-logs, which hold compilation and
+warm-up), MFU from the FLOPs per token that bench/training.py counts for the step at the run's
+sequence length (activation checkpointing's recomputation not counted), peak memory, the
+micro-batch and the optimizer the step ran with; and the GPU-hours of the whole protocol
+(PROTOCOL_TOKENS) at those rates, where all three steps ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from common import PEAK_BF16_FLOPS, SHAPES, ModelCost, write_random_inputs
+from multigpu import step_figures
+from training import mixer_weights, step_flops
+
+PROTOCOL_TOKENS = {1: 100_000_000, 2: 250_000_000, 3: 100_000_000}  # SPEC section 3
+
+
+def flops_per_token(teacher_dir: Path, arch: str, step: int, seq_len: int) -> float:
+    """bench/training.py's count for `step`, from meta-device models (no memory, no init)."""
+    from radlads.convert.plan import build_meta_models, load_config
+
+    teacher, student = build_meta_models(load_config(teacher_dir), arch)
+    costs = ModelCost.of(teacher), ModelCost.of(student)
+    return step_flops(step, *costs, mixer_weights(student), seq_len)["total"]
+
+
+def summarise(
+    runs: list[Path], gpu: str, peak_flops: float = PEAK_BF16_FLOPS, skip: int = 2
+) -> dict[str, Any]:
+    """The run folders (each a `radlads convert --out` or `radlads stepK --out`) as the one-GPU JSON
+    (module docstring)."""
+    steps = {}
+    for run in runs:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        for step, fig in step_figures(run, 1, skip, steps=(1, 2, 3)).items():
+            seq_len = config[f"step{step}"]["seq_len"]
+            flops = flops_per_token(Path(config["teacher"]), config["arch"], step, seq_len)
+            steps[str(step)] = {
+                "tokens_per_s": fig["tokens_per_s"],
+                "mfu": fig["tokens_per_s"] * flops / peak_flops,
+                "peak_gb": fig["peak_gb_per_gpu"][0] if fig["peak_gb_per_gpu"] else None,
+                "batch": fig["micro_batch"],
+                "optimizer": fig["optimizer"],
+                "seq_len": seq_len,
+                "flops_per_token": flops,
+                "tokens": fig["tokens"],
+                "windows": fig["windows"],
+                "complete": fig["complete"],
+                "run": str(run),
+            }
+    steps = dict(sorted(steps.items()))
+    hours = None
+    if set(steps) == {"1", "2", "3"}:
+        hours = sum(n / steps[str(k)]["tokens_per_s"] for k, n in PROTOCOL_TOKENS.items()) / 3600
+    return {
+        "gpu": gpu,
+        "steps": steps,
+        "protocol_gpu_hours": hours,
+        "protocol_tokens": {str(k): n for k, n in PROTOCOL_TOKENS.items()},
+        "mfu_peak_tflops": peak_flops / 1e12,
+        "skip_logs": skip,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inputs", help="config.json-only teacher, its tokenizer, random token shards")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--shape", default="qwen2.5-7b", choices=sorted(SHAPES))
+    p.add_argument("--train-tokens", type=int, default=16_000_000)
+    p.add_argument("--heldout-tokens", type=int, default=262_144)
+    p = sub.add_parser("summary", help="the run's metrics.jsonl as the one-GPU JSON")
+    p.add_argument("--run", type=Path, nargs="+", required=True, help="convert/stepK --out folders")
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--gpu", help="GPU name (default: this machine's CUDA device)")
+    p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOPS / 1e12, help="MFU's ceiling")
+    p.add_argument("--skip-logs", type=int, default=2, help="logged windows per step left out as warm-up")
+    args = parser.parse_args(argv)
+    if args.command == "inputs":
+        write_random_inputs(args.work, args.shape, args.train_tokens, args.heldout_tokens, weights=False)
+        return
+    gpu = args.gpu or gpu_name()
+    summary = summarise(args.run, gpu, args.peak_tflops * 1e12, args.skip_logs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
+
+
+if __name__ == "__main__":
+    main()
