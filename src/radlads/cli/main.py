@@ -15,6 +15,16 @@ from ..train.optimizers import OPTIMIZERS
 from . import commands
 
 
+def parse_layers(value: str) -> list[int] | str:
+    """--softmax-layers: "10,20" or "auto:2" (checked where the teacher's layer count is known)."""
+    if value.startswith("auto"):
+        return value
+    try:
+        return [int(x) for x in value.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give layer numbers (e.g. 10,20) or auto:N") from None
+
+
 def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file of ConvertConfig fields; flags override it")
     p.add_argument("--teacher", help="teacher: HF model folder, .gguf file, or folder holding one")
@@ -28,8 +38,9 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--softmax-layers",
-        type=lambda s: [int(x) for x in s.split(",") if x],
-        help="comma-separated layers that keep softmax attention (negative counts from the end)",
+        type=parse_layers,
+        help="comma-separated layers that keep softmax attention (negative counts from the end), or "
+        "auto:N for the N layers whose attention reaches farthest on held-out text",
     )
     for k in (1, 2, 3):
         p.add_argument(

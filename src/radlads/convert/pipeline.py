@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import gc
 import importlib.util
+import json
 import logging
 import os
 import tempfile
@@ -36,6 +37,7 @@ from ..train.metrics import MetricsLog
 from ..train.trainer import Trainer
 from .alignment import layer_cosines
 from .batching import size_step
+from .layer_choice import attention_reach, auto_count, farthest_reaching
 from .steps import AttentionAlignment, ContextExtension, Distillation, prepare_student
 from .teacher import prepare_teacher
 from .transfer import load_teacher, transfer
@@ -83,6 +85,37 @@ class Conversion:
                 self.teacher_dir, self.dtype, self.device, self.cfg.random_teacher_weights, self.cfg.seed
             )
         return self._teacher
+
+    @functools.cached_property
+    def softmax_layers(self) -> list[int]:
+        """The layers the student keeps as softmax attention: as given; for "auto:N", those the
+        step-0 student kept, or else the N of farthest attention reach on held-out text."""
+        spec = self.cfg.student.get("softmax_layers", ())
+        n = auto_count(spec)
+        if n is None:
+            return list(spec)
+        done = find_checkpoint(self.checkpoint(0))
+        if done is not None:
+            return json.loads((done / "config.json").read_text())["softmax_layers"]
+        # The longest context the conversion trains, within the teacher's own, up to 2048 tokens.
+        trained = [step.seq_len for step in self.cfg.steps().values() if step.tokens > 0]
+        seq_len = min(2048, max(trained, default=512), self.teacher.config.max_position_embeddings)
+        ids = next(iter(self._heldout_batches(seq_len, batch_size=2, n=1)), None)
+        if ids is None:
+            raise ValueError(
+                f"--softmax-layers auto:{n} measures the teacher's attention on held-out windows of "
+                f"{seq_len} tokens, and the data holds none: give more text, or name the layers"
+            )
+        reach = attention_reach(self.teacher, ids.to(self.device), distance=seq_len // 8)
+        chosen = farthest_reaching(reach, n)
+        log.info(
+            "softmax layers auto:%d -> %s (attention weight beyond %d tokens by layer: %s)",
+            n,
+            ",".join(map(str, chosen)),
+            seq_len // 8,
+            " ".join(f"{r:.2f}" for r in reach),
+        )
+        return chosen
 
     @property
     def tokenizer(self):
@@ -153,7 +186,8 @@ class Conversion:
 
     def step0(self) -> None:
         torch.manual_seed(self.cfg.seed)  # the new parameters' random init
-        student = transfer(self.teacher, self.cfg.arch, **self.cfg.student)
+        options = {**self.cfg.student, "softmax_layers": self.softmax_layers}
+        student = transfer(self.teacher, self.cfg.arch, **options)
         ids = next(
             iter(self._heldout_batches(seq_len=min(512, self.cfg.step1.seq_len), batch_size=2, n=1)), None
         )
@@ -217,7 +251,7 @@ class Conversion:
         """The step's config with its micro-batch chosen for the device where none was given."""
         options = dict(
             activation_checkpointing=self.cfg.activation_checkpointing,
-            softmax_layers=tuple(self.cfg.student.get("softmax_layers", ())),
+            softmax_layers=tuple(self.softmax_layers),
             keep_kernel_intermediates=self.cfg.keep_kernel_intermediates,
             tilelang=self.device.type == "cuda" and importlib.util.find_spec("tilelang") is not None,
         )

@@ -1,0 +1,54 @@
+"""Hybrid students keep softmax attention where the teacher's attention reaches farthest (auto:N)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from radlads.cli.main import main
+from radlads.convert.layer_choice import attention_reach, auto_count, farthest_reaching
+from tiny_models import make_teacher, make_teacher_folder, write_corpus
+
+
+def test_attention_reach_is_the_far_weight_of_late_queries():
+    teacher = make_teacher("llama")
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 160), generator=torch.Generator().manual_seed(0))
+    reach = attention_reach(teacher, ids, distance=32, sink_tokens=4, late=0.25)
+    assert teacher.config._attn_implementation == "sdpa"  # put back after the measurement
+    teacher.set_attn_implementation("eager")
+    with torch.no_grad():
+        weights = teacher(input_ids=ids, output_attentions=True).attentions
+    for layer, w in zip(reach, weights):
+        late = w[:, :, 120:]  # [B, H, the last 40 queries, T]
+        q, k = torch.arange(120, 160)[:, None], torch.arange(160)[None]
+        expected = (late * ((q - k > 32) & (k >= 4))).sum(-1).mean()
+        assert layer == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_farthest_reaching_and_bad_specs():
+    assert farthest_reaching([0.1, 0.7, 0.2, 0.6], 2) == [1, 3]
+    assert auto_count("auto:2") == 2 and auto_count([1, 2]) is None
+    with pytest.raises(ValueError, match="auto:N"):
+        auto_count("auto:two")
+    with pytest.raises(ValueError, match="between 1 and 3"):
+        farthest_reaching([0.1, 0.7, 0.2, 0.6], 4)
+
+
+def test_convert_keeps_the_chosen_layers_from_step_0_on(tmp_path, capsys):
+    teacher, corpus = make_teacher_folder(tmp_path), write_corpus(tmp_path / "corpus")
+    out = tmp_path / "student"
+    args = [
+        "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--seq-len", "256",
+        "--batch-size", "2", "--step1-tokens", "1k", "--step3-tokens", "0", "--quiet",
+    ]  # fmt: skip
+    too_many = [*args[:5], str(tmp_path / "other"), *args[6:], "--softmax-layers", "auto:3"]
+    assert main(["step0", *too_many]) == 2  # all 3 layers: nothing would be converted
+    assert "between 1 and 2" in capsys.readouterr().err
+    assert main(["step0", *args, "--softmax-layers", "auto:1"]) == 0
+    chosen = json.loads((out / "config.json").read_text())["softmax_layers"]
+    assert len(chosen) == 1
+    # later steps build on step 0's student: the same layer, measured once
+    assert main(["step1", *args, "--softmax-layers", "auto:1"]) == 0
+    assert json.loads((out / "checkpoints/step1/config.json").read_text())["softmax_layers"] == chosen
