@@ -63,5 +63,7 @@ def attention_reach(
 def farthest_reaching(reach: list[float], n: int) -> list[int]:
     """The `n` layers of greatest reach, in layer order."""
     if not 0 < n < len(reach):
-        raise ValueError(f"auto:{n} must keep between 1 and {len(reach) - 1} of the teacher's {len(reach)} layers")
+        raise ValueError(
+            f"auto:{n} must keep between 1 and {len(reach) - 1} of the teacher's {len(reach)} layers"
+        )
     return sorted(sorted(range(len(reach)), key=lambda i: -reach[i])[:n])
