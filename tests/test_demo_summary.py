@@ -21,11 +21,11 @@ def test_summary_shows_steps_perplexities_positions_samples_and_where_to_look(tm
         for name, v in loss.items()
     }
     (eval_dir / "results.json").write_text(json.dumps(results))
-    text = summary(tmp_path, eval_dir / "report.md", {"teacher": " Moses", "student": " and"}, 300.0)
+    text = summary(tmp_path, eval_dir / "report.md", {"teacher": " Moses", "student": "\n\n"}, 300.0)
     assert "SmolLM2-135M-Instruct-hf -> rad-rwkv7 in 5.0 min" in text
     assert "6,144 tokens in 12 updates of 512 tokens" in text and "150 -> 20" in text
     assert "NLL @1-16" in text and "NLL @257-511" in text  # buckets end at the window's length
     teacher_row = next(line for line in text.splitlines() if line.strip().startswith("teacher"))
     assert teacher_row.split()[1:] == ["20.1", "3.000", "3.000", "3.000", "3.000"]
-    assert "'Moses'" in text and "'and'" in text
+    assert "' Moses'" in text and "'\\n\\n'" in text  # as generated: a student's newlines stay visible
     assert str(eval_dir / "report.md") in text and RESULTS_PAGE in text

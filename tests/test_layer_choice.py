@@ -15,16 +15,18 @@ from tiny_models import make_teacher, make_teacher_folder, write_corpus
 def test_attention_reach_is_the_far_weight_of_late_queries():
     teacher = make_teacher("llama")
     ids = torch.randint(0, teacher.config.vocab_size, (2, 160), generator=torch.Generator().manual_seed(0))
-    reach = attention_reach(teacher, ids, distance=32, sink_tokens=4, late=0.25)
+    reach = attention_reach(teacher, ids, distances=(32, 64), sink_tokens=4, late=0.25)
     assert teacher.config._attn_implementation == "sdpa"  # put back after the measurement
     teacher.set_attn_implementation("eager")
     with torch.no_grad():
         weights = teacher(input_ids=ids, output_attentions=True).attentions
-    for layer, w in zip(reach, weights):
+    q, k = torch.arange(120, 160)[:, None], torch.arange(160)[None]
+    for i, w in enumerate(weights):
         late = w[:, :, 120:]  # [B, H, the last 40 queries, T]
-        q, k = torch.arange(120, 160)[:, None], torch.arange(160)[None]
-        expected = (late * ((q - k > 32) & (k >= 4))).sum(-1).mean()
-        assert layer == pytest.approx(expected.item(), rel=1e-5)
+        for d in (32, 64):
+            expected = (late * ((q - k > d) & (k >= 4))).sum(-1).mean()
+            assert reach.beyond[d][i] == pytest.approx(expected.item(), rel=1e-5)
+        assert reach.sinks[i] == pytest.approx(late[..., :4].sum(-1).mean().item(), rel=1e-5)
 
 
 def test_farthest_reaching_and_bad_specs():

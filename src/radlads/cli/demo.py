@@ -29,9 +29,9 @@ PROMPT = "The LORD said unto Moses,"
 BUDGETS = {
     "cpu": dict(
         step1=dict(
-            tokens="6k", lr=3e-3, lr_final=1e-4, seq_len=512, batch_size=1, heldout_batches=1, log_every=2
+            tokens="8k", lr=3e-3, lr_final=1e-4, seq_len=512, batch_size=1, heldout_batches=1, log_every=2
         ),
-        step2=dict(tokens="3k", lr=3e-4, seq_len=512, batch_size=1, heldout_batches=1, log_every=1),
+        step2=dict(tokens="15k", lr=3e-4, seq_len=512, batch_size=1, heldout_batches=1, log_every=1),
         activation_checkpointing=True,
     ),
     "cuda": dict(
@@ -89,7 +89,7 @@ def summary(out: Path, report: Path, samples: dict[str, str], wall_s: float) -> 
         *_perplexity_table(results),
         "",
         f"greedy continuation of {PROMPT!r}:",
-        *(f"  {name:8}{text.strip()!r}" for name, text in samples.items()),
+        *(f"  {name:8}{text!r}" for name, text in samples.items()),
         "",
         f"report: {report} (plots beside it: position_loss.png, loss_curves.png)",
         f"{GPU_RESULT}: see {RESULTS_PAGE}.",

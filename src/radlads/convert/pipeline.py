@@ -106,13 +106,14 @@ class Conversion:
                 f"--softmax-layers auto:{n} measures the teacher's attention on held-out windows of "
                 f"{seq_len} tokens, and the data holds none: give more text, or name the layers"
             )
-        reach = attention_reach(self.teacher, ids.to(self.device), distance=seq_len // 8)
+        distance = seq_len // 8
+        reach = attention_reach(self.teacher, ids.to(self.device), (distance,)).beyond[distance]
         chosen = farthest_reaching(reach, n)
         log.info(
             "softmax layers auto:%d -> %s (attention weight beyond %d tokens by layer: %s)",
             n,
             ",".join(map(str, chosen)),
-            seq_len // 8,
+            distance,
             " ".join(f"{r:.2f}" for r in reach),
         )
         return chosen
