@@ -79,6 +79,18 @@ def test_rerun_skips_finished_steps(converted, workspace, capsys):
     assert (converted / "metrics.jsonl").read_text() == before
 
 
+def test_quiet_prints_no_progress_bars(workspace, tmp_path):
+    """--quiet silences transformers' bars too (loading and writing weights), not only ours."""
+    teacher, corpus = workspace
+    out = tmp_path / "s"
+    args = ["step0", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--quiet"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "radlads", *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "%|" not in done.stderr and "it/s]" not in done.stderr, done.stderr[-3000:]
+
+
 def test_single_steps_run_alone_and_in_order(workspace, tmp_path):
     teacher, corpus = workspace
     out = tmp_path / "stepwise"

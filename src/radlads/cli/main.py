@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+import transformers
+
 from ..train.config import ConvertConfig, parse_tokens
 from ..train.optimizers import OPTIMIZERS
 from . import commands
@@ -296,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="radlads: %(message)s")
+    if getattr(args, "quiet", False):  # transformers' own bars too: loading and writing weights
+        transformers.utils.logging.disable_progress_bar()
     if getattr(args, "nproc", 1) != 1:
         check_nproc(args.nproc)
         if "WORLD_SIZE" not in os.environ:
