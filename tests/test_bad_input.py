@@ -203,3 +203,12 @@ def test_a_checkpoint_index_that_would_run_code_is_refused(tmp_path, capsys):
     (checkpoint / "dcp" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
     refused(capsys, export, "system, which no radlads checkpoint holds")
     assert not marker.exists()
+
+
+def test_a_damaged_trainer_state_names_the_checkpoint_to_delete(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(convert(*inputs, out)) == 0
+    (out / "checkpoints/step1/trainer.json").write_bytes(b"\x00garbage")
+    weights = (out / "model.safetensors").read_bytes()
+    refused(capsys, convert(*inputs, out), "checkpoints/step1/trainer.json is damaged", "delete")
+    assert (out / "model.safetensors").read_bytes() == weights  # the export stands

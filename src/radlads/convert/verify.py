@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..files import sha256_of
 from ..teachers import TOKENIZER_FILES
-from ..train.checkpoint import STATE_DIR, find_checkpoint, is_resumable, read_trainer_state
+from ..train.checkpoint import STATE_DIR, DamagedCheckpoint, find_checkpoint, is_resumable, read_trainer_state
 from .inputs import stored_shapes, weight_files
 from .pipeline import STEPS, SUMMARY_FILE
 
@@ -124,8 +124,8 @@ def _checkpoint_state(out: Path, path: Path, recorded: bool) -> Finding | None:
     redo = f"delete {found} and re-run the same `radlads convert` command to redo that step"
     try:
         state = read_trainer_state(found)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return Finding("corrupt", f"{where}/trainer.json ({err}); {redo}")
+    except DamagedCheckpoint:
+        return Finding("corrupt", f"{where}/trainer.json is not readable; {redo}")
     if is_resumable(found):
         return Finding("ok", f"{where}: mid-step checkpoint at {state.get('tokens')} tokens ({STATE_DIR}/)")
     if not state.get("complete"):

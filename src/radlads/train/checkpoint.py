@@ -162,6 +162,16 @@ def find_checkpoint(path: Path) -> Path | None:
     return None
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's trainer state is not readable: damaged from outside radlads (its writes are atomic)."""
+
+
 def read_trainer_state(path: Path) -> dict[str, Any]:
-    with open(Path(path) / TRAINER_FILE) as f:
-        return json.load(f)
+    try:
+        with open(Path(path) / TRAINER_FILE, "rb") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedCheckpoint(
+            f"{Path(path) / TRAINER_FILE} is damaged ({err}): delete {path} and re-run the same command "
+            "to redo that step"
+        ) from None
