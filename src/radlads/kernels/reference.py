@@ -74,6 +74,7 @@ def recurrent_chunked(
         y_n = Q_n h_n + Y_n,    h_{n+1} = diag(w_n) h_n + P_n h_n + D_n
     """
     T, dtype = r.shape[1], v.dtype
+    chunk_size = max(1, min(chunk_size, T))  # a short input (a decoding step) is its own chunk, unpadded
     pad = (-T) % chunk_size
     h = _initial_state(r, v, initial_state)
     # Padding with log_w = 0 and zero k/v/a/b leaves the state untouched, so the final state is exact.
