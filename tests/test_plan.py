@@ -72,6 +72,11 @@ def test_cli_prints_table(tmp_path, capsys):
     step1 = [next(line for line in t.splitlines() if line.startswith("| step 1")) for t in tables]
     default, triton, tilelang = (float(row.split("|")[3]) for row in step1)  # activations GB/GPU
     assert default < tilelang < triton
+    # auto:N plans as N softmax layers (which ones does not change memory)
+    assert main(args + ["--softmax-layers", "auto:1"]) == 0
+    auto = capsys.readouterr().out
+    assert main(args + ["--softmax-layers", "2"]) == 0
+    assert auto == capsys.readouterr().out != tables[0]
 
 
 @pytest.mark.parametrize("arch", ["rad-rwkv7", "rad-rwkv6"])

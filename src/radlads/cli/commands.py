@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..convert.layer_choice import auto_count
 from ..convert.pipeline import Conversion, export_checkpoint, resolve_device
 from ..convert.verify import verify as verify_conversion
 from ..data import prepare_shards
@@ -217,8 +218,10 @@ def demo(args: argparse.Namespace) -> int:
 def plan(args: argparse.Namespace) -> int:
     from ..convert.plan import plan as make_plan
 
+    n = auto_count(args.softmax_layers)
     options = dict(
-        softmax_layers=tuple(args.softmax_layers),
+        # for auto:N, any N layers: memory does not depend on which ones keep softmax attention
+        softmax_layers=tuple(range(n)) if n is not None else tuple(args.softmax_layers),
         keep_kernel_intermediates=args.keep_kernel_intermediates,
         tilelang=args.tilelang,
     )

@@ -177,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (steps 1 and 2)")
     p.add_argument(
         "--softmax-layers",
-        type=lambda s: [int(x) for x in s.split(",") if x],
+        type=parse_layers,
         default=[],
-        help="comma-separated layers that keep softmax attention",
+        help="comma-separated layers that keep softmax attention, or auto:N",
     )
     p.add_argument(
         "--keep-kernel-intermediates",
