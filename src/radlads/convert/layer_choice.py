@@ -3,8 +3,8 @@
 A time mixer carries the past in a fixed-size state; the teacher's layers that spread their attention
 over distant tokens are the ones it has most to summarise for. Attention sinks (heads parking their
 weight on the first tokens, as an off switch) are not reach: a state holds them for free. On
-SmolLM2-135M at 2048 tokens, layers 3-8 put 54-65% of their late queries' weight more than 256
-tokens back, layers 12-29 at most 23% (their sinks take 28-63%) (docs/results/smollm2-135m.md).
+SmolLM2-135M at 2048 tokens, layers 3-8 put 55-67% of their late queries' weight more than 256
+tokens back, layers 12-29 at most 27% (their sinks take 28-64%) (docs/results/smollm2-135m.md).
 
 `--softmax-layers auto:N` keeps the N layers of greatest reach, measured on held-out text.
 """
