@@ -6,7 +6,10 @@ weight on the first tokens, as an off switch) are not reach: a state holds them 
 SmolLM2-135M at 2048 tokens, layers 3-8 put 55-67% of their late queries' weight more than 256
 tokens back, layers 12-29 at most 27% (their sinks take 28-64%) (docs/results/smollm2-135m.md).
 
-`--softmax-layers auto:N` keeps the N layers of greatest reach, measured on held-out text.
+`--softmax-layers auto:N` keeps the N layers of greatest reach, measured on held-out text. Reach is
+weight, not need: on that teacher the layers whose long reach its own late-position loss needs most
+(20 and 8, scripts/attention_reach.py) are not the two of greatest weight (7 and 4). Which choice
+makes the better hybrid is not measured yet.
 """
 
 from __future__ import annotations
