@@ -12,16 +12,18 @@ from pathlib import Path
 
 import transformers
 
+from ..convert.layer_choice import auto_count
 from ..train.config import ConvertConfig, parse_tokens
 from ..train.optimizers import OPTIMIZERS
 from . import commands
 
 
 def parse_layers(value: str) -> list[int] | str:
-    """--softmax-layers: "10,20" or "auto:2" (checked where the teacher's layer count is known)."""
-    if value.startswith("auto"):
-        return value
+    """--softmax-layers: "10,20", or "auto:2" (its N is checked against the teacher's layers later)."""
     try:
+        if value.startswith("auto"):
+            auto_count(value)
+            return value
         return [int(x) for x in value.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r}: give layer numbers (e.g. 10,20) or auto:N") from None
