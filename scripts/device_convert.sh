@@ -32,10 +32,12 @@ evaluate() {  # evaluate MODEL_DIR LABEL
   cp "$1/eval/results.json" "$RUN/results/$NAME/results-$2.json"
   cp "$1/eval/report.md" "$RUN/results/$NAME/report-$2.md"
 }
+# Pack as it goes and score the final student first: a run cut short by the host's time limit
+# still leaves its training record and the result that matters most.
+cp "$RUN/$NAME/metrics.jsonl" "$RUN/$NAME/radlads.json" "$RUN/results/$NAME/"
+evaluate "$RUN/$NAME" final
 if [ "$STEP3" != 0 ]; then
   radlads export --checkpoint "$RUN/$NAME/checkpoints/step2" --out "$RUN/$NAME-step2" --teacher "$TEACHER" --quiet
   evaluate "$RUN/$NAME-step2" step2
 fi
-evaluate "$RUN/$NAME" final
-cp "$RUN/$NAME/metrics.jsonl" "$RUN/$NAME/radlads.json" "$RUN/results/$NAME/"
 echo "done $NAME"
