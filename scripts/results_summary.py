@@ -83,48 +83,66 @@ def table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def smoothed(losses: list[float], width: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, NLL) as a running mean over `width` positions, centred."""
+    curve = np.convolve(np.asarray(losses), np.ones(width) / width, mode="valid")
+    return np.arange(len(curve)) + width // 2, curve
+
+
 def plot_positions(results_dir: Path, entries: list[dict], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    teacher_drawn = False
+    """NLL by position (left) and student minus teacher (right). Runs scored on other held-out
+    windows (another corpus build) have another teacher curve; the difference compares them."""
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(11, 4))
+    teachers: dict[float, list[float]] = {}
     for e in entries:
         run, label = e["name"].split(":")
         results = json.loads((results_dir / run / f"results-{label}.json").read_text())
-        for who in ("student", "teacher"):
-            if who == "teacher" and teacher_drawn:
-                continue
-            losses = np.asarray(results[who]["perplexity"]["loss_by_position"])
-            smooth = np.convolve(losses, np.ones(32) / 32, mode="valid")
-            style = dict(color="black", lw=2) if who == "teacher" else {}
-            ax.plot(
-                np.arange(len(smooth)) + 16,
-                smooth,
-                label="teacher" if who == "teacher" else e["name"],
-                **style,
-            )
-        teacher_drawn = True
-    ax.set_xscale("log")
-    ax.set_xlabel("position in the 2048-token window")
+        student = results["student"]["perplexity"]["loss_by_position"]
+        teacher = results["teacher"]["perplexity"]["loss_by_position"]
+        teachers.setdefault(round(e["ppl_teacher"], 2), teacher)
+        (line,) = ax.plot(*smoothed(student), label=e["name"], lw=2.5 if e["best"] else 1.2)
+        x, diff = smoothed(np.asarray(student) - np.asarray(teacher))
+        gap.plot(x, diff, color=line.get_color(), label=e["name"], lw=2.5 if e["best"] else 1.2)
+    for (ppl, losses), style in zip(sorted(teachers.items()), ("-", "--", ":")):
+        ax.plot(
+            *smoothed(losses), color="black", ls=style, lw=2, label=f"teacher (ppl {ppl:.2f} on its windows)"
+        )
+    gap.axhline(0, color="black", lw=1)
+    for a in (ax, gap):
+        a.set_xscale("log")
+        a.set_xlabel("position in the 2048-token window")
     ax.set_ylabel("NLL (nats), 32-position mean")
-    ax.set_title("Held-out NLL by position: students vs SmolLM2-135M-Instruct")
-    ax.legend(fontsize=8)
+    gap.set_ylabel("student NLL minus teacher NLL (nats)")
+    ax.set_title("Held-out NLL by position")
+    gap.set_title("Gap to the teacher on the same windows")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
 
 def plot_scaling(entries: list[dict], out: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for arch in sorted({e["arch"] for e in entries}):
-        mine = sorted((e for e in entries if e["arch"] == arch), key=lambda e: sum(e["tokens"].values()))
+    """One line per student and recipe (with or without step 3), against total tokens."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    series: dict[str, list[dict]] = {}
+    for e in entries:
+        recipe = "steps 1-3" if "3" in e["tokens"] else "steps 1-2"
+        series.setdefault(f"{e['arch']}, {recipe}", []).append(e)
+    for name, mine in sorted(series.items()):
+        mine.sort(key=lambda e: sum(e["tokens"].values()))
         tokens = [sum(e["tokens"].values()) / 1e6 for e in mine]
-        axes[0].plot(tokens, [e["ppl_teacher"] / e["ppl_student"] for e in mine], "o-", label=arch)
-        axes[1].plot(tokens, [e["nll_gap_1024_2047"] for e in mine], "o-", label=arch)
-    axes[0].axhline(0.9, ls="--", color="grey")
-    axes[1].axhline(0.1, ls="--", color="grey")
+        axes[0].plot(tokens, [e["ppl_teacher"] / e["ppl_student"] for e in mine], "o-", label=name)
+        axes[1].plot(tokens, [e["nll_gap_1024_2047"] for e in mine], "o-", label=name)
+    axes[0].axhline(0.9, ls="--", color="grey", label="target")
+    axes[1].axhline(0.1, ls="--", color="grey", label="target")
     axes[0].set_ylabel("teacher / student perplexity")
-    axes[1].set_ylabel("NLL gap at positions 1024-2047")
+    axes[1].set_ylabel("NLL gap at positions 1024-2047 (nats)")
+    ticks = sorted({round(sum(e["tokens"].values()) / 1e6) for e in entries})
     for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks], minor=False)
+        ax.minorticks_off()
         ax.set_xlabel("total training tokens (M)")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
