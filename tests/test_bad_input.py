@@ -27,7 +27,7 @@ def inputs(tmp_path_factory):
 def convert(teacher, data, out, *extra) -> list[str]:
     return [
         "convert", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--step1-tokens", "512",
-        "--step2-tokens", "0", "--seq-len", "64", "--batch-size", "2", "--device", "cpu", "--quiet", *extra,
+        "--step2-tokens", "0", "--step3-tokens", "0", "--seq-len", "64", "--batch-size", "2", "--device", "cpu", "--quiet", *extra,
     ]  # fmt: skip
 
 

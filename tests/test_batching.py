@@ -133,6 +133,8 @@ def test_small_teachers_get_the_recipe_and_a_fitted_micro_batch_by_default(tmp_p
         1e-5,
     )
     assert cfg.step3.seq_len == 512  # the tiny teacher's max_position_embeddings, under 16384
+    assert cfg.step3.tokens == 10_000_000  # step 3 is part of the small teachers' recipe
+    assert _config([*base, "--step3-tokens", "0"]).step3.tokens == 0
     # flags win over the preset; --batch-size fixes the micro-batch of steps 1-2
     cfg = _config([*base, "--seq-len", "256", "--batch-size", "4", "--step2-lr", "3e-4"])
     assert (cfg.step2.seq_len, cfg.step2.batch_size, cfg.step2.lr) == (256, 4, 3e-4)

@@ -30,7 +30,7 @@ def convert(
     right after the first mid-step checkpoint, which `checkpoint_every` places in step 1 or 2."""
     teacher, data = inputs
     args = ["convert", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--step1-tokens", "2k",
-            "--step2-tokens", "4k", "--seq-len", "64", "--batch-size", str(GLOBAL_BATCH // procs),
+            "--step2-tokens", "4k", "--step3-tokens", "0", "--seq-len", "64", "--batch-size", str(GLOBAL_BATCH // procs),
             "--checkpoint-every", checkpoint_every, "--device", "cpu", "--quiet", *extra]  # fmt: skip
     if not killed:  # the user's way: radlads starts torchrun itself
         cmd = [sys.executable, "-m", "radlads", *args, "--nproc", str(procs)]

@@ -21,7 +21,7 @@ def convert_argv(tmp_path_factory):
     teacher, corpus = make_teacher_folder(tmp), write_corpus(tmp / "corpus", documents=60)
     return lambda out: [
         "convert", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--step1-tokens", "256",
-        "--step2-tokens", "128", "--seq-len", "64", "--batch-size", "2", "--device", "cpu", "--quiet",
+        "--step2-tokens", "128", "--step3-tokens", "0", "--seq-len", "64", "--batch-size", "2", "--device", "cpu", "--quiet",
     ]  # fmt: skip
 
 

@@ -46,9 +46,12 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated layers that keep softmax attention (negative counts from the end), or "
         "auto:N for the N layers whose attention reaches farthest on held-out text",
     )
+    budgets = {1: "100M", 2: "250M", 3: "0; 10M for teachers under 1B parameters"}
     for k in (1, 2, 3):
         p.add_argument(
-            f"--step{k}-tokens", type=parse_tokens, help=f"token budget of step {k} (k/M/B suffixes)"
+            f"--step{k}-tokens",
+            type=parse_tokens,
+            help=f"token budget of step {k} (k/M/B suffixes; default {budgets[k]})",
         )
         p.add_argument(f"--step{k}-lr", type=float, help=f"peak learning rate of step {k}")
     p.add_argument("--seq-len", type=int, help="sequence length of steps 1 and 2")
