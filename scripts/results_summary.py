@@ -35,6 +35,10 @@ def passkey_rates(records: list[dict]) -> dict[int, float]:
     return {length: sum(v) / len(v) for length, v in sorted(by_length.items())}
 
 
+def length_label(tokens: int) -> str:
+    return f"{tokens // 1000}k" if tokens >= 1000 else str(tokens)
+
+
 def trained_steps(summary: dict, label: str) -> dict[str, dict]:
     """The training steps behind the student evaluated under `label` (step2: before step 3)."""
     last = 2 if label == "step2" else 3
@@ -60,7 +64,7 @@ def entry(run: Path, label: str) -> dict:
         "nll_student_by_position": s_buckets,
         "nll_teacher_by_position": t_buckets,
         "nll_gap_1024_2047": s_buckets["1024-2047"] - t_buckets["1024-2047"],
-        "passkey": {f"{n // 1000}k": [s_keys[n], t_keys.get(n)] for n in s_keys},
+        "passkey": {length_label(n): [s_keys[n], t_keys.get(n)] for n in s_keys},
         "gpu_minutes": sum(v["wall_s"] for v in steps.values()) / 60,
         "best": False,
     }
