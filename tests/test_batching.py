@@ -148,3 +148,16 @@ def test_small_teachers_get_the_recipe_and_a_fitted_micro_batch_by_default(tmp_p
     (tmp_path / "run.yaml").write_text("step2: {seq_len: 1024, lr: 2.0e-5}\n")
     cfg = _config([*base, "--config", str(tmp_path / "run.yaml")])
     assert (cfg.step2.seq_len, cfg.step2.lr, cfg.step2.global_batch_size) == (1024, 2e-5, 128)
+
+
+def test_presets_by_teacher_size_from_the_library():
+    from radlads.convert.presets import preset_steps, size_class
+
+    qwen7b = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, vocab_size=152064)
+    smol = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, vocab_size=49152)
+    assert (size_class(smol), size_class(qwen7b)) == ("small", "medium")
+    steps = preset_steps("auto", smol | {"max_position_embeddings": 8192})
+    assert (steps[3]["tokens"], steps[3]["seq_len"]) == (10_000_000, 8192)
+    assert preset_steps("auto", qwen7b | {"max_position_embeddings": 32768})[3]["seq_len"] == 16384
+    with pytest.raises(ValueError, match="unknown preset 'tiny'; choose one of auto, cpu-smoke"):
+        preset_steps("tiny", smol)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..convert.layer_choice import auto_count
 from ..convert.pipeline import Conversion, export_checkpoint, resolve_device
+from ..convert.presets import preset_steps
 from ..convert.verify import verify as verify_conversion
 from ..data import prepare_shards
 from ..data.sources import build_corpus
@@ -19,47 +20,11 @@ from ..eval.suite import EvalSettings, evaluate_conversion, load_model
 from ..teachers import load_teacher_tokenizer, resolve_teacher
 from ..train.config import ConvertConfig
 
-# Per teacher size: sequences per optimizer update (each step's micro-batch is then chosen to fit
-# the GPU, convert.batching, unless --batch-size gives it) and, for small teachers, the recipe
-# measured best on SmolLM2-135M (docs/results/smollm2-135m.md): step 2 distils at 2048 tokens,
-# where the student learns to use long context, with a cosine LR from 1e-4, and step 3 runs
-# (10M tokens at the trained context), which cut the long-context gap by a fifth there.
-PRESETS: dict[str, dict[int, dict]] = {
-    "cpu-smoke": {
-        1: dict(batch_size=2, seq_len=128),
-        2: dict(batch_size=2, seq_len=128),
-        3: dict(seq_len=512, batch_size=1),
-    },
-    "small": {
-        1: dict(global_batch_size=128),
-        2: dict(global_batch_size=32, seq_len=2048, lr=1e-4, lr_final=1e-5),
-        3: dict(tokens=10_000_000, global_batch_size=8),
-    },
-    "medium": {1: dict(global_batch_size=32), 2: dict(global_batch_size=32), 3: dict(global_batch_size=4)},
-    "large": {1: dict(global_batch_size=32), 2: dict(global_batch_size=32), 3: dict(global_batch_size=4)},
-}
-PRESET_NAMES = ("auto", *PRESETS)
-
 
 def preset(name: str, teacher: str, random_weights: bool = False) -> dict[int, dict]:
-    """The preset's step settings; step 3 stays within the teacher's trained context."""
+    """The preset's step settings for this teacher (a folder, .gguf or random-weights config)."""
     folder = resolve_teacher(teacher, random_weights=random_weights)
-    teacher_cfg = json.loads((folder / "config.json").read_text())
-    if name == "auto":
-        name = _size_class(teacher_cfg)
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
-    steps = {k: dict(v) for k, v in PRESETS[name].items()}
-    if name != "cpu-smoke":
-        trained = teacher_cfg.get("max_position_embeddings") or 16384
-        steps[3].setdefault("seq_len", min(16384, trained))
-    return steps
-
-
-def _size_class(cfg: dict) -> str:
-    layer = 4 * cfg["hidden_size"] ** 2 + 3 * cfg["hidden_size"] * cfg["intermediate_size"]
-    params = cfg["num_hidden_layers"] * layer + cfg["vocab_size"] * cfg["hidden_size"]
-    return "small" if params < 1e9 else "medium" if params < 10e9 else "large"
+    return preset_steps(name, json.loads((folder / "config.json").read_text()))
 
 
 def convert(cfg: ConvertConfig, steps: tuple[int, ...], progress: bool = True) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import transformers
 
 from ..convert.layer_choice import auto_count
+from ..convert.presets import PRESET_NAMES
 from ..train.config import ConvertConfig, parse_tokens
 from ..train.optimizers import OPTIMIZERS
 from . import commands
@@ -38,7 +39,7 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         help="batch sizes and recipe by teacher size: auto (default without --config: from the "
-        "teacher's size) or " + ", ".join(commands.PRESET_NAMES[1:]),
+        "teacher's size) or " + ", ".join(PRESET_NAMES[1:]),
     )
     p.add_argument(
         "--softmax-layers",

@@ -1,0 +1,48 @@
+"""Step settings by teacher size: the recipes `radlads convert --preset` applies.
+
+Per teacher size: sequences per optimizer update (each step's micro-batch is then chosen to fit
+the GPU, convert.batching, unless a batch size is given) and, for small teachers, the recipe
+measured best on SmolLM2-135M (docs/results/smollm2-135m.md): step 2 distils at 2048 tokens,
+where the student learns to use long context, with a cosine LR from 1e-4, and step 3 runs
+(10M tokens at the trained context), which cut the long-context gap by a fifth there.
+"""
+
+from __future__ import annotations
+
+PRESETS: dict[str, dict[int, dict]] = {
+    "cpu-smoke": {
+        1: dict(batch_size=2, seq_len=128),
+        2: dict(batch_size=2, seq_len=128),
+        3: dict(seq_len=512, batch_size=1),
+    },
+    "small": {
+        1: dict(global_batch_size=128),
+        2: dict(global_batch_size=32, seq_len=2048, lr=1e-4, lr_final=1e-5),
+        3: dict(tokens=10_000_000, global_batch_size=8),
+    },
+    "medium": {1: dict(global_batch_size=32), 2: dict(global_batch_size=32), 3: dict(global_batch_size=4)},
+    "large": {1: dict(global_batch_size=32), 2: dict(global_batch_size=32), 3: dict(global_batch_size=4)},
+}
+PRESET_NAMES = ("auto", *PRESETS)
+
+
+def preset_steps(name: str, teacher_config: dict) -> dict[int, dict]:
+    """StepConfig fields per step for preset `name` ("auto": by the teacher's size), given the
+    teacher's config.json as a dict; step 3 stays within the teacher's trained context."""
+    if name == "auto":
+        name = size_class(teacher_config)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    steps = {k: dict(v) for k, v in PRESETS[name].items()}
+    if name != "cpu-smoke":
+        trained = teacher_config.get("max_position_embeddings") or 16384
+        steps[3].setdefault("seq_len", min(16384, trained))
+    return steps
+
+
+def size_class(teacher_config: dict) -> str:
+    """small (< 1B parameters), medium (< 10B) or large, from the config's shapes alone."""
+    cfg = teacher_config
+    layer = 4 * cfg["hidden_size"] ** 2 + 3 * cfg["hidden_size"] * cfg["intermediate_size"]
+    params = cfg["num_hidden_layers"] * layer + cfg["vocab_size"] * cfg["hidden_size"]
+    return "small" if params < 1e9 else "medium" if params < 10e9 else "large"
