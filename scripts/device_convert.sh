@@ -11,7 +11,8 @@ set -euo pipefail
 source scripts/device_env.sh
 ARCH=${ARCH:-rad-rwkv7}; NAME=${NAME:-$ARCH}
 STEP1=${STEP1:-16M}; STEP2=${STEP2:-32M}; STEP3=${STEP3:-0}
-PASSKEY=${PASSKEY:-256,1k,4k,8k}  # 256: can the student copy the key at all?; WINDOWS=${WINDOWS:-64}
+# 256 (last, so that the keys at 1k-8k stay those of earlier runs): can the student copy at all?
+PASSKEY=${PASSKEY:-1k,4k,8k,256}; WINDOWS=${WINDOWS:-64}
 RUN=${RUN:-/root/run}; STASH=${STASH:-/root/stash}
 mkdir -p "$RUN/results/$NAME"
 TEACHER=$(python3 -c "from radlads.teachers import resolve_teacher as r; print(r('$STASH/SmolLM2-135M-Instruct.Q4_1.gguf', cache_dir='$RUN/teacher'))")

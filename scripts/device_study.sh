@@ -14,11 +14,14 @@ set -uo pipefail
 RUN=${RUN:-/root/run}; LOG=${LOG:-/root/study.log}
 
 if [ "${1:-}" = collect ]; then
+  : "${OUT:?collect writes into the job output folder OUT}"
   end=$((SECONDS + ${2:-570}))
   while ((SECONDS < end)); do
+    finished=0
+    grep -q "study done" "$LOG" 2> /dev/null && finished=1  # before packing: the last pack holds it all
     tar czf "$OUT/results.tmp" -C "$(dirname "$RUN")" "$(basename "$RUN")/results" -C "$(dirname "$LOG")" "$(basename "$LOG")" 2> /dev/null
     mv "$OUT/results.tmp" "$OUT/results.tgz"
-    grep -q "study done" "$LOG" && break
+    ((finished)) && break
     sleep 8
   done
   tr '\r' '\n' < "$LOG" | grep -v -e tokenizing -e Writing | tail -12
@@ -26,11 +29,12 @@ if [ "${1:-}" = collect ]; then
 fi
 
 : "${STUDY:?one line of device_convert.sh knobs per run}"
+source scripts/device_env.sh  # once, before the runs add their autotuning results to the cache
 while IFS= read -r knobs; do
   [ -z "$knobs" ] && continue
   echo "== $(date +%T) $knobs"
   # shellcheck disable=SC2086  # each line is several VAR=value words
   env $knobs bash scripts/device_convert.sh || echo "== run failed (exit $?): $knobs"
 done <<< "$STUDY"
-source scripts/device_env.sh && OUT=$RUN/results save_gpu_cache
+OUT=$RUN/results save_gpu_cache
 echo "== $(date +%T) study done"

@@ -10,6 +10,7 @@ minutes are the training steps' wall time from radlads.json (tokenization and ev
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -36,7 +37,11 @@ def passkey_rates(records: list[dict]) -> dict[int, float]:
 
 
 def length_label(tokens: int) -> str:
-    return f"{tokens // 1000}k" if tokens >= 1000 else str(tokens)
+    return f"{tokens / 1000:g}k" if tokens >= 1000 else str(tokens)
+
+
+def rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def trained_steps(summary: dict, label: str) -> dict[str, dict]:
@@ -72,12 +77,12 @@ def entry(run: Path, label: str) -> dict:
 
 def table(entries: list[dict]) -> str:
     lines = [
-        "| run | tokens (step 1 / 2 / 3) | ppl student / teacher | teacher/student | NLL gap 1024-2047 | passkey 1k / 4k / 8k (teacher) | GPU min |",
+        "| run | tokens (step 1 / 2 / 3) | ppl student / teacher | teacher/student | NLL gap 1024-2047 | passkey by length: student (teacher) | GPU min |",
         "|---|---|---|---:|---:|---|---:|",
     ]
     for e in entries:
         tokens = " / ".join(f"{e['tokens'].get(k, 0) / 1e6:.0f}M" for k in ("1", "2", "3"))
-        keys = " / ".join(f"{s:.1f} ({t:.1f})" for s, t in e["passkey"].values())
+        keys = " / ".join(f"{n}: {s:.1f} ({rate(t)})" for n, (s, t) in e["passkey"].items())
         minutes = f"{e['gpu_minutes']:.1f}"
         lines.append(
             f"| {e['name']}{' **best**' if e['best'] else ''} | {tokens} | {e['ppl_student']:.2f} / "
@@ -107,7 +112,7 @@ def plot_positions(results_dir: Path, entries: list[dict], out: Path) -> None:
         (line,) = ax.plot(*smoothed(student), label=e["name"], lw=2.5 if e["best"] else 1.2)
         x, diff = smoothed(np.asarray(student) - np.asarray(teacher))
         gap.plot(x, diff, color=line.get_color(), label=e["name"], lw=2.5 if e["best"] else 1.2)
-    for (ppl, losses), style in zip(sorted(teachers.items()), ("-", "--", ":")):
+    for (ppl, losses), style in zip(sorted(teachers.items()), itertools.cycle(("-", "--", ":", "-."))):
         ax.plot(
             *smoothed(losses), color="black", ls=style, lw=2, label=f"teacher (ppl {ppl:.2f} on its windows)"
         )

@@ -148,6 +148,11 @@ def test_small_teachers_get_the_recipe_and_a_fitted_micro_batch_by_default(tmp_p
     (tmp_path / "run.yaml").write_text("step2: {seq_len: 1024, lr: 2.0e-5}\n")
     cfg = _config([*base, "--config", str(tmp_path / "run.yaml")])
     assert (cfg.step2.seq_len, cfg.step2.lr, cfg.step2.global_batch_size) == (1024, 2e-5, 128)
+    # with a preset named too, what the YAML writes still wins over the preset
+    (tmp_path / "run.yaml").write_text("step2: {seq_len: 1024}\nstep3: {tokens: 0}\n")
+    cfg = _config([*base, "--config", str(tmp_path / "run.yaml"), "--preset", "auto"])
+    assert (cfg.step2.seq_len, cfg.step2.lr, cfg.step2.global_batch_size) == (1024, 1e-4, 32)
+    assert cfg.step3.tokens == 0
 
 
 def test_presets_by_teacher_size_from_the_library():

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import transformers
+import yaml
 
 from ..convert.layer_choice import auto_count
 from ..convert.presets import PRESET_NAMES
@@ -47,7 +48,7 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated layers that keep softmax attention (negative counts from the end), or "
         "auto:N for the N layers whose attention reaches farthest on held-out text",
     )
-    budgets = {1: "100M", 2: "250M", 3: "0; 10M for teachers under 1B parameters"}
+    budgets = {1: "100M", 2: "250M", 3: "0; 10M under --preset auto for teachers under 1B parameters"}
     for k in (1, 2, 3):
         p.add_argument(
             f"--step{k}-tokens",
@@ -234,10 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ConvertConfig:
-    """YAML (if any), then preset, then explicit flags: later sources win."""
-    data = {}
+    """The preset, then what the YAML (if any) writes, then explicit flags: later sources win."""
+    data, written = {}, {}
     if args.config:
         data = ConvertConfig.from_yaml(args.config).to_dict()
+        written = yaml.safe_load(Path(args.config).read_text())  # from_yaml checked its shape
     switches = ("activation_checkpointing", "keep_kernel_intermediates", "compile", "random_teacher_weights")
     for key in ("teacher", "data", "out", "arch", "device", "seed") + switches:
         if getattr(args, key) is not None:
@@ -253,6 +255,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
         random_weights = data.get("random_teacher_weights", False)
         for k, values in commands.preset(preset, data["teacher"], random_weights).items():
             steps[k].update(values)
+            steps[k].update(written.get(f"step{k}") or {})
     for k in (1, 2, 3):
         flags = {
             "tokens": getattr(args, f"step{k}_tokens"),

@@ -3,8 +3,9 @@
 Per teacher size: sequences per optimizer update (each step's micro-batch is then chosen to fit
 the GPU, convert.batching, unless a batch size is given) and, for small teachers, the recipe
 measured best on SmolLM2-135M (docs/results/smollm2-135m.md): step 2 distils at 2048 tokens,
-where the student learns to use long context, with a cosine LR from 1e-4, and step 3 runs
-(10M tokens at the trained context), which cut the long-context gap by a fifth there.
+where the student learns to use long context, with a cosine LR from 1e-4, and step 3 runs (10M
+tokens at the trained context, as in the best run; 8M of it cut a 48M-token run's long-context
+gap by a fifth).
 """
 
 from __future__ import annotations
