@@ -358,3 +358,28 @@ def test_bench_generate_rows(teacher):
 def test_lm_eval_adapter_import_guard():
     with pytest.raises(ImportError, match="pip install lm-eval"):
         register_lm_eval_model()
+
+
+def test_report_tables_loss_by_position_range_and_the_gap(tmp_path):
+    from radlads.eval.perplexity import PerplexityResult
+    from radlads.eval.report import position_buckets
+
+    assert position_buckets(2047) == [(0, 63), (64, 255), (256, 1023), (1024, 2046)]
+    assert position_buckets(64) == [(0, 63)]
+    positions = np.arange(300)
+    teacher_loss = 3.0 - positions / 300  # the teacher gains from context ...
+    student_loss = np.where(positions < 64, teacher_loss, 2.9)  # ... the student stops after 64
+    student, teacher = (
+        ModelResults(
+            name, perplexity=PerplexityResult(nll=0.0, ppl=1.0, tokens=300, loss_by_position=loss.tolist())
+        )
+        for name, loss in (("student", student_loss), ("teacher", teacher_loss))
+    )
+    text = write_report(tmp_path, student, teacher).read_text()
+    table = text[text.index("| mean NLL (nats) | 0–63 | 64–255 | 256–299 |") :].splitlines()
+    gap = [float(v) for v in table[4].strip("| ").split(" | ")[1:]]
+    assert table[4].startswith("| student − teacher |")
+    assert gap == pytest.approx([0.0, 2.9 - (3.0 - 159.5 / 300), 2.9 - (3.0 - 277.5 / 300)], abs=1e-3)
+    assert (
+        "Loss by position range" not in write_report(tmp_path / "none", ModelResults("s"), None).read_text()
+    )

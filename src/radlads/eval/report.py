@@ -140,6 +140,39 @@ def _headline_section(student: ModelResults, teacher: ModelResults | None) -> st
     )
 
 
+def position_buckets(length: int) -> list[tuple[int, int]]:
+    """Position ranges 0-63, 64-255, 256-1023, ... (x4 each), the last one cut at `length`."""
+    buckets, lo, hi = [], 0, 64
+    while lo < length:
+        buckets.append((lo, min(hi, length) - 1))
+        lo, hi = hi, hi * 4
+    return buckets
+
+
+def position_table(student: ModelResults, teacher: ModelResults | None) -> str | None:
+    """Mean NLL per position range for each model, and the student's gap to the teacher: how much
+    of the teacher's gain from context the student keeps, range by range."""
+    if student.perplexity is None:
+        return None
+    rows = {student.name: np.asarray(student.perplexity.loss_by_position)}
+    if teacher is not None and teacher.perplexity is not None:
+        rows[teacher.name] = np.asarray(teacher.perplexity.loss_by_position)
+    length = min(len(loss) for loss in rows.values())
+    buckets = position_buckets(length)
+    means = {name: [loss[lo : hi + 1].mean() for lo, hi in buckets] for name, loss in rows.items()}
+    if len(means) == 2:
+        s, t = means.values()
+        means["student − teacher"] = [a - b for a, b in zip(s, t)]
+    header = "| mean NLL (nats) | " + " | ".join(f"{lo}–{hi}" for lo, hi in buckets) + " |"
+    lines = [header, "|---|" + "---:|" * len(buckets)]
+    for name, values in means.items():
+        signed = name == "student − teacher"
+        lines.append(
+            f"| {name} | " + " | ".join(f"{v:+.3f}" if signed else f"{v:.3f}" for v in values) + " |"
+        )
+    return "\n".join(lines)
+
+
 def _read_metrics(path: str | Path) -> dict[int, tuple[list[int], list[float]]]:
     curves: dict[int, tuple[list[int], list[float]]] = {}
     with open(path, encoding="utf-8") as f:
@@ -208,6 +241,13 @@ def _plot_task_scores(models: list[ModelResults], path: Path) -> bool:
     return True
 
 
+def _position_section(student: ModelResults, teacher: ModelResults | None) -> list[str]:
+    table = position_table(student, teacher)
+    if table is None:
+        return []
+    return ["## Loss by position range", "Position p predicts token p + 1 of each held-out window.", table]
+
+
 def _jsonable(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
@@ -246,6 +286,7 @@ def write_report(
         "perplexity, nll, memory) read teacher/student: like student/teacher for the others, below "
         "1.0 means the student is worse.",
         metrics_table(student_results, teacher_results),
+        *_position_section(student_results, teacher_results),
         *(f"## {caption}\n\n![{caption}]({name})" for caption, name in made),
     ]
     report = out_dir / "report.md"
