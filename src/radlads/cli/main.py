@@ -239,7 +239,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     data, written = {}, {}
     if args.config:
         data = ConvertConfig.from_yaml(args.config).to_dict()
-        written = yaml.safe_load(Path(args.config).read_text())  # from_yaml checked its shape
+        written = yaml.safe_load(Path(args.config).read_text()) or {}  # from_yaml checked its shape
     switches = ("activation_checkpointing", "keep_kernel_intermediates", "compile", "random_teacher_weights")
     for key in ("teacher", "data", "out", "arch", "device", "seed") + switches:
         if getattr(args, key) is not None:
