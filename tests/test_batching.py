@@ -153,6 +153,8 @@ def test_small_teachers_get_the_recipe_and_a_fitted_micro_batch_by_default(tmp_p
     cfg = _config([*base, "--config", str(tmp_path / "run.yaml"), "--preset", "auto"])
     assert (cfg.step2.seq_len, cfg.step2.lr, cfg.step2.global_batch_size) == (1024, 1e-4, 32)
     assert cfg.step3.tokens == 0
+    (tmp_path / "run.yaml").write_text("")  # an empty config leaves the preset as it is
+    assert _config([*base, "--config", str(tmp_path / "run.yaml"), "--preset", "auto"]).step2.seq_len == 2048
 
 
 def test_presets_by_teacher_size_from_the_library():
