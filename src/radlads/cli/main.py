@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import transformers
-import yaml
 
 from ..convert.layer_choice import auto_count
 from ..convert.presets import PRESET_NAMES
-from ..train.config import ConvertConfig, parse_tokens
+from ..train.config import ConvertConfig, parse_tokens, read_yaml
 from ..train.optimizers import OPTIMIZERS
 from . import commands
 
@@ -238,8 +237,8 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     """The preset, then what the YAML (if any) writes, then explicit flags: later sources win."""
     data, written = {}, {}
     if args.config:
-        data = ConvertConfig.from_yaml(args.config).to_dict()
-        written = yaml.safe_load(Path(args.config).read_text()) or {}  # from_yaml checked its shape
+        written = read_yaml(args.config)
+        data = ConvertConfig.from_dict(written).to_dict()
     switches = ("activation_checkpointing", "keep_kernel_intermediates", "compile", "random_teacher_weights")
     for key in ("teacher", "data", "out", "arch", "device", "seed") + switches:
         if getattr(args, key) is not None:

@@ -125,11 +125,16 @@ class ConvertConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ConvertConfig:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys at the top level")
-        return cls.from_dict(data)
+        return cls.from_dict(read_yaml(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config's keys as written (what it leaves out is not filled in)."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys at the top level")
+    return data

@@ -304,8 +304,12 @@ class Trainer:
 
     def _save(self, state: dict) -> None:
         """A finished step as a Hugging Face folder, a mid-step checkpoint as sharded DCP state."""
-        state = {**state, "step": self.objective.step, "optimizer": self.optimizer_name}
-        state["loader"] = self.loader.state_dict()
+        state = {
+            **state,
+            "step": self.objective.step,
+            "optimizer": self.optimizer_name,
+            "loader": self.loader.state_dict(),
+        }
         try:
             if state["complete"]:
                 save_model(self.checkpoint_dir, self.student, state, self.dist)
