@@ -139,7 +139,7 @@ def environment() -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
         info["tilelang"] = None
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu"] = gpu_name()
     try:
         info["git_commit"] = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
@@ -153,12 +153,15 @@ def environment() -> dict[str, Any]:
 
 
 @functools.cache  # the code as the run started; write_json asks after every cell
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
+
+
 def source_digest() -> str:
     """sha256 over the package's and the benchmarks' Python files (paths and contents, sorted)."""
-    root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted([*root.glob("src/radlads/**/*.py"), *root.glob("bench/*.py")]):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    for path in sorted([*ROOT.glob("src/radlads/**/*.py"), *ROOT.glob("bench/*.py")]):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

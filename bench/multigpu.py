@@ -76,9 +76,9 @@ def step_figures(run: Path, world: int, skip: int, steps=(1, 2)) -> dict[int, di
     `skip`, which hold compilation and warm-up), per GPU too, each rank's peak memory, and the
     micro-batch and optimizer it ended with."""
     finished = read_json(run / "radlads.json").get("steps", {})
-    figures = {}
+    figures, lines = {}, records(run / "metrics.jsonl")
     for step in steps:
-        logged = [r for r in records(run / "metrics.jsonl") if r["step"] == step]
+        logged = [r for r in lines if r["step"] == step]
         if not logged:
             continue
         steady = [r["tokens_per_s"] for r in logged[skip:]] or [r["tokens_per_s"] for r in logged]

@@ -20,20 +20,33 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import PEAK_BF16_FLOPS, SHAPES, ModelCost, write_random_inputs
+from common import PEAK_BF16_FLOPS, SHAPES, ModelCost, gpu_name, write_random_inputs
 from multigpu import step_figures
 from training import mixer_weights, step_flops
 
 PROTOCOL_TOKENS = {1: 100_000_000, 2: 250_000_000, 3: 100_000_000}  # SPEC section 3
 
 
-def flops_per_token(teacher_dir: Path, arch: str, step: int, seq_len: int) -> float:
-    """bench/training.py's count for `step`, from meta-device models (no memory, no init)."""
+def flops_per_token(teacher_dir: Path, arch: str, step: int, seq_len: int, **student_options) -> float:
+    """bench/training.py's count for `step`, from meta-device models (no memory, no init);
+    `student_options` as the run's config gives them (softmax_layers of a hybrid)."""
     from radlads.convert.plan import build_meta_models, load_config
 
-    teacher, student = build_meta_models(load_config(teacher_dir), arch)
+    teacher, student = build_meta_models(load_config(teacher_dir), arch, **student_options)
     costs = ModelCost.of(teacher), ModelCost.of(student)
     return step_flops(step, *costs, mixer_weights(student), seq_len)["total"]
+
+
+def student_options(config: dict) -> dict[str, Any]:
+    """The run's student options for counting FLOPs: auto:N as any N softmax layers (the count
+    depends on how many layers keep softmax, not which)."""
+    from radlads.convert.layer_choice import auto_count
+
+    options = dict(config.get("student") or {})
+    n = auto_count(options.get("softmax_layers", ()))
+    if n is not None:
+        options["softmax_layers"] = list(range(n))
+    return options
 
 
 def summarise(
@@ -46,7 +59,9 @@ def summarise(
         config = yaml.safe_load((run / "config.yaml").read_text())
         for step, fig in step_figures(run, 1, skip, steps=(1, 2, 3)).items():
             seq_len = config[f"step{step}"]["seq_len"]
-            flops = flops_per_token(Path(config["teacher"]), config["arch"], step, seq_len)
+            flops = flops_per_token(
+                Path(config["teacher"]), config["arch"], step, seq_len, **student_options(config)
+            )
             steps[str(step)] = {
                 "tokens_per_s": fig["tokens_per_s"],
                 "mfu": fig["tokens_per_s"] * flops / peak_flops,
@@ -99,12 +114,6 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
-
-
-def gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
 
 
 if __name__ == "__main__":

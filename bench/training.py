@@ -173,6 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--updates must be >= 1")
     if args.trace and not args.profile:
         p.error("--trace needs --profile N (the trace is the profiled update's)")
+    if args.optimizer != "adamw" and not args.no_baseline:
+        # the baseline trains with fp32 AdamW: its ratios would count the optimizer change too
+        p.error(f"--optimizer {args.optimizer} needs --no-baseline (the baseline's optimizer is adamw)")
     args.variants = [
         v
         for v in VARIANTS
@@ -406,6 +409,7 @@ def measure(cell: dict, teacher, student0, args, device, budget: Budget, row: di
         mfu=tok_s * cell["flops"]["total"] / (args.peak_tflops * 1e12),
         peak_gb=None if peak is None else peak / GIB,
         status="ok" if math.isfinite(row["loss"]) else "ok (non-finite loss)",
+        optimizer=type(trainer.optimizer).__name__,  # the class the update ran, not the flag
     )
     sites = host_syncs(update, device)
     if sites is not None:
