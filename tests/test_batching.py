@@ -69,10 +69,11 @@ def test_step_is_sized_to_the_memory_the_device_reports(tmp_path, monkeypatch, m
     # a given micro-batch is kept as given; with the optimizer given too, nothing is chosen
     given = dataclasses.replace(step1, batch_size=3, grad_accum=2, optimizer="adamw-8bit")
     assert batching.size_step(given, 1, CUDA, 1, tmp_path, "rad-rwkv7") == (given, None)
+    monkeypatch.setattr(batching, "installed", lambda: ("adamw",))  # torchao or not: auto takes adamw
     sized, choice = batching.size_step(
         dataclasses.replace(given, optimizer="auto"), 1, CUDA, 1, tmp_path, "rad-rwkv7"
     )
-    assert (sized.batch_size, sized.grad_accum, sized.optimizer) == (3, 2, choice.optimizer)
+    assert (sized.batch_size, sized.grad_accum, sized.optimizer, choice.optimizer) == (3, 2, "adamw", "adamw")
 
 
 def _trainer(micro_batch: int) -> Trainer:

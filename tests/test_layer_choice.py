@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from radlads.cli.main import main
-from radlads.convert.layer_choice import attention_reach, auto_count, farthest_reaching
+from radlads.convert import pipeline
+from radlads.convert.layer_choice import Reach, attention_reach, auto_count, farthest_reaching
 from tiny_models import make_teacher, make_teacher_folder, write_corpus
 
 
@@ -38,7 +39,7 @@ def test_farthest_reaching_and_bad_specs():
         farthest_reaching([0.1, 0.7, 0.2, 0.6], 4)
 
 
-def test_convert_keeps_the_chosen_layers_from_step_0_on(tmp_path, capsys):
+def test_convert_keeps_the_chosen_layers_from_step_0_on(tmp_path, capsys, monkeypatch):
     teacher, corpus = make_teacher_folder(tmp_path), write_corpus(tmp_path / "corpus")
     out = tmp_path / "student"
     args = [
@@ -48,9 +49,17 @@ def test_convert_keeps_the_chosen_layers_from_step_0_on(tmp_path, capsys):
     too_many = [*args[:5], str(tmp_path / "other"), *args[6:], "--softmax-layers", "auto:3"]
     assert main(["step0", *too_many]) == 2  # all 3 layers: nothing would be converted
     assert "between 1 and 2" in capsys.readouterr().err
+    calls = []
+
+    def reach(teacher, ids, distances, *rest):  # layer 1 reaches farthest, whatever the random teacher
+        calls.append(ids.shape)
+        return Reach({d: [0.1, 0.5, 0.2] for d in distances}, [0.0, 0.0, 0.0])
+
+    monkeypatch.setattr(pipeline, "attention_reach", reach)
     assert main(["step0", *args, "--softmax-layers", "auto:1"]) == 0
     chosen = json.loads((out / "config.json").read_text())["softmax_layers"]
-    assert len(chosen) == 1
+    assert chosen == [1] and len(calls) == 1
     # later steps build on step 0's student: the same layer, measured once
     assert main(["step1", *args, "--softmax-layers", "auto:1"]) == 0
     assert json.loads((out / "checkpoints/step1/config.json").read_text())["softmax_layers"] == chosen
+    assert len(calls) == 1

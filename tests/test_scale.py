@@ -93,10 +93,10 @@ def test_a_mid_step_checkpoint_resumes_only_with_its_own_optimizer(inputs, tmp_p
 
 
 def test_the_7b_shape_is_the_published_config():
-    published = json.loads((Path(__file__).resolve().parents[1] / "docs/plan/qwen2.5-7b.json").read_text())
-    shape = SHAPES["qwen2.5-7b"]
-    assert shape["family"] == published["model_type"]
-    assert all(shape[k] == published[k] for k in shape if k != "family")
+    shape = SHAPES["qwen2.5-7b"]  # read from docs/plan/qwen2.5-7b.json: Qwen2.5-7B's published config
+    published = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28)
+    published |= dict(num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, family="qwen2")
+    assert {k: shape[k] for k in published} == published
     teacher, _ = build_meta_models(teacher_config("qwen2.5-7b"))
     assert count_params(teacher) == 7_615_616_512  # Qwen2.5-7B's published parameter count
 
@@ -112,7 +112,10 @@ def test_training_benchmark_runs_each_optimizer(tmp_path):
             )
         record = json.loads((out / "training.json").read_text())
         (row,) = record["results"]
-        assert row["status"] == "ok" and row["tok_s"] > 0 and record["args"]["optimizer"] == optimizer
+        assert row["status"] == "ok" and row["tok_s"] > 0
+        assert (
+            row["optimizer"] == {"adamw-bf16-state": "AdamWBf16State", "adamw-8bit": "AdamW8bit"}[optimizer]
+        )
 
 
 def _fake_run(run: Path, teacher: Path) -> None:
@@ -126,7 +129,8 @@ def _fake_run(run: Path, teacher: Path) -> None:
     for step, values in rates.items():
         for i, rate in enumerate(values):
             record = dict(step=step, tokens=(i + 1) * 4096, loss=1.0, tokens_per_s=rate)
-            record |= dict(micro_batch=8 // step, optimizer="adamw-8bit", max_memory_allocated_gb=[50.0 + i])
+            peak = [50.0 + i * (-1) ** i]  # rises and falls: the step's highest is reported
+            record |= dict(micro_batch=8 // step, optimizer="adamw-8bit", max_memory_allocated_gb=peak)
             lines.append(json.dumps(record))
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -142,10 +146,11 @@ def test_summary_of_a_runs_metrics(inputs, tmp_path):
     for step, figures in summary["steps"].items():
         assert figures["tokens_per_s"] == expected_rate[step]
         assert figures["mfu"] == pytest.approx(expected_rate[step] * figures["flops_per_token"] / 790e12)
-        flops = scale.flops_per_token(inputs / "teacher", "rad-rwkv7", int(step), figures["seq_len"])
-        assert figures["flops_per_token"] == flops > 0
+        seq_len = 512 if step != "3" else 16384  # as _fake_run's config.yaml gives each step
+        flops = scale.flops_per_token(inputs / "teacher", "rad-rwkv7", int(step), seq_len)
+        assert figures["seq_len"] == seq_len and figures["flops_per_token"] == flops > 0
         assert (figures["batch"], figures["optimizer"]) == (8 // int(step), "adamw-8bit")
-        assert figures["peak_gb"] == {"1": 54.0, "2": 52.0, "3": 53.0}[step]  # the step's last window
+        assert figures["peak_gb"] == {"1": 54.0, "2": 52.0, "3": 52.0}[step]  # the step's highest window
     hours = (100e6 / 1000 + 250e6 / 400 + 100e6 / 225) / 3600
     assert summary["protocol_gpu_hours"] == pytest.approx(hours)
 
