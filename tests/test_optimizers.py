@@ -64,7 +64,7 @@ def test_plan_counts_each_optimizers_bytes_per_trained_parameter(tmp_path):
     for name, other in plans.items():
         saved = 16 - STATE_BYTES[name]
         trained = (base.mixer_params, base.student_params_untied, base.student_params_untied)
-        for row, row_base, n in zip(other.steps[::2], base.steps[::2], trained):  # steps 1, 2, 3
+        for row, row_base, n in zip(_plain(other), _plain(base), trained):  # steps 1, 2, 3
             assert row_base.states_bytes - row.states_bytes == pytest.approx(n * saved)
             assert row.activation_bytes == row_base.activation_bytes
 
@@ -99,6 +99,11 @@ def test_plan_recommends_for_one_gpu_what_convert_would_choose(tmp_path, monkeyp
         assert sized.optimizer == row[2], (step, row)
 
 
+def _plain(plan_) -> list:
+    """A plan's rows without activation checkpointing: one per step."""
+    return [row for row in plan_.steps if "act. ckpt" not in row.name]
+
+
 def test_auto_takes_only_installed_optimizers_and_says_what_would_fit(tmp_path, monkeypatch):
     """Without torchao, "auto" keeps to torch's AdamW; where that fits nothing, the error names
     torchao's smaller states."""
@@ -111,7 +116,8 @@ def test_auto_takes_only_installed_optimizers_and_says_what_would_fit(tmp_path, 
     monkeypatch.setattr(batching, "available_bytes", lambda device: gpu)
     monkeypatch.setattr(batching, "installed", lambda: OPTIMIZERS)
     sized, _ = batching.size_step(step2, 2, CUDA, 1, tmp_path, "rad-rwkv7")
-    assert sized.optimizer != "adamw"
+    # none fits a micro-batch of 4096 tokens: auto takes the one that fits the largest
+    assert sized.optimizer == "adamw-8bit" and sized.batch_size > 1
     monkeypatch.setattr(batching, "installed", lambda: ("adamw",))
     with pytest.raises(ValueError, match=r"radlads\[torchao\]"):
         batching.size_step(step2, 2, CUDA, 1, tmp_path, "rad-rwkv7")
