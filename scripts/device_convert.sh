@@ -15,17 +15,23 @@ STEP1=${STEP1:-16M}; STEP2=${STEP2:-32M}; STEP3=${STEP3:-0}
 PASSKEY=${PASSKEY:-1k,4k,8k,256}; WINDOWS=${WINDOWS:-64}
 RUN=${RUN:-/root/run}; STASH=${STASH:-/root/stash}
 mkdir -p "$RUN/results/$NAME"
+# Runs started side by side (device_study.sh on a host of several GPUs) import the teacher and
+# tokenize the corpus once: the first takes the lock, the others wait and reuse its files.
+exec 9> "$RUN/inputs.lock"
+flock 9
 TEACHER=$(python3 -c "from radlads.teachers import resolve_teacher as r; print(r('$STASH/SmolLM2-135M-Instruct.Q4_1.gguf', cache_dir='$RUN/teacher'))")
 if [ ! -f "$RUN/data/index.json" ]; then
   radlads prepare-data --teacher "$TEACHER" --data "$STASH/corpus.jsonl.xz" --out "$RUN/data" --quiet
 fi
+flock -u 9
+echo "inputs_ready $(date +%T)" > "$RUN/results/$NAME/wall.txt"
 hybrid=()
 [ -n "${SOFTMAX:-}" ] && hybrid=(--softmax-layers "$SOFTMAX")
 start=$(date +%s)
 # shellcheck disable=SC2086  # EXTRA is several flags
 radlads convert --teacher "$TEACHER" --data "$RUN/data" --out "$RUN/$NAME" --arch "$ARCH" "${hybrid[@]}" \
   --step1-tokens "$STEP1" --step2-tokens "$STEP2" --step3-tokens "$STEP3" --quiet ${EXTRA:-}
-echo "convert_s $(($(date +%s) - start))" > "$RUN/results/$NAME/wall.txt"
+echo "convert_s $(($(date +%s) - start))" >> "$RUN/results/$NAME/wall.txt"
 
 evaluate() {  # evaluate MODEL_DIR LABEL
   radlads eval --model "$1" --teacher "$TEACHER" --data "$RUN/data" --seq-len 2048 --max-windows "$WINDOWS" \
