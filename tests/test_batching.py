@@ -137,8 +137,11 @@ def test_small_teachers_get_the_recipe_and_a_fitted_micro_batch_by_default(tmp_p
     assert cfg.step3.tokens == 10_000_000  # step 3 is part of the small teachers' recipe
     assert _config([*base, "--step3-tokens", "0"]).step3.tokens == 0
     # flags win over the preset; --batch-size fixes the micro-batch of steps 1-2
-    cfg = _config([*base, "--seq-len", "256", "--batch-size", "4", "--step2-lr", "3e-4"])
+    cfg = _config(
+        [*base, "--seq-len", "256", "--batch-size", "4", "--step2-lr", "3e-4", "--step2-new-lr-scale", "10"]
+    )
     assert (cfg.step2.seq_len, cfg.step2.batch_size, cfg.step2.lr) == (256, 4, 3e-4)
+    assert (cfg.step1.new_lr_scale, cfg.step2.new_lr_scale) == (1.0, 10.0)
     cfg = _config([*base, "--global-batch-size", "64"])
     assert (cfg.step1.global_batch_size, cfg.step2.global_batch_size, cfg.step3.global_batch_size) == (
         64,

@@ -211,6 +211,41 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     assert read_trainer_state(out / "checkpoints/step0")["complete"]
 
 
+def test_new_lr_scale_moves_the_new_parameters_that_much_faster():
+    """Adam's first update moves every parameter with a gradient by about its LR: the parameters
+    step 0 created by new_lr_scale x LR, those copied from the teacher by LR."""
+    import dataclasses
+    import itertools
+
+    from radlads.convert.steps import ContextExtension
+    from radlads.convert.transfer import transfer
+    from radlads.train.config import ConvertConfig
+    from radlads.train.trainer import Trainer
+    from tiny_models import make_teacher
+
+    student = transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7").train()
+    lr = 1e-4
+    cfg = dataclasses.replace(ConvertConfig().steps()[3], seq_len=16, batch_size=2, lr=lr, new_lr_scale=10)
+    trainer = Trainer(
+        ContextExtension(), student, cfg, None, [], None, None, torch.device("cpu"), progress=False
+    )
+    new = {id(p) for p in student.new_parameters()}
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    batches = itertools.repeat(
+        torch.randint(0, student.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    )
+    trainer.train_step(batches, lr)
+    moved = {"new": [], "copied": []}
+    for n, p in student.named_parameters():
+        step = (p.detach() - before[n]).abs().max().item()
+        if step > 0:  # parameters without gradient (e.g. LoRA ups behind a zero down) stay put
+            moved["new" if id(p) in new else "copied"].append(step)
+    assert moved["new"] and moved["copied"]
+    assert max(moved["copied"]) < 1.5 * lr
+    assert 5 * lr < max(moved["new"]) < 15 * lr
+    assert sorted(g["lr"] for g in trainer.optimizer.param_groups) == [lr, 10 * lr]
+
+
 @pytest.mark.parametrize("bad", ["loss", "gradient"])
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_non_finite_update_changes_no_weight_nor_optimizer_state(fused, bad):

@@ -117,3 +117,27 @@ def test_one_process_checkpoint_resumes_in_two_processes(inputs, one_process, tm
     killed_checkpoint(out, step=1, tokens=1024, procs=1)
     convert(inputs, out, 2)
     assert_same_run(out, one_process)
+
+
+def test_new_lr_scale_groups_shard_checkpoint_and_resume(inputs, one_process, tmp_path):
+    """Two optimizer groups (the new parameters at 10x the LR) under FSDP2: a two-process run killed
+    in step 2 and resumed in one process ends as one process run straight through."""
+    scaled = ("--step2-new-lr-scale", "10")
+    reference = tmp_path / "scaled-one-process"
+    convert(inputs, reference, 1, extra=scaled)
+    out = tmp_path / "scaled-killed-2-resumed-1"
+    convert(inputs, out, 2, checkpoint_every="3k", killed=True, extra=scaled)
+    killed_checkpoint(out, step=2, tokens=3072, procs=2)
+    convert(inputs, out, 1, extra=scaled)
+    assert_same_run(out, reference)
+    decay = "model.layers.0.self_attn.w0"  # a new parameter: the scale must have moved it further
+    moved = [
+        (
+            load_file(p / "model.safetensors")[decay]
+            - load_file(p / "checkpoints/step1/model.safetensors")[decay]
+        )
+        .abs()
+        .max()
+        for p in (reference, one_process)
+    ]
+    assert moved[0] > 3 * moved[1], moved

@@ -22,6 +22,9 @@ def test_every_teacher_tensor_is_copied_bit_identically(family, arch):
         assert torch.equal(ours[name], tensor), name
     new = set(ours) - set(theirs)
     assert new and all(".self_attn." in n for n in new)  # only time-mixer parameters are new
+    # ... and they are the ones the student names as new (those StepConfig.new_lr_scale speeds up)
+    names = {id(p): n for n, p in student.named_parameters()}
+    assert {names[id(p)] for p in student.new_parameters()} == new
     assert student.config.tie_word_embeddings == teacher.config.tie_word_embeddings
 
 

@@ -55,6 +55,12 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
             help=f"token budget of step {k} (k/M/B suffixes; default {budgets[k]})",
         )
         p.add_argument(f"--step{k}-lr", type=float, help=f"peak learning rate of step {k}")
+        p.add_argument(
+            f"--step{k}-new-lr-scale",
+            type=float,
+            help=f"step {k}'s LR multiplier for the parameters step 0 creates (decay, in-context rate, "
+            "value residual, gate; default 1)",
+        )
     p.add_argument("--seq-len", type=int, help="sequence length of steps 1 and 2")
     p.add_argument("--step3-seq-len", type=int, help="sequence length of step 3 (default 16384)")
     p.add_argument(
@@ -259,6 +265,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
         flags = {
             "tokens": getattr(args, f"step{k}_tokens"),
             "lr": getattr(args, f"step{k}_lr"),
+            "new_lr_scale": getattr(args, f"step{k}_new_lr_scale"),
             "checkpoint_every": args.checkpoint_every,
             "seq_len": args.seq_len if k < 3 else args.step3_seq_len,
             "global_batch_size": args.global_batch_size if k < 3 else None,

@@ -35,6 +35,10 @@ class LowRank(nn.Module):
         init.orthogonal_(self.up.weight, gain=0.1)
 
 
+# The submodules a time mixer copies from the teacher's attention (step 0); the rest are new.
+TEACHER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+
 class TeacherProjections(nn.Module):
     """q/k/v/o exactly as the teacher has them (names, biases, per-head q/k norms, RoPE).
 
@@ -130,6 +134,10 @@ class LinearMixer(TeacherProjections):
         self.config = config
         D = self.num_heads * self.head_dim
         self.out_norm = nn.GroupNorm(self.num_heads, D, eps=64e-5) if config.groupnorm else None
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The parameters step 0 initialises instead of copying them from the teacher's attention."""
+        return [p for name, p in self.named_parameters() if name.split(".")[0] not in TEACHER_MODULES]
 
     @property
     def scale(self) -> float:

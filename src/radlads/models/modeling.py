@@ -218,6 +218,16 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
             if isinstance(module, RadRWKV7Mixer):
                 module.keep_kernel_intermediates = keep
 
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The parameters with no counterpart in the teacher: the time mixers' decay, in-context
+        rate, value residual, gate, k_k and k_a (StepConfig.new_lr_scale trains them faster)."""
+        return [
+            p
+            for layer in self.model.layers
+            if isinstance(layer.self_attn, LinearMixer)
+            for p in layer.self_attn.new_parameters()
+        ]
+
     def untie_embeddings(self) -> None:
         """Give the LM head its own copy of the embedding (SPEC: untied from step 2 on)."""
         if self.config.tie_word_embeddings or self.lm_head.weight is self.model.embed_tokens.weight:

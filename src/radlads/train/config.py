@@ -43,6 +43,9 @@ class StepConfig:
     grad_accum: int = 1  # micro-batches per update where batch_size is given
     warmup_tokens: int = 0
     weight_decay: float = 0.0
+    # The LR of the parameters step 0 creates (RadladsForCausalLM.new_parameters), as a multiple of
+    # the step's: they start from an init, the others from the teacher's trained weights.
+    new_lr_scale: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
     clip: float = 1.0
     checkpoint_every: int = 20_000_000  # tokens

@@ -49,7 +49,21 @@ def resolve_optimizer(name: str) -> str:
     return DEFAULT if check_optimizer(name) == "auto" else name
 
 
-def build_optimizer(name: str, params: list[nn.Parameter], cfg: StepConfig) -> torch.optim.Optimizer:
+def param_groups(params: list[nn.Parameter], new: list[nn.Parameter], new_lr_scale: float) -> list[dict]:
+    """`params` as optimizer groups, each with the `lr_scale` by which the trainer multiplies the
+    step's LR: those in `new` at `new_lr_scale`, the rest at 1 (empty groups left out)."""
+    is_new = {id(p) for p in new} if new_lr_scale != 1 else set()
+    groups = [
+        {"params": [p for p in params if id(p) not in is_new], "lr_scale": 1.0},
+        {"params": [p for p in params if id(p) in is_new], "lr_scale": new_lr_scale},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    name: str, params: list[nn.Parameter] | list[dict], cfg: StepConfig
+) -> torch.optim.Optimizer:
+    """`params`: parameters, or param_groups' groups."""
     name = resolve_optimizer(name)
     hyper = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if name == "adamw":

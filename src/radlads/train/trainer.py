@@ -23,7 +23,7 @@ from .config import StepConfig
 from .distributed import Distributed
 from .metrics import MetricsLog
 from .optimizers import DEFAULT as DEFAULT_OPTIMIZER
-from .optimizers import build_optimizer, resolve_optimizer
+from .optimizers import build_optimizer, param_groups, resolve_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,10 @@ class Trainer:
         self.loss = self.dist.shard_student(student, objective.step, objective.loss)
         self.params = objective.trainable(student)  # again: sharding replaced them with DTensors
         self.optimizer_name = resolve_optimizer(cfg.optimizer)
-        self.optimizer = build_optimizer(self.optimizer_name, self.params, cfg)
+        # A student that says which parameters are new (RadladsForCausalLM) may train them faster.
+        new = student.new_parameters() if hasattr(student, "new_parameters") else []
+        groups = param_groups(self.params, new, cfg.new_lr_scale)
+        self.optimizer = build_optimizer(self.optimizer_name, groups, cfg)
 
     def autocast(self):
         # bf16 activations on GPU with fp32 master weights: an LR of 1e-5 would vanish in bf16 weights.
@@ -264,10 +267,11 @@ class Trainer:
 
     def _update(self, batch: Tensor, lr: float) -> Tensor:
         for group in self.optimizer.param_groups:
+            group_lr = lr * group.get("lr_scale", 1.0)
             if isinstance(group["lr"], Tensor):  # torchao's: a tensor, so its compiled update takes any LR
-                group["lr"].fill_(lr)
+                group["lr"].fill_(group_lr)
             else:
-                group["lr"] = lr
+                group["lr"] = group_lr
         # Summed on the device and read once per update: a read per micro-batch would stall the
         # host until the GPU drains, leaving the GPU idle while the next micro-batch is launched.
         total = torch.zeros((), device=self.device)
