@@ -160,16 +160,15 @@ def position_table(student: ModelResults, teacher: ModelResults | None) -> str |
     length = min(len(loss) for loss in rows.values())
     buckets = position_buckets(length)
     means = {name: [loss[lo : hi + 1].mean() for lo, hi in buckets] for name, loss in rows.items()}
+    gap = "student − teacher"
     if len(means) == 2:
         s, t = means.values()
-        means["student − teacher"] = [a - b for a, b in zip(s, t)]
+        means[gap] = [a - b for a, b in zip(s, t)]
     header = "| mean NLL (nats) | " + " | ".join(f"{lo}–{hi}" for lo, hi in buckets) + " |"
     lines = [header, "|---|" + "---:|" * len(buckets)]
     for name, values in means.items():
-        signed = name == "student − teacher"
-        lines.append(
-            f"| {name} | " + " | ".join(f"{v:+.3f}" if signed else f"{v:.3f}" for v in values) + " |"
-        )
+        spec = "+.3f" if name == gap else ".3f"
+        lines.append(f"| {name} | " + " | ".join(format(v, spec) for v in values) + " |")
     return "\n".join(lines)
 
 

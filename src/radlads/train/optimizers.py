@@ -51,7 +51,9 @@ def resolve_optimizer(name: str) -> str:
 
 def param_groups(params: list[nn.Parameter], new: list[nn.Parameter], new_lr_scale: float) -> list[dict]:
     """`params` as optimizer groups, each with the `lr_scale` by which the trainer multiplies the
-    step's LR: those in `new` at `new_lr_scale`, the rest at 1 (empty groups left out)."""
+    step's LR: those in `new` at `new_lr_scale`, the rest at 1 (empty groups left out). At scale 1
+    all go in one group, so that the optimizer state matches that of checkpoints written before
+    the groups existed."""
     is_new = {id(p) for p in new} if new_lr_scale != 1 else set()
     groups = [
         {"params": [p for p in params if id(p) not in is_new], "lr_scale": 1.0},
