@@ -133,15 +133,16 @@ def test_small_teachers_get_the_recipe_and_a_fitted_micro_batch_by_default(tmp_p
         1e-4,
         1e-5,
     )
+    assert (cfg.step1.new_lr_scale, cfg.step2.new_lr_scale, cfg.step3.new_lr_scale) == (1.0, 10.0, 1.0)
     assert cfg.step3.seq_len == 512  # the tiny teacher's max_position_embeddings, under 16384
     assert cfg.step3.tokens == 10_000_000  # step 3 is part of the small teachers' recipe
     assert _config([*base, "--step3-tokens", "0"]).step3.tokens == 0
     # flags win over the preset; --batch-size fixes the micro-batch of steps 1-2
     cfg = _config(
-        [*base, "--seq-len", "256", "--batch-size", "4", "--step2-lr", "3e-4", "--step2-new-lr-scale", "10"]
+        [*base, "--seq-len", "256", "--batch-size", "4", "--step2-lr", "3e-4", "--step2-new-lr-scale", "1"]
     )
     assert (cfg.step2.seq_len, cfg.step2.batch_size, cfg.step2.lr) == (256, 4, 3e-4)
-    assert (cfg.step1.new_lr_scale, cfg.step2.new_lr_scale) == (1.0, 10.0)
+    assert cfg.step2.new_lr_scale == 1.0
     cfg = _config([*base, "--global-batch-size", "64"])
     assert (cfg.step1.global_batch_size, cfg.step2.global_batch_size, cfg.step3.global_batch_size) == (
         64,
@@ -169,6 +170,8 @@ def test_presets_by_teacher_size_from_the_library():
     assert (size_class(smol), size_class(qwen7b)) == ("small", "medium")
     steps = preset_steps("auto", smol | {"max_position_embeddings": 8192})
     assert (steps[3]["tokens"], steps[3]["seq_len"]) == (10_000_000, 8192)
+    assert (steps[2]["new_lr_scale"], steps[2]["lr"]) == (10.0, 1e-4)
+    assert "new_lr_scale" not in preset_steps("auto", qwen7b | {"max_position_embeddings": 32768})[2]
     assert preset_steps("auto", qwen7b | {"max_position_embeddings": 32768})[3]["seq_len"] == 16384
     with pytest.raises(ValueError, match="unknown preset 'tiny'; choose one of auto, cpu-smoke"):
         preset_steps("tiny", smol)
