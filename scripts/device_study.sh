@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Several conversions on a remote GPU host, as one detached job: one line of STUDY per run,
-# holding scripts/device_convert.sh's knobs (NAME, ARCH, STEP1/2/3, SOFTMAX, EXTRA, ...). Each GPU
+# holding scripts/device_convert.sh's knobs (NAME, ARCH, STEP1/2/3, SOFTMAX, EXTRA, ...) as
+# VAR=value words: a line splits at spaces, so EXTRA's flags take the form --flag=value. Each GPU
 # runs one conversion at a time (two side by side on one GPU ran at 0.49 + 0.49 of their speeds
 # alone): on a host of several GPUs the runs go side by side, one per GPU (GPUS, default all of
 # them), each next line taking the first GPU that frees up. The corpus is tokenized once, by the
@@ -8,7 +9,7 @@
 # $RUN/results/NAME/ as device_convert.sh packs them, with Triton's autotuning results
 # (gpu-cache.tgz, for .gpu-cache/ next time) once the study ends.
 #   STUDY='NAME=hyb-auto SOFTMAX=auto:2 STEP1=16M STEP2=24M
-#   NAME=hyb-need SOFTMAX=8,20 STEP1=16M STEP2=24M' setsid bash scripts/device_study.sh > /root/study.log 2>&1 &
+#   NAME=one-lr STEP1=16M STEP2=24M EXTRA=--step2-new-lr-scale=1' setsid bash scripts/device_study.sh > /root/study.log 2>&1 &
 # Then, in each following job (it keeps the host warm and brings back whatever is done so far,
 # even if the job hits its time limit):
 #   bash scripts/device_study.sh collect 570    # $OUT/results.tgz every few seconds, up to 570 s

@@ -60,10 +60,13 @@ def entry(run: Path, label: str) -> dict:
     t_keys = passkey_rates(teacher.get("passkey", {}).get("records", []))
     softmax = summary["config"]["student"].get("softmax_layers") or []
     steps = trained_steps(summary, label)
+    # Older runs' radlads.json predate the knob: their step 2 trained everything at one LR.
+    new_lr_scale = summary["config"]["step2"].get("new_lr_scale", 1.0)
     return {
         "name": f"{run.name}:{label}",
         "arch": summary["arch"] + (f" + softmax layers {softmax}" if softmax else ""),
         "tokens": {k: v["tokens"] for k, v in steps.items()},
+        "step2_new_lr_scale": new_lr_scale,
         "ppl_student": student["perplexity"]["ppl"],
         "ppl_teacher": teacher["perplexity"]["ppl"],
         "nll_student_by_position": s_buckets,
@@ -135,6 +138,8 @@ def plot_scaling(entries: list[dict], out: Path) -> None:
     series: dict[str, list[dict]] = {}
     for e in entries:
         recipe = "steps 1-3" if "3" in e["tokens"] else "steps 1-2"
+        if e["step2_new_lr_scale"] != 1:
+            recipe += f", new parameters at {e['step2_new_lr_scale']:g}x LR in step 2"
         series.setdefault(f"{e['arch']}, {recipe}", []).append(e)
     for name, mine in sorted(series.items()):
         mine.sort(key=lambda e: sum(e["tokens"].values()))
