@@ -5,14 +5,15 @@
 # Start it detached (setsid) so that it outlives one job-size limit; it logs to stdout.
 #   NAME=rwkv7 STEP1=16M STEP2=32M STEP3=8M setsid bash scripts/device_convert.sh > /root/rwkv7.log 2>&1 &
 # Knobs (environment): ARCH, STEP1/2/3 (token budgets), SOFTMAX (layers kept as softmax, e.g.
-# 10,20), EXTRA (more convert flags), PASSKEY (lengths), WINDOWS (held-out windows of 2048).
+# 10,20), EXTRA (more convert flags), PASSKEY (lengths), COPY (copying-probe distances), WINDOWS
+# (held-out windows of 2048).
 # With STEP3 > 0 the student after step 2 is evaluated too (step 3 on/off from one run).
 set -euo pipefail
 source scripts/device_env.sh
 ARCH=${ARCH:-rad-rwkv7}; NAME=${NAME:-$ARCH}
 STEP1=${STEP1:-16M}; STEP2=${STEP2:-32M}; STEP3=${STEP3:-0}
 # 256 (last, so that the keys at 1k-8k stay those of earlier runs): can the student copy at all?
-PASSKEY=${PASSKEY:-1k,4k,8k,256}; WINDOWS=${WINDOWS:-64}
+PASSKEY=${PASSKEY:-1k,4k,8k,256}; COPY=${COPY:-0,64,256,1k,4k}; WINDOWS=${WINDOWS:-64}
 RUN=${RUN:-/root/run}; STASH=${STASH:-/root/stash}
 mkdir -p "$RUN/results/$NAME"
 # Runs started side by side (device_study.sh on a host of several GPUs) import the teacher and
@@ -35,7 +36,7 @@ echo "convert_s $(($(date +%s) - start))" >> "$RUN/results/$NAME/wall.txt"
 
 evaluate() {  # evaluate MODEL_DIR LABEL
   radlads eval --model "$1" --teacher "$TEACHER" --data "$RUN/data" --seq-len 2048 --max-windows "$WINDOWS" \
-    --passkey "$PASSKEY" --out "$1/eval" --quiet > /dev/null
+    --passkey "$PASSKEY" --copy "$COPY" --out "$1/eval" --quiet > /dev/null
   cp "$1/eval/results.json" "$RUN/results/$NAME/results-$2.json"
   cp "$1/eval/report.md" "$RUN/results/$NAME/report-$2.md"
 }

@@ -338,11 +338,12 @@ def test_generate_eval_and_bench_generate_commands(converted, workspace, tmp_pat
     monkeypatch.undo()
     report_dir = tmp_path / "report"
     args = ["eval", "--model", str(converted), "--teacher", str(teacher), "--seq-len", "128",
-            "--max-windows", "4", "--limit", "4", "--out", str(report_dir), "--quiet"]  # fmt: skip
+            "--max-windows", "4", "--limit", "4", "--copy", "0,32", "--out", str(report_dir), "--quiet"]  # fmt: skip
     assert main(args) == 0
     capsys.readouterr()
     report = (report_dir / "report.md").read_text()
     assert "perplexity/ppl" in report and "student/teacher" in report
+    assert "copy/nll@32" in report and "copy/gain@0" in report
     assert (report_dir / "position_loss.png").stat().st_size > 0
     args = ["bench-generate", "--model", str(converted), "--teacher", str(teacher), "--contexts", "32,64",
             "--new-tokens", "4"]  # fmt: skip

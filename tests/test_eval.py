@@ -20,6 +20,7 @@ from radlads.eval import (
     average_zero_shot,
     bench_generate,
     encode_pair,
+    evaluate_copying,
     evaluate_passkey,
     evaluate_perplexity,
     evaluate_tasks,
@@ -343,6 +344,60 @@ def test_evaluate_passkey_runs_generate(teacher, tokenizer):
     assert [r["length"] for r in result.records] == [128, 128]
     assert set(result.accuracy_by_length()) == {128}
     assert all(len(r["key"]) == 5 for r in result.records)
+
+
+class InductionOracle(torch.nn.Module):
+    """Copies by rule: at each position, a logit of 20 on the token that followed the latest earlier
+    occurrence of the current token (the induction pattern); flat logits where there is none."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def forward(self, input_ids, **kwargs):
+        ids = input_ids[0].tolist()
+        logits = torch.zeros(1, len(ids), self.vocab_size)
+        last_seen: dict[int, int] = {}
+        for t, token in enumerate(ids):
+            if token in last_seen:
+                logits[0, t, ids[last_seen[token] + 1]] = 20.0
+            last_seen[token] = t
+        return SimpleNamespace(logits=logits)
+
+
+class Uniform(InductionOracle):
+    def forward(self, input_ids, **kwargs):
+        return SimpleNamespace(logits=torch.zeros(1, input_ids.shape[1], self.vocab_size))
+
+
+def test_copying_probe_separates_a_model_that_copies_from_one_that_cannot(tmp_path):
+    from tokenizer_fixture import make_wordlevel_tokenizer
+
+    # a large vocabulary, so that a token of the span rarely occurs elsewhere in a probe
+    tokenizer = transformers.AutoTokenizer.from_pretrained(make_wordlevel_tokenizer(tmp_path, 32768))
+    vocab = len(tokenizer)
+    ordinary = vocab - len(tokenizer.all_special_ids)
+    oracle = evaluate_copying(InductionOracle(vocab), tokenizer, (0, 64), trials=4, progress=False)
+    assert [r["distance"] for r in oracle.records] == [0] * 4 + [64] * 4
+    for d, nll in oracle.by_distance().items():
+        # first sight: nothing to copy, so ~log(vocab); the repeat: ~0, except where a token of the
+        # span occurred earlier in the probe and the oracle copies what followed it there instead
+        assert nll["first"] > 0.9 * math.log(vocab), (d, nll)
+        assert nll["repeat"] < 1.0, (d, nll)
+    flat = evaluate_copying(Uniform(vocab), tokenizer, (0, 64), trials=4, progress=False)
+    for nll in flat.by_distance().values():
+        assert nll["first"] == pytest.approx(math.log(vocab)) and nll["repeat"] == pytest.approx(nll["first"])
+    # probes never contain special tokens, and are the same for every model
+    again = evaluate_copying(InductionOracle(vocab), tokenizer, (0, 64), trials=4, progress=False)
+    assert again.records == oracle.records and ordinary < vocab
+    metrics = ModelResults("oracle", copying=oracle).flat_metrics()
+    assert metrics["copy/gain@64"] == pytest.approx(
+        oracle.by_distance()[64]["first"] - metrics["copy/nll@64"]
+    )
 
 
 def test_bench_generate_rows(teacher):

@@ -135,6 +135,7 @@ def _eval_settings(args: argparse.Namespace, default_heldout: Path) -> EvalSetti
         tasks=args.tasks,
         limit=args.limit,
         passkey_lengths=args.passkey,
+        copy_distances=args.copy,
         speed_contexts=args.speed,
     )
 

@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024, help="perplexity window length")
     p.add_argument("--max-windows", type=int, default=64)
     p.add_argument("--passkey", type=_lengths, default=(), help="passkey context lengths, e.g. 1k,4k,16k")
+    p.add_argument(
+        "--copy",
+        type=_lengths,
+        default=(),
+        help="copying probes: tokens between a random span and its repeat, e.g. 0,256,1k (0 counts)",
+    )
     p.add_argument("--speed", type=_lengths, default=(), help="bench-generate context lengths, e.g. 1k,4k")
     p.add_argument("--out", type=Path, help="report folder (default: MODEL/eval)")
     p.add_argument("--device", default="auto")

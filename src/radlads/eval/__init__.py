@@ -3,6 +3,7 @@
 Every function takes any Hugging Face causal LM (teacher or student) the same way.
 """
 
+from .copying import CopyResult, evaluate_copying
 from .lm_eval_adapter import register_lm_eval_model
 from .passkey import PasskeyPrompt, PasskeyResult, evaluate_passkey, make_passkey_prompt
 from .perplexity import PerplexityResult, evaluate_perplexity
@@ -14,6 +15,7 @@ from .tasks import SAMPLES_DIR, TASKS, Doc, Task, evaluate_tasks, load_docs
 __all__ = [
     "SAMPLES_DIR",
     "TASKS",
+    "CopyResult",
     "Doc",
     "Loglik",
     "ModelResults",
@@ -25,6 +27,7 @@ __all__ = [
     "average_zero_shot",
     "bench_generate",
     "encode_pair",
+    "evaluate_copying",
     "evaluate_passkey",
     "evaluate_perplexity",
     "evaluate_tasks",

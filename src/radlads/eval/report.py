@@ -17,6 +17,7 @@ import numpy as np
 # Figure without pyplot renders with Agg and leaves the caller's global matplotlib backend alone.
 from matplotlib.figure import Figure
 
+from .copying import CopyResult
 from .passkey import PasskeyResult
 from .perplexity import PerplexityResult
 from .tasks import TASKS, is_bundled_samples
@@ -38,6 +39,7 @@ class ModelResults:
     task_dir: str | None = None  # where the task files came from
     perplexity: PerplexityResult | None = None
     passkey: PasskeyResult | None = None
+    copying: CopyResult | None = None
     speed: list[dict] = field(default_factory=list)
 
     def flat_metrics(self) -> dict[str, float]:
@@ -50,6 +52,11 @@ class ModelResults:
             out["perplexity/nll"] = self.perplexity.nll
         if self.passkey is not None:
             out.update({f"passkey/acc@{n}": acc for n, acc in self.passkey.accuracy_by_length().items()})
+        if self.copying is not None:
+            # nll: on the repeated span; gain: how much lower than on its first occurrence
+            for d, nll in self.copying.by_distance().items():
+                out[f"copy/nll@{d}"] = nll["repeat"]
+                out[f"copy/gain@{d}"] = nll["first"] - nll["repeat"]
         for row in self.speed:
             setting = f"ctx{row['context_length']}_bs{row['batch_size']}"
             for key in ("prefill_tok_s", "decode_tok_s", "peak_memory_mb"):

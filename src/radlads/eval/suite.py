@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..data import PackedLoader, ShardIndex, check_tokenizer, iter_documents
+from .copying import evaluate_copying
 from .passkey import evaluate_passkey
 from .perplexity import evaluate_perplexity
 from .report import ModelResults, write_report
@@ -29,6 +30,7 @@ class EvalSettings:
     tasks: list[str] | None = None
     limit: int | None = None
     passkey_lengths: tuple[int, ...] = ()
+    copy_distances: tuple[int, ...] = ()  # copying probes (eval.copying): tokens between span and repeat
     speed_contexts: tuple[int, ...] = ()
     speed_batch_size: int = 1
 
@@ -76,6 +78,8 @@ def evaluate_model(
             results.task_dir = settings.task_dir
         if settings.passkey_lengths:
             results.passkey = evaluate_passkey(model, tokenizer, settings.passkey_lengths, progress=progress)
+        if settings.copy_distances:
+            results.copying = evaluate_copying(model, tokenizer, settings.copy_distances, progress=progress)
         if settings.speed_contexts:
             results.speed = bench_generate(model, settings.speed_contexts, settings.speed_batch_size)
     return results
