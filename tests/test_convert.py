@@ -335,11 +335,18 @@ def test_generate_eval_and_bench_generate_commands(converted, workspace, tmp_pat
         (False, False),
         (True, True),
     ]
-    monkeypatch.undo()
+    loaded.clear()
     report_dir = tmp_path / "report"
     args = ["eval", "--model", str(converted), "--teacher", str(teacher), "--seq-len", "128",
             "--max-windows", "4", "--limit", "4", "--copy", "0,32", "--out", str(report_dir), "--quiet"]  # fmt: skip
     assert main(args) == 0
+    args = ["eval", "--model", str(converted), "--seq-len", "64", "--max-windows", "1", "--compile", "--quiet",
+            "--out", str(tmp_path / "report-compiled")]  # fmt: skip
+    assert main(args) == 0
+    # scoring turns compiling off unless asked; the teacher (plain HF) has no such switch
+    student_configs = [m.config for m in loaded if hasattr(m.config, "compile_prefill")]
+    assert [(c.compile_prefill, c.compile_decode) for c in student_configs] == [(False, False), (True, True)]
+    monkeypatch.undo()
     capsys.readouterr()
     report = (report_dir / "report.md").read_text()
     assert "perplexity/ppl" in report and "student/teacher" in report

@@ -137,6 +137,7 @@ def _eval_settings(args: argparse.Namespace, default_heldout: Path) -> EvalSetti
         passkey_lengths=args.passkey,
         copy_distances=args.copy,
         speed_contexts=args.speed,
+        compile=args.compile,
     )
 
 

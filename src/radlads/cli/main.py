@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="copying probes: tokens between a random span and its repeat, e.g. 0,256,1k (0 counts)",
     )
     p.add_argument("--speed", type=_lengths, default=(), help="bench-generate context lengths, e.g. 1k,4k")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile a student's prefill and decoding as its config says (on anyway with --speed); "
+        "by default off, as scoring's short generations take less time than compiling",
+    )
     p.add_argument("--out", type=Path, help="report folder (default: MODEL/eval)")
     p.add_argument("--device", default="auto")
 

@@ -33,6 +33,10 @@ class EvalSettings:
     copy_distances: tuple[int, ...] = ()  # copying probes (eval.copying): tokens between span and repeat
     speed_contexts: tuple[int, ...] = ()
     speed_batch_size: int = 1
+    # torch.compile a student's prefill and decoding step as its saved config says. Off by default:
+    # scoring runs short generations, which take less time than compiling (~1-2 min on CUDA).
+    # Speed measurements keep the saved settings, the ones a user's generate() runs with.
+    compile: bool = False
 
 
 def load_model(path: str | Path, device: torch.device):
@@ -101,6 +105,10 @@ def evaluate_conversion(
             measured.append(None)
             continue
         model = load_model(path, device)
+        if not (settings.compile or settings.speed_contexts):
+            for switch in ("compile_prefill", "compile_decode"):
+                if hasattr(model.config, switch):
+                    setattr(model.config, switch, False)
         measured.append(evaluate_model(f"{name}: {Path(path).name}", model, tokenizer, settings, progress))
         del model
         if device.type == "cuda":
