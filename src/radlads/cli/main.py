@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="torch.compile a student's prefill and decoding as its config says (on anyway with --speed); "
-        "by default off, as scoring's short generations take less time than compiling",
+        "by default off: compiling takes 1-2 min on a GPU, long beside scoring's short generations",
     )
     p.add_argument("--out", type=Path, help="report folder (default: MODEL/eval)")
     p.add_argument("--device", default="auto")

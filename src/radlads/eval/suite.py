@@ -34,16 +34,22 @@ class EvalSettings:
     speed_contexts: tuple[int, ...] = ()
     speed_batch_size: int = 1
     # torch.compile a student's prefill and decoding step as its saved config says. Off by default:
-    # scoring runs short generations, which take less time than compiling (~1-2 min on CUDA).
+    # compiling takes 1-2 min on CUDA, long beside scoring's few short generations.
     # Speed measurements keep the saved settings, the ones a user's generate() runs with.
     compile: bool = False
 
 
-def load_model(path: str | Path, device: torch.device):
+def load_model(path: str | Path, device: torch.device, compile: bool = True):
+    """The model at `path` for scoring; compile=False turns a student's compiled prefill and
+    decoding off (a plain HF teacher has no such switches)."""
     import radlads  # noqa: F401  (registers the student architecture with the Auto classes)
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    for switch in ("compile_prefill", "compile_decode"):
+        if not compile and hasattr(model.config, switch):
+            setattr(model.config, switch, False)
+    return model
 
 
 def heldout_windows(source: str, tokenizer, settings: EvalSettings) -> Iterator[torch.Tensor]:
@@ -104,11 +110,7 @@ def evaluate_conversion(
         if path is None:
             measured.append(None)
             continue
-        model = load_model(path, device)
-        if not (settings.compile or settings.speed_contexts):
-            for switch in ("compile_prefill", "compile_decode"):
-                if hasattr(model.config, switch):
-                    setattr(model.config, switch, False)
+        model = load_model(path, device, compile=settings.compile or bool(settings.speed_contexts))
         measured.append(evaluate_model(f"{name}: {Path(path).name}", model, tokenizer, settings, progress))
         del model
         if device.type == "cuda":
