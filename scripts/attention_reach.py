@@ -4,9 +4,10 @@
 
 TEACHER: an HF folder or .gguf; DATA: a prepared shard folder (radlads prepare-data). Writes
 OUT/attention_reach.json (per layer: weight beyond 64/256/1024 tokens, sinks left out, and the
-sinks' weight; and what the teacher's NLL at positions 1024 on loses when that one layer's
-attention is cut to its last --window tokens and the sinks) and OUT/attention_reach.png. Runs on
-the CPU in minutes for a 135M teacher.
+sinks' weight; what the teacher's NLL at positions 1024 on loses when that one layer's attention
+is cut to its last --window tokens and the sinks; and its strongest induction and previous-token
+heads on random tokens shown twice) and OUT/attention_reach.png. Runs on the CPU in minutes for a
+135M teacher.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from radlads.convert.layer_choice import attention_reach  # noqa: E402
+from radlads.convert.layer_choice import attention_reach, copy_heads  # noqa: E402
 from radlads.convert.transfer import load_teacher  # noqa: E402
 from radlads.data import PackedLoader  # noqa: E402
 from radlads.teachers import resolve_teacher  # noqa: E402
@@ -46,6 +47,8 @@ def main() -> None:
     reach = {f"beyond_{d}": _mean([r.beyond[d] for r in per_window]) for d in DISTANCES}
     reach["sinks"] = _mean([r.sinks for r in per_window])
     reach[f"nll_cost_window_{args.window}"] = local_window_cost(teacher, windows, args.window)
+    heads = copy_heads(teacher, teacher.config.vocab_size)
+    reach["induction"], reach["previous_token"] = heads.induction, heads.previous_token
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "attention_reach.json").write_text(
         json.dumps(
@@ -91,6 +94,7 @@ def plot(reach: dict[str, list[float]], path: Path) -> None:
     for d in DISTANCES:
         top.plot(layers, reach[f"beyond_{d}"], marker="o", label=f"beyond {d} tokens")
     top.bar(layers, reach["sinks"], color="0.85", label=f"first {SINK_TOKENS} tokens (sinks)")
+    top.plot(layers, reach["induction"], "k*", markersize=9, label="induction head (random tokens, twice)")
     top.set(ylabel="attention weight\nof late queries", ylim=(0, 1))
     top.legend(fontsize=8)
     (cost,) = (k for k in reach if k.startswith("nll_cost"))

@@ -9,7 +9,14 @@ import torch
 
 from radlads.cli.main import main
 from radlads.convert import pipeline
-from radlads.convert.layer_choice import Reach, attention_reach, auto_count, farthest_reaching
+from radlads.convert.layer_choice import (
+    Reach,
+    attention_reach,
+    auto_count,
+    copy_heads,
+    copy_scores,
+    farthest_reaching,
+)
 from tiny_models import make_teacher, make_teacher_folder, write_corpus
 
 
@@ -28,6 +35,29 @@ def test_attention_reach_is_the_far_weight_of_late_queries():
             expected = (late * ((q - k > d) & (k >= 4))).sum(-1).mean()
             assert reach.beyond[d][i] == pytest.approx(expected.item(), rel=1e-5)
         assert reach.sinks[i] == pytest.approx(late[..., :4].sum(-1).mean().item(), rel=1e-5)
+
+
+def test_copy_scores_find_the_induction_and_previous_token_heads():
+    L = 8
+    weights = torch.full((1, 3, 2 * L, 2 * L), 0.0)
+    t = torch.arange(1, 2 * L)
+    weights[0, 0, t, t - 1] = 1.0  # a previous-token head
+    second = torch.arange(L, 2 * L - 1)
+    weights[0, 1, second, second - L + 1] = 1.0  # an induction head, on the second copy only
+    weights[0, 2] = 1.0 / (2 * L)  # a diffuse head
+    induction, previous = copy_scores(weights, L).tolist()
+    assert induction == pytest.approx(1.0) and previous == pytest.approx(1.0)
+    weights[0, 1] = 0.0
+    assert copy_scores(weights, L)[0].item() == pytest.approx(1 / (2 * L))  # the diffuse head's share
+
+
+def test_copy_heads_scores_every_layer_of_a_teacher():
+    teacher = make_teacher("llama")
+    heads = copy_heads(teacher, teacher.config.vocab_size, length=16, batch=2)
+    layers = teacher.config.num_hidden_layers
+    assert len(heads.induction) == len(heads.previous_token) == layers
+    assert all(0.0 <= s <= 1.0 for s in heads.induction + heads.previous_token)
+    assert teacher.config._attn_implementation == "sdpa"
 
 
 def test_farthest_reaching_and_bad_specs():

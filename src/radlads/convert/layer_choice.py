@@ -57,12 +57,22 @@ def attention_reach(
     keys = torch.arange(T, device=input_ids.device)[None]
     masks = [((queries - keys > d) & (keys >= sink_tokens)).float() for d in distances]
     masks.append((keys < sink_tokens).float().expand(len(queries), T))
+    per_layer = per_layer_attention(
+        teacher, input_ids, lambda w: torch.stack([(w[:, :, queries[:, 0]].float() * m).sum(-1).mean() for m in masks])
+    )
+    table = torch.stack(per_layer).T.tolist()  # [len(distances) + 1][layers]
+    return Reach(dict(zip(distances, table)), table[-1])
+
+
+@torch.no_grad()
+def per_layer_attention(teacher, input_ids: Tensor, reduce) -> list[Tensor]:
+    """`reduce(weights)` of each layer's attention weights [B, heads, T, T], in layer order: reduced
+    as they are formed, so that no more than one layer's weights are held at a time."""
     per_layer: list[Tensor] = []
 
     def hook(module, args, output):
-        weights = output[1][:, :, queries[:, 0]].float()  # [B, H, late queries, T] under eager attention
-        per_layer.append(torch.stack([(weights * m).sum(-1).mean() for m in masks]))
-        return output[0], None  # nothing downstream needs them: freed layer by layer
+        per_layer.append(reduce(output[1]))
+        return output[0], None  # nothing downstream needs the weights
 
     previous = teacher.config._attn_implementation
     teacher.set_attn_implementation("eager")  # the fused kernels never form the weights
@@ -73,8 +83,39 @@ def attention_reach(
         for handle in handles:
             handle.remove()
         teacher.set_attn_implementation(previous)
-    table = torch.stack(per_layer).T.tolist()  # [len(distances) + 1][layers]
-    return Reach(dict(zip(distances, table)), table[-1])
+    return per_layer
+
+
+@dataclass
+class CopyHeads:
+    """Per layer, the strongest head of each kind (mean attention weight, max over heads) on
+    sequences of random tokens shown twice. An induction head looks, from a token's second
+    occurrence, at the token that followed its first: the circuit that copies from context, which a
+    fixed-size state has to rebuild. A previous-token head looks one token back."""
+
+    induction: list[float]
+    previous_token: list[float]
+
+
+@torch.no_grad()
+def copy_heads(teacher, vocab_size: int, length: int = 128, batch: int = 4, seed: int = 0) -> CopyHeads:
+    """Induction and previous-token scores of each layer on `batch` blocks of `length` random tokens,
+    each repeated once."""
+    g = torch.Generator().manual_seed(seed)
+    block = torch.randint(vocab_size, (batch, length), generator=g)
+    ids = torch.cat([block, block], 1).to(next(teacher.parameters()).device)
+    per_layer = per_layer_attention(teacher, ids, lambda w: copy_scores(w, length))
+    return CopyHeads(*torch.stack(per_layer).T.tolist())
+
+
+def copy_scores(weights: Tensor, length: int) -> Tensor:
+    """[induction, previous-token] of the strongest head, from attention weights [B, heads, 2L, 2L]
+    over L random tokens shown twice."""
+    t = torch.arange(length, 2 * length - 1, device=weights.device)  # second copy, next token known
+    every = torch.arange(1, 2 * length, device=weights.device)
+    induction = weights[:, :, t, t - length + 1].float().mean((0, 2))  # per head
+    previous = weights[:, :, every, every - 1].float().mean((0, 2))
+    return torch.stack([induction.max(), previous.max()])
 
 
 def farthest_reaching(reach: list[float], n: int) -> list[int]:
