@@ -57,9 +57,12 @@ def attention_reach(
     keys = torch.arange(T, device=input_ids.device)[None]
     masks = [((queries - keys > d) & (keys >= sink_tokens)).float() for d in distances]
     masks.append((keys < sink_tokens).float().expand(len(queries), T))
-    per_layer = per_layer_attention(
-        teacher, input_ids, lambda w: torch.stack([(w[:, :, queries[:, 0]].float() * m).sum(-1).mean() for m in masks])
-    )
+
+    def reduce(w: Tensor) -> Tensor:
+        late_queries = w[:, :, queries[:, 0]].float()
+        return torch.stack([(late_queries * m).sum(-1).mean() for m in masks])
+
+    per_layer = per_layer_attention(teacher, input_ids, reduce)
     table = torch.stack(per_layer).T.tolist()  # [len(distances) + 1][layers]
     return Reach(dict(zip(distances, table)), table[-1])
 
