@@ -134,7 +134,7 @@ def plot_positions(results_dir: Path, entries: list[dict], out: Path) -> None:
 
 def plot_scaling(entries: list[dict], out: Path) -> None:
     """One line per student and recipe (with or without step 3), against total tokens."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.2))
     series: dict[str, list[dict]] = {}
     for e in entries:
         recipe = "steps 1-3" if "3" in e["tokens"] else "steps 1-2"
@@ -150,14 +150,18 @@ def plot_scaling(entries: list[dict], out: Path) -> None:
     axes[1].axhline(0.1, ls="--", color="grey", label="target")
     axes[0].set_ylabel("teacher / student perplexity")
     axes[1].set_ylabel("NLL gap at positions 1024-2047 (nats)")
-    ticks = sorted({round(sum(e["tokens"].values()) / 1e6) for e in entries})
+    ticks: list[int] = []
+    for t in sorted({round(sum(e["tokens"].values()) / 1e6) for e in entries}, reverse=True):
+        if not ticks or 1.15 * t < ticks[-1]:  # labels closer than that would overprint
+            ticks.append(t)
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xticks(ticks, [str(t) for t in ticks], minor=False)
         ax.minorticks_off()
         ax.set_xlabel("total training tokens (M)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))  # the legend below both panels, clear of the points
     fig.savefig(out, dpi=110)
 
 

@@ -1,4 +1,4 @@
-"""Hybrid students keep softmax attention where the teacher's attention reaches farthest (auto:N)."""
+"""Hybrid students keep softmax attention in the teacher's induction layers (auto:N), and the measures behind it."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 from radlads.cli.main import main
 from radlads.convert import pipeline
 from radlads.convert.layer_choice import (
-    Reach,
+    CopyHeads,
     attention_reach,
     auto_count,
     copy_heads,
     copy_scores,
-    farthest_reaching,
+    strongest,
 )
 from tiny_models import make_teacher, make_teacher_folder, write_corpus
 
@@ -60,13 +60,13 @@ def test_copy_heads_scores_every_layer_of_a_teacher():
     assert teacher.config._attn_implementation == "sdpa"
 
 
-def test_farthest_reaching_and_bad_specs():
-    assert farthest_reaching([0.1, 0.7, 0.2, 0.6], 2) == [1, 3]
+def test_strongest_and_bad_specs():
+    assert strongest([0.1, 0.7, 0.2, 0.6], 2) == [1, 3]
     assert auto_count("auto:2") == 2 and auto_count([1, 2]) is None
     with pytest.raises(ValueError, match="auto:N"):
         auto_count("auto:two")
     with pytest.raises(ValueError, match="between 1 and 3"):
-        farthest_reaching([0.1, 0.7, 0.2, 0.6], 4)
+        strongest([0.1, 0.7, 0.2, 0.6], 4)
 
 
 def test_convert_keeps_the_chosen_layers_from_step_0_on(tmp_path, capsys, monkeypatch):
@@ -81,11 +81,11 @@ def test_convert_keeps_the_chosen_layers_from_step_0_on(tmp_path, capsys, monkey
     assert "between 1 and 2" in capsys.readouterr().err
     calls = []
 
-    def reach(teacher, ids, distances, *rest):  # layer 1 reaches farthest, whatever the random teacher
-        calls.append(ids.shape)
-        return Reach({d: [0.1, 0.5, 0.2] for d in distances}, [0.0, 0.0, 0.0])
+    def heads(teacher, vocab_size):  # layer 1 holds the induction head, whatever the random teacher
+        calls.append(vocab_size)
+        return CopyHeads(induction=[0.1, 0.5, 0.2], previous_token=[0.9, 0.0, 0.0])
 
-    monkeypatch.setattr(pipeline, "attention_reach", reach)
+    monkeypatch.setattr(pipeline, "copy_heads", heads)
     assert main(["step0", *args, "--softmax-layers", "auto:1"]) == 0
     chosen = json.loads((out / "config.json").read_text())["softmax_layers"]
     assert chosen == [1] and len(calls) == 1
@@ -93,3 +93,13 @@ def test_convert_keeps_the_chosen_layers_from_step_0_on(tmp_path, capsys, monkey
     assert main(["step1", *args, "--softmax-layers", "auto:1"]) == 0
     assert json.loads((out / "checkpoints/step1/config.json").read_text())["softmax_layers"] == chosen
     assert len(calls) == 1
+
+
+def test_auto_keeps_the_teachers_strongest_induction_layer(tmp_path):
+    teacher_dir, corpus = make_teacher_folder(tmp_path), write_corpus(tmp_path / "corpus")
+    out = tmp_path / "student"
+    args = ["--teacher", str(teacher_dir), "--data", str(corpus), "--out", str(out), "--seq-len", "128"]
+    assert main(["step0", *args, "--softmax-layers", "auto:1", "--quiet"]) == 0
+    teacher = pipeline.load_teacher(teacher_dir)
+    expected = strongest(copy_heads(teacher, teacher.config.vocab_size).induction, 1)
+    assert json.loads((out / "config.json").read_text())["softmax_layers"] == expected

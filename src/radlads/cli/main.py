@@ -45,7 +45,7 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
         "--softmax-layers",
         type=parse_layers,
         help="comma-separated layers that keep softmax attention (negative counts from the end), or "
-        "auto:N for the N layers whose attention reaches farthest on held-out text",
+        "auto:N for the N layers with the teacher's strongest induction heads (recommended: auto:2)",
     )
     budgets = {1: "100M", 2: "250M", 3: "0; 10M under --preset auto for teachers under 1B parameters"}
     for k in (1, 2, 3):

@@ -37,7 +37,7 @@ from ..train.metrics import MetricsLog
 from ..train.trainer import Trainer
 from .alignment import layer_cosines
 from .batching import size_step
-from .layer_choice import attention_reach, auto_count, farthest_reaching
+from .layer_choice import auto_count, copy_heads, strongest
 from .steps import AttentionAlignment, ContextExtension, Distillation, prepare_student
 from .teacher import prepare_teacher
 from .transfer import load_teacher, transfer
@@ -89,7 +89,7 @@ class Conversion:
     @functools.cached_property
     def softmax_layers(self) -> list[int]:
         """The layers the student keeps as softmax attention: as given; for "auto:N", those the
-        step-0 student kept, or else the N of farthest attention reach on held-out text."""
+        step-0 student kept, or else the N with the teacher's strongest induction heads."""
         spec = self.cfg.student.get("softmax_layers", ())
         n = auto_count(spec)
         if n is None:
@@ -97,24 +97,13 @@ class Conversion:
         done = find_checkpoint(self.checkpoint(0))
         if done is not None:
             return json.loads((done / "config.json").read_text())["softmax_layers"]
-        # The longest context the conversion trains, within the teacher's own, up to 2048 tokens.
-        trained = [step.seq_len for step in self.cfg.steps().values() if step.tokens > 0]
-        seq_len = min(2048, max(trained, default=512), self.teacher.config.max_position_embeddings)
-        ids = next(iter(self._heldout_batches(seq_len, batch_size=2, n=1)), None)
-        if ids is None:
-            raise ValueError(
-                f"--softmax-layers auto:{n} measures the teacher's attention on held-out windows of "
-                f"{seq_len} tokens, and the data holds none: give more text, or name the layers"
-            )
-        distance = seq_len // 8
-        reach = attention_reach(self.teacher, ids.to(self.device), (distance,)).beyond[distance]
-        chosen = farthest_reaching(reach, n)
+        induction = copy_heads(self.teacher, self.teacher.config.vocab_size).induction
+        chosen = strongest(induction, n)
         log.info(
-            "softmax layers auto:%d -> %s (attention weight beyond %d tokens by layer: %s)",
+            "softmax layers auto:%d -> %s (strongest induction head by layer: %s)",
             n,
             ",".join(map(str, chosen)),
-            distance,
-            " ".join(f"{r:.2f}" for r in reach),
+            " ".join(f"{r:.2f}" for r in induction),
         )
         return chosen
 
