@@ -89,14 +89,14 @@ def _mean(rows: list[list[float]]) -> list[float]:
 
 
 def plot(reach: dict[str, list[float]], path: Path) -> None:
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=(3, 2))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True, height_ratios=(3, 2))
     layers = range(len(reach["sinks"]))
     for d in DISTANCES:
         top.plot(layers, reach[f"beyond_{d}"], marker="o", label=f"beyond {d} tokens")
     top.bar(layers, reach["sinks"], color="0.85", label=f"first {SINK_TOKENS} tokens (sinks)")
     top.plot(layers, reach["induction"], "k*", markersize=9, label="induction head (random tokens, twice)")
     top.set(ylabel="attention weight\nof late queries", ylim=(0, 1))
-    top.legend(fontsize=8)
+    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: the panel is full
     (cost,) = (k for k in reach if k.startswith("nll_cost"))
     bottom.bar(layers, reach[cost], color="tab:red")
     bottom.set(xlabel="layer", ylabel="NLL cost, nats\n(one layer local)")
