@@ -7,7 +7,8 @@
 # are too big to bring back) into $OUT/gpu-cache.tgz. Copy that file to .gpu-cache/ here and send
 # .gpu-cache with the next job: it is unpacked first, and fla's kernels compile only the configs
 # that won instead of benchmarking every one again.
-# More wheels, installed the same way: .wheels-extra/ (copied) and /root/stash (relayed there by
+# More wheels, installed the same way: .wheels-extra/ (copied; scripts/device_wheels.sh fetches the
+# server's and torchao's) and /root/stash (relayed there by
 # scripts/relay.sh, for wheels over the host's file-size limit), e.g. fla's TileLang backend:
 # tilelang (~50 MB, relayed), z3-solver, apache-tvm-ffi and torch-c-dlpack-ext; the host has nvcc.
 extra=$(ls .wheels-extra/*.whl /root/stash/*.whl 2> /dev/null || true)
