@@ -4,8 +4,8 @@
 # optimizer states (torchao), into .wheels-extra/ (git-ignored, ~9 MB). Carry .wheels and
 # .wheels-extra; `source scripts/device_env.sh` there installs both.
 #   bash scripts/device_wheels.sh [PYTHON_VERSION]   # the host's Python, default 3.12
-# Pinned to the versions the test suite runs with on a CPU; the host image already has anyio, h11, httpx, click,
-# prometheus-client and tqdm.
+# Pinned to the versions the test suite runs with on a CPU. The host image already has anyio, h11,
+# httpx, click, prometheus-client and tqdm.
 set -euo pipefail
 py=${1:-3.12}
 mkdir -p .wheels-extra
