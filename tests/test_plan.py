@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from radlads.cli.main import main
-from radlads.convert.plan import GPU_COUNTS, kept_kernel_bytes, plan
+from radlads.convert.plan import GPU_COUNTS, decode_memory, kept_kernel_bytes, plan
 from radlads.convert.transfer import transfer
 from tiny_models import make_teacher, make_teacher_folder
 
@@ -115,3 +116,31 @@ def test_tilelang_kept_intermediates_match_what_an_h100_measured(tmp_path):
         plan(tmp_path, tilelang=t, **options).steps[0].activation_bytes for t in (False, True)
     )
     assert (triton - tilelang) / 1e9 == pytest.approx(72.6 - 58.9, abs=0.5)
+
+
+@pytest.mark.parametrize("arch", ["rad-rwkv7", "rad-rwkv6"])
+@pytest.mark.parametrize("softmax_layers", [[], [-1]])
+def test_decode_memory_is_what_the_caches_hold(arch, softmax_layers):
+    teacher = make_teacher("llama")
+    student = transfer(teacher, arch=arch, softmax_layers=softmax_layers)
+    ids = torch.randint(0, teacher.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        kv = teacher(input_ids=ids, use_cache=True).past_key_values
+        state = student(input_ids=ids, use_cache=True).past_key_values
+    memory = decode_memory(student.config, kv_bytes=4)  # the tiny models run in fp32
+    teacher_bytes = sum(
+        t.numel() * t.element_size() for layer in kv.layers for t in (layer.keys, layer.values)
+    )
+    assert memory.teacher(40) == teacher_bytes
+    assert memory.student(40) == state.nbytes()
+    assert (memory.student_kv_bytes_per_token > 0) == bool(softmax_layers)
+
+
+def test_cli_prints_decode_memory_up_to_the_trained_context(tmp_path, capsys):
+    folder = make_teacher_folder(tmp_path, max_position_embeddings=8192)
+    assert main(["plan", "--teacher", str(folder), "--softmax-layers", "auto:1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| 4,096 |", "| 8,192 |", "| 32,768 |"))]
+    assert [r.split("|")[1].strip() for r in rows] == ["4,096", "8,192"]
+    student, teacher = (float(cell.strip().split()[0].replace(",", "")) for cell in rows[1].split("|")[2:4])
+    assert 0 < student < teacher

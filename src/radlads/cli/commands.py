@@ -205,6 +205,7 @@ def plan(args: argparse.Namespace) -> int:
     )
     print(result.to_markdown(), end="")
     print(one_gpu_table(args, options))
+    print("", *result.decode_table(), sep="\n")
     return 0
 
 

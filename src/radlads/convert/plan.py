@@ -37,6 +37,10 @@ Activations (not sharded: every GPU runs its own micro-batch of `batch_size × s
   final hidden states of student (and teacher) for the whole micro-batch;
 - the no-grad teacher forward of step 2 needs one layer's transient activations.
 
+Decoding memory per sequence (`DecodeMemory`) is exact, not estimated: a student holds a fp32
+[heads, head_dim, head_dim] state per time mixer and the keys and values of its softmax layers,
+the teacher the keys and values of every layer, in the model's dtype (bf16: 2 bytes).
+
 A GPU is considered to hold `usable_fraction` (0.9) of its memory: the rest covers the CUDA
 context, allocator fragmentation, NCCL and FSDP all-gather buffers. The recommended GPU count is
 the smallest of 1/2/4/8/16 at which `states / N + activations` fits; None when 16 does not.
@@ -54,6 +58,7 @@ from ..train.optimizers import STATE_BYTES
 
 GB = 1e9
 GPU_COUNTS = (1, 2, 4, 8, 16)
+DECODE_CONTEXTS = (4096, 32768, 131072)
 BF16, FP16, FP32 = 2, 2, 4
 MIXER_BF16_TENSORS = 10
 MLP_BF16_INTERMEDIATES = 4
@@ -96,6 +101,37 @@ class StepMemory:
 
 
 @dataclass
+class DecodeMemory:
+    """What one sequence holds while it decodes: the student's fixed-size recurrent state plus the
+    keys and values of its softmax layers, against the teacher's keys and values in every layer."""
+
+    state_bytes: int
+    student_kv_bytes_per_token: int
+    teacher_kv_bytes_per_token: int
+    trained_context: int  # the teacher's: the longest context the table shows
+
+    def student(self, tokens: int) -> int:
+        return self.state_bytes + tokens * self.student_kv_bytes_per_token
+
+    def teacher(self, tokens: int) -> int:
+        return tokens * self.teacher_kv_bytes_per_token
+
+
+def decode_memory(student_config, kv_bytes: int = BF16) -> DecodeMemory:
+    """Decoding memory per sequence of a student (by its config) and of its teacher."""
+    cfg = student_config
+    softmax = sum(cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers))
+    state = cfg.num_attention_heads * cfg.head_dim**2 * FP32
+    kv_per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * kv_bytes
+    return DecodeMemory(
+        state_bytes=(cfg.num_hidden_layers - softmax) * state,
+        student_kv_bytes_per_token=softmax * kv_per_layer,
+        teacher_kv_bytes_per_token=cfg.num_hidden_layers * kv_per_layer,
+        trained_context=cfg.max_position_embeddings,
+    )
+
+
+@dataclass
 class ConversionPlan:
     teacher: str
     arch: str
@@ -108,6 +144,7 @@ class ConversionPlan:
     batch_size: int
     step3_batch_size: int
     gpu_memory_gb: float
+    decode: DecodeMemory
     usable_fraction: float = 0.9
     optimizer: str = "adamw"
     steps: list[StepMemory] = field(default_factory=list)
@@ -167,6 +204,28 @@ class ConversionPlan:
             f"{self.gpu_memory_gb:g} GB (with activation checkpointing where it is needed).",
         ]
         return "\n".join(lines) + "\n"
+
+    def decode_table(self) -> list[str]:
+        d = self.decode
+        kv = (
+            f" + {d.student_kv_bytes_per_token:,} bytes/token of KV cache"
+            if d.student_kv_bytes_per_token
+            else ""
+        )
+        lines = [
+            f"Decoding memory per sequence, up to the teacher's trained context, bf16 KV caches (student: "
+            f"{d.state_bytes / 1e6:.1f} MB of recurrent state{kv}; teacher: {d.teacher_kv_bytes_per_token:,} "
+            "bytes/token):",
+            "",
+            "| context (tokens) | student | teacher |",
+            "|---|---:|---:|",
+        ]
+        contexts = sorted({t for t in DECODE_CONTEXTS if t < d.trained_context} | {d.trained_context})
+        for tokens in contexts:
+            lines.append(
+                f"| {tokens:,} | {d.student(tokens) / 1e6:,.1f} MB | {d.teacher(tokens) / 1e6:,.1f} MB |"
+            )
+        return lines
 
 
 def load_config(teacher: str | Path) -> PretrainedConfig:
@@ -288,4 +347,5 @@ def plan(
         usable_fraction=usable_fraction,
         optimizer=optimizer,
         steps=steps,
+        decode=decode_memory(scfg),
     )
