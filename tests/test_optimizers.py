@@ -92,8 +92,8 @@ def test_plan_recommends_for_one_gpu_what_convert_would_choose(tmp_path, monkeyp
     monkeypatch.setattr(batching, "available_bytes", lambda device: gpu_gb * GB)
     monkeypatch.setattr(batching, "installed", lambda: OPTIMIZERS)
     for step, row in one_gpu.items():
-        seq_len = 256 if step < 3 else 16384
-        cfg = StepConfig(tokens=0, lr=0.0, seq_len=seq_len, batch_size=int(row[1].split(" x ")[0]))
+        batch, seq_len = (int(n) for n in row[1].split(" x "))  # step 3: the teacher's context
+        cfg = StepConfig(tokens=0, lr=0.0, seq_len=seq_len, batch_size=batch)
         options = dict(activation_checkpointing=row[3] == "yes")
         sized, _ = batching.size_step(cfg, step, CUDA, 1, tmp_path, "rad-rwkv7", **options)
         assert sized.optimizer == row[2], (step, row)

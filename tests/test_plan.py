@@ -144,3 +144,11 @@ def test_cli_prints_decode_memory_up_to_the_trained_context(tmp_path, capsys):
     assert [r.split("|")[1].strip() for r in rows] == ["4,096", "8,192"]
     student, teacher = (float(cell.strip().split()[0].replace(",", "")) for cell in rows[1].split("|")[2:4])
     assert 0 < student < teacher
+
+
+def test_step3_plans_at_the_teachers_trained_context_unless_told(tmp_path):
+    make_teacher("llama", max_position_embeddings=8192).config.save_pretrained(tmp_path)
+    assert plan(tmp_path).step3_seq_len == 8192  # as convert runs step 3 for this teacher
+    assert plan(tmp_path, step3_seq_len=2048).step3_seq_len == 2048
+    make_teacher("llama", max_position_embeddings=131072).config.save_pretrained(tmp_path)
+    assert plan(tmp_path).step3_seq_len == 16384

@@ -204,6 +204,7 @@ def plan(args: argparse.Namespace) -> int:
         **options,
     )
     print(result.to_markdown(), end="")
+    args.step3_seq_len = result.step3_seq_len  # where not given, the plan's choice from the config
     print(one_gpu_table(args, options))
     print("", *result.decode_table(), sep="\n")
     return 0

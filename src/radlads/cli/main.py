@@ -197,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=["rad-rwkv7", "rad-rwkv6"], default="rad-rwkv7")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0)
     p.add_argument("--seq-len", type=int, default=512, help="sequence length of steps 1 and 2")
-    p.add_argument("--step3-seq-len", type=int, default=16384)
+    p.add_argument(
+        "--step3-seq-len",
+        type=int,
+        help="default: the teacher's trained context, up to 16384, as convert runs it",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (steps 1 and 2)")
     p.add_argument(
         "--softmax-layers",

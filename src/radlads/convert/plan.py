@@ -265,7 +265,7 @@ def plan(
     arch: str = "rad-rwkv7",
     gpu_memory_gb: float = 80.0,
     seq_len: int = 512,
-    step3_seq_len: int = 16384,
+    step3_seq_len: int | None = None,
     batch_size: int = 8,
     step3_batch_size: int = 1,
     chunk_tokens: int = 4096,
@@ -283,6 +283,8 @@ def plan(
     `optimizer`: one of radlads.train.optimizers.OPTIMIZERS, for the bytes of each trained parameter."""
     trained_bytes = STATE_BYTES[optimizer]
     cfg = load_config(teacher)
+    if step3_seq_len is None:  # as convert runs step 3: at the teacher's trained context, up to 16K
+        step3_seq_len = min(16384, getattr(cfg, "max_position_embeddings", None) or 16384)
     t_model, s_model = build_meta_models(cfg, arch, softmax_layers=list(softmax_layers))
     scfg = s_model.config
     teacher_params = count_params(t_model)
