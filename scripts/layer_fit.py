@@ -4,9 +4,10 @@
 
 Each layer's RAD-RWKV7 mixer (fresh from step 0) is trained on that layer's own attention input
 and output, as step 1 trains it, then scored on held-out windows: the relative error
-||y_teacher - y_student|| / ||y_teacher|| per token, and the step-1 loss term. Layers a mixer fits
-worst are candidates to keep as softmax attention. Writes OUT/layer_fit.json. About 15 s a layer
-for a 135M teacher on 2 CPU cores at the defaults.
+||y_teacher - y_student|| / ||y_teacher|| per token, and the step-1 loss term. Then the teacher
+runs the copying probe (radlads.eval.copying) with that one layer's attention replaced by the
+fitted mixer: how much of the teacher's copying survives losing that layer's attention. Writes
+OUT/layer_fit.json. About 20 s a layer for a 135M teacher on 2 CPU cores at the defaults.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import torch
 from radlads.convert.alignment import layer_alignment_loss, teacher_attention_io
 from radlads.convert.transfer import load_teacher, transfer
 from radlads.data import PackedLoader
-from radlads.teachers import resolve_teacher
+from radlads.eval.copying import PREFIX, SPAN, evaluate_copying
+from radlads.teachers import load_teacher_tokenizer, resolve_teacher
 
 MICRO_BATCH = 2
+COPY_DISTANCES = (0, 64)
 
 
 def windows(shards: str, seq_len: int, n: int, split: str) -> torch.Tensor:
@@ -53,22 +56,51 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args()
     torch.manual_seed(0)
-    teacher = load_teacher(resolve_teacher(args.teacher))
+    teacher_dir = resolve_teacher(args.teacher)
+    teacher, tokenizer = load_teacher(teacher_dir), load_teacher_tokenizer(teacher_dir)
     x_train, y_train = layer_io(teacher, windows(args.shards, args.seq_len, args.train_windows, "train"))
     x_held, y_held = layer_io(teacher, windows(args.shards, args.seq_len, args.heldout_windows, "heldout"))
     student = transfer(teacher, arch="rad-rwkv7")
-    position_ids = torch.arange(args.seq_len)[None]
+    position_ids = torch.arange(max(args.seq_len, PREFIX + 2 * SPAN + max(COPY_DISTANCES)))[None]
     cos, sin = student.model.rotary_emb(x_train[0, :1].float(), position_ids)
     first = copy.deepcopy(student.model.layers[0].self_attn).eval()  # layer 0 as step 0 left it
 
     def run(layer: int, x: torch.Tensor, x_first: torch.Tensor) -> torch.Tensor:
         """The layer's mixer on x; layer 0's mixer (untrained, as step 0 left it) gives v_first."""
-        rope = cos.expand(len(x), -1, -1), sin.expand(len(x), -1, -1)
+        T = x.shape[1]
+        rope = cos[:, :T].expand(len(x), -1, -1), sin[:, :T].expand(len(x), -1, -1)
         with torch.no_grad():
             v_first = first(x_first.float(), rope)[1]
         mixer = student.model.layers[layer].self_attn
         return mixer(x.float(), rope, v_first=v_first if layer else None)[0]
 
+    def copying(layer: int | None) -> dict[int, float]:
+        """Mean NLL on the probe's repeated span, with `layer`'s attention replaced by its mixer."""
+        handles = []
+        if layer is not None:
+            seen = {}
+
+            def first_input(module, args, kwargs):
+                seen["x_first"] = kwargs.get("hidden_states", args[0] if args else None)
+
+            def swap(module, args, kwargs, output):
+                x = kwargs.get("hidden_states", args[0] if args else None)
+                return (run(layer, x, seen["x_first"]).to(output[0].dtype), *output[1:])
+
+            layers = teacher.model.layers
+            handles = [
+                layers[0].self_attn.register_forward_pre_hook(first_input, with_kwargs=True),
+                layers[layer].self_attn.register_forward_hook(swap, with_kwargs=True),
+            ]
+        try:
+            result = evaluate_copying(teacher, tokenizer, COPY_DISTANCES, progress=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {d: v["repeat"] for d, v in result.by_distance().items()}
+
+    teacher_copying = copying(None)
+    print(f"teacher: copy NLL {teacher_copying}", flush=True)
     fits = {}
     for layer in range(teacher.config.num_hidden_layers):
         mixer = student.model.layers[layer].self_attn.train()
@@ -90,12 +122,19 @@ def main() -> None:
                 loss=layer_alignment_loss(y, target).item(),
                 teacher_output_norm=target.norm(dim=-1).mean().item(),
             )
-        print(f"layer {layer:2d}: relative error {fits[layer]['relative_error']:.3f}", flush=True)
+        mixer.eval()
+        fits[layer]["copy_nll_swapped"] = copying(layer)
+        print(
+            f"layer {layer:2d}: relative error {fits[layer]['relative_error']:.3f}, "
+            f"copy NLL with it swapped {fits[layer]['copy_nll_swapped']}",
+            flush=True,
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     summary = dict(
         teacher=args.teacher, **{k: v for k, v in vars(args).items() if k not in ("teacher", "out")}
     )
-    (args.out / "layer_fit.json").write_text(json.dumps({**summary, "layers": fits}, indent=1, default=str))
+    record = {**summary, "copy_nll_teacher": teacher_copying, "layers": fits}
+    (args.out / "layer_fit.json").write_text(json.dumps(record, indent=1, default=str))
 
 
 if __name__ == "__main__":
