@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from radlads.convert.alignment import layer_alignment_loss, teacher_attention_io
+from radlads.convert.alignment import attention_input, layer_alignment_loss, teacher_attention_io
 from radlads.convert.transfer import load_teacher, transfer
 from radlads.data import PackedLoader
 from radlads.eval.copying import PREFIX, SPAN, evaluate_copying
@@ -81,11 +81,11 @@ def main() -> None:
             seen = {}
 
             def first_input(module, args, kwargs):
-                seen["x_first"] = kwargs.get("hidden_states", args[0] if args else None)
+                seen["x_first"] = attention_input(args, kwargs)
 
             def swap(module, args, kwargs, output):
-                x = kwargs.get("hidden_states", args[0] if args else None)
-                return (run(layer, x, seen["x_first"]).to(output[0].dtype), *output[1:])
+                y = run(layer, attention_input(args, kwargs), seen["x_first"])
+                return (y.to(output[0].dtype), *output[1:])
 
             layers = teacher.model.layers
             handles = [

@@ -204,13 +204,12 @@ def plan(args: argparse.Namespace) -> int:
         **options,
     )
     print(result.to_markdown(), end="")
-    args.step3_seq_len = result.step3_seq_len  # where not given, the plan's choice from the config
-    print(one_gpu_table(args, options))
+    print(one_gpu_table(args, options, result.step3_seq_len))
     print("", *result.decode_table(), sep="\n")
     return 0
 
 
-def one_gpu_table(args: argparse.Namespace, options: dict) -> str:
+def one_gpu_table(args: argparse.Namespace, options: dict, step3_seq_len: int) -> str:
     """Per step, the optimizer and activation checkpointing that `radlads convert` should run with
     on one GPU of --gpu-memory-gb, as its own sizing estimates them (convert.batching)."""
     from ..convert.batching import USABLE_FRACTION, one_gpu_settings
@@ -229,7 +228,7 @@ def one_gpu_table(args: argparse.Namespace, options: dict) -> str:
     for step, seq_len, batch in (
         (1, args.seq_len, args.batch_size),
         (2, args.seq_len, args.batch_size),
-        (3, args.step3_seq_len, 1),
+        (3, step3_seq_len, 1),
     ):
         cfg = StepConfig(tokens=0, lr=0.0, seq_len=seq_len, batch_size=batch)
         ckpt, choice = one_gpu_settings(

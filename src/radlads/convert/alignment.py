@@ -24,11 +24,16 @@ class AttentionIO:
     outputs: list[Tensor]  # per layer: what the teacher's attention returned (before the residual add)
 
 
+def attention_input(args: tuple, kwargs: dict) -> Tensor:
+    """The hidden states a teacher attention layer was called with, as a forward hook sees them."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
 def teacher_attention_io(teacher, input_ids: Tensor, attention_mask: Tensor | None = None) -> AttentionIO:
     io = AttentionIO([], [])
 
     def hook(module, args, kwargs, output):
-        io.inputs.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+        io.inputs.append(attention_input(args, kwargs))
         io.outputs.append(output[0] if isinstance(output, tuple) else output)
 
     handles = [
