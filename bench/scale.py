@@ -3,6 +3,8 @@ inputs, and the summary of the runs' metrics.jsonl as docs/bench/<shape>-one-gpu
 
   python bench/scale.py inputs --work W [--shape qwen2.5-7b] [--train-tokens 16000000]
   python bench/scale.py summary --run W/step1 W/step2 W/step3 --out docs/bench/qwen2.5-7b-one-gpu.json
+  python bench/scale.py project --measured docs/bench/qwen2.5-7b-one-gpu.json \
+      --teacher docs/plan/qwen2.5-{7b,32b,72b}.json --out docs/bench/protocol-cost-projection.json
 
 The summary, per step (from whichever run folder logged it; a later folder wins): steady-state
 tokens/s (median of the logged windows after the first --skip-logs, which hold compilation and
@@ -10,6 +12,11 @@ warm-up), MFU from the FLOPs per token that bench/training.py counts for the ste
 sequence length (activation checkpointing's recomputation not counted), peak memory, the
 micro-batch and the optimizer the step ran with; and the GPU-hours of the whole protocol
 (PROTOCOL_TOKENS) at those rates, where all three steps ran.
+
+The projection carries each step's measured MFU over to other teachers: GPU-hours = protocol tokens
+x that teacher's FLOPs per token (same sequence lengths) / (MFU x peak), summed over the steps, and
+their price at --usd-per-gpu-hour beside the paper's published cost (under $2,000 for its 72B
+conversion). It assumes the MFU holds at any size and GPU count, which nothing here has measured.
 """
 
 from __future__ import annotations
@@ -20,11 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import PEAK_BF16_FLOPS, SHAPES, ModelCost, gpu_name, write_random_inputs
+from common import (
+    PEAK_BF16_FLOPS,
+    SHAPES,
+    ModelCost,
+    environment,
+    gpu_name,
+    markdown_table,
+    write_random_inputs,
+)
 from multigpu import step_figures
 from training import mixer_weights, step_flops
 
 PROTOCOL_TOKENS = {1: 100_000_000, 2: 250_000_000, 3: 100_000_000}  # SPEC section 3
+PAPER_USD, PAPER_PARAMS = 2000.0, 72.7e9  # the paper's 72B conversion: "under $2,000"
 
 
 def flops_per_token(teacher_dir: Path, arch: str, step: int, seq_len: int, **student_options) -> float:
@@ -89,6 +105,43 @@ def summarise(
     }
 
 
+def project(measured: dict[str, Any], teachers: list[Path], usd_per_gpu_hour: float) -> dict[str, Any]:
+    """The protocol's GPU-hours and price for each teacher config at the measured per-step MFU
+    (module docstring), with the paper's cost per teacher parameter beside it."""
+    from radlads.convert.plan import build_meta_models, count_params, load_config
+
+    peak = measured["mfu_peak_tflops"] * 1e12
+    rows = []
+    for teacher in teachers:
+        params = count_params(build_meta_models(load_config(teacher))[0])
+        hours = {}
+        for step, tokens in PROTOCOL_TOKENS.items():
+            fig = measured["steps"][str(step)]
+            flops = flops_per_token(teacher, "rad-rwkv7", step, fig["seq_len"])
+            hours[str(step)] = tokens * flops / (fig["mfu"] * peak) / 3600
+        total = sum(hours.values())
+        usd = total * usd_per_gpu_hour
+        rows.append(
+            {
+                "teacher": teacher.stem,
+                "teacher_params": params,
+                "gpu_hours": hours,
+                "protocol_gpu_hours": total,
+                "usd": usd,
+                "usd_per_b_params": usd / params * 1e9,
+                "vs_paper_per_param": (usd / params) / (PAPER_USD / PAPER_PARAMS),
+            }
+        )
+    return {
+        "measured_on": measured["gpu"],
+        "mfu": {k: v["mfu"] for k, v in measured["steps"].items()},
+        "usd_per_gpu_hour": usd_per_gpu_hour,
+        "protocol_tokens": {str(k): n for k, n in PROTOCOL_TOKENS.items()},
+        "paper": {"usd": PAPER_USD, "teacher_params": PAPER_PARAMS},
+        "teachers": rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,12 +158,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpu", help="GPU name (default: this machine's CUDA device)")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOPS / 1e12, help="MFU's ceiling")
     p.add_argument("--skip-logs", type=int, default=2, help="logged windows per step left out as warm-up")
+    p = sub.add_parser("project", help="the protocol's cost for other teachers at the measured MFU")
+    p.add_argument("--measured", type=Path, required=True, help="a summary's JSON (all three steps)")
+    p.add_argument("--teacher", type=Path, nargs="+", required=True, help="teacher config.json files")
+    p.add_argument("--usd-per-gpu-hour", type=float, default=2.5)
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     if args.command == "inputs":
         write_random_inputs(args.work, args.shape, args.train_tokens, args.heldout_tokens, weights=False)
         return
+    if args.command == "project":
+        measured = json.loads(args.measured.read_text())
+        projection = project(measured, args.teacher, args.usd_per_gpu_hour) | {"environment": environment()}
+        args.out.write_text(json.dumps(projection, indent=1) + "\n")
+        rows = [
+            {
+                "teacher": r["teacher"],
+                "GPU-hours": r["protocol_gpu_hours"],
+                "USD": r["usd"],
+                "USD per B params": r["usd_per_b_params"],
+                "x paper per param": r["vs_paper_per_param"],
+            }
+            for r in projection["teachers"]
+        ]
+        print(markdown_table(rows, list(rows[0])))
+        return
     gpu = args.gpu or gpu_name()
-    summary = summarise(args.run, gpu, args.peak_tflops * 1e12, args.skip_logs)
+    summary = summarise(args.run, gpu, args.peak_tflops * 1e12, args.skip_logs) | {
+        "environment": environment()
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))

@@ -182,3 +182,31 @@ def test_summary_of_one_run_per_step(inputs, tmp_path):
     for step, figures in merged["steps"].items():
         assert figures["run"] == str(tmp_path / f"step{step}")
         assert {**figures, "run": None} == {**together["steps"][step], "run": None}
+
+
+def test_projection_carries_the_measured_mfu_to_another_teacher(inputs, tmp_path):
+    """At the MFU measured on one teacher, the projection for the same teacher gives back the
+    measured GPU-hours, and a larger teacher costs in proportion to its FLOPs per token."""
+    _fake_run(tmp_path / "run", inputs / "teacher")
+    measured = scale.summarise([tmp_path / "run"], "H200")
+    config = json.loads((inputs / "teacher/config.json").read_text())
+    wider = tmp_path / "wider.json"
+    config |= {"hidden_size": 2 * config["hidden_size"], "intermediate_size": 2 * config["intermediate_size"]}
+    config.pop("head_dim", None)  # from hidden_size and the heads
+    wider.write_text(json.dumps(config))
+    out = tmp_path / "projection.json"
+    (tmp_path / "run.json").write_text(json.dumps(measured))
+    args = ["project", "--measured", str(tmp_path / "run.json"), "--usd-per-gpu-hour", "3", "--out", str(out)]
+    scale.main([*args, "--teacher", str(inputs / "teacher"), str(wider)])
+    same, larger = json.loads(out.read_text())["teachers"]
+    assert same["protocol_gpu_hours"] == pytest.approx(measured["protocol_gpu_hours"])
+    assert same["usd"] == pytest.approx(3 * same["protocol_gpu_hours"])
+    for step, hours in larger["gpu_hours"].items():
+        seq_len = measured["steps"][step]["seq_len"]
+        ratio = (
+            scale.flops_per_token(wider, "rad-rwkv7", int(step), seq_len)
+            / measured["steps"][step]["flops_per_token"]
+        )
+        assert ratio > 1.5 and hours == pytest.approx(same["gpu_hours"][step] * ratio)
+    paper = scale.PAPER_USD / scale.PAPER_PARAMS
+    assert larger["vs_paper_per_param"] == pytest.approx(larger["usd"] / larger["teacher_params"] / paper)

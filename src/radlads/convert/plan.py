@@ -33,8 +33,11 @@ Activations (not sharded: every GPU runs its own micro-batch of `batch_size × s
 - the chunked KL / CE materialises `chunk × vocab` logits, one chunk at a time: for KL the
   student's and the teacher's bf16 logits (on CUDA radlads' Triton kernel writes the gradient over
   the student's: 2 bf16 copies; measured on an H100, step 2 at 48 × 512 tokens on the
-  Qwen2.5-0.5B shape peaked at 52.8 GB, this estimate says 58.3), for CE ~3 fp32 copies; plus the
-  final hidden states of student (and teacher) for the whole micro-batch;
+  Qwen2.5-0.5B shape peaked at 52.8 GB, this estimate says 58.3), for CE the bf16 logits and
+  their bf16 gradient (the compiled terms pass over them a few times, no fp32 copy is kept:
+  measured on an H200, step 3 of the Qwen2.5-7B shape at 1 × 16384 tokens with activation
+  checkpointing peaked at 102.5 GB, this estimate says 109.2; ~3 fp32 copies, as first assumed,
+  said 114.1); plus the final hidden states of student (and teacher) for the whole micro-batch;
 - the no-grad teacher forward of step 2 needs one layer's transient activations.
 
 Decoding memory per sequence (`DecodeMemory`) is exact, not estimated: a student holds a fp32
@@ -64,7 +67,7 @@ MIXER_BF16_TENSORS = 10
 MLP_BF16_INTERMEDIATES = 4
 NORM_RESIDUAL_TENSORS = 4
 KL_BYTES = 2 * BF16  # per chunk element: student logits (then their gradient), teacher logits
-CE_BYTES = 3 * FP32
+CE_BYTES = 2 * BF16  # per chunk element: logits, then their gradient
 FLA_CHUNK = 64  # RAD-RWKV7's fla chunk size (with its decay floor)
 TILELANG_CHUNK = 32  # fla's TileLang kernels' chunk size on an H100 (its verifier turns down 64)
 
