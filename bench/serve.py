@@ -6,8 +6,9 @@ random token ids through /v1/completions (stream=True, greedy, ignore_eos) and r
 --new-tokens tokens, as the official openai client sees them. Per cell: aggregate generated
 tokens/s (all tokens over the cell's wall time), time to first token (median and worst), p50/p99
 gap between a stream's tokens, and peak GPU memory. The student decodes all streams as one batch
-of stacked states; the teacher serves each stream with its own KV cache (see docs/serving.md). A
-cell that runs out of memory is recorded as "OOM" and the next cells still run.
+of stacked states, the teacher as one batch of left-padded KV caches (see docs/serving.md). A
+cell that runs out of memory is recorded as "OOM" and the next cells still run. The JSON is
+rewritten after every cell, so a run stopped early keeps what it measured.
 
     python bench/serve.py                                  # GPU: the default grid within --budget-s
     PYTHONPATH=src python bench/serve.py --tiny            # CPU smoke run, about a minute
@@ -20,6 +21,7 @@ import asyncio
 import random
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -197,7 +199,14 @@ def main(argv: list[str] | None = None) -> dict:
     built = {"teacher": teacher, "student": build_student(teacher, args.arch)}
     vocab = teacher.config.vocab_size
     tokenizer = word_tokenizer(vocab)
-    rows = []
+    rows: list[dict] = []
+    prefix: list[dict] = []
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+
+    def save() -> Path:
+        payload = {"settings": settings, "results": rows, "prefix_cache": prefix}
+        return write_json(args.out or default_out_dir(), "serve", payload)
+
     for name in [m for m in args.models.split(",") if m]:
         config = ServeConfig(
             max_batch=max(streams),
@@ -217,15 +226,15 @@ def main(argv: list[str] | None = None) -> dict:
                     else:
                         measure(url, name, vocab, context, n, args, device, row)
                     rows.append(row)
+                    save()
                     print(markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
-    prefix = prefix_rows(built["student"], tokenizer, args) if args.prefix_tokens else []
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    payload = {"settings": settings, "results": rows, "prefix_cache": prefix}
-    path = write_json(args.out or default_out_dir(), "serve", payload)
+    if args.prefix_tokens:
+        prefix += prefix_rows(built["student"], tokenizer, args)
+    path = save()
     print(markdown_table(rows, COLUMNS))
     print(markdown_table(prefix, PREFIX_COLUMNS))
     print(f"written to {path}")
-    return payload
+    return {"settings": settings, "results": rows, "prefix_cache": prefix}
 
 
 if __name__ == "__main__":

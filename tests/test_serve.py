@@ -22,6 +22,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from radlads.convert.transfer import transfer
 from radlads.serve import ServeConfig, create_app, load_engine
 from radlads.serve import running as serve_in_thread
+from radlads.serve.batch import (
+    PaddedCaches,
+    SeparateCaches,
+    StackedStates,
+    cache_bytes,
+    decode_batch,
+    forward,
+)
 from radlads.serve.prefix_cache import PrefixCache
 from radlads.serve.text import TextStream
 from tiny_models import make_teacher_folder
@@ -338,6 +346,64 @@ def test_kv_cache_models_are_served_too(folders, kind):
         assert engine.metrics.prefix_tokens_skipped._value.get() == (128 if kind == "hybrid" else 0)
         text = raw(url, "GET", "/metrics")[1]
     assert "radlads_generated_tokens_total" in text and "radlads_state_memory_bytes" in text
+
+
+class Decoding:
+    """A sequence as the decode batch sees it."""
+
+    def __init__(self, prompt: list[int]):
+        self.prompt, self.generated, self.cache = prompt, [], None
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1]
+
+    @property
+    def position(self) -> int:
+        return len(self.prompt) + len(self.generated) - 1
+
+
+def test_a_teachers_sequences_decode_as_one_padded_batch_exactly_as_alone(folders):
+    """Sequences of different lengths join the batch at different times and leave it; each gets
+    the tokens it gets decoding alone, and a leave drops the padding no one needs any more."""
+    model = AutoModelForCausalLM.from_pretrained(folders["teacher"]).eval()
+    assert isinstance(decode_batch(model, 8), PaddedCaches)
+    rng = random.Random(3)
+    seqs = [Decoding([rng.randrange(1, 300) for _ in range(n)]) for n in (5, 31, 9, 17)]
+    batch = PaddedCaches(model)
+
+    def step():
+        for seq, logits in zip(*batch.step()):
+            seq.generated.append(int(logits.argmax()))
+
+    with torch.no_grad():
+        for seq in seqs:
+            logits, seq.cache = forward(model, torch.tensor([seq.prompt]), None)
+            seq.generated.append(int(logits.argmax()))
+            batch.join(seq)
+            for _ in range(3):
+                step()
+        cached = [len(s.prompt) + len(s.generated) - 1 for s in seqs]  # tokens in each cache
+        assert batch.valid.shape == (4, max(cached)) and batch.valid.sum(1).tolist() == cached
+        batch.leave(seqs[1])  # the longest: the others' padding before it goes
+        step()
+        cached = [len(s.prompt) + len(s.generated) - 1 for s in batch.sequences()]
+        assert batch.valid.shape == (3, max(cached)) and batch.valid.sum(1).tolist() == cached
+        assert batch.nbytes() == cache_bytes(batch.cache) > 0
+        for seq in seqs:
+            alone, cache = [], None
+            ids = seq.prompt
+            for _ in seq.generated:
+                logits, cache = forward(model, torch.tensor([ids]), cache)
+                alone.append(int(logits.argmax()))
+                ids = alone[-1:]
+            assert seq.generated == alone
+
+
+def test_each_model_gets_the_batch_that_suits_its_cache(folders):
+    kinds = {"student": StackedStates, "teacher": PaddedCaches, "hybrid": SeparateCaches}
+    for kind, batch in kinds.items():
+        assert isinstance(decode_batch(AutoModelForCausalLM.from_pretrained(folders[kind]), 4), batch)
 
 
 def test_health_and_metrics_are_open_and_count(student_server):

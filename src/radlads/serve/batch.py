@@ -2,13 +2,16 @@
 
 A pure linear-attention student's state has one shape at every position, so the states of all
 running sequences stack along the batch dimension (`StackedStates`): a step is one forward for the
-whole batch, through the model's CUDA-graph step on CUDA. Models with a KV cache (teachers,
-hybrid students) hold caches of different lengths, which do not stack: each sequence decodes with
-its own cache, one forward per sequence and step (`SeparateCaches`).
+whole batch, through the model's CUDA-graph step on CUDA. A plain HF model's KV caches differ in
+length: they are left-padded to one length and stacked, and a padding mask keeps each sequence
+from attending to another's padding (`PaddedCaches`), as batched `generate()` does; a step is again
+one forward for the whole batch. A hybrid student's cache holds both kinds: each of its sequences
+decodes with its own cache, one forward per sequence and step (`SeparateCaches`).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Protocol
 
 import torch
@@ -30,11 +33,19 @@ def is_student(model) -> bool:
     return getattr(model.config, "model_type", None) == "radlads"
 
 
+def call(model, cache, **inputs) -> tuple[Tensor, object]:
+    """`model(**inputs)` run on from `cache`: its logits and the cache after them. transformers
+    renamed `past_key_values` to `cache` (5.2x); a model is given the name its forward takes."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(**inputs, **{name: cache}, use_cache=True, logits_to_keep=1)
+    return out.logits, out[name]
+
+
 def forward(model, ids: Tensor, cache) -> tuple[Tensor, object]:
     """The last position's logits ([B, V]) of `ids` run on from `cache` (a student's RadladsCache, a
     teacher's DynamicCache, None to start one), and the cache after them."""
-    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1], out.cache
+    logits, cache = call(model, cache, input_ids=ids)
+    return logits[:, -1], cache
 
 
 def cache_bytes(cache) -> int:
@@ -49,6 +60,22 @@ def cache_bytes(cache) -> int:
 def stackable(model) -> bool:
     """A student whose every layer is linear attention: a fixed-size state per sequence."""
     return is_student(model) and not model.config.softmax_layers
+
+
+def paddable(model) -> bool:
+    """A plain HF model whose every layer keeps its whole KV cache (no sliding window): left
+    padding and a mask batch its sequences exactly."""
+    config = model.config
+    windowed = getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
+    full = all(t == "full_attention" for t in getattr(config, "layer_types", None) or ())
+    return not is_student(model) and not windowed and full
+
+
+def decode_batch(model, max_batch: int):
+    """The running batch that suits `model` (module docstring)."""
+    if stackable(model):
+        return StackedStates(model, max_batch)
+    return PaddedCaches(model) if paddable(model) else SeparateCaches(model)
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -155,3 +182,78 @@ class SeparateCaches:
 
     def nbytes(self) -> int:
         return sum(cache_bytes(s.cache) for s in list(self.running))
+
+
+def _left_pad(x: Tensor, width: int, dim: int) -> Tensor:
+    """`x` with `width` zeros put before it along `dim`."""
+    if width == 0:
+        return x
+    pad = x.new_zeros(*x.shape[:dim], width, *x.shape[dim + 1 :])
+    return torch.cat([pad, x], dim)
+
+
+class PaddedCaches:
+    """The running sequences' KV caches in one DynamicCache, left-padded to one length: layer
+    tensors [B, kv_heads, T, head_dim], and `valid` [B, T] marking the positions that hold a token.
+    A join or a leave rebuilds the tensors one layer at a time, so the copy costs at most one
+    layer's memory beside the batch's."""
+
+    def __init__(self, model):
+        self.model = model
+        self.running: list[Running] = []
+        self.cache = None
+        self.valid: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def sequences(self) -> list[Running]:
+        return list(self.running)
+
+    def join(self, seq: Running) -> None:
+        new = seq.cache
+        length = new.get_seq_length()
+        ones = torch.ones(1, length, dtype=torch.bool, device=new.layers[0].keys.device)
+        if self.cache is None:
+            self.cache, self.valid = new, ones
+        else:
+            width = max(self.valid.shape[1], length)
+            grow, pad = width - self.valid.shape[1], width - length
+            for batch_layer, layer in zip(self.cache.layers, new.layers):
+                batch_layer.keys = torch.cat(
+                    [_left_pad(batch_layer.keys, grow, 2), _left_pad(layer.keys, pad, 2)]
+                )
+                batch_layer.values = torch.cat(
+                    [_left_pad(batch_layer.values, grow, 2), _left_pad(layer.values, pad, 2)]
+                )
+            self.valid = torch.cat([_left_pad(self.valid, grow, 1), _left_pad(ones, pad, 1)])
+        self.running.append(seq)
+        seq.cache = None
+
+    def leave(self, seq: Running) -> None:
+        row = self.running.index(seq)
+        self.running.pop(row)
+        if not self.running:
+            self.cache = self.valid = None
+            return
+        rows = torch.tensor([i for i in range(len(self.running) + 1) if i != row], device=self.valid.device)
+        valid = self.valid[rows]
+        first = int(valid.any(0).nonzero()[0])  # columns before it are padding in every row left
+        self.valid = valid[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[rows, :, first:]
+            layer.values = layer.values[rows, :, first:]
+
+    def step(self) -> tuple[list[Running], Tensor]:
+        device = self.valid.device
+        ids = torch.tensor([[s.last_token] for s in self.running], device=device)
+        positions = torch.tensor([[s.position] for s in self.running], device=device)
+        mask = torch.cat([self.valid, self.valid.new_ones(len(self.running), 1)], 1)
+        logits, self.cache = call(
+            self.model, self.cache, input_ids=ids, attention_mask=mask.long(), position_ids=positions
+        )
+        self.valid = mask
+        return list(self.running), logits[:, -1]
+
+    def nbytes(self) -> int:
+        return cache_bytes(self.cache)

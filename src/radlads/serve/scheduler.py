@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batch import SeparateCaches, StackedStates, cache_bytes, forward, is_student, stackable
+from .batch import cache_bytes, decode_batch, forward, is_student
 from .config import ServeConfig
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
@@ -100,7 +100,7 @@ class Engine:
             getattr(model.config, "prefill_chunk_tokens", None) if student else None
         )
         self.chunk_tokens = self.chunk_tokens or DEFAULT_CHUNK_TOKENS
-        self.batch = StackedStates(model, config.max_batch) if stackable(model) else SeparateCaches(model)
+        self.batch = decode_batch(model, config.max_batch)
         self.prefix_cache = (
             PrefixCache(config.prefix_cache_bytes, config.prefix_block_tokens)
             if student and config.prefix_cache_bytes
