@@ -31,6 +31,7 @@ from radlads.serve.batch import (
     forward,
 )
 from radlads.serve.prefix_cache import PrefixCache
+from radlads.serve.scheduler import Engine
 from radlads.serve.text import TextStream
 from tiny_models import make_teacher_folder
 
@@ -406,6 +407,20 @@ def test_each_model_gets_the_batch_that_suits_its_cache(folders):
         assert isinstance(decode_batch(AutoModelForCausalLM.from_pretrained(folders[kind]), 4), batch)
 
 
+def test_warm_up_prefills_once_and_steps_at_every_batch_size(folders):
+    """Before serving, a student's decoding step runs once at each size its stacked batch takes,
+    so no request waits for a compile; a teacher's warm-up is one prefill."""
+    for kind, sizes in (("student", [(1, 64), (1, 1), (4, 1), (16, 1), (20, 1)]), ("teacher", [(1, 64)])):
+        model = AutoModelForCausalLM.from_pretrained(folders[kind]).eval()
+        seen = []
+        model.register_forward_pre_hook(
+            lambda _, args, kw, seen=seen: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+        )
+        engine = Engine(model, AutoTokenizer.from_pretrained(folders[kind]), ServeConfig(max_batch=20))
+        engine.warm_up()
+        assert seen == sizes, kind
+
+
 def test_health_and_metrics_are_open_and_count(student_server):
     url, _ = student_server
     client(url).completions.create(model="student", prompt="hi", max_tokens=3, temperature=0)
@@ -432,10 +447,11 @@ def test_cli_builds_the_server_config(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(radlads.serve, "serve", lambda *args: calls.append(args))
     main(["serve", "--model", str(tmp_path), "--api-key", "k", "--max-batch", "3", "--prefix-cache-mb", "0"])
-    ((model, config, device),) = calls
+    main(["serve", "--model", str(tmp_path), "--no-warm-up"])
+    ((model, config, device), (_, plain, _)) = calls
     assert model == str(tmp_path) and device is None
     assert (config.host, config.port, config.api_key, config.max_batch) == ("127.0.0.1", 8000, "k", 3)
-    assert config.prefix_cache_bytes == 0
+    assert config.prefix_cache_bytes == 0 and config.warm_up and not plain.warm_up
 
 
 def test_bench_tiny_mode_runs(tmp_path):

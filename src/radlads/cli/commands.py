@@ -121,6 +121,7 @@ def serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         model_name=args.model_name,
         prefix_cache_bytes=args.prefix_cache_mb << 20,
+        warm_up=not args.no_warm_up,
     )
     run_server(args.model, config, args.device)
     return 0

@@ -238,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefix-cache-mb", type=int, default=1024, help="memory for cached prefix states; 0 turns it off"
     )
+    p.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="start serving at once; the first steps at each new batch size then wait for its compile",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
 
     p = add("generate", help="generate text with a student (constant memory per token)")

@@ -280,10 +280,11 @@ def load_engine(model: str | Path, config: ServeConfig, device: str | None = Non
 
 @contextmanager
 def running(
-    app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 60
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 900
 ) -> Iterator[str]:
     """Serve `app` from a thread of this process (port 0: a free one) while the block runs; yields
-    its base URL. For tests and benchmarks, which talk to it over real HTTP."""
+    its base URL. For tests and benchmarks, which talk to it over real HTTP. Starting includes the
+    engine's warm-up, minutes for a student on a GPU: hence the long default `start_timeout_s`."""
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

@@ -134,6 +134,16 @@ class StackedStates:
         self.cache.states = states
         self.slots = [self.slots[i] for i in rows] + [None] * (capacity - len(rows))
 
+    def warm_up(self, like: list[Tensor]) -> None:
+        """One throwaway step at each batch size the stack takes, states shaped as `like`
+        (a prefilled sequence's): the decoding step compiles and captures its graph for each now."""
+        device = like[0].device
+        for size in self.buckets:
+            cache = RadladsCache(len(like))
+            cache.states = [s.new_zeros(size, *s.shape[1:]) for s in like]
+            ids = torch.zeros(size, 1, dtype=torch.long, device=device)
+            self.model(input_ids=ids, position_ids=ids + 1, cache=cache, use_cache=True)
+
     def step(self) -> tuple[list[Running], Tensor]:
         """One token for every running sequence: the sequences and their logits, [B, V]."""
         device = self.cache.states[0].device

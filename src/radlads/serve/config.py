@@ -20,6 +20,10 @@ class ServeConfig:
     prefix_cache_bytes: int = 1 << 30  # 0 switches the prefix-state cache off
     prefix_block_tokens: int = 64  # prefixes are cached at multiples of this
     max_waiting: int = 1024  # requests queued beyond the running batch; more get 429
+    # Compile the prefill and compile and capture the decoding step at every batch size the
+    # running batch can take before serving, rather than stalling every running stream the first
+    # time the load reaches a new size (each takes seconds to a minute on a GPU).
+    warm_up: bool = True
 
     def __post_init__(self):
         for name in (

@@ -144,7 +144,20 @@ class Engine:
             self.wakeup.notify()
 
     def start(self) -> None:
+        if self.config.warm_up:
+            self.warm_up()
         self.thread.start()
+
+    def warm_up(self) -> None:
+        """A throwaway prefill of one chunk, then, for a student that stacks its states, a step at
+        every batch size (ServeConfig.warm_up says why)."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            ids = torch.zeros(1, min(self.chunk_tokens, 64), dtype=torch.long, device=self.device)
+            _, cache = forward(self.model, ids, None)
+            if hasattr(self.batch, "warm_up"):
+                self.batch.warm_up(cache.states)
+        logger.info("warmed up in %.1f s", time.perf_counter() - start)
 
     def stop(self) -> None:
         with self.wakeup:
