@@ -364,10 +364,11 @@ class Decoding:
         return len(self.prompt) + len(self.generated) - 1
 
 
-def test_a_teachers_sequences_decode_as_one_padded_batch_exactly_as_alone(folders):
+@pytest.mark.parametrize("kind", ["teacher", "hybrid"])
+def test_kv_cache_sequences_decode_as_one_padded_batch_exactly_as_alone(folders, kind):
     """Sequences of different lengths join the batch at different times and leave it; each gets
     the tokens it gets decoding alone, and a leave drops the padding no one needs any more."""
-    model = AutoModelForCausalLM.from_pretrained(folders["teacher"]).eval()
+    model = AutoModelForCausalLM.from_pretrained(folders[kind]).eval()
     assert isinstance(decode_batch(model, 8), PaddedCaches)
     rng = random.Random(3)
     seqs = [Decoding([rng.randrange(1, 300) for _ in range(n)]) for n in (5, 31, 9, 17)]
@@ -402,9 +403,12 @@ def test_a_teachers_sequences_decode_as_one_padded_batch_exactly_as_alone(folder
 
 
 def test_each_model_gets_the_batch_that_suits_its_cache(folders):
-    kinds = {"student": StackedStates, "teacher": PaddedCaches, "hybrid": SeparateCaches}
+    kinds = {"student": StackedStates, "teacher": PaddedCaches, "hybrid": PaddedCaches}
     for kind, batch in kinds.items():
         assert isinstance(decode_batch(AutoModelForCausalLM.from_pretrained(folders[kind]), 4), batch)
+    windowed = AutoModelForCausalLM.from_pretrained(folders["teacher"])
+    windowed.config.use_sliding_window, windowed.config.sliding_window = True, 16
+    assert isinstance(decode_batch(windowed, 4), SeparateCaches)
 
 
 def test_warm_up_prefills_once_and_steps_at_every_batch_size(folders):

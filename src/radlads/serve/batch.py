@@ -2,11 +2,12 @@
 
 A pure linear-attention student's state has one shape at every position, so the states of all
 running sequences stack along the batch dimension (`StackedStates`): a step is one forward for the
-whole batch, through the model's CUDA-graph step on CUDA. A plain HF model's KV caches differ in
-length: they are left-padded to one length and stacked, and a padding mask keeps each sequence
-from attending to another's padding (`PaddedCaches`), as batched `generate()` does; a step is again
-one forward for the whole batch. A hybrid student's cache holds both kinds: each of its sequences
-decodes with its own cache, one forward per sequence and step (`SeparateCaches`).
+whole batch, through the model's CUDA-graph step on CUDA. The KV caches of a plain HF model, and
+of a hybrid student's softmax layers, differ in length: they are left-padded to one length and
+stacked, and a padding mask keeps each sequence from attending to another's padding
+(`PaddedCaches`), as batched `generate()` does; a step is again one forward for the whole batch,
+eager. Models whose cache this does not fit (a sliding-window attention) decode each sequence with
+its own cache, one forward per sequence and step (`SeparateCaches`).
 """
 
 from __future__ import annotations
@@ -63,12 +64,13 @@ def stackable(model) -> bool:
 
 
 def paddable(model) -> bool:
-    """A plain HF model whose every layer keeps its whole KV cache (no sliding window): left
-    padding and a mask batch its sequences exactly."""
+    """A hybrid student, or a plain HF model whose every layer keeps its whole KV cache (no sliding
+    window): left padding and a mask batch their sequences exactly."""
+    if is_student(model):
+        return True
     config = model.config
     windowed = getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
-    full = all(t == "full_attention" for t in getattr(config, "layer_types", None) or ())
-    return not is_student(model) and not windowed and full
+    return not windowed and all(t == "full_attention" for t in getattr(config, "layer_types", None) or ())
 
 
 def decode_batch(model, max_batch: int):
@@ -202,11 +204,39 @@ def _left_pad(x: Tensor, width: int, dim: int) -> Tensor:
     return torch.cat([pad, x], dim)
 
 
+def _tensors(cache) -> list[tuple[Tensor, int | None]]:
+    """Every tensor of a cache with its time dimension: a teacher's keys and values ([B, H, T, N]),
+    a hybrid student's softmax keys and values ([B, T, H, N]) and its recurrent states (None)."""
+    if isinstance(cache, RadladsCache):
+        return [
+            (t, 1) if isinstance(s, tuple) else (t, None)
+            for s in cache.states
+            for t in (s if isinstance(s, tuple) else (s,))
+        ]
+    return [(t, 2) for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _replace_each(cache, fn) -> None:
+    """Replace each tensor t of `cache` (in `_tensors`' order) by fn(t, time_dim), one at a time,
+    so that at most one tensor's old and new copies exist together."""
+    if isinstance(cache, RadladsCache):
+        for i, s in enumerate(cache.states):
+            if isinstance(s, tuple):
+                cache.states[i] = (fn(s[0], 1), s[1])
+                cache.states[i] = (cache.states[i][0], fn(s[1], 1))
+            else:
+                cache.states[i] = fn(s, None)
+        return
+    for layer in cache.layers:
+        layer.keys = fn(layer.keys, 2)
+        layer.values = fn(layer.values, 2)
+
+
 class PaddedCaches:
-    """The running sequences' KV caches in one DynamicCache, left-padded to one length: layer
-    tensors [B, kv_heads, T, head_dim], and `valid` [B, T] marking the positions that hold a token.
-    A join or a leave rebuilds the tensors one layer at a time, so the copy costs at most one
-    layer's memory beside the batch's."""
+    """The running sequences' caches stacked into one: keys and values left-padded to the longest
+    sequence's length, with `valid` [B, T] marking the positions that hold a token (a hybrid
+    student's recurrent states stack as they are). A join or a leave rebuilds the tensors one at
+    a time, so the copy costs at most one tensor's memory beside the batch's."""
 
     def __init__(self, model):
         self.model = model
@@ -221,21 +251,22 @@ class PaddedCaches:
         return list(self.running)
 
     def join(self, seq: Running) -> None:
-        new = seq.cache
-        length = new.get_seq_length()
-        ones = torch.ones(1, length, dtype=torch.bool, device=new.layers[0].keys.device)
+        new, length = seq.cache, seq.position
+        ones = torch.ones(1, length, dtype=torch.bool, device=_tensors(new)[0][0].device)
         if self.cache is None:
             self.cache, self.valid = new, ones
         else:
             width = max(self.valid.shape[1], length)
             grow, pad = width - self.valid.shape[1], width - length
-            for batch_layer, layer in zip(self.cache.layers, new.layers):
-                batch_layer.keys = torch.cat(
-                    [_left_pad(batch_layer.keys, grow, 2), _left_pad(layer.keys, pad, 2)]
-                )
-                batch_layer.values = torch.cat(
-                    [_left_pad(batch_layer.values, grow, 2), _left_pad(layer.values, pad, 2)]
-                )
+            theirs = iter(t for t, _ in _tensors(new))
+
+            def stack(t: Tensor, dim: int | None) -> Tensor:
+                other = next(theirs)
+                if dim is None:
+                    return torch.cat([t, other])
+                return torch.cat([_left_pad(t, grow, dim), _left_pad(other, pad, dim)])
+
+            _replace_each(self.cache, stack)
             self.valid = torch.cat([_left_pad(self.valid, grow, 1), _left_pad(ones, pad, 1)])
         self.running.append(seq)
         seq.cache = None
@@ -250,9 +281,12 @@ class PaddedCaches:
         valid = self.valid[rows]
         first = int(valid.any(0).nonzero()[0])  # columns before it are padding in every row left
         self.valid = valid[:, first:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[rows, :, first:]
-            layer.values = layer.values[rows, :, first:]
+
+        def keep(t: Tensor, dim: int | None) -> Tensor:
+            t = t[rows]
+            return t if dim is None else t.narrow(dim, first, t.shape[dim] - first)
+
+        _replace_each(self.cache, keep)
 
     def step(self) -> tuple[list[Running], Tensor]:
         device = self.valid.device
