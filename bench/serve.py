@@ -6,7 +6,8 @@ random token ids through /v1/completions (stream=True, greedy, ignore_eos) and r
 --new-tokens tokens, as the official openai client sees them. Per cell: aggregate generated
 tokens/s (all tokens over the cell's wall time), time to first token (median and worst), p50/p99
 gap between a stream's tokens, and peak GPU memory. The student decodes all streams as one batch
-of stacked states, the teacher as one batch of left-padded KV caches (see docs/serving.md). A
+of stacked states, the teacher as one batch of left-padded KV caches (see docs/serving.md), and
+so does a hybrid student (`--models ...,hybrid`, softmax in --hybrid-layers). A
 cell that runs out of memory is recorded as "OOM" and the next cells still run. The JSON is
 rewritten after every cell, so a run stopped early keeps what it measured.
 
@@ -70,7 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contexts", default="4096,16384,32768", help="prompt tokens per stream")
     p.add_argument("--streams", default="1,16,64", help="concurrent streams")
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--models", default="student,teacher", help="'' runs only the prefix-cache rows")
+    p.add_argument(
+        "--models",
+        default="student,teacher",
+        help="of student, teacher, hybrid (the student keeping --hybrid-layers softmax); '' runs only the prefix-cache rows",
+    )
+    p.add_argument("--hybrid-layers", default="-2,-1", help="the hybrid's softmax layers")
     p.add_argument(
         "--prefix-tokens",
         type=int,
@@ -196,7 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
     streams = [int(x) for x in args.streams.split(",")]
     budget = Budget(args.budget_s)
     teacher = build_teacher(args.shape, device, dtype)
+    hybrid = [int(i) for i in args.hybrid_layers.split(",")]
     built = {"teacher": teacher, "student": build_student(teacher, args.arch)}
+    if "hybrid" in args.models.split(","):
+        built["hybrid"] = build_student(teacher, args.arch, softmax_layers=hybrid)
     vocab = teacher.config.vocab_size
     tokenizer = word_tokenizer(vocab)
     rows: list[dict] = []

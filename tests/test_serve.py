@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
 
 from radlads.convert.transfer import transfer
 from radlads.serve import ServeConfig, create_app, load_engine
@@ -402,19 +402,73 @@ def test_kv_cache_sequences_decode_as_one_padded_batch_exactly_as_alone(folders,
             assert seq.generated == alone
 
 
+def test_a_failed_join_leaves_the_running_batch_as_it_was(folders, monkeypatch):
+    """Running out of memory halfway through stacking a new sequence's cache: the running
+    sequences keep decoding their own tokens; later, every leaver's row goes in one step."""
+    import radlads.serve.batch as batch_module
+
+    model = AutoModelForCausalLM.from_pretrained(folders["hybrid"]).eval()
+    rng = random.Random(4)
+    seqs = [Decoding([rng.randrange(1, 300) for _ in range(n)]) for n in (7, 12, 20)]
+    batch = PaddedCaches(model)
+    with torch.no_grad():
+        for seq in seqs:
+            logits, seq.cache = forward(model, torch.tensor([seq.prompt]), None)
+            seq.generated.append(int(logits.argmax()))
+        batch.join(seqs[0])
+        batch.join(seqs[1])
+        before = [t.clone() for t, _ in batch_module._tensors(batch.cache)]
+        valid = batch.valid.clone()
+        calls = iter(range(1000))
+        real = batch_module._left_pad
+
+        def failing(x, width, dim):
+            if next(calls) == 3:
+                raise torch.OutOfMemoryError("stand-in")
+            return real(x, width, dim)
+
+        monkeypatch.setattr(batch_module, "_left_pad", failing)
+        with pytest.raises(torch.OutOfMemoryError):
+            batch.join(seqs[2])
+        monkeypatch.setattr(batch_module, "_left_pad", real)
+        after = [t for t, _ in batch_module._tensors(batch.cache)]
+        assert all(torch.equal(a, b) for a, b in zip(after, before)) and torch.equal(batch.valid, valid)
+        assert batch.sequences() == seqs[:2]
+        for _ in range(3):
+            for seq, logits in zip(*batch.step()):
+                seq.generated.append(int(logits.argmax()))
+        for seq in seqs[:2]:
+            alone, cache, ids = [], None, seq.prompt
+            for _ in seq.generated:
+                logits, cache = forward(model, torch.tensor([ids]), cache)
+                alone.append(int(logits.argmax()))
+                ids = alone[-1:]
+            assert seq.generated == alone
+        batch.leave(seqs[0])
+        assert len(batch) == 1 and batch.valid.shape[0] == 2  # dropped at the next step, not now
+        batch.leave(seqs[1])
+        assert len(batch) == 0 and batch.cache is None and batch.valid is None
+
+
 def test_each_model_gets_the_batch_that_suits_its_cache(folders):
     kinds = {"student": StackedStates, "teacher": PaddedCaches, "hybrid": PaddedCaches}
     for kind, batch in kinds.items():
         assert isinstance(decode_batch(AutoModelForCausalLM.from_pretrained(folders[kind]), 4), batch)
-    windowed = AutoModelForCausalLM.from_pretrained(folders["teacher"])
-    windowed.config.use_sliding_window, windowed.config.sliding_window = True, 16
-    assert isinstance(decode_batch(windowed, 4), SeparateCaches)
+    # Mistral's window is `sliding_window` alone; Qwen2's is per layer (`layer_types`)
+    mistral = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, sliding_window=6)  # fmt: skip
+    qwen2 = Qwen2Config(**{k: v for k, v in mistral.to_dict().items() if k in ("vocab_size", "hidden_size",
+                        "intermediate_size", "num_attention_heads", "num_key_value_heads")},
+                        num_hidden_layers=2, use_sliding_window=True, sliding_window=6, max_window_layers=1)  # fmt: skip
+    for config in (mistral, qwen2):
+        assert isinstance(decode_batch(AutoModelForCausalLM.from_config(config), 4), SeparateCaches)
 
 
-def test_warm_up_prefills_once_and_steps_at_every_batch_size(folders):
+def test_warm_up_prefills_and_steps_at_every_batch_size(folders):
     """Before serving, a student's decoding step runs once at each size its stacked batch takes,
     so no request waits for a compile; a teacher's warm-up is one prefill."""
-    for kind, sizes in (("student", [(1, 64), (1, 1), (4, 1), (16, 1), (20, 1)]), ("teacher", [(1, 64)])):
+    prompt = [(1, 64), (1, 64)]  # two pieces: from no state, then from one
+    for kind, sizes in (("student", [*prompt, (1, 1), (4, 1), (16, 1), (20, 1)]), ("teacher", prompt)):
         model = AutoModelForCausalLM.from_pretrained(folders[kind]).eval()
         seen = []
         model.register_forward_pre_hook(
@@ -462,12 +516,13 @@ def test_bench_tiny_mode_runs(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     serve_bench = importlib.import_module("serve")
     argv = ["--tiny", "--contexts", "64", "--streams", "1,3", "--new-tokens", "4"]
+    argv += ["--models", "student,teacher,hybrid", "--hybrid-layers", "-1"]
     payload = serve_bench.main(
         [*argv, "--prefix-tokens", "256", "--prefix-questions", "3", "--out", str(tmp_path)]
     )
     rows = payload["results"]
     assert [(r["model"], r["streams"]) for r in rows] == [
-        (m, n) for m in ("student", "teacher") for n in (1, 3)
+        (m, n) for m in ("student", "teacher", "hybrid") for n in (1, 3)
     ]
     for row in rows:
         assert row["status"] == "ok" and row["tokens"] == 4 * row["streams"], row

@@ -34,10 +34,11 @@ Activations (not sharded: every GPU runs its own micro-batch of `batch_size × s
   student's and the teacher's bf16 logits (on CUDA radlads' Triton kernel writes the gradient over
   the student's: 2 bf16 copies; measured on an H100, step 2 at 48 × 512 tokens on the
   Qwen2.5-0.5B shape peaked at 52.8 GB, this estimate says 58.3), for CE the bf16 logits and
-  their bf16 gradient (the compiled terms pass over them a few times, no fp32 copy is kept:
-  measured on an H200, step 3 of the Qwen2.5-7B shape at 1 × 16384 tokens with activation
-  checkpointing peaked at 102.5 GB, this estimate says 109.2; ~3 fp32 copies, as first assumed,
-  said 114.1); plus the final hidden states of student (and teacher) for the whole micro-batch;
+  their bf16 gradient, as the compiled terms keep them on CUDA (convert's default; uncompiled
+  they hold ~3 fp32 copies, 5-7 GB more at the 7B's step 3). Measured on an H200, step 3 of the
+  Qwen2.5-7B shape at 1 × 16384 tokens with activation checkpointing peaked at 102.5 GB; this
+  estimate says 109.2 (114.1 when it counted fp32 copies). Plus the final hidden states of
+  student (and teacher) for the whole micro-batch;
 - the no-grad teacher forward of step 2 needs one layer's transient activations.
 
 Decoding memory per sequence (`DecodeMemory`) is exact, not estimated: a student holds a fp32

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ..models.cache import RadladsCache
 from ..models.graphs import decode_graphs
@@ -68,9 +70,13 @@ def paddable(model) -> bool:
     window): left padding and a mask batch their sequences exactly."""
     if is_student(model):
         return True
-    config = model.config
-    windowed = getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
-    return not windowed and all(t == "full_attention" for t in getattr(config, "layer_types", None) or ())
+    # Ask transformers which cache layers the model gets: its rules for sliding windows differ by
+    # family (Mistral's `sliding_window` alone, Qwen2's per-layer `layer_types`, ...).
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except (TypeError, ValueError):  # a config this transformers cannot build a cache from
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
 
 
 def decode_batch(model, max_batch: int):
@@ -235,69 +241,96 @@ def _replace_each(cache, fn) -> None:
 class PaddedCaches:
     """The running sequences' caches stacked into one: keys and values left-padded to the longest
     sequence's length, with `valid` [B, T] marking the positions that hold a token (a hybrid
-    student's recurrent states stack as they are). A join or a leave rebuilds the tensors one at
-    a time, so the copy costs at most one tensor's memory beside the batch's."""
+    student's recurrent states stack as they are). A join rebuilds the tensors one at a time, so
+    the copy costs at most one tensor's memory beside the batch's. Sequences that leave free their
+    rows at the next step or join, all of a step's leavers in one copy.
+
+    Every row is as long as the longest: one long prompt among short ones costs as much memory as
+    if all were long."""
 
     def __init__(self, model):
         self.model = model
-        self.running: list[Running] = []
+        self.rows: list[Running | None] = []  # None: left, its row not yet dropped
         self.cache = None
         self.valid: Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.running)
+        return len(self.sequences())
 
     def sequences(self) -> list[Running]:
-        return list(self.running)
+        return [s for s in self.rows if s is not None]
 
     def join(self, seq: Running) -> None:
-        new, length = seq.cache, seq.position
+        self._drop_left()
+        new, length = seq.cache, seq.position  # position: the tokens its cache holds
         ones = torch.ones(1, length, dtype=torch.bool, device=_tensors(new)[0][0].device)
         if self.cache is None:
             self.cache, self.valid = new, ones
         else:
-            width = max(self.valid.shape[1], length)
-            grow, pad = width - self.valid.shape[1], width - length
-            theirs = iter(t for t, _ in _tensors(new))
-
-            def stack(t: Tensor, dim: int | None) -> Tensor:
-                other = next(theirs)
-                if dim is None:
-                    return torch.cat([t, other])
-                return torch.cat([_left_pad(t, grow, dim), _left_pad(other, pad, dim)])
-
-            _replace_each(self.cache, stack)
-            self.valid = torch.cat([_left_pad(self.valid, grow, 1), _left_pad(ones, pad, 1)])
-        self.running.append(seq)
+            self._stack(new, length, ones)
+        self.rows.append(seq)
         seq.cache = None
 
+    def _stack(self, new, length: int, ones: Tensor) -> None:
+        rows, width = self.valid.shape
+        grow, pad = max(width, length) - width, max(width, length) - length
+        theirs = iter(t for t, _ in _tensors(new))
+
+        def stack(t: Tensor, dim: int | None) -> Tensor:
+            other = next(theirs)
+            if dim is None:
+                return torch.cat([t, other])
+            return torch.cat([_left_pad(t, grow, dim), _left_pad(other, pad, dim)])
+
+        def undo(t: Tensor, dim: int | None) -> Tensor:  # views of what was there: no new memory
+            if t.shape[0] == rows:
+                return t
+            return t[:rows] if dim is None else t[:rows].narrow(dim, grow, t.shape[dim] - grow)
+
+        try:
+            _replace_each(self.cache, stack)
+        except Exception:  # out of memory, say: the running sequences keep their cache as it was
+            _replace_each(self.cache, undo)
+            raise
+        self.valid = torch.cat([_left_pad(self.valid, grow, 1), _left_pad(ones, pad, 1)])
+
     def leave(self, seq: Running) -> None:
-        row = self.running.index(seq)
-        self.running.pop(row)
-        if not self.running:
+        self.rows[self.rows.index(seq)] = None
+        if not any(self.rows):  # the last one: free the cache now, not at the next join
+            self.rows, self.cache, self.valid = [], None, None
+
+    def _drop_left(self) -> None:
+        """Drop the rows of sequences that left, and the columns that are padding in every row
+        still running, in one copy."""
+        if None not in self.rows:
+            return
+        keep_rows = [i for i, s in enumerate(self.rows) if s is not None]
+        self.rows = [self.rows[i] for i in keep_rows]
+        if not keep_rows:
             self.cache = self.valid = None
             return
-        rows = torch.tensor([i for i in range(len(self.running) + 1) if i != row], device=self.valid.device)
-        valid = self.valid[rows]
-        first = int(valid.any(0).nonzero()[0])  # columns before it are padding in every row left
+        index = torch.tensor(keep_rows, device=self.valid.device)
+        valid = self.valid[index]
+        first = int(valid.any(0).nonzero()[0])
         self.valid = valid[:, first:]
 
         def keep(t: Tensor, dim: int | None) -> Tensor:
-            t = t[rows]
+            t = t[index]
             return t if dim is None else t.narrow(dim, first, t.shape[dim] - first)
 
         _replace_each(self.cache, keep)
 
     def step(self) -> tuple[list[Running], Tensor]:
+        self._drop_left()
         device = self.valid.device
-        ids = torch.tensor([[s.last_token] for s in self.running], device=device)
-        positions = torch.tensor([[s.position] for s in self.running], device=device)
-        mask = torch.cat([self.valid, self.valid.new_ones(len(self.running), 1)], 1)
+        ids = torch.tensor([[s.last_token] for s in self.rows], device=device)
+        positions = torch.tensor([[s.position] for s in self.rows], device=device)
+        mask = torch.cat([self.valid, self.valid.new_ones(len(self.rows), 1)], 1)
         logits, self.cache = call(
             self.model, self.cache, input_ids=ids, attention_mask=mask.long(), position_ids=positions
         )
         self.valid = mask
-        return list(self.running), logits[:, -1]
+        return list(self.rows), logits[:, -1]
 
     def nbytes(self) -> int:
         return cache_bytes(self.cache)

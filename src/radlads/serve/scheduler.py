@@ -149,12 +149,14 @@ class Engine:
         self.thread.start()
 
     def warm_up(self) -> None:
-        """A throwaway prefill of one chunk, then, for a student that stacks its states, a step at
-        every batch size (ServeConfig.warm_up says why)."""
+        """A throwaway prompt in two pieces (the second continues from a state, as long prompts and
+        prefix-cache hits do: another compiled case), then, for a student that stacks its states, a
+        step at every batch size (ServeConfig.warm_up says why)."""
         start = time.perf_counter()
         with torch.no_grad():
             ids = torch.zeros(1, min(self.chunk_tokens, 64), dtype=torch.long, device=self.device)
             _, cache = forward(self.model, ids, None)
+            _, cache = forward(self.model, ids, cache)
             if hasattr(self.batch, "warm_up"):
                 self.batch.warm_up(cache.states)
         logger.info("warmed up in %.1f s", time.perf_counter() - start)
