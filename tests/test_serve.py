@@ -24,6 +24,7 @@ from radlads.serve import ServeConfig, create_app, load_engine
 from radlads.serve import running as serve_in_thread
 from radlads.serve.batch import (
     PaddedCaches,
+    Running,
     SeparateCaches,
     StackedStates,
     cache_bytes,
@@ -349,21 +350,6 @@ def test_kv_cache_models_are_served_too(folders, kind):
     assert "radlads_generated_tokens_total" in text and "radlads_state_memory_bytes" in text
 
 
-class Decoding:
-    """A sequence as the decode batch sees it."""
-
-    def __init__(self, prompt: list[int]):
-        self.prompt, self.generated, self.cache = prompt, [], None
-
-    @property
-    def last_token(self) -> int:
-        return self.generated[-1]
-
-    @property
-    def position(self) -> int:
-        return len(self.prompt) + len(self.generated) - 1
-
-
 @pytest.mark.parametrize("kind", ["teacher", "hybrid"])
 def test_kv_cache_sequences_decode_as_one_padded_batch_exactly_as_alone(folders, kind):
     """Sequences of different lengths join the batch at different times and leave it; each gets
@@ -371,7 +357,7 @@ def test_kv_cache_sequences_decode_as_one_padded_batch_exactly_as_alone(folders,
     model = AutoModelForCausalLM.from_pretrained(folders[kind]).eval()
     assert isinstance(decode_batch(model, 8), PaddedCaches)
     rng = random.Random(3)
-    seqs = [Decoding([rng.randrange(1, 300) for _ in range(n)]) for n in (5, 31, 9, 17)]
+    seqs = [Running([rng.randrange(1, 300) for _ in range(n)]) for n in (5, 31, 9, 17)]
     batch = PaddedCaches(model)
 
     def step():
@@ -409,7 +395,7 @@ def test_a_failed_join_leaves_the_running_batch_as_it_was(folders, monkeypatch):
 
     model = AutoModelForCausalLM.from_pretrained(folders["hybrid"]).eval()
     rng = random.Random(4)
-    seqs = [Decoding([rng.randrange(1, 300) for _ in range(n)]) for n in (7, 12, 20)]
+    seqs = [Running([rng.randrange(1, 300) for _ in range(n)]) for n in (7, 12, 20)]
     batch = PaddedCaches(model)
     with torch.no_grad():
         for seq in seqs:

@@ -13,7 +13,6 @@ its own cache, one forward per sequence and step (`SeparateCaches`).
 from __future__ import annotations
 
 import inspect
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -24,12 +23,23 @@ from ..models.cache import RadladsCache
 from ..models.graphs import decode_graphs
 
 
-class Running(Protocol):
-    """What a batch needs of a sequence."""
+class Running:
+    """A sequence's tokens as a batch reads them, and its own cache while it has one (after its
+    prefill, before it joins a batch)."""
 
-    cache: object  # its own cache while it has one (after prefill, before joining a stack)
-    position: int  # position of the token it feeds next
-    last_token: int
+    def __init__(self, prompt: list[int]):
+        self.prompt = prompt
+        self.generated: list[int] = []
+        self.cache = None
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1]
+
+    @property
+    def position(self) -> int:
+        """Position of the token it feeds next: the number of tokens its cache holds."""
+        return len(self.prompt) + len(self.generated) - 1
 
 
 def is_student(model) -> bool:

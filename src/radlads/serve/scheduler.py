@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batch import cache_bytes, decode_batch, forward, is_student
+from .batch import Running, cache_bytes, decode_batch, forward, is_student
 from .config import ServeConfig
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
@@ -47,30 +47,21 @@ class Event:
     tokens: list[int] = field(default_factory=list)  # all generated tokens, on the last event
 
 
-class Sequence:
+class Sequence(Running):
     """One request from admission to its last token."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, engine: Engine):
-        self.prompt, self.params = prompt, params
+        super().__init__(prompt)
+        self.params = params
         self.sampler = Sampler(params, engine.device)
         self.text = TextStream(engine.tokenizer, params.stop)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.engine = engine
         self.arrived = time.perf_counter()
-        self.cache = None
         self.prefilled = 0
         self.store_points: dict[int, bytes] = {}
-        self.generated: list[int] = []
         self.cancelled = self.finished = False
-
-    @property
-    def last_token(self) -> int:
-        return self.generated[-1]
-
-    @property
-    def position(self) -> int:
-        return len(self.prompt) + len(self.generated) - 1
 
     def emit(self, event: Event) -> None:
         if not self.loop.is_closed():  # at shutdown the HTTP side may be gone first
