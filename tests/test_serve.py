@@ -26,6 +26,7 @@ from radlads.serve.batch import (
     PaddedCaches,
     Running,
     SeparateCaches,
+    SequenceCost,
     StackedStates,
     cache_bytes,
     decode_batch,
@@ -436,6 +437,46 @@ def test_a_failed_join_leaves_the_running_batch_as_it_was(folders, monkeypatch):
         assert len(batch) == 0 and batch.cache is None and batch.valid is None
 
 
+def test_sequence_cost_is_what_the_caches_hold(folders):
+    config = AutoModelForCausalLM.from_pretrained(folders["teacher"]).config
+    kv = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4  # fp32 k, v
+    expected = {
+        "teacher": SequenceCost(0, config.num_hidden_layers * kv),
+        "hybrid": (True, kv),  # one softmax layer; the other's state is fixed
+        "student": (True, 0),
+    }
+    for kind, want in expected.items():
+        cost = SequenceCost.measure(AutoModelForCausalLM.from_pretrained(folders[kind]))
+        assert cost == want if isinstance(want, SequenceCost) else (cost.fixed > 0, cost.per_token) == want
+
+
+def test_requests_wait_for_memory_and_one_that_never_fits_is_refused(folders):
+    """With --max-state-gb room for two requests at their longest, five concurrent ones run at
+    most two at a time and all get their own greedy tokens; a request larger than the room gets a
+    400 naming the flag."""
+    reference = Reference(folders["teacher"])
+    cost = SequenceCost.measure(reference.model)
+    rng = random.Random(5)
+    jobs = [[rng.randrange(1, 300) for _ in range(20)] for _ in range(5)]
+    room = int(2.5 * (20 + 8) * cost.per_token)
+    with running(folders["teacher"], model_name="teacher", **{**SERVER, "max_state_bytes": room}) as (
+        url,
+        engine,
+    ):
+        admitted = []
+        admit = engine._admit
+        engine._admit = lambda: (admit(), admitted.append(engine.active()))
+        with ThreadPoolExecutor(5) as pool:
+            got = list(pool.map(
+                lambda ids: client(url).completions.create(model="teacher", prompt=ids, max_tokens=8,
+                                                          temperature=0).model_extra["token_ids"],
+                jobs, timeout=60))  # fmt: skip
+        assert got == [reference.tokens(ids, 8) for ids in jobs]
+        assert max(admitted) == 2
+        with pytest.raises(openai.BadRequestError, match="max-state-gb"):
+            client(url).completions.create(model="teacher", prompt=jobs[0], max_tokens=60, temperature=0)
+
+
 def test_each_model_gets_the_batch_that_suits_its_cache(folders):
     kinds = {"student": StackedStates, "teacher": PaddedCaches, "hybrid": PaddedCaches}
     for kind, batch in kinds.items():
@@ -491,11 +532,12 @@ def test_cli_builds_the_server_config(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(radlads.serve, "serve", lambda *args: calls.append(args))
     main(["serve", "--model", str(tmp_path), "--api-key", "k", "--max-batch", "3", "--prefix-cache-mb", "0"])
-    main(["serve", "--model", str(tmp_path), "--no-warm-up"])
+    main(["serve", "--model", str(tmp_path), "--no-warm-up", "--max-state-gb", "2.5"])
     ((model, config, device), (_, plain, _)) = calls
     assert model == str(tmp_path) and device is None
     assert (config.host, config.port, config.api_key, config.max_batch) == ("127.0.0.1", 8000, "k", 3)
     assert config.prefix_cache_bytes == 0 and config.warm_up and not plain.warm_up
+    assert (config.max_state_bytes, plain.max_state_bytes) == (None, 2_500_000_000)
 
 
 def test_bench_tiny_mode_runs(tmp_path):

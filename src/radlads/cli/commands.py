@@ -122,6 +122,7 @@ def serve(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         prefix_cache_bytes=args.prefix_cache_mb << 20,
         warm_up=not args.no_warm_up,
+        max_state_bytes=None if args.max_state_gb is None else int(args.max_state_gb * 1e9),
     )
     run_server(args.model, config, args.device)
     return 0

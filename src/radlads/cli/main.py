@@ -239,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix-cache-mb", type=int, default=1024, help="memory for cached prefix states; 0 turns it off"
     )
     p.add_argument(
+        "--max-state-gb",
+        type=float,
+        help="memory for the running requests' states and KV caches, each counted at its max_tokens: "
+        "later requests wait (default: no limit)",
+    )
+    p.add_argument(
         "--no-warm-up",
         action="store_true",
         help="start serving at once; the first steps at each new batch size then wait for its compile",

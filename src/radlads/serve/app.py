@@ -30,7 +30,7 @@ from .protocol import (
     usage,
 )
 from .sampling import SamplingParams
-from .scheduler import Engine, Event, QueueFull, Sequence
+from .scheduler import Engine, Event, QueueFull, Sequence, TooLarge
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -88,6 +88,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             return engine.submit(prompt, params)
         except QueueFull as error:
             raise APIError(429, str(error), code="server_busy") from None
+        except TooLarge as error:
+            raise APIError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
 
     @app.post("/v1/completions")
     async def completions(request: Request):

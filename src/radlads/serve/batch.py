@@ -13,6 +13,7 @@ its own cache, one forward per sequence and step (`SeparateCaches`).
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -87,6 +88,25 @@ def paddable(model) -> bool:
     except (TypeError, ValueError):  # a config this transformers cannot build a cache from
         return False
     return all(type(layer) is DynamicLayer for layer in layers)
+
+
+@dataclass(frozen=True)
+class SequenceCost:
+    """Bytes a sequence's cache holds: `fixed` (recurrent states) plus `per_token` (keys and
+    values) for each token it has seen. Measured, not computed from the config: a forward of one
+    token and one of two, whatever the model's layers."""
+
+    fixed: int
+    per_token: int
+
+    @classmethod
+    def measure(cls, model) -> SequenceCost:
+        device = model.get_input_embeddings().weight.device
+        one, two = (
+            cache_bytes(forward(model, torch.zeros(1, n, dtype=torch.long, device=device), None)[1])
+            for n in (1, 2)
+        )
+        return cls(fixed=2 * one - two, per_token=two - one)
 
 
 def decode_batch(model, max_batch: int):
@@ -178,6 +198,11 @@ class StackedStates:
     def nbytes(self) -> int:
         return cache_bytes(self.cache)
 
+    def projected_bytes(self, lengths: list[int], cost: SequenceCost) -> int:
+        """The states of sequences that will reach these lengths, in the bucket that holds them."""
+        rows = next((b for b in self.buckets if b >= len(lengths)), len(lengths))
+        return rows * cost.fixed
+
 
 class SeparateCaches:
     """Each running sequence keeps its own cache and decodes alone."""
@@ -210,6 +235,10 @@ class SeparateCaches:
 
     def nbytes(self) -> int:
         return sum(cache_bytes(s.cache) for s in list(self.running))
+
+    def projected_bytes(self, lengths: list[int], cost: SequenceCost) -> int:
+        """The caches of sequences that will reach these lengths, each its own size."""
+        return len(lengths) * cost.fixed + sum(lengths) * cost.per_token
 
 
 def _left_pad(x: Tensor, width: int, dim: int) -> Tensor:
@@ -344,3 +373,8 @@ class PaddedCaches:
 
     def nbytes(self) -> int:
         return cache_bytes(self.cache)
+
+    def projected_bytes(self, lengths: list[int], cost: SequenceCost) -> int:
+        """The stacked caches of sequences that will reach these lengths: every row as long as the
+        longest."""
+        return len(lengths) * (cost.fixed + max(lengths, default=0) * cost.per_token)

@@ -24,6 +24,10 @@ class ServeConfig:
     # running batch can take before serving, rather than stalling every running stream the first
     # time the load reaches a new size (each takes seconds to a minute on a GPU).
     warm_up: bool = True
+    # Bytes the running requests' states and KV caches may take, as they will be at their
+    # max_tokens: a request waits until it fits, and one that could never fit is refused (400).
+    # None: no limit (only max_batch bounds them).
+    max_state_bytes: int | None = None
 
     def __post_init__(self):
         for name in (
@@ -35,3 +39,5 @@ class ServeConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_state_bytes is not None and self.max_state_bytes < 1:
+            raise ValueError(f"max_state_bytes must be positive or None, got {self.max_state_bytes}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batch import Running, cache_bytes, decode_batch, forward, is_student
+from .batch import Running, SequenceCost, cache_bytes, decode_batch, forward, is_student
 from .config import ServeConfig
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
@@ -34,6 +34,10 @@ DEFAULT_CHUNK_TOKENS = 8192
 
 class QueueFull(Exception):
     """More requests wait than the server queues."""
+
+
+class TooLarge(Exception):
+    """A request whose state alone would exceed the server's memory for states."""
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Engine:
             else None
         )
         self.eos = eos_ids(model)
+        self.cost = SequenceCost.measure(model) if config.max_state_bytes is not None else None
         self.waiting: deque[Sequence] = deque()  # submitted, not admitted
         self.prefilling: deque[Sequence] = deque()  # admitted, prefilled in arrival order
         self.wakeup = threading.Condition()
@@ -124,6 +129,14 @@ class Engine:
         """Queue a request (from the event loop); its events arrive on `Sequence.stream()`."""
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
+        if self.cost is not None:
+            need = self.batch.projected_bytes([len(prompt) + params.max_tokens], self.cost)
+            if need > self.config.max_state_bytes:
+                raise TooLarge(
+                    f"this request's state would take {need / 1e6:,.1f} MB at {len(prompt)} prompt tokens "
+                    f"+ max_tokens {params.max_tokens}, over this server's {self.config.max_state_bytes / 1e6:,.1f} "
+                    "MB for states (--max-state-gb); shorten the prompt or lower max_tokens"
+                )
         seq = Sequence(prompt, params, self)
         with self.wakeup:
             self.waiting.append(seq)
@@ -206,8 +219,17 @@ class Engine:
             self._finish(seq, reason="cancelled")
 
     def _admit(self) -> None:
-        while self.waiting and self.active() < self.config.max_batch:
+        while self.waiting and self.active() < self.config.max_batch and self._fits(self.waiting[0]):
             self.prefilling.append(self.waiting.popleft())
+
+    def _fits(self, seq: Sequence) -> bool:
+        """Whether `seq` joins the admitted requests within max_state_bytes, all counted at their
+        longest (prompt + max_tokens). Requests are admitted in order: a large one is not passed."""
+        if self.cost is None or not self.active():
+            return True
+        admitted = [*self.prefilling, *self.batch.sequences(), seq]
+        lengths = [len(s.prompt) + s.params.max_tokens for s in admitted]
+        return self.batch.projected_bytes(lengths, self.cost) <= self.config.max_state_bytes
 
     def _prefill_piece(self) -> None:
         seq = self.prefilling[0]
