@@ -3,6 +3,7 @@ inputs, and the summary of the runs' metrics.jsonl as docs/bench/<shape>-one-gpu
 
   python bench/scale.py inputs --work W [--shape qwen2.5-7b] [--train-tokens 16000000]
   python bench/scale.py summary --run W/step1 W/step2 W/step3 --out docs/bench/qwen2.5-7b-one-gpu.json
+  python bench/scale.py optimizers --run W/step2-adamw W/step2-adamw-bf16-state W/step2-adamw-8bit --out F
   python bench/scale.py project --measured docs/bench/qwen2.5-7b-one-gpu.json \
       --teacher docs/plan/qwen2.5-{7b,32b,72b}.json --out docs/bench/protocol-cost-projection.json
 
@@ -12,6 +13,10 @@ warm-up), MFU from the FLOPs per token that bench/training.py counts for the ste
 sequence length (activation checkpointing's recomputation not counted), peak memory, the
 micro-batch and the optimizer the step ran with; and the GPU-hours of the whole protocol
 (PROTOCOL_TOKENS) at those rates, where all three steps ran.
+
+The optimizer comparison takes runs of one step from the same step 0 under different optimizers
+(scripts/device_scale.sh with OPTIMIZERS): each one's held-out loss before and after, and its
+logged training losses against the first run's, window by window (relative difference).
 
 The projection carries each step's measured MFU over to other teachers: GPU-hours = protocol tokens
 x that teacher's FLOPs per token (same sequence lengths) / (MFU x peak), summed over the steps, and
@@ -105,6 +110,27 @@ def summarise(
     }
 
 
+def compare_optimizers(runs: list[Path]) -> dict[str, Any]:
+    """Held-out and training losses of runs of one step under different optimizers, each against
+    the first run's (module docstring)."""
+    rows = []
+    for run in runs:
+        record = json.loads((run / "radlads.json").read_text())
+        step = max(k for k in record["steps"] if k != "0")
+        losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                  if r.get("step") == int(step) and "loss" in r]  # fmt: skip
+        rows.append({**record["steps"][step], "run": str(run), "losses": losses})
+    base = rows[0]
+    for row in rows:
+        pairs = list(zip(row["losses"], base["losses"]))
+        row["heldout_end_vs_first"] = row["heldout_end"] / base["heldout_end"] - 1
+        row["max_window_diff_vs_first"] = max((abs(a / b - 1) for a, b in pairs), default=None)
+        row["last4_windows_diff_vs_first"] = (
+            sum(a / b - 1 for a, b in pairs[-4:]) / len(pairs[-4:]) if pairs else None
+        )
+    return {"step": int(step), "runs": rows}
+
+
 def project(measured: dict[str, Any], teachers: list[Path], usd_per_gpu_hour: float) -> dict[str, Any]:
     """The protocol's GPU-hours and price for each teacher config at the measured per-step MFU
     (module docstring), with the paper's cost per teacher parameter beside it."""
@@ -158,6 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpu", help="GPU name (default: this machine's CUDA device)")
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOPS / 1e12, help="MFU's ceiling")
     p.add_argument("--skip-logs", type=int, default=2, help="logged windows per step left out as warm-up")
+    p = sub.add_parser("optimizers", help="losses of one step's runs under different optimizers")
+    p.add_argument(
+        "--run", type=Path, nargs="+", required=True, help="stepK --out folders; the first is the reference"
+    )
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p = sub.add_parser("project", help="the protocol's cost for other teachers at the measured MFU")
     p.add_argument("--measured", type=Path, required=True, help="a summary's JSON (all three steps)")
     p.add_argument("--teacher", type=Path, nargs="+", required=True, help="teacher config.json files")
@@ -166,6 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "inputs":
         write_random_inputs(args.work, args.shape, args.train_tokens, args.heldout_tokens, weights=False)
+        return
+    if args.command == "optimizers":
+        comparison = compare_optimizers(args.run) | {"environment": environment()}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(comparison, indent=1) + "\n")
+        columns = ["optimizer", "heldout_start", "heldout_end", "heldout_end_vs_first",
+                   "max_window_diff_vs_first", "last4_windows_diff_vs_first"]  # fmt: skip
+        print(markdown_table(comparison["runs"], columns))
         return
     if args.command == "project":
         measured = json.loads(args.measured.read_text())

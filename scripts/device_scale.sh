@@ -4,6 +4,8 @@
 # and torchao's wheel in .wheels or .wheels-extra for the smaller optimizer states).
 #   bash scripts/device_scale.sh                 # step 0, then steps 1, 2 and 3
 #   STEPS=2 bash scripts/device_scale.sh         # one step per job within a job-size limit
+#   SHAPE=qwen2.5-0.5b STEPS=2 OPTIMIZERS="adamw adamw-bf16-state adamw-8bit" bash scripts/device_scale.sh
+#       # each step under each optimizer, from the same step 0: their losses side by side
 # BUDGET_S (590 s) bounds one job: each stage is cut to what is left of it, and skipped when
 # under 30 s are left (scripts/stage.sh).
 # The teacher folder holds config.json alone (bench/scale.py inputs) and `--random-teacher-weights`
@@ -29,6 +31,7 @@ export TRITON_CACHE_AUTOTUNING=1
 
 OUT=${OUT:-bench/results/scale}; WORK=${WORK:-/tmp/radlads-scale}
 SHAPE=${SHAPE:-qwen2.5-7b}; STEPS=${STEPS:-1 2 3}; OPTIMIZER=${OPTIMIZER:-auto}
+OPTIMIZERS=${OPTIMIZERS:-$OPTIMIZER}  # several: one run of each step per optimizer, named stepK-OPT
 SEQ=${SEQ:-512}; SEQ3=${SEQ3:-16384}
 BATCH=${BATCH:-8}       # sequences per update of steps 1-2 (one micro-batch of 4096 tokens)
 UPDATES=${UPDATES:-200} # updates of steps 1 and 2
@@ -74,23 +77,37 @@ fi
 if [ ! -f "$WORK/step0/checkpoints/step0/trainer.json" ]; then
   stage step0 240 python3 -m radlads step0 "${common[@]}" --out "$WORK/step0"
 fi
+several=$(($(wc -w <<< "$OPTIMIZERS") > 1))
 for k in $STEPS; do
-  run=$WORK/step$k
-  rm -rf "$run"
-  mkdir -p "$run/checkpoints"
-  ln -s "$WORK/step0/checkpoints/step0" "$run/checkpoints/step0"
-  stage "step$k" 540 python3 -m radlads "step$k" "${common[@]}" --out "$run"
-  if [ "${KEEP_WEIGHTS:-0}" != 1 ]; then
-    rm -f "$run"/model*.safetensors* "$run/checkpoints/step$k"/model*.safetensors*
+  for opt in $OPTIMIZERS; do
+    name=step$k
+    if ((several)); then name=step$k-$opt; fi
+    run=$WORK/$name
+    rm -rf "$run"
+    mkdir -p "$run/checkpoints"
+    ln -s "$WORK/step0/checkpoints/step0" "$run/checkpoints/step0"
+    stage "$name" 540 python3 -m radlads "step$k" "${common[@]}" --optimizer "$opt" --out "$run"
+    if [ "${KEEP_WEIGHTS:-0}" != 1 ]; then
+      rm -f "$run"/model*.safetensors* "$run/checkpoints/step$k"/model*.safetensors*
+    fi
+    mkdir -p "$OUT/$name"
+    cp "$run"/{metrics.jsonl,radlads.json,config.yaml} "$OUT/$name/" 2> /dev/null || true
+  done
+  if ((several)); then
+    compared=()
+    for opt in $OPTIMIZERS; do [ -f "$WORK/step$k-$opt/radlads.json" ] && compared+=("$WORK/step$k-$opt"); done
+    if ((${#compared[@]})); then
+      python3 bench/scale.py optimizers --run "${compared[@]}" --out "$OUT/$SHAPE-step$k-optimizers.json"
+    fi
   fi
-  mkdir -p "$OUT/step$k"
-  cp "$run"/{metrics.jsonl,radlads.json,config.yaml} "$OUT/step$k/" 2> /dev/null || true
 done
 
-runs=()
-for k in 1 2 3; do [ -f "$WORK/step$k/metrics.jsonl" ] && runs+=("$WORK/step$k"); done
-if ((${#runs[@]})); then
-  python3 bench/scale.py summary --run "${runs[@]}" --out "$OUT/$SHAPE-one-gpu.json"
+if ((!several)); then
+  runs=()
+  for k in 1 2 3; do [ -f "$WORK/step$k/metrics.jsonl" ] && runs+=("$WORK/step$k"); done
+  if ((${#runs[@]})); then
+    python3 bench/scale.py summary --run "${runs[@]}" --out "$OUT/$SHAPE-one-gpu.json"
+  fi
 fi
 command -v save_gpu_cache > /dev/null && save_gpu_cache
 echo "wall: $SECONDS s"

@@ -210,3 +210,36 @@ def test_projection_carries_the_measured_mfu_to_another_teacher(inputs, tmp_path
         assert ratio > 1.5 and hours == pytest.approx(same["gpu_hours"][step] * ratio)
     paper = scale.PAPER_USD / scale.PAPER_PARAMS
     assert larger["vs_paper_per_param"] == pytest.approx(larger["usd"] / larger["teacher_params"] / paper)
+
+
+def test_optimizer_comparison_sets_each_runs_losses_against_the_first(tmp_path):
+    """Runs of step 2 under two optimizers (as device_scale.sh's OPTIMIZERS writes them)."""
+    runs = []
+    for name, scale_by in (("adamw", 1.0), ("adamw-8bit", 1.02)):
+        run = tmp_path / f"step2-{name}"
+        run.mkdir()
+        losses = [2.0, 1.5, 1.2, 1.1, 1.0]
+        record = {
+            "steps": {
+                "0": {"step": 0},
+                "2": {"optimizer": name, "heldout_start": 2.0, "heldout_end": 1.0 * scale_by},
+            }
+        }
+        (run / "radlads.json").write_text(json.dumps(record))
+        lines = [
+            json.dumps({"step": 2, "loss": x * (scale_by if i >= 3 else 1.0)}) for i, x in enumerate(losses)
+        ]
+        (run / "metrics.jsonl").write_text(
+            "\n".join([*lines, json.dumps({"step": 2, "tokens_per_s": 5.0})]) + "\n"
+        )
+        runs.append(run)
+    out = tmp_path / "cmp.json"
+    scale.main(["optimizers", "--run", *map(str, runs), "--out", str(out)])
+    first, other = json.loads(out.read_text())["runs"]
+    assert json.loads(out.read_text())["step"] == 2 and (first["optimizer"], other["optimizer"]) == (
+        "adamw",
+        "adamw-8bit",
+    )
+    assert first["heldout_end_vs_first"] == 0 and other["heldout_end_vs_first"] == pytest.approx(0.02)
+    assert other["max_window_diff_vs_first"] == pytest.approx(0.02)
+    assert other["last4_windows_diff_vs_first"] == pytest.approx(0.01)  # two of the last four windows differ
