@@ -12,6 +12,7 @@ its own cache, one forward per sequence and step (`SeparateCaches`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -47,10 +48,15 @@ def is_student(model) -> bool:
     return getattr(model.config, "model_type", None) == "radlads"
 
 
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x): the name this class's forward takes."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def call(model, cache, **inputs) -> tuple[Tensor, object]:
-    """`model(**inputs)` run on from `cache`: its logits and the cache after them. transformers
-    renamed `past_key_values` to `cache` (5.2x); a model is given the name its forward takes."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """`model(**inputs)` run on from `cache`: its logits and the cache after them."""
+    name = _cache_argument(type(model))
     out = model(**inputs, **{name: cache}, use_cache=True, logits_to_keep=1)
     return out.logits, out[name]
 
