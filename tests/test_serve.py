@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
 
 from radlads.convert.transfer import transfer
+from radlads.models.graphs import decode_graphs
 from radlads.serve import ServeConfig, create_app, load_engine
 from radlads.serve import running as serve_in_thread
 from radlads.serve.batch import (
@@ -38,6 +39,7 @@ from radlads.serve.text import TextStream
 from tiny_models import make_teacher_folder
 
 KEY = "test-key"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -351,11 +353,13 @@ def test_kv_cache_models_are_served_too(folders, kind):
     assert "radlads_generated_tokens_total" in text and "radlads_state_memory_bytes" in text
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 @pytest.mark.parametrize("kind", ["teacher", "hybrid"])
-def test_kv_cache_sequences_decode_as_one_padded_batch_exactly_as_alone(folders, kind):
+def test_kv_cache_sequences_decode_as_one_padded_batch_exactly_as_alone(folders, kind, device):
     """Sequences of different lengths join the batch at different times and leave it; each gets
-    the tokens it gets decoding alone, and a leave drops the padding no one needs any more."""
-    model = AutoModelForCausalLM.from_pretrained(folders[kind]).eval()
+    the tokens it gets decoding alone, and a leave drops the padding no one needs any more. On
+    CUDA (fp32) this also checks the host's transformers and attention kernels."""
+    model = AutoModelForCausalLM.from_pretrained(folders[kind]).to(device).eval()
     assert isinstance(decode_batch(model, 8), PaddedCaches)
     rng = random.Random(3)
     seqs = [Running([rng.randrange(1, 300) for _ in range(n)]) for n in (5, 31, 9, 17)]
@@ -367,7 +371,7 @@ def test_kv_cache_sequences_decode_as_one_padded_batch_exactly_as_alone(folders,
 
     with torch.no_grad():
         for seq in seqs:
-            logits, seq.cache = forward(model, torch.tensor([seq.prompt]), None)
+            logits, seq.cache = forward(model, torch.tensor([seq.prompt], device=device), None)
             seq.generated.append(int(logits.argmax()))
             batch.join(seq)
             for _ in range(3):
@@ -383,7 +387,7 @@ def test_kv_cache_sequences_decode_as_one_padded_batch_exactly_as_alone(folders,
             alone, cache = [], None
             ids = seq.prompt
             for _ in seq.generated:
-                logits, cache = forward(model, torch.tensor([ids]), cache)
+                logits, cache = forward(model, torch.tensor([ids], device=device), cache)
                 alone.append(int(logits.argmax()))
                 ids = alone[-1:]
             assert seq.generated == alone
@@ -504,6 +508,27 @@ def test_warm_up_prefills_and_steps_at_every_batch_size(folders):
         engine = Engine(model, AutoTokenizer.from_pretrained(folders[kind]), ServeConfig(max_batch=20))
         engine.warm_up()
         assert seen == sizes, kind
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_cuda_the_warm_up_captures_every_graph_serving_uses(folders):
+    """After the server starts, requests arriving together and one by one decode through the
+    graphs the warm-up captured: none is compiled or captured while streams run."""
+    config = ServeConfig(**{**SERVER, "max_batch": 6, "api_key": None})
+    engine, name = load_engine(folders["student"], config, "cuda")
+    with serve_in_thread(create_app(engine, name)) as url:
+        graphs = decode_graphs(engine.model).graphs
+        captured = set(graphs)
+        assert len(captured) == len(engine.batch.buckets)
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120)
+        prompts = [[7 + i] * (5 + 3 * i) for i in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            outs = list(
+                pool.map(lambda p: api.completions.create(model=name, prompt=p, max_tokens=12), prompts)
+            )
+        assert all(len(o.model_extra["token_ids"]) == 12 for o in outs)
+        assert set(graphs) == captured
 
 
 def test_health_and_metrics_are_open_and_count(student_server):
