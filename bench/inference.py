@@ -55,7 +55,17 @@ STUDENT_VARIANTS = {
     "uncompiled_decode": ("graph", dict(compile_decode=False)),
     "eager_prefill": ("eager-prefill", dict(compile_prefill=False)),
     "one_pass_prefill": ("one-pass", dict(prefill_chunk_tokens=None)),
+    # the last two layers keep softmax, as many as `--softmax-layers auto:2` keeps (which two does
+    # not change the timing); one on a two-layer shape, which must convert at least one
+    "hybrid": ("hybrid", dict(softmax_layers=(-2, -1))),
 }
+
+
+def variant_options(options: dict, layers: int) -> dict:
+    """`options` for a teacher of `layers` layers: softmax layers beyond all but one are dropped."""
+    if "softmax_layers" in options:
+        return {**options, "softmax_layers": list(options["softmax_layers"][-(layers - 1) :])}
+    return options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -390,7 +400,10 @@ def main(argv: list[str] | None = None) -> None:
         models[arch] = build_student(models["teacher"], arch)
         for flag, (suffix, options) in STUDENT_VARIANTS.items():
             if getattr(args, flag):
-                models[f"{arch}-{suffix}"] = build_student(models["teacher"], arch, **options)
+                layers = models["teacher"].config.num_hidden_layers
+                models[f"{arch}-{suffix}"] = build_student(
+                    models["teacher"], arch, **variant_options(options, layers)
+                )
                 students.append(f"{arch}-{suffix}")
     costs = {n: ModelCost.of(m) for n, m in models.items()}
     wbytes = {n: weight_bytes(m) for n, m in models.items()}
