@@ -106,6 +106,7 @@ class SequenceCost:
     per_token: int
 
     @classmethod
+    @torch.no_grad()
     def measure(cls, model) -> SequenceCost:
         device = model.get_input_embeddings().weight.device
         one, two = (
