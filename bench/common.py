@@ -286,6 +286,7 @@ class ModelCost:
     decode_weight_bytes: int  # bytes one decode step must read: all weights but the embedding gather
     act_bytes: int  # bytes per element of activations / KV cache
     piece_tokens: int | None = None  # a prefill runs at most this many tokens at once (students)
+    softmax_layers: int = 0  # layers with softmax attention: all of a teacher's, a hybrid's kept ones
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelCost:
@@ -298,6 +299,7 @@ class ModelCost:
         linears = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
         lm_head = model.get_output_embeddings().weight
         embed = model.get_input_embeddings().weight
+        kept = len(getattr(config, "softmax_layers", None) or ()) if kind != "softmax" else None
         read = weight_bytes(model)
         if embed is not lm_head:  # an untied embedding is only gathered, a row per token
             read -= embed.numel() * embed.element_size()
@@ -314,18 +316,22 @@ class ModelCost:
             lm_head_params=lm_head.numel(),
             decode_weight_bytes=read,
             act_bytes=lm_head.element_size(),
-            piece_tokens=getattr(config, "prefill_chunk_tokens", None),
+            # a hybrid prefills in one pass (RadladsModel.forward)
+            piece_tokens=None if kept else getattr(config, "prefill_chunk_tokens", None),
+            softmax_layers=teacher_cfg.num_hidden_layers if kept is None else kept,
         )
+
+    @property
+    def linear_layers(self) -> int:
+        return self.layers - self.softmax_layers
 
     def kv_bytes_per_token(self) -> int:
-        """Softmax KV cache per token per sequence (0 for linear attention)."""
-        return (
-            0 if self.kind != "softmax" else self.layers * 2 * self.kv_heads * self.head_dim * self.act_bytes
-        )
+        """Softmax layers' KV cache per token per sequence."""
+        return self.softmax_layers * 2 * self.kv_heads * self.head_dim * self.act_bytes
 
     def state_bytes(self) -> int:
-        """Recurrent fp32 state per sequence (0 for softmax)."""
-        return 0 if self.kind == "softmax" else self.layers * self.heads * self.head_dim**2 * 4
+        """Linear-attention layers' recurrent fp32 state per sequence."""
+        return self.linear_layers * self.heads * self.head_dim**2 * 4
 
     def recurrence_flops_per_token(self) -> int:
         """State update + readout per token, all heads and layers (recurrent form: a lower bound).
@@ -333,7 +339,7 @@ class ModelCost:
         gla: decay (KV) + outer product (2KV) + readout (2KV); rwkv7 adds a^T S and b (a^T S) (4KV).
         """
         per_head = {"gla": 5, "rwkv7": 9}.get(self.kind, 0) * self.head_dim**2
-        return self.layers * self.heads * per_head
+        return self.linear_layers * self.heads * per_head
 
 
 def floor_ms(flops: float, bytes_moved: float) -> float:
@@ -348,7 +354,7 @@ def decode_floor(cost: ModelCost, batch: int, context: int) -> dict[str, float]:
     bytes_moved = cost.decode_weight_bytes + batch * (
         context * cost.kv_bytes_per_token() + 2 * cost.state_bytes()
     )
-    attn = 4 * context * cost.heads * cost.head_dim * cost.layers  # q k^T and p v
+    attn = 4 * context * cost.heads * cost.head_dim * cost.softmax_layers  # q k^T and p v
     flops = batch * (2 * cost.matmul_params + attn + cost.recurrence_flops_per_token())
     return {"bytes": bytes_moved, "flops": flops, "ms": floor_ms(flops, bytes_moved)}
 
@@ -357,12 +363,9 @@ def prefill_floor(cost: ModelCost, batch: int, context: int) -> dict[str, float]
     """A prefill of `context` tokens with logits for the last one only (logits_to_keep=1)."""
     tokens = batch * context
     body = cost.matmul_params - cost.lm_head_params
-    attn = 2 * context * context * cost.heads * cost.head_dim * cost.layers  # causal: half of 4 T^2 d
-    flops = 2 * tokens * body + 2 * batch * cost.lm_head_params
-    if cost.kind == "softmax":
-        flops += batch * attn
-    else:
-        flops += tokens * cost.recurrence_flops_per_token()
+    attn = 2 * context * context * cost.heads * cost.head_dim * cost.softmax_layers  # causal: half of 4 T^2 d
+    flops = 2 * tokens * body + 2 * batch * cost.lm_head_params + batch * attn
+    flops += tokens * cost.recurrence_flops_per_token()
     bytes_moved = cost.decode_weight_bytes + tokens * cost.kv_bytes_per_token() + batch * cost.state_bytes()
     return {"bytes": bytes_moved, "flops": flops, "ms": floor_ms(flops, bytes_moved)}
 

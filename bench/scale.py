@@ -16,7 +16,8 @@ micro-batch and the optimizer the step ran with; and the GPU-hours of the whole 
 
 The optimizer comparison takes runs of one step from the same step 0 under different optimizers
 (scripts/device_scale.sh with OPTIMIZERS): each one's held-out loss before and after, and its
-logged training losses against the first run's, window by window (relative difference).
+logged training losses (one update's loss every log_every updates: the same batches in every
+run) against the first run's, update by update (relative difference).
 
 The projection carries each step's measured MFU over to other teachers: GPU-hours = protocol tokens
 x that teacher's FLOPs per token (same sequence lengths) / (MFU x peak), summed over the steps, and
@@ -113,19 +114,24 @@ def summarise(
 def compare_optimizers(runs: list[Path]) -> dict[str, Any]:
     """Held-out and training losses of runs of one step under different optimizers, each against
     the first run's (module docstring)."""
-    rows = []
+    rows, steps = [], set()
     for run in runs:
         record = json.loads((run / "radlads.json").read_text())
         step = max(k for k in record["steps"] if k != "0")
+        steps.add(step)
         losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                   if r.get("step") == int(step) and "loss" in r]  # fmt: skip
         rows.append({**record["steps"][step], "run": str(run), "losses": losses})
+    if len(steps) > 1:
+        raise ValueError(
+            f"the runs end at different steps ({', '.join(sorted(steps))}): compare one step's runs"
+        )
     base = rows[0]
     for row in rows:
         pairs = list(zip(row["losses"], base["losses"]))
         row["heldout_end_vs_first"] = row["heldout_end"] / base["heldout_end"] - 1
-        row["max_window_diff_vs_first"] = max((abs(a / b - 1) for a, b in pairs), default=None)
-        row["last4_windows_diff_vs_first"] = (
+        row["max_logged_diff_vs_first"] = max((abs(a / b - 1) for a, b in pairs), default=None)
+        row["last4_logged_diff_vs_first"] = (
             sum(a / b - 1 for a, b in pairs[-4:]) / len(pairs[-4:]) if pairs else None
         )
     return {"step": int(step), "runs": rows}
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(comparison, indent=1) + "\n")
         columns = ["optimizer", "heldout_start", "heldout_end", "heldout_end_vs_first",
-                   "max_window_diff_vs_first", "last4_windows_diff_vs_first"]  # fmt: skip
+                   "max_logged_diff_vs_first", "last4_logged_diff_vs_first"]  # fmt: skip
         print(markdown_table(comparison["runs"], columns))
         return
     if args.command == "project":

@@ -29,8 +29,9 @@ else  # a CPU smoke run: the installed packages
 fi
 export TRITON_CACHE_AUTOTUNING=1
 
-OUT=${OUT:-bench/results/scale}; WORK=${WORK:-/tmp/radlads-scale}
 SHAPE=${SHAPE:-qwen2.5-7b}; STEPS=${STEPS:-1 2 3}; OPTIMIZER=${OPTIMIZER:-auto}
+# one work folder per shape: its inputs and step 0 are reused by later jobs on the same host
+OUT=${OUT:-bench/results/scale}; WORK=${WORK:-/tmp/radlads-scale-$SHAPE}
 OPTIMIZERS=${OPTIMIZERS:-$OPTIMIZER}  # several: one run of each step per optimizer, named stepK-OPT
 SEQ=${SEQ:-512}; SEQ3=${SEQ3:-16384}
 BATCH=${BATCH:-8}       # sequences per update of steps 1-2 (one micro-batch of 4096 tokens)
@@ -93,12 +94,13 @@ for k in $STEPS; do
     mkdir -p "$OUT/$name"
     cp "$run"/{metrics.jsonl,radlads.json,config.yaml} "$OUT/$name/" 2> /dev/null || true
   done
-  if ((several)); then
+  read -r first _ <<< "$OPTIMIZERS"
+  if ((several)) && [ -f "$WORK/step$k-$first/radlads.json" ]; then  # the first is the reference
     compared=()
     for opt in $OPTIMIZERS; do [ -f "$WORK/step$k-$opt/radlads.json" ] && compared+=("$WORK/step$k-$opt"); done
-    if ((${#compared[@]})); then
-      python3 bench/scale.py optimizers --run "${compared[@]}" --out "$OUT/$SHAPE-step$k-optimizers.json"
-    fi
+    python3 bench/scale.py optimizers --run "${compared[@]}" --out "$OUT/$SHAPE-step$k-optimizers.json"
+  elif ((several)); then
+    echo "step $k under $first did not finish: no comparison" | tee -a "$STAGES"
   fi
 done
 

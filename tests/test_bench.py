@@ -216,3 +216,29 @@ def test_step1_overlap_runs_the_teacher_as_each_workload_says(tiny_models, tmp_p
     step1_overlap.main(["--tiny", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "step1-overlap-b2.json").read_text())["results"]
     assert all(math.isfinite(results[name]) for name in runs)
+
+
+def test_a_hybrids_cost_counts_its_softmax_and_linear_layers_apart(tiny_models):
+    """The memory and FLOP floors of bench/inference.py's rows: a teacher's KV cache in every layer,
+    a pure student's state in every layer, a hybrid's KV in its softmax layers and state elsewhere."""
+    from radlads.models.cache import RadladsCache
+
+    teacher, student = tiny_models
+    hybrid = build_student(teacher, "rad-rwkv7", softmax_layers=[-1])
+    costs = {
+        name: ModelCost.of(m) for name, m in (("teacher", teacher), ("student", student), ("hybrid", hybrid))
+    }
+    layers = teacher.config.num_hidden_layers
+    assert [c.softmax_layers for c in costs.values()] == [layers, 0, 1]
+    ids = torch.randint(0, 64, (1, 5))
+    for name in ("student", "hybrid"):
+        with torch.no_grad():
+            cache = {"student": student, "hybrid": hybrid}[name](
+                ids, cache=RadladsCache(layers), use_cache=True
+            ).cache
+        assert cache.nbytes() == costs[name].state_bytes() + 5 * costs[name].kv_bytes_per_token(), name
+    assert costs["hybrid"].piece_tokens is None and costs["student"].piece_tokens
+    assert costs["teacher"].state_bytes() == 0 and costs["teacher"].recurrence_flops_per_token() == 0
+    assert costs["hybrid"].recurrence_flops_per_token() * layers == costs[
+        "student"
+    ].recurrence_flops_per_token() * (layers - 1)

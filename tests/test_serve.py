@@ -455,14 +455,14 @@ def test_sequence_cost_is_what_the_caches_hold(folders):
 
 
 def test_requests_wait_for_memory_and_one_that_never_fits_is_refused(folders):
-    """With --max-state-gb room for two requests at their longest, five concurrent ones run at
-    most two at a time and all get their own greedy tokens; a request larger than the room gets a
-    400 naming the flag."""
+    """With --max-state-gb room for two requests at their longest (and one prompt's cache in flight
+    beside them), five concurrent ones run at most two at a time and all get their own greedy
+    tokens; a request larger than the room gets a 400 naming the flag."""
     reference = Reference(folders["teacher"])
     cost = SequenceCost.measure(reference.model)
     rng = random.Random(5)
     jobs = [[rng.randrange(1, 300) for _ in range(20)] for _ in range(5)]
-    room = int(2.5 * (20 + 8) * cost.per_token)
+    room = 3 * (20 + 8) * cost.per_token  # two: 2 x 28 + 20 tokens; three: 3 x 28 + 20
     with running(folders["teacher"], model_name="teacher", **{**SERVER, "max_state_bytes": room}) as (
         url,
         engine,

@@ -170,13 +170,11 @@ class StackedStates:
     def _resize(self, capacity: int, like: list[Tensor]) -> None:
         """Move the running sequences' states into a batch of `capacity` rows (zeros elsewhere)."""
         rows = [i for i, s in enumerate(self.slots) if s is not None]
-        states = []
-        for old, template in zip(self.cache.states, like):
+        for i, template in enumerate(like):  # one layer at a time: the old layer goes as the new comes
             new = template.new_zeros(capacity, *template.shape[1:])
             if rows:
-                new[: len(rows)] = old[rows]
-            states.append(new)
-        self.cache.states = states
+                new[: len(rows)] = self.cache.states[i][rows]
+            self.cache.states[i] = new
         self.slots = [self.slots[i] for i in rows] + [None] * (capacity - len(rows))
 
     def warm_up(self, like: list[Tensor]) -> None:

@@ -127,16 +127,16 @@ class Engine:
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Sequence:
         """Queue a request (from the event loop); its events arrive on `Sequence.stream()`."""
-        if len(self.waiting) >= self.config.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
-        if self.cost is not None:
-            need = self.batch.projected_bytes([len(prompt) + params.max_tokens], self.cost)
+        if self.cost is not None:  # before the queue: waiting would not help this one
+            need = self._projected_bytes([(len(prompt), params.max_tokens)])
             if need > self.config.max_state_bytes:
                 raise TooLarge(
                     f"this request's state would take {need / 1e6:,.1f} MB at {len(prompt)} prompt tokens "
                     f"+ max_tokens {params.max_tokens}, over this server's {self.config.max_state_bytes / 1e6:,.1f} "
                     "MB for states (--max-state-gb); shorten the prompt or lower max_tokens"
                 )
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
         seq = Sequence(prompt, params, self)
         with self.wakeup:
             self.waiting.append(seq)
@@ -228,8 +228,14 @@ class Engine:
         if self.cost is None or not self.active():
             return True
         admitted = [*self.prefilling, *self.batch.sequences(), seq]
-        lengths = [len(s.prompt) + s.params.max_tokens for s in admitted]
-        return self.batch.projected_bytes(lengths, self.cost) <= self.config.max_state_bytes
+        requests = [(len(s.prompt), s.params.max_tokens) for s in admitted]
+        return self._projected_bytes(requests) <= self.config.max_state_bytes
+
+    def _projected_bytes(self, requests: list[tuple[int, int]]) -> int:
+        """The caches of these (prompt tokens, max_tokens) requests at their longest, in this
+        server's batch, plus one prompt's cache beside it (a prefill, or a join copying it in)."""
+        batch = self.batch.projected_bytes([p + m for p, m in requests], self.cost)
+        return batch + self.cost.fixed + max(p for p, _ in requests) * self.cost.per_token
 
     def _prefill_piece(self) -> None:
         seq = self.prefilling[0]
