@@ -245,6 +245,12 @@ def write_random_inputs(
     print(f"teacher ({shape}, {what}) in {work / 'teacher'}; {train_tokens} random train tokens in {data}")
 
 
+def hybrid_layers(layers: int) -> list[int]:
+    """A benchmark hybrid's softmax layers: the last two, as many as `--softmax-layers auto:2` keeps
+    (which two does not change the timing); the last one on a two-layer shape."""
+    return list(range(-min(2, layers - 1), 0))
+
+
 def build_student(teacher: nn.Module, arch: str, **options) -> nn.Module:
     """The step-0 student (radlads.convert.transfer), on the teacher's device and dtype."""
     from radlads.convert.transfer import transfer
@@ -299,7 +305,8 @@ class ModelCost:
         linears = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
         lm_head = model.get_output_embeddings().weight
         embed = model.get_input_embeddings().weight
-        kept = len(getattr(config, "softmax_layers", None) or ()) if kind != "softmax" else None
+        layers = teacher_cfg.num_hidden_layers
+        softmax = layers if kind == "softmax" else len(config.softmax_layers or ())
         read = weight_bytes(model)
         if embed is not lm_head:  # an untied embedding is only gathered, a row per token
             read -= embed.numel() * embed.element_size()
@@ -308,7 +315,7 @@ class ModelCost:
             hidden=teacher_cfg.hidden_size,
             intermediate=teacher_cfg.intermediate_size,
             vocab=teacher_cfg.vocab_size,
-            layers=teacher_cfg.num_hidden_layers,
+            layers=layers,
             heads=heads,
             kv_heads=teacher_cfg.num_key_value_heads or heads,
             head_dim=head_dim,
@@ -317,8 +324,8 @@ class ModelCost:
             decode_weight_bytes=read,
             act_bytes=lm_head.element_size(),
             # a hybrid prefills in one pass (RadladsModel.forward)
-            piece_tokens=None if kept else getattr(config, "prefill_chunk_tokens", None),
-            softmax_layers=teacher_cfg.num_hidden_layers if kept is None else kept,
+            piece_tokens=None if softmax else getattr(config, "prefill_chunk_tokens", None),
+            softmax_layers=softmax,
         )
 
     @property

@@ -37,6 +37,7 @@ from common import (
     device_capacity,
     free_memory,
     guarded,
+    hybrid_layers,
     markdown_table,
     median,
     peak_memory,
@@ -55,17 +56,13 @@ STUDENT_VARIANTS = {
     "uncompiled_decode": ("graph", dict(compile_decode=False)),
     "eager_prefill": ("eager-prefill", dict(compile_prefill=False)),
     "one_pass_prefill": ("one-pass", dict(prefill_chunk_tokens=None)),
-    # the last two layers keep softmax, as many as `--softmax-layers auto:2` keeps (which two does
-    # not change the timing); one on a two-layer shape, which must convert at least one
-    "hybrid": ("hybrid", dict(softmax_layers=(-2, -1))),
+    "hybrid": ("hybrid", dict(softmax_layers=hybrid_layers)),  # of the teacher's layer count
 }
 
 
 def variant_options(options: dict, layers: int) -> dict:
-    """`options` for a teacher of `layers` layers: softmax layers beyond all but one are dropped."""
-    if "softmax_layers" in options:
-        return {**options, "softmax_layers": list(options["softmax_layers"][-(layers - 1) :])}
-    return options
+    """`options` for a teacher of `layers` layers: a callable option is called with that count."""
+    return {k: v(layers) if callable(v) else v for k, v in options.items()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ random token ids through /v1/completions (stream=True, greedy, ignore_eos) and r
 tokens/s (all tokens over the cell's wall time), time to first token (median and worst), p50/p99
 gap between a stream's tokens, and peak GPU memory. The student decodes all streams as one batch
 of stacked states, the teacher as one batch of left-padded KV caches (see docs/serving.md), and
-so does a hybrid student (`--models ...,hybrid`, softmax in --hybrid-layers). A
+so does a hybrid student (`--models ...,hybrid`: bench/common.py's hybrid_layers). A
 cell that runs out of memory is recorded as "OOM" and the next cells still run. The JSON is
 rewritten after every cell, so a run stopped early keeps what it measured.
 
@@ -35,6 +35,7 @@ from common import (
     build_teacher,
     default_out_dir,
     free_memory,
+    hybrid_layers,
     markdown_table,
     peak_memory,
     pick_device,
@@ -74,9 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--models",
         default="student,teacher",
-        help="of student, teacher, hybrid (the student keeping --hybrid-layers softmax); '' runs only the prefix-cache rows",
+        help="of student, teacher, hybrid (the student keeping its last two layers softmax); "
+        "'' runs only the prefix-cache rows",
     )
-    p.add_argument("--hybrid-layers", default="-2,-1", help="the hybrid's softmax layers")
     p.add_argument(
         "--prefix-tokens",
         type=int,
@@ -202,19 +203,21 @@ def main(argv: list[str] | None = None) -> dict:
     streams = [int(x) for x in args.streams.split(",")]
     budget = Budget(args.budget_s)
     teacher = build_teacher(args.shape, device, dtype)
-    hybrid = [int(i) for i in args.hybrid_layers.split(",")]
     built = {"teacher": teacher, "student": build_student(teacher, args.arch)}
     if "hybrid" in args.models.split(","):
-        built["hybrid"] = build_student(teacher, args.arch, softmax_layers=hybrid)
+        layers = hybrid_layers(teacher.config.num_hidden_layers)
+        built["hybrid"] = build_student(teacher, args.arch, softmax_layers=layers)
     vocab = teacher.config.vocab_size
     tokenizer = word_tokenizer(vocab)
     rows: list[dict] = []
     prefix: list[dict] = []
     settings = {k: v for k, v in vars(args).items() if k != "out"}
 
+    def payload() -> dict:
+        return {"settings": settings, "results": rows, "prefix_cache": prefix}
+
     def save() -> Path:
-        payload = {"settings": settings, "results": rows, "prefix_cache": prefix}
-        return write_json(args.out or default_out_dir(), "serve", payload)
+        return write_json(args.out or default_out_dir(), "serve", payload())
 
     for name in [m for m in args.models.split(",") if m]:
         config = ServeConfig(
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown_table(rows, COLUMNS))
     print(markdown_table(prefix, PREFIX_COLUMNS))
     print(f"written to {path}")
-    return {"settings": settings, "results": rows, "prefix_cache": prefix}
+    return payload()
 
 
 if __name__ == "__main__":

@@ -569,7 +569,7 @@ def test_bench_tiny_mode_runs(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     serve_bench = importlib.import_module("serve")
     argv = ["--tiny", "--contexts", "64", "--streams", "1,3", "--new-tokens", "4"]
-    argv += ["--models", "student,teacher,hybrid", "--hybrid-layers", "-1"]
+    argv += ["--models", "student,teacher,hybrid"]
     payload = serve_bench.main(
         [*argv, "--prefix-tokens", "256", "--prefix-questions", "3", "--out", str(tmp_path)]
     )

@@ -59,6 +59,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..train.optimizers import STATE_BYTES
+from .presets import step3_seq_len as default_step3_seq_len
 
 GB = 1e9
 GPU_COUNTS = (1, 2, 4, 8, 16)
@@ -287,8 +288,8 @@ def plan(
     `optimizer`: one of radlads.train.optimizers.OPTIMIZERS, for the bytes of each trained parameter."""
     trained_bytes = STATE_BYTES[optimizer]
     cfg = load_config(teacher)
-    if step3_seq_len is None:  # as convert runs step 3: at the teacher's trained context, up to 16K
-        step3_seq_len = min(16384, getattr(cfg, "max_position_embeddings", None) or 16384)
+    if step3_seq_len is None:  # as convert runs step 3
+        step3_seq_len = default_step3_seq_len(getattr(cfg, "max_position_embeddings", None))
     t_model, s_model = build_meta_models(cfg, arch, softmax_layers=list(softmax_layers))
     scfg = s_model.config
     teacher_params = count_params(t_model)

@@ -37,9 +37,13 @@ def preset_steps(name: str, teacher_config: dict) -> dict[int, dict]:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     steps = {k: dict(v) for k, v in PRESETS[name].items()}
     if name != "cpu-smoke":
-        trained = teacher_config.get("max_position_embeddings") or 16384
-        steps[3].setdefault("seq_len", min(16384, trained))
+        steps[3].setdefault("seq_len", step3_seq_len(teacher_config.get("max_position_embeddings")))
     return steps
+
+
+def step3_seq_len(trained_context: int | None) -> int:
+    """Step 3's sequence length: the teacher's trained context, up to the paper's 16,384."""
+    return min(16384, trained_context or 16384)
 
 
 def size_class(teacher_config: dict) -> str:

@@ -177,9 +177,10 @@ class StackedStates:
             self.cache.states[i] = new
         self.slots = [self.slots[i] for i in rows] + [None] * (capacity - len(rows))
 
-    def warm_up(self, like: list[Tensor]) -> None:
-        """One throwaway step at each batch size the stack takes, states shaped as `like`
-        (a prefilled sequence's): the decoding step compiles and captures its graph for each now."""
+    def warm_up(self, prefilled: RadladsCache) -> None:
+        """One throwaway step at each batch size the stack takes, states shaped as a prefilled
+        sequence's: the decoding step compiles and captures its graph for each now."""
+        like = prefilled.states
         device = like[0].device
         for size in self.buckets:
             cache = RadladsCache(len(like))
@@ -221,6 +222,9 @@ class SeparateCaches:
 
     def sequences(self) -> list[Running]:
         return list(self.running)
+
+    def warm_up(self, prefilled) -> None:
+        """Nothing: each sequence decodes eagerly, with nothing compiled per batch size."""
 
     def join(self, seq: Running) -> None:
         self.running.append(seq)
@@ -303,6 +307,9 @@ class PaddedCaches:
 
     def sequences(self) -> list[Running]:
         return [s for s in self.rows if s is not None]
+
+    def warm_up(self, prefilled) -> None:
+        """Nothing: the batch decodes eagerly, with nothing compiled per batch size."""
 
     def join(self, seq: Running) -> None:
         self._drop_left()

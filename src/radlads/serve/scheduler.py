@@ -161,8 +161,7 @@ class Engine:
             ids = torch.zeros(1, min(self.chunk_tokens, 64), dtype=torch.long, device=self.device)
             _, cache = forward(self.model, ids, None)
             _, cache = forward(self.model, ids, cache)
-            if hasattr(self.batch, "warm_up"):
-                self.batch.warm_up(cache.states)
+            self.batch.warm_up(cache)
         logger.info("warmed up in %.1f s", time.perf_counter() - start)
 
     def stop(self) -> None:
