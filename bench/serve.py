@@ -4,8 +4,9 @@ For each model (random weights of --shape: timing does not depend on their value
 length and each number of concurrent streams, the streams start together; each sends a prompt of
 random token ids through /v1/completions (stream=True, greedy, ignore_eos) and reads exactly
 --new-tokens tokens, as the official openai client sees them. Per cell: aggregate generated
-tokens/s (all tokens over the cell's wall time), time to first token (median and worst), p50/p99
-gap between a stream's tokens, and peak GPU memory. The student decodes all streams as one batch
+tokens/s (all tokens over the cell's wall time, prefills included), decoding tokens/s (the tokens
+that arrive once every stream has its first one, over that time), time to first token (median and
+worst), p50/p99 gap between a stream's tokens, and peak GPU memory. The student decodes all streams as one batch
 of stacked states, the teacher as one batch of left-padded KV caches (see docs/serving.md), and
 so does a hybrid student (`--models ...,hybrid`: bench/common.py's hybrid_layers). A
 cell that runs out of memory is recorded as "OOM" and the next cells still run. The JSON is
@@ -54,6 +55,7 @@ COLUMNS = (
     "streams",
     "status",
     "tok_s",
+    "decode_tok_s",
     "ttft_p50_s",
     "ttft_max_s",
     "itl_p50_ms",
@@ -136,11 +138,15 @@ async def run_cell(url: str, name: str, vocab: int, context: int, streams: int, 
     tokens = sum(len(a) for a in arrivals)
     gaps = sorted(1e3 * (b - a) for times in arrivals for a, b in zip(times, times[1:]))
     ttft = [times[0] for times in arrivals]
+    # Once every stream has its first token, nothing but decoding is left: the batch's steady rate.
+    all_in, last = max(ttft), max(times[-1] for times in arrivals)
+    decoding = sum(t > all_in for times in arrivals for t in times)
     return {
         "tokens": tokens,
         "complete": tokens == streams * new_tokens,
         "wall_s": wall,
         "tok_s": tokens / wall,
+        "decode_tok_s": decoding / (last - all_in) if last > all_in else None,
         "ttft_p50_s": statistics.median(ttft),
         "ttft_max_s": max(ttft),
         "itl_p50_ms": gaps[len(gaps) // 2] if gaps else None,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radlads.models.graphs import decode_graphs, one_token
+from radlads.models.cache import RadladsCache
+from radlads.models.graphs import LentState, decode_graphs, one_token
 from test_models import VARIANTS, perturbed_student
 
 gpu = pytest.mark.gpu
@@ -184,3 +185,33 @@ def test_cpu_students_decode_eagerly():
         student(torch.ones(1, 1, dtype=torch.long), cache=cache, use_cache=True)
     assert not decode_graphs(student).applies(student, torch.ones(1, 1, dtype=torch.long), cache)
     assert not decode_graphs(student).graphs
+
+
+def test_lent_state_gives_the_cache_bound_before_a_copy_of_what_it_still_holds():
+    """The cache bound before keeps its state when another binds: a copy of each lent tensor it
+    still points at, and whatever it holds instead where it dropped or replaced them (a server's
+    batch whose last sequence left, or that moved to another size)."""
+
+    def cache(*values):
+        c = RadladsCache(2)
+        c.states = [torch.full((2, 3), float(v)) for v in values]
+        return c
+
+    lent = LentState([torch.zeros(2, 3), torch.zeros(2, 3)])
+    first, second, third = cache(1, 2), cache(3, 4), cache(5, 6)
+    lent.bind(first)
+    assert all(s is t for s, t in zip(first.states, lent.states))
+    lent.states[0].add_(10)  # a replay updates the state in place
+    lent.bind(second)
+    assert not any(s is t for s, t in zip(first.states, lent.states))
+    assert [s[0, 0].item() for s in first.states] == [11, 2]
+    second.states = [None, None]  # its batch emptied
+    lent.bind(third)
+    assert second.states == [None, None]
+    assert [s[0, 0].item() for s in lent.states] == [5, 6]
+    resized = torch.full((4, 3), 8.0)
+    third.states[1] = resized
+    lent.bind(first)
+    assert third.states[0] is not lent.states[0] and third.states[0][0, 0].item() == 5
+    assert third.states[1] is resized
+    assert [s[0, 0].item() for s in lent.states] == [11, 2]

@@ -525,10 +525,20 @@ def test_on_cuda_the_warm_up_captures_every_graph_serving_uses(folders):
         prompts = [[7 + i] * (5 + 3 * i) for i in range(6)]
         with ThreadPoolExecutor(6) as pool:
             outs = list(
-                pool.map(lambda p: api.completions.create(model=name, prompt=p, max_tokens=12), prompts)
+                pool.map(
+                    lambda p: api.completions.create(model=name, prompt=p, max_tokens=12, temperature=0),
+                    prompts,
+                )
             )
         assert all(len(o.model_extra["token_ids"]) == 12 for o in outs)
         assert set(graphs) == captured
+    # A second server over the same model while the first (its batch emptied) still exists: its
+    # warm-up and requests rebind the first one's graphs, which must leave the emptied batch alone.
+    second = Engine(engine.model, engine.tokenizer, config)
+    with serve_in_thread(create_app(second, name)) as url:
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120)
+        again = api.completions.create(model=name, prompt=prompts[0], max_tokens=12, temperature=0)
+    assert again.model_extra["token_ids"] == outs[0].model_extra["token_ids"]
 
 
 def test_health_and_metrics_are_open_and_count(student_server):
@@ -580,6 +590,7 @@ def test_bench_tiny_mode_runs(tmp_path):
     for row in rows:
         assert row["status"] == "ok" and row["tokens"] == 4 * row["streams"], row
         assert row["tok_s"] > 0 and 0 < row["ttft_p50_s"] <= row["ttft_max_s"] and row["itl_p99_ms"] > 0
+        assert row["decode_tok_s"] > 0, row
     off, on = payload["prefix_cache"]
     # The second prompt leaves the first at the document's end (256 tokens), the third starts there.
     assert (off["skipped_tokens"], on["skipped_tokens"]) == (0, 256)

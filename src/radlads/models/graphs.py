@@ -53,6 +53,28 @@ def compiled_one_token():
     return torch.compile(one_token, fullgraph=True)
 
 
+class LentState:
+    """Recurrent state tensors that one cache at a time decodes with in place: a cache that binds
+    them points its `states` at these tensors, and the cache bound before gets back a copy of
+    whatever of them it still points at. A cache that dropped or replaced its states since (a
+    server's batch empties, or moves to another size) has nothing here to copy."""
+
+    def __init__(self, states: list[Tensor]):
+        self.states = [s.clone() for s in states]
+        self.bound: weakref.ref[RadladsCache] | None = None
+
+    def bind(self, cache: RadladsCache) -> None:
+        if all(s is t for s, t in zip(cache.states, self.states)):
+            return
+        previous = self.bound() if self.bound is not None else None
+        if previous is not None and previous is not cache:
+            previous.states = [s.clone() if s is t else s for s, t in zip(previous.states, self.states)]
+        for static, state in zip(self.states, cache.states):
+            static.copy_(state)
+        cache.states = list(self.states)
+        self.bound = weakref.ref(cache)
+
+
 class DecodeGraph:
     """The captured step for one batch size. It owns static input buffers and the recurrent state;
     the cache being decoded borrows that state (its `states` point at the graph's tensors), so a
@@ -65,8 +87,7 @@ class DecodeGraph:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.keep = torch.ones(batch, 1, dtype=mask_dtype, device=device)
-        self.states = [s.clone() for s in cache.states]
-        self.bound: weakref.ref[RadladsCache] | None = None
+        self.state = LentState(cache.states)
         self.compiled = compiled
         self.graph = torch.cuda.CUDAGraph()
         self.logits = self._capture(model, compiled_one_token() if compiled else one_token)
@@ -76,7 +97,7 @@ class DecodeGraph:
         # and lazy initialisation must not happen while capturing. The warm-up only touches our own
         # buffers. Under autocast, its cache of low-precision weight copies lives only as long as
         # the autocast block: a graph reading those copies would read freed memory on the next call.
-        inputs = (model, self.ids, self.positions, self.keep, self.states)
+        inputs = (model, self.ids, self.positions, self.keep, self.state.states)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with _uncached_autocast(), torch.cuda.stream(side):
@@ -86,20 +107,8 @@ class DecodeGraph:
         with _uncached_autocast(), torch.cuda.graph(self.graph):
             return step(*inputs)
 
-    def bind(self, cache: RadladsCache) -> None:
-        """Make `cache` decode through this graph; the cache bound before keeps a copy of its state."""
-        if all(s is t for s, t in zip(cache.states, self.states)):
-            return
-        previous = self.bound() if self.bound is not None else None
-        if previous is not None and previous is not cache:
-            previous.states = [s.clone() for s in previous.states]
-        for static, state in zip(self.states, cache.states):
-            static.copy_(state)
-        cache.states = list(self.states)
-        self.bound = weakref.ref(cache)
-
     def __call__(self, input_ids: Tensor, position_ids: Tensor, keep: Tensor, cache: RadladsCache) -> Tensor:
-        self.bind(cache)
+        self.state.bind(cache)
         self.ids.copy_(input_ids)
         self.positions.copy_(position_ids)
         self.keep.copy_(keep)
