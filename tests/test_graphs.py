@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from radlads.models.cache import RadladsCache
-from radlads.models.graphs import LentState, decode_graphs, one_token
+from radlads.models.graphs import LentState, decode_graphs, kv_capacity, kv_length, one_token
 from test_models import VARIANTS, perturbed_student
 
 gpu = pytest.mark.gpu
@@ -39,7 +39,9 @@ def cuda_student(variant):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("compiled", [False, True], ids=["captured", "compiled"])
-@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-groupnorm-lowrank-gate"])
+@pytest.mark.parametrize(
+    "variant", ["rwkv7", "rwkv6", "rwkv7-groupnorm-lowrank-gate", "rwkv7-hybrid", "rwkv6-hybrid-first"]
+)
 def test_graphed_decoding_equals_eager(variant, compiled):
     student = cuda_student(variant)
     student.config.compile_decode = compiled
@@ -77,8 +79,9 @@ def test_two_caches_interleaved_keep_their_own_state():
 
 @gpu
 @needs_cuda
-def test_graphed_generate_with_left_padding_equals_eager():
-    student = cuda_student("rwkv7")
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv7-hybrid"])
+def test_graphed_generate_with_left_padding_equals_eager(variant):
+    student = cuda_student(variant)
     batch = torch.randint(1, 320, (2, 13), generator=torch.Generator().manual_seed(3)).cuda()
     mask = torch.ones_like(batch)
     batch[0, :4], mask[0, :4] = 0, 0
@@ -88,6 +91,21 @@ def test_graphed_generate_with_left_padding_equals_eager():
         runs.append(student.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False))
     assert decode_graphs(student).graphs, "the graph path was not taken"
     assert torch.equal(runs[0], runs[1])
+
+
+@gpu
+@needs_cuda
+def test_a_hybrid_decoding_past_its_kv_buffers_moves_to_larger_ones():
+    """Past 256 positions a hybrid's graph moves to 512-position buffers: generate() gives eager's
+    tokens across the move, and the batch keeps only the larger graph."""
+    student = cuda_student("rwkv7-hybrid")
+    prompt = torch.randint(1, 320, (2, 250), generator=torch.Generator().manual_seed(4)).cuda()
+    runs = []
+    for graphed in (False, True):
+        student.config.cuda_graph_decode = graphed
+        runs.append(student.generate(prompt, max_new_tokens=12, do_sample=False))
+    assert torch.equal(runs[0], runs[1])
+    assert [key[:2] for key in decode_graphs(student).graphs] == [(2, 512)]
 
 
 @gpu
@@ -215,3 +233,58 @@ def test_lent_state_gives_the_cache_bound_before_a_copy_of_what_it_still_holds()
     assert third.states[0] is not lent.states[0] and third.states[0][0, 0].item() == 5
     assert third.states[1] is resized
     assert [s[0, 0].item() for s in lent.states] == [11, 2]
+
+
+def graph_free_step(step, student, lents: dict, ids, positions, mask, cache):
+    """What DecodeGraph.__call__ does around a replay, with `step` run instead of the replay: bind
+    the cache to the state buffers of its KV capacity (new buffers once it outgrows them), mark the
+    positions each row sees, run the step, lend the cache the buffers' filled part."""
+    length = kv_length(cache.states)
+    capacity = kv_capacity(length + 1)
+    lent = lents.setdefault(capacity, LentState(cache.states, capacity))
+    lent.bind(cache)
+    lent.prepare(length, mask)
+    logits = step(student, ids, positions, mask[:, -1:], lent.states)
+    lent.lend(cache, length + 1)
+    cache.seen_tokens += 1
+    return logits
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("variant", ["rwkv7-hybrid", "rwkv6-hybrid-first"])
+def test_hybrid_step_on_fixed_capacity_kv_buffers_equals_eager_decoding(variant, compiled):
+    """A hybrid decodes through the captured step with its keys and values in StaticKV buffers: a
+    left-padded batch, decoded past the first buffer's 256 positions into a second one, gives the
+    eager step's logits at every token (the capture itself needs CUDA: tests marked gpu)."""
+    student = perturbed_student(**VARIANTS[variant])
+    prompt, steps = 250, 10  # positions 250..259: the buffers of 256 fill up and grow to 512
+    ids = torch.randint(0, 320, (2, prompt + steps), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, prompt + steps, dtype=torch.long)
+    mask[1, :7] = 0  # the second row is left-padded
+    step = torch.compile(one_token, backend="aot_eager", fullgraph=True) if compiled else one_token
+    with torch.no_grad():
+        caches = [
+            student(ids[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True).cache for _ in "ab"
+        ]
+        lents: dict = {}
+        for t in range(prompt, prompt + steps):
+            positions = (mask[:, : t + 1].cumsum(-1) - 1).clamp(min=0)[:, -1:]
+            inputs = (ids[:, t : t + 1], positions, mask[:, : t + 1])
+            eager = student(inputs[0], position_ids=positions, attention_mask=inputs[2], cache=caches[0])
+            graphed = graph_free_step(step, student, lents, *inputs, caches[1])
+            torch.testing.assert_close(graphed, eager.logits, rtol=1e-4, atol=1e-4)
+    assert sorted(lents) == [256, 512]
+    # A shorter sequence then takes the 256-position buffers that the longer one filled: it must
+    # see none of what the longer one left there.
+    with torch.no_grad():
+        short = [student(ids[:, :100], attention_mask=mask[:, :100], use_cache=True).cache for _ in "ab"]
+        positions = (mask[:, :101].cumsum(-1) - 1)[:, -1:]
+        inputs = (ids[:, 100:101], positions, mask[:, :101])
+        eager = student(inputs[0], position_ids=positions, attention_mask=inputs[2], cache=short[0])
+        graphed = graph_free_step(step, student, lents, *inputs, short[1])
+    torch.testing.assert_close(graphed, eager.logits, rtol=1e-4, atol=1e-4)
+    for ours, theirs in zip(caches[1].states, caches[0].states):
+        for a, b in zip(
+            ours if isinstance(ours, tuple) else (ours,), theirs if isinstance(theirs, tuple) else (theirs,)
+        ):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

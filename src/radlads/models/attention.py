@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,6 +25,38 @@ def attention_mask_4d(attention_mask: Tensor | None, T: int, S: int, device) -> 
     return (allowed | (j == i)[None])[:, None]
 
 
+@dataclass
+class StaticKV:
+    """A softmax layer's keys and values in buffers of fixed capacity, [B, C, H_kv, N], for the
+    captured decoding step (radlads.models.graphs), whose tensors may not change shape. A step
+    writes its token's key and value at position `length` (a device scalar, so one graph serves
+    every length up to C) and attends to the positions `valid` ([B, C], shared by the model's
+    softmax layers) marks: each row's own tokens, never padding or slots not yet written."""
+
+    keys: Tensor
+    values: Tensor
+    length: Tensor
+    valid: Tensor
+
+    @classmethod
+    def like(cls, keys: Tensor, capacity: int, length: Tensor, valid: Tensor) -> StaticKV:
+        shape = (keys.shape[0], capacity, *keys.shape[2:])
+        return cls(keys.new_zeros(shape), keys.new_zeros(shape), length, valid)
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        at = self.length.view(1)
+        self.keys.index_copy_(1, at, k)
+        self.values.index_copy_(1, at, v)
+
+    def filled(self, length: int) -> tuple[Tensor, Tensor]:
+        """The first `length` positions: views, as a cache holds them between steps."""
+        return self.keys[:, :length], self.values[:, :length]
+
+    def holds(self, state: tuple[Tensor, Tensor]) -> bool:
+        """Whether `state` is such a view of these buffers (so they already hold it)."""
+        return state[0].data_ptr() == self.keys.data_ptr() and state[1].data_ptr() == self.values.data_ptr()
+
+
 class SoftmaxAttention(TeacherProjections):
     def forward(
         self,
@@ -37,6 +71,8 @@ class SoftmaxAttention(TeacherProjections):
         earlier ones, [B, S, H_kv, N] each, with x's appended)."""
         B, T, _ = x.shape
         q, k, v = self.project(x, position_embeddings)
+        if isinstance(state, StaticKV):
+            return self.attend_static(q, k, v, state), v_first, state
         if state is not None:
             k, v = torch.cat([state[0], k], dim=1), torch.cat([state[1], v], dim=1)
         state = (k, v) if use_cache else None
@@ -50,3 +86,15 @@ class SoftmaxAttention(TeacherProjections):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), v_first, state
+
+    def attend_static(self, q: Tensor, k: Tensor, v: Tensor, state: StaticKV) -> Tensor:
+        """One decoding step on fixed-capacity buffers: attention over all C positions, masked."""
+        state.append(k, v)
+        keys, values = self.expand_kv(state.keys), self.expand_kv(state.values)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=state.valid[:, None, None, :],
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1))

@@ -5,8 +5,13 @@ small kernels. Eager PyTorch spends far longer launching them than the GPU spend
 replaying a captured graph launches them all at once. What is captured is the step compiled by
 torch.compile (`compile_decode`, on by default): at one token every kernel is tiny, so the step
 costs about a fixed time per kernel, and Inductor fuses the ~50 kernels of an eager layer (norms,
-RoPE, LoRA activations, decay, the state update) into a handful. Softmax (hybrid) layers grow a
-KV cache every token and cannot be captured: such students decode eagerly.
+RoPE, LoRA activations, decay, the state update) into a handful.
+
+A hybrid's softmax layers grow a KV cache every token, which a graph cannot: their keys and values
+live in buffers of fixed capacity (`StaticKV`), the step writes at a position it reads from the
+device and attends over the whole buffer through a mask. A buffer holds the next power of two of
+positions (at least 256), so a growing sequence recaptures a handful of times and computes
+over at most twice the positions it has.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from .attention import StaticKV
 from .cache import RadladsCache
 
 logger = logging.getLogger(__name__)
@@ -31,16 +37,30 @@ def _uncached_autocast():
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
-def one_token(model: nn.Module, ids: Tensor, positions: Tensor, keep: Tensor, states: list[Tensor]) -> Tensor:
-    """Logits of one decoding step from the recurrent `states`, which it updates in place."""
+def one_token(
+    model: nn.Module, ids: Tensor, positions: Tensor, keep: Tensor, states: list[Tensor | StaticKV]
+) -> Tensor:
+    """Logits of one decoding step from the recurrent `states` (and a hybrid's StaticKV buffers),
+    which it updates in place."""
     scratch = RadladsCache(len(states))
     scratch.states = list(states)
     hidden = model.model(
         input_ids=ids, position_ids=positions, attention_mask=keep, cache=scratch
     ).last_hidden_state
     for static, new in zip(states, scratch.states):
-        static.copy_(new)
+        if isinstance(static, Tensor):  # a StaticKV is written where it is
+            static.copy_(new)
     return model.lm_head(hidden)
+
+
+def kv_capacity(length: int) -> int:
+    """Positions of the StaticKV buffers that hold `length` of them (module docstring)."""
+    return max(256, 1 << (length - 1).bit_length())
+
+
+def kv_length(states: list) -> int:
+    """Positions a cache's softmax layers hold (0 for a student without them)."""
+    return next((s[0].shape[1] for s in states if isinstance(s, tuple)), 0)
 
 
 @functools.cache
@@ -54,25 +74,65 @@ def compiled_one_token():
 
 
 class LentState:
-    """Recurrent state tensors that one cache at a time decodes with in place: a cache that binds
-    them points its `states` at these tensors, and the cache bound before gets back a copy of
-    whatever of them it still points at. A cache that dropped or replaced its states since (a
-    server's batch empties, or moves to another size) has nothing here to copy."""
+    """State buffers that one cache at a time decodes with in place: recurrent states, and a
+    hybrid's StaticKV buffers of `capacity` positions. A cache that binds them points its `states`
+    at them (its keys and values at views of their filled part); the cache bound before gets back
+    a copy of whatever of them it still points at. A cache that dropped or replaced its states
+    since (a server's batch empties, or moves to another size) has nothing here to copy."""
 
-    def __init__(self, states: list[Tensor]):
-        self.states = [s.clone() for s in states]
+    def __init__(self, states: list, capacity: int = 0):
+        first = states[0][0] if isinstance(states[0], tuple) else states[0]
+        self.length = torch.zeros((), dtype=torch.long, device=first.device)
+        self.valid = torch.zeros(first.shape[0], capacity, dtype=torch.bool, device=first.device)
+        self.valid[:, :1] = True  # no all-masked row while capturing
+        self.states = [
+            StaticKV.like(s[0], capacity, self.length, self.valid) if isinstance(s, tuple) else s.clone()
+            for s in states
+        ]
         self.bound: weakref.ref[RadladsCache] | None = None
 
+    def holds(self, cache: RadladsCache) -> bool:
+        return all(
+            isinstance(s, tuple) and t.holds(s) if isinstance(t, StaticKV) else s is t
+            for s, t in zip(cache.states, self.states)
+        )
+
     def bind(self, cache: RadladsCache) -> None:
-        if all(s is t for s, t in zip(cache.states, self.states)):
+        if self.holds(cache):
             return
         previous = self.bound() if self.bound is not None else None
         if previous is not None and previous is not cache:
-            previous.states = [s.clone() if s is t else s for s, t in zip(previous.states, self.states)]
+            previous.states = [_unlent(s, t) for s, t in zip(previous.states, self.states)]
+        length = kv_length(cache.states)
         for static, state in zip(self.states, cache.states):
-            static.copy_(state)
-        cache.states = list(self.states)
+            if isinstance(static, StaticKV):
+                static.keys[:, :length].copy_(state[0])
+                static.values[:, :length].copy_(state[1])
+            else:
+                static.copy_(state)
+        self.lend(cache, length)
         self.bound = weakref.ref(cache)
+
+    def lend(self, cache: RadladsCache, length: int) -> None:
+        """Point `cache` at these states, its keys and values at their first `length` positions."""
+        cache.states = [t.filled(length) if isinstance(t, StaticKV) else t for t in self.states]
+
+    def prepare(self, length: int, attention_mask: Tensor | None) -> None:
+        """Before a step that writes position `length`: which positions each row attends to."""
+        self.length.fill_(length)
+        self.valid[:, length + 1 :] = False
+        if attention_mask is None:
+            self.valid[:, : length + 1] = True
+        else:
+            self.valid[:, : length + 1] = attention_mask[:, -(length + 1) :].bool()
+            self.valid[:, length] = True  # each query sees itself, as in eager attention
+
+
+def _unlent(state, static):
+    """A cache's state with a copy in place of any tensor that is (a view of) a lent one."""
+    if isinstance(static, StaticKV):
+        return tuple(t.clone() for t in state) if isinstance(state, tuple) and static.holds(state) else state
+    return state.clone() if state is static else state
 
 
 class DecodeGraph:
@@ -81,13 +141,19 @@ class DecodeGraph:
     replay reads and updates the state in place with no copies."""
 
     def __init__(
-        self, model: nn.Module, cache: RadladsCache, batch: int, mask_dtype: torch.dtype, compiled: bool
+        self,
+        model: nn.Module,
+        cache: RadladsCache,
+        batch: int,
+        mask_dtype: torch.dtype,
+        compiled: bool,
+        capacity: int = 0,
     ):
-        device = cache.states[0].device
+        self.state = LentState(cache.states, capacity)
+        device = self.state.length.device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.keep = torch.ones(batch, 1, dtype=mask_dtype, device=device)
-        self.state = LentState(cache.states)
         self.compiled = compiled
         self.graph = torch.cuda.CUDAGraph()
         self.logits = self._capture(model, compiled_one_token() if compiled else one_token)
@@ -107,20 +173,31 @@ class DecodeGraph:
         with _uncached_autocast(), torch.cuda.graph(self.graph):
             return step(*inputs)
 
-    def __call__(self, input_ids: Tensor, position_ids: Tensor, keep: Tensor, cache: RadladsCache) -> Tensor:
+    def __call__(
+        self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None, cache: RadladsCache
+    ) -> Tensor:
+        length = kv_length(cache.states)
         self.state.bind(cache)
+        if length:
+            self.state.prepare(length, attention_mask)
         self.ids.copy_(input_ids)
         self.positions.copy_(position_ids)
-        self.keep.copy_(keep)
+        if attention_mask is None:
+            self.keep.fill_(1)
+        else:
+            self.keep.copy_(attention_mask[:, -1:])
         self.graph.replay()
+        if length:
+            self.state.lend(cache, length + 1)
         cache.seen_tokens += 1
         # The next replay overwrites the static logits; callers may keep these.
         return self.logits.clone()
 
 
 class DecodeGraphs:
-    """A model's captured decode steps, one per batch size (and mask dtype, autocast, inference
-    mode), the `MAX_GRAPHS` most recently used ones kept: each holds its batch's recurrent state and
+    """A model's captured decode steps, one per batch size (and KV capacity, mask dtype, autocast,
+    inference mode), the `MAX_GRAPHS` most recently used ones kept, of which at most one with a
+    hybrid's KV buffers: each holds its batch's recurrent state and
     a memory pool. All are dropped when a parameter moved or changed dtype (`.to()`, reloading),
     since a graph reads the memory it was captured on. Kept beside the model (see `decode_graphs`),
     not on it: a graph is no state to save or copy."""
@@ -143,13 +220,12 @@ class DecodeGraphs:
         return (
             not self.failed
             and config.cuda_graph_decode
-            and not config.softmax_layers
             and input_ids is not None
             and input_ids.is_cuda
             and input_ids.shape[1] == 1
             and not torch.is_grad_enabled()
             and cache is not None
-            and all(isinstance(s, Tensor) and s.shape[0] == input_ids.shape[0] for s in cache.states)
+            and all(_batched(s, input_ids.shape[0]) for s in cache.states)
             and not torch.compiler.is_compiling()
         )
 
@@ -173,25 +249,31 @@ class DecodeGraphs:
         batch = input_ids.shape[0]
         if position_ids is None:
             position_ids = torch.full((batch, 1), cache.seen_tokens, device=input_ids.device)
-        keep = attention_mask[:, -1:] if attention_mask is not None else torch.ones_like(input_ids)
+        mask_dtype = attention_mask.dtype if attention_mask is not None else input_ids.dtype
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         compiled = model.config.compile_decode and not self.uncompilable
-        key = (batch, keep.dtype, autocast, torch.is_inference_mode_enabled(), compiled)
+        length = kv_length(cache.states)
+        capacity = kv_capacity(length + 1) if length else 0
+        key = (batch, capacity, mask_dtype, autocast, torch.is_inference_mode_enabled(), compiled)
         # Capture and replay on the model's GPU: a graph captures the current device's work only.
         with torch.cuda.device(input_ids.device):
             if key not in self.graphs:
-                graph = self._capture(model, cache, batch, keep.dtype, compiled)
+                graph = self._capture(model, cache, batch, mask_dtype, compiled, capacity)
                 if graph is None:
                     return None
                 key = (*key[:-1], graph.compiled)  # uncompiled where compiling failed
+                # One graph with KV buffers at a time: they are as large as the batch's KV cache,
+                # and a batch that grew or changed size does not go back.
+                for old in [k for k in self.graphs if capacity and k[1]]:
+                    del self.graphs[old]
                 self.graphs[key] = graph
                 while len(self.graphs) > self.MAX_GRAPHS:
                     self.graphs.popitem(last=False)
             self.graphs.move_to_end(key)
-            return self.graphs[key](input_ids, position_ids[:, -1:], keep, cache)
+            return self.graphs[key](input_ids, position_ids[:, -1:], attention_mask, cache)
 
     def _capture(
-        self, model: nn.Module, cache: RadladsCache, batch: int, mask_dtype, compiled: bool
+        self, model: nn.Module, cache: RadladsCache, batch: int, mask_dtype, compiled: bool, capacity: int
     ) -> DecodeGraph | None:
         """The compiled step captured, else (compiling failed) the uncompiled step, else None."""
         if compiled and not self.announced:  # the first decoding step stalls; say why, once
@@ -202,13 +284,19 @@ class DecodeGraphs:
             self.announced = True
         for attempt in (True, False) if compiled else (False,):
             try:
-                return DecodeGraph(model, cache, batch, mask_dtype, attempt)
+                return DecodeGraph(model, cache, batch, mask_dtype, attempt, capacity)
             except Exception as error:  # e.g. a RoPE variant that syncs with the host per step
                 what = "compiled CUDA-graph decoding" if attempt else "CUDA-graph decoding"
                 logger.warning("%s is off for this model (%s)", what, error)
                 self.uncompilable |= attempt
         self.failed = True
         return None
+
+
+def _batched(state, batch: int) -> bool:
+    """A recurrent state, or a softmax layer's keys and values, of `batch` rows."""
+    tensors = state if isinstance(state, tuple) else (state,)
+    return all(isinstance(t, Tensor) and t.shape[0] == batch for t in tensors)
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, DecodeGraphs] = weakref.WeakKeyDictionary()

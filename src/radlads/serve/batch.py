@@ -5,8 +5,8 @@ running sequences stack along the batch dimension (`StackedStates`): a step is o
 whole batch, through the model's CUDA-graph step on CUDA. The KV caches of a plain HF model, and
 of a hybrid student's softmax layers, differ in length: they are left-padded to one length and
 stacked, and a padding mask keeps each sequence from attending to another's padding
-(`PaddedCaches`), as batched `generate()` does; a step is again one forward for the whole batch,
-eager. Models whose cache this does not fit (a sliding-window attention) decode each sequence with
+(`PaddedCaches`), as batched `generate()` does; a step is again one forward for the whole batch:
+eager for a teacher, through the captured step on CUDA for a hybrid student. Models whose cache this does not fit (a sliding-window attention) decode each sequence with
 its own cache, one forward per sequence and step (`SeparateCaches`).
 """
 
@@ -22,7 +22,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..models.cache import RadladsCache
-from ..models.graphs import decode_graphs
+from ..models.graphs import decode_graphs, kv_capacity
 
 
 class Running:
@@ -309,7 +309,23 @@ class PaddedCaches:
         return [s for s in self.rows if s is not None]
 
     def warm_up(self, prefilled) -> None:
-        """Nothing: the batch decodes eagerly, with nothing compiled per batch size."""
+        """A hybrid student's decoding step compiles once for one batch size and KV capacity, again
+        for a second of each (radlads.models.graphs), and then serves every size: throwaway steps
+        at 1 and 2 rows, then past the first capacity. A teacher decodes eagerly: nothing to do."""
+        if not is_student(self.model):
+            return
+        device = _tensors(prefilled)[0][0].device
+        for rows, length in ((1, 1), (2, 1), (2, kv_capacity(1))):
+            cache = RadladsCache(len(prefilled.states))
+            cache.states = [
+                tuple(t.new_zeros(rows, length, *t.shape[2:]) for t in s)
+                if isinstance(s, tuple)
+                else s.new_zeros(rows, *s.shape[1:])
+                for s in prefilled.states
+            ]
+            ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+            mask = torch.ones(rows, length + 1, dtype=torch.long, device=device)
+            call(self.model, cache, input_ids=ids, attention_mask=mask, position_ids=ids + length)
 
     def join(self, seq: Running) -> None:
         self._drop_left()
