@@ -258,14 +258,15 @@ class DecodeGraphs:
         # Capture and replay on the model's GPU: a graph captures the current device's work only.
         with torch.cuda.device(input_ids.device):
             if key not in self.graphs:
+                # One graph with KV buffers at a time, the old one freed before the new one takes
+                # memory: they are as large as the batch's KV cache, and a batch that grew or
+                # changed size does not go back.
+                for old in [k for k in self.graphs if capacity and k[1]]:
+                    del self.graphs[old]
                 graph = self._capture(model, cache, batch, mask_dtype, compiled, capacity)
                 if graph is None:
                     return None
                 key = (*key[:-1], graph.compiled)  # uncompiled where compiling failed
-                # One graph with KV buffers at a time: they are as large as the batch's KV cache,
-                # and a batch that grew or changed size does not go back.
-                for old in [k for k in self.graphs if capacity and k[1]]:
-                    del self.graphs[old]
                 self.graphs[key] = graph
                 while len(self.graphs) > self.MAX_GRAPHS:
                     self.graphs.popitem(last=False)
