@@ -27,11 +27,13 @@ def attention_mask_4d(attention_mask: Tensor | None, T: int, S: int, device) -> 
 
 @dataclass
 class StaticKV:
-    """A softmax layer's keys and values in buffers of fixed capacity, [B, C, H_kv, N], for the
-    captured decoding step (radlads.models.graphs), whose tensors may not change shape. A step
-    writes its token's key and value at position `length` (a device scalar, so one graph serves
-    every length up to C) and attends to the positions `valid` ([B, C], shared by the model's
-    softmax layers) marks: each row's own tokens, never padding or slots not yet written."""
+    """A softmax layer's keys and values in buffers of fixed capacity, for the captured decoding
+    step (radlads.models.graphs), whose tensors may not change shape. A step writes its token's key
+    and value at position `length` (a device scalar, so one graph serves every length up to the
+    capacity C) and attends to the positions `valid` ([B, C], shared by the model's softmax layers)
+    marks: each row's own tokens, never padding or slots not yet written. The buffers are
+    head-major, [B, H_kv, C, N], so that attention reads each KV head once, as one batched matmul
+    for all the query heads that share it; a cache between steps holds [B, T, H_kv, N] views."""
 
     keys: Tensor
     values: Tensor
@@ -40,17 +42,24 @@ class StaticKV:
 
     @classmethod
     def like(cls, keys: Tensor, capacity: int, length: Tensor, valid: Tensor) -> StaticKV:
-        shape = (keys.shape[0], capacity, *keys.shape[2:])
-        return cls(keys.new_zeros(shape), keys.new_zeros(shape), length, valid)
+        """Empty buffers for keys like `keys` ([B, T, H_kv, N], as a cache holds them)."""
+        B, _, H, N = keys.shape
+        return cls(keys.new_zeros(B, H, capacity, N), keys.new_zeros(B, H, capacity, N), length, valid)
+
+    def load(self, state: tuple[Tensor, Tensor]) -> None:
+        """Copy a cache's keys and values into the first positions."""
+        n = state[0].shape[1]
+        self.keys[:, :, :n].copy_(state[0].transpose(1, 2))
+        self.values[:, :, :n].copy_(state[1].transpose(1, 2))
 
     def append(self, k: Tensor, v: Tensor) -> None:
         at = self.length.view(1)
-        self.keys.index_copy_(1, at, k)
-        self.values.index_copy_(1, at, v)
+        self.keys.index_copy_(2, at, k.transpose(1, 2))
+        self.values.index_copy_(2, at, v.transpose(1, 2))
 
     def filled(self, length: int) -> tuple[Tensor, Tensor]:
-        """The first `length` positions: views, as a cache holds them between steps."""
-        return self.keys[:, :length], self.values[:, :length]
+        """The first `length` positions as [B, length, H_kv, N] views, as a cache holds them."""
+        return self.keys[:, :, :length].transpose(1, 2), self.values[:, :, :length].transpose(1, 2)
 
     def holds(self, state: tuple[Tensor, Tensor]) -> bool:
         """Whether `state` is such a view of these buffers (so they already hold it)."""
@@ -88,13 +97,12 @@ class SoftmaxAttention(TeacherProjections):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), v_first, state
 
     def attend_static(self, q: Tensor, k: Tensor, v: Tensor, state: StaticKV) -> Tensor:
-        """One decoding step on fixed-capacity buffers: attention over all C positions, masked."""
+        """One decoding step on fixed-capacity buffers, attending over all C positions through the
+        mask. Query head h reads KV head h // G (as HF's repeat_kv), here without repeating them."""
         state.append(k, v)
-        keys, values = self.expand_kv(state.keys), self.expand_kv(state.values)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=state.valid[:, None, None, :],
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1))
+        B, T, H, N = q.shape
+        q = q.transpose(1, 2).reshape(B, self.num_kv_heads, H // self.num_kv_heads * T, N)
+        scores = (q @ state.keys.transpose(-1, -2)).float() * N**-0.5
+        scores = scores.masked_fill(~state.valid[:, None, None, :], float("-inf"))
+        y = scores.softmax(-1).to(state.values.dtype) @ state.values
+        return self.o_proj(y.view(B, H, T, N).transpose(1, 2).reshape(B, T, H * N))

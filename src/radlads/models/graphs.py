@@ -106,8 +106,7 @@ class LentState:
         length = kv_length(cache.states)
         for static, state in zip(self.states, cache.states):
             if isinstance(static, StaticKV):
-                static.keys[:, :length].copy_(state[0])
-                static.values[:, :length].copy_(state[1])
+                static.load(state)
             else:
                 static.copy_(state)
         self.lend(cache, length)
