@@ -37,7 +37,10 @@ def load_teacher(
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     else:
         check_shapes(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        # Straight onto the device where one is given: the weights never sit in host memory.
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, device_map=device
+        )
         check_finite(model, path)
     model.requires_grad_(False).eval()
     return model.to(device) if device else model
