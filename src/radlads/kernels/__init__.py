@@ -69,6 +69,10 @@ def _fla_runs(backend: str, on_cuda: bool) -> bool:
 @torch.compiler.disable
 def _run(backend: str, r, log_w, k, v, *ab, log_w_min: float | None = None, recompute: bool = True, **kwargs):
     op = _dispatch(backend, r.is_cuda)
+    if op is recurrent_chunked and r.shape[1] == 1:
+        # A decoding step: building a one-token chunk's matrices (triangular solves and all)
+        # costs more than the one update they amount to.
+        op = recurrent_loop
     if op in (recurrent_chunked, recurrent_loop):
         # The references keep what autograd keeps (no `recompute`), and check the floor's promise,
         # on the CPU only: on a GPU the check would stall the host every layer (and break
