@@ -145,10 +145,7 @@ class Conversion:
         return next((k for k in reversed(STEPS[:step]) if self.completed(k)), None)
 
     def load_student(self, path: Path) -> RadladsForCausalLM:
-        # Straight onto the device: a 7B's fp32 copy (30 GB) never sits in host memory.
-        return RadladsForCausalLM.from_pretrained(
-            find_checkpoint(path), dtype=torch.float32, device_map=self.device
-        )
+        return RadladsForCausalLM.from_pretrained(find_checkpoint(path), dtype=torch.float32).to(self.device)
 
     # --- the steps ---
 

@@ -37,10 +37,7 @@ def load_teacher(
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     else:
         check_shapes(path)
-        # Straight onto the device where one is given: the weights never sit in host memory.
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, device_map=device
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
         check_finite(model, path)
     model.requires_grad_(False).eval()
     return model.to(device) if device else model
