@@ -462,6 +462,17 @@ def test_sequence_cost_is_what_the_caches_hold(folders):
         assert cost == want if isinstance(want, SequenceCost) else (cost.fixed > 0, cost.per_token) == want
 
 
+def test_a_hybrids_projected_cache_is_its_kv_buffers_where_it_decodes_captured(folders, monkeypatch):
+    """Admission counts a hybrid's keys and values as its captured step holds them on CUDA: in
+    buffers of the next power of two of positions (at least 256); eagerly, at their length."""
+    batch = decode_batch(AutoModelForCausalLM.from_pretrained(folders["hybrid"]), 4)
+    cost = SequenceCost(fixed=1000, per_token=10)
+    assert batch.projected_bytes([300, 20], cost) == 2 * (1000 + 300 * 10)
+    monkeypatch.setattr(PaddedCaches, "captured", lambda self: True)
+    assert batch.projected_bytes([300, 20], cost) == 2 * (1000 + 512 * 10)
+    assert batch.projected_bytes([], cost) == 0
+
+
 def test_requests_wait_for_memory_and_one_that_never_fits_is_refused(folders):
     """With --max-state-gb room for two requests at their longest (and one prompt's cache in flight
     beside them), five concurrent ones run at most two at a time and all get their own greedy

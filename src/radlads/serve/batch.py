@@ -404,5 +404,14 @@ class PaddedCaches:
 
     def projected_bytes(self, lengths: list[int], cost: SequenceCost) -> int:
         """The stacked caches of sequences that will reach these lengths: every row as long as the
-        longest."""
-        return len(lengths) * (cost.fixed + max(lengths, default=0) * cost.per_token)
+        longest, and for a hybrid student decoding through its captured step, as long as the
+        buffers that hold its keys and values then (radlads.models.graphs.kv_capacity)."""
+        longest = max(lengths, default=0)
+        if longest and self.captured():
+            longest = kv_capacity(longest)
+        return len(lengths) * (cost.fixed + longest * cost.per_token)
+
+    def captured(self) -> bool:
+        """Whether steps run through the model's CUDA graphs: a hybrid student's on CUDA."""
+        model = self.model
+        return is_student(model) and model.config.cuda_graph_decode and model.device.type == "cuda"
