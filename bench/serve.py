@@ -6,7 +6,8 @@ random token ids through /v1/completions (stream=True, greedy, ignore_eos) and r
 --new-tokens tokens, as the official openai client sees them. Per cell: aggregate generated
 tokens/s (all tokens over the cell's wall time, prefills included), decoding tokens/s (the tokens
 that arrive once every stream has its first one, over that time), time to first token (median and
-worst), p50/p99 gap between a stream's tokens, and peak GPU memory. The student decodes all streams as one batch
+worst), p50/p99 gap between a stream's tokens, and peak GPU memory (with what was allocated when
+the cell began: every model's weights, all loaded in this one process). The student decodes all streams as one batch
 of stacked states, the teacher as one batch of left-padded KV caches (see docs/serving.md), and
 so does a hybrid student (`--models ...,hybrid`: bench/common.py's hybrid_layers). A
 cell that runs out of memory is recorded as "OOM" and the next cells still run. The JSON is
@@ -32,6 +33,7 @@ from common import (
     GIB,
     Budget,
     add_run_arguments,
+    allocated_memory,
     build_student,
     build_teacher,
     default_out_dir,
@@ -61,6 +63,7 @@ COLUMNS = (
     "itl_p50_ms",
     "itl_p99_ms",
     "peak_gib",
+    "resident_gib",
 )
 
 
@@ -191,6 +194,8 @@ def prefix_rows(model, tokenizer, args) -> list[dict]:
 
 def measure(url, name, vocab, context, streams, args, device, row: dict[str, Any]) -> None:
     reset_peak_memory(device)
+    resident = allocated_memory(device)  # every model's weights and graphs, before the cell
+    row["resident_gib"] = resident / GIB if resident is not None else None
     try:
         row.update(asyncio.run(run_cell(url, name, vocab, context, streams, args.new_tokens)))
         row["status"] = "ok" if row["complete"] else "incomplete"
