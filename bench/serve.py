@@ -7,10 +7,10 @@ random token ids through /v1/completions (stream=True, greedy, ignore_eos) and r
 tokens/s (all tokens over the cell's wall time, prefills included), decoding tokens/s (the tokens
 that arrive once every stream has its first one, over that time), time to first token (median and
 worst), p50/p99 gap between a stream's tokens, and peak GPU memory (with what was allocated when
-the cell began: every model's weights, all loaded in this one process). The student decodes all streams as one batch
-of stacked states, the teacher as one batch of left-padded KV caches (see docs/serving.md), and
-so does a hybrid student (`--models ...,hybrid`: bench/common.py's hybrid_layers). A
-cell that runs out of memory is recorded as "OOM" and the next cells still run. The JSON is
+the cell began: every model's weights, all loaded in this one process). The student decodes all
+streams as one batch of stacked states, the teacher as one batch of left-padded KV caches (see
+docs/serving.md), and so does a hybrid student (`--models ...,hybrid`: bench/common.py's
+hybrid_layers). A cell that runs out of memory is recorded as "OOM" and the next cells still run. The JSON is
 rewritten after every cell, so a run stopped early keeps what it measured.
 
     python bench/serve.py                                  # GPU: the default grid within --budget-s
