@@ -103,13 +103,12 @@ class LentState:
         previous = self.bound() if self.bound is not None else None
         if previous is not None and previous is not cache:
             previous.states = [_unlent(s, t) for s, t in zip(previous.states, self.states)]
-        length = kv_length(cache.states)
         for static, state in zip(self.states, cache.states):
             if isinstance(static, StaticKV):
                 static.load(state)
             else:
                 static.copy_(state)
-        self.lend(cache, length)
+        self.lend(cache, kv_length(cache.states))
         self.bound = weakref.ref(cache)
 
     def lend(self, cache: RadladsCache, length: int) -> None:

@@ -6,8 +6,9 @@ whole batch, through the model's CUDA-graph step on CUDA. The KV caches of a pla
 of a hybrid student's softmax layers, differ in length: they are left-padded to one length and
 stacked, and a padding mask keeps each sequence from attending to another's padding
 (`PaddedCaches`), as batched `generate()` does; a step is again one forward for the whole batch:
-eager for a teacher, through the captured step on CUDA for a hybrid student. Models whose cache this does not fit (a sliding-window attention) decode each sequence with
-its own cache, one forward per sequence and step (`SeparateCaches`).
+eager for a teacher, through the captured step on CUDA for a hybrid student. Models whose cache
+this does not fit (a sliding-window attention) decode each sequence with its own cache, one
+forward per sequence and step (`SeparateCaches`).
 """
 
 from __future__ import annotations
@@ -180,12 +181,9 @@ class StackedStates:
     def warm_up(self, prefilled: RadladsCache) -> None:
         """One throwaway step at each batch size the stack takes, states shaped as a prefilled
         sequence's: the decoding step compiles and captures its graph for each now."""
-        like = prefilled.states
-        device = like[0].device
         for size in self.buckets:
-            cache = RadladsCache(len(like))
-            cache.states = [s.new_zeros(size, *s.shape[1:]) for s in like]
-            ids = torch.zeros(size, 1, dtype=torch.long, device=device)
+            cache = _zeros_like(prefilled, size)
+            ids = torch.zeros(size, 1, dtype=torch.long, device=_tensors(prefilled)[0][0].device)
             self.model(input_ids=ids, position_ids=ids + 1, cache=cache, use_cache=True)
 
     def step(self) -> tuple[list[Running], Tensor]:
@@ -248,6 +246,19 @@ class SeparateCaches:
     def projected_bytes(self, lengths: list[int], cost: SequenceCost) -> int:
         """The caches of sequences that will reach these lengths, each its own size."""
         return len(lengths) * cost.fixed + sum(lengths) * cost.per_token
+
+
+def _zeros_like(prefilled: RadladsCache, rows: int, kv_length: int = 0) -> RadladsCache:
+    """A throwaway cache of `rows` sequences shaped as a prefilled one's, all zeros, its softmax
+    layers' keys and values (a hybrid's) `kv_length` positions long: for warm-up steps."""
+    cache = RadladsCache(len(prefilled.states))
+    cache.states = [
+        tuple(t.new_zeros(rows, kv_length, *t.shape[2:]) for t in s)
+        if isinstance(s, tuple)
+        else s.new_zeros(rows, *s.shape[1:])
+        for s in prefilled.states
+    ]
+    return cache
 
 
 def _left_pad(x: Tensor, width: int, dim: int) -> Tensor:
@@ -316,15 +327,9 @@ class PaddedCaches:
             return
         device = _tensors(prefilled)[0][0].device
         for rows, length in ((1, 1), (2, 1), (2, kv_capacity(1))):
-            cache = RadladsCache(len(prefilled.states))
-            cache.states = [
-                tuple(t.new_zeros(rows, length, *t.shape[2:]) for t in s)
-                if isinstance(s, tuple)
-                else s.new_zeros(rows, *s.shape[1:])
-                for s in prefilled.states
-            ]
             ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
             mask = torch.ones(rows, length + 1, dtype=torch.long, device=device)
+            cache = _zeros_like(prefilled, rows, length)
             call(self.model, cache, input_ids=ids, attention_mask=mask, position_ids=ids + length)
 
     def join(self, seq: Running) -> None:
