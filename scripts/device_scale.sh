@@ -34,8 +34,8 @@ SHAPE=${SHAPE:-qwen2.5-7b}; STEPS=${STEPS:-1 2 3}; OPTIMIZER=${OPTIMIZER:-auto}
 OUT=${OUT:-bench/results/scale}; WORK=${WORK:-/tmp/radlads-scale-$SHAPE}
 OPTIMIZERS=${OPTIMIZERS:-$OPTIMIZER}  # several: one run of each step per optimizer, named stepK-OPT
 SEQ=${SEQ:-512}; SEQ3=${SEQ3:-16384}
-BATCH=${BATCH:-8}       # sequences per update of steps 1-2 (one micro-batch of 4096 tokens)
-UPDATES=${UPDATES:-200} # updates of steps 1 and 2
+BATCH=${BATCH:-32}      # sequences per update of steps 1-2: what --preset auto gives a 7B teacher
+UPDATES=${UPDATES:-50}  # updates of steps 1 and 2
 UPDATES3=${UPDATES3:-60} # updates of step 3, one sequence of SEQ3 tokens each
 LOG_EVERY=${LOG_EVERY:-10}; LOG_EVERY3=${LOG_EVERY3:-5}
 BUDGET_S=${BUDGET_S:-590}

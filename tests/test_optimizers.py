@@ -69,34 +69,67 @@ def test_plan_counts_each_optimizers_bytes_per_trained_parameter(tmp_path):
             assert row.activation_bytes == row_base.activation_bytes
 
 
+SHAPE_02B = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8)
+
+
 def test_plan_recommends_for_one_gpu_what_convert_would_choose(tmp_path, monkeypatch, capsys):
     """A 0.2B-shaped config (meta models only) on a GPU where step 2's fp32 moments do not fit
-    beside 8 x 256 tokens' activations, and bf16 moments do."""
+    beside 8 x 256 tokens' activations, and bf16 moments do: the plan's one-GPU table gives, per
+    step, the micro-batch, accumulation and optimizer that convert's own sizing takes on it."""
     from radlads.cli.main import main
 
-    shape = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8)
-    Qwen2Config(**{**TINY, **shape}).save_pretrained(tmp_path)
+    Qwen2Config(**{**TINY, **SHAPE_02B}).save_pretrained(tmp_path)
     step2 = StepConfig(tokens=0, lr=0.0, seq_len=256)
     peak = {
         n: batching.peak_estimator(tmp_path, "rad-rwkv7", 2, step2, 1, optimizer=n)(8) for n in OPTIMIZERS
     }
-    gpu_gb = (peak["adamw"] + peak["adamw-bf16-state"]) / 2 / batching.USABLE_FRACTION / GB
+    usable = (peak["adamw"] + peak["adamw-bf16-state"]) / 2 / batching.USABLE_FRACTION
+    gpu_gb = (usable + batching.CUDA_CONTEXT_BYTES) / GB
     argv = ["plan", "--teacher", str(tmp_path), "--gpu-memory-gb", str(gpu_gb), "--seq-len", "256"]
-    assert main(argv) == 0
+    assert main([*argv, "--global-batch-size", "8"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     one_gpu = {int(r[0]): [c.strip() for c in r] for r in rows if r[0].strip() in "123" and len(r) == 6}
     assert sorted(one_gpu) == [1, 2, 3]
-    assert one_gpu[2][1:4] == ["8 x 256", "adamw-bf16-state", "no"]
-    # convert, given the same micro-batch and checkpointing on a GPU of that size, takes the same
-    # optimizer (with torchao installed: without it, "auto" takes adamw alone)
-    monkeypatch.setattr(batching, "available_bytes", lambda device: gpu_gb * GB)
+    assert one_gpu[2][1:4] == ["8 x 256 x 1", "adamw-bf16-state", "no"]
+    # convert, asked for the same global batch on a GPU of that size (what it sees once its CUDA
+    # context is up), with checkpointing as the plan says, sizes every step the same way
+    monkeypatch.setattr(batching, "available_bytes", lambda device: usable)
     monkeypatch.setattr(batching, "installed", lambda: OPTIMIZERS)
     for step, row in one_gpu.items():
-        batch, seq_len = (int(n) for n in row[1].split(" x "))  # step 3: the teacher's context
-        cfg = StepConfig(tokens=0, lr=0.0, seq_len=seq_len, batch_size=batch)
+        batch, seq_len, accum = (int(n) for n in row[1].split(" x "))  # step 3: the teacher's context
+        cfg = StepConfig(tokens=0, lr=0.0, seq_len=seq_len, global_batch_size=batch * accum)
         options = dict(activation_checkpointing=row[3] == "yes")
         sized, _ = batching.size_step(cfg, step, CUDA, 1, tmp_path, "rad-rwkv7", **options)
-        assert sized.optimizer == row[2], (step, row)
+        assert (sized.batch_size, sized.grad_accum, sized.optimizer) == (batch, accum, row[2]), (step, row)
+    # without --global-batch-size, the preset's: this teacher's size class gives step 2 32 sequences
+    assert main(argv) == 0
+    step2_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | "))
+    micro, _, accum = (int(n) for n in step2_row.split("|")[2].split(" x "))
+    assert micro * accum == 32
+
+
+def test_checkpointing_is_recommended_only_where_it_lifts_a_small_micro_batch(tmp_path):
+    """Without activation checkpointing where a micro-batch of 4,096 tokens fits without it; with
+    it where, without it, only a smaller one would."""
+    Qwen2Config(**{**TINY, **SHAPE_02B}).save_pretrained(tmp_path)
+    cfg = StepConfig(tokens=0, lr=0.0, seq_len=256, global_batch_size=32)  # 16 x 256 = 4,096 tokens
+
+    def peak(checkpointing, name, batch):
+        return batching.peak_estimator(tmp_path, "rad-rwkv7", 2, cfg, 1, checkpointing, optimizer=name)(batch)
+
+    def settings(usable):
+        ckpt, choice = batching.one_gpu_settings(
+            tmp_path, "rad-rwkv7", 2, cfg, usable / batching.USABLE_FRACTION
+        )
+        return ckpt, choice.micro_batch, choice.optimizer
+
+    assert settings(peak(False, "adamw", 16) * 1.001) == (False, 16, "adamw")
+    usable = peak(True, "adamw", 16) * 1.001
+    assert all(peak(False, name, 16) > usable for name in OPTIMIZERS)  # the case this test is about
+    assert settings(usable) == (True, 16, "adamw")
+    # nothing fits even one sequence: the smallest choice, marked as not fitting
+    ckpt, choice = batching.one_gpu_settings(tmp_path, "rad-rwkv7", 2, cfg, 1e6)
+    assert ckpt and choice.micro_batch == 1 and not choice.fits
 
 
 def _plain(plan_) -> list:

@@ -199,9 +199,9 @@ def plan(args: argparse.Namespace) -> int:
         args.teacher,
         arch=args.arch,
         gpu_memory_gb=args.gpu_memory_gb,
-        seq_len=args.seq_len,
+        seq_len=args.seq_len or 512,
         step3_seq_len=args.step3_seq_len,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 8,
         optimizer=args.optimizer,
         **options,
     )
@@ -211,34 +211,45 @@ def plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def one_gpu_table(args: argparse.Namespace, options: dict, step3_seq_len: int) -> str:
-    """Per step, the optimizer and activation checkpointing that `radlads convert` should run with
-    on one GPU of --gpu-memory-gb, as its own sizing estimates them (convert.batching)."""
-    from ..convert.batching import USABLE_FRACTION, one_gpu_settings
-    from ..convert.plan import GB
+def convert_steps(args: argparse.Namespace, step3_seq_len: int) -> dict:
+    """Steps 1-3 as `radlads convert --preset auto` sets them for this teacher, with plan's flags
+    (sequence lengths, batch sizes) over the preset's."""
+    from ..convert.plan import load_config
     from ..train.config import StepConfig
+
+    preset = preset_steps("auto", load_config(args.teacher).to_dict())
+    flags = dict(seq_len=args.seq_len, global_batch_size=args.global_batch_size, batch_size=args.batch_size)
+    given = {1: flags, 2: flags, 3: dict(seq_len=step3_seq_len)}
+    return {
+        k: StepConfig(**{"tokens": 0, "lr": 0.0, **preset[k], **{f: v for f, v in given[k].items() if v}})
+        for k in (1, 2, 3)
+    }
+
+
+def one_gpu_table(args: argparse.Namespace, options: dict, step3_seq_len: int) -> str:
+    """Per step, the micro-batch, optimizer and activation checkpointing that `radlads convert`
+    runs with on one GPU of --gpu-memory-gb, as its own sizing chooses them (convert.batching)."""
+    from ..convert.batching import CUDA_CONTEXT_BYTES, USABLE_FRACTION, one_gpu_settings
+    from ..convert.plan import GB
     from ..train.optimizers import installed
 
     lines = [
         "",
-        f"On one GPU of {args.gpu_memory_gb:g} GB ({USABLE_FRACTION:.0%} usable, as convert sizes a step):",
+        f"On one GPU of {args.gpu_memory_gb:g} GB ({CUDA_CONTEXT_BYTES / GB:g} GB for the CUDA context, "
+        f"{USABLE_FRACTION:.0%} of the rest usable, as convert sizes a step):",
         "",
-        "| step | micro-batch | optimizer | act. ckpt | estimated peak GB | fits |",
+        "| step | micro-batch x accumulated | optimizer | act. ckpt | estimated peak GB | fits |",
         "|---|---|---|---|---:|---|",
     ]
     missing = set()
-    for step, seq_len, batch in (
-        (1, args.seq_len, args.batch_size),
-        (2, args.seq_len, args.batch_size),
-        (3, step3_seq_len, 1),
-    ):
-        cfg = StepConfig(tokens=0, lr=0.0, seq_len=seq_len, batch_size=batch)
+    for step, cfg in convert_steps(args, step3_seq_len).items():
         ckpt, choice = one_gpu_settings(
-            args.teacher, args.arch, step, cfg, args.gpu_memory_gb * GB, **options
+            args.teacher, args.arch, step, cfg, args.gpu_memory_gb * GB - CUDA_CONTEXT_BYTES, **options
         )
         lines.append(
-            f"| {step} | {batch} x {seq_len} | {choice.optimizer} | {'yes' if ckpt else 'no'} | "
-            f"{choice.estimated_peak_gb:.1f} | {'yes' if choice.fits else 'no: more GPUs (--nproc)'} |"
+            f"| {step} | {choice.micro_batch} x {cfg.seq_len} x {choice.grad_accum} | {choice.optimizer} | "
+            f"{'yes' if ckpt else 'no'} | {choice.estimated_peak_gb:.1f} | "
+            f"{'yes' if choice.fits else 'no: more GPUs (--nproc)'} |"
         )
         missing |= {choice.optimizer} - set(installed())
     if missing:

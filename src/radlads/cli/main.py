@@ -195,14 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plan", help="parameter counts and per-step GPU memory / GPU count, from config.json alone")
     p.add_argument("--teacher", required=True, help="teacher folder holding config.json, or its path")
     p.add_argument("--arch", choices=["rad-rwkv7", "rad-rwkv6"], default="rad-rwkv7")
-    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
-    p.add_argument("--seq-len", type=int, default=512, help="sequence length of steps 1 and 2")
+    p.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=80.0,
+        help="memory of one GPU in GB of 1e9 bytes, as convert sees it: nvidia-smi's MiB x 1.048576 "
+        "(an H200's 143,771 MiB are 150.8 GB; an H100's 81,559 are 85.5)",
+    )
+    p.add_argument(
+        "--seq-len", type=int, help="sequence length of steps 1 and 2 (default: convert's for this teacher)"
+    )
     p.add_argument(
         "--step3-seq-len",
         type=int,
         help="default: the teacher's trained context, up to 16384, as convert runs it",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (steps 1 and 2)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="sequences per micro-batch (steps 1 and 2; default: the largest that fits one GPU, as "
+        "convert chooses it, and 8 in the table of GPU counts)",
+    )
+    p.add_argument(
+        "--global-batch-size",
+        type=int,
+        help="sequences per optimizer update (steps 1 and 2; default: convert's for this teacher)",
+    )
     p.add_argument(
         "--softmax-layers",
         type=parse_layers,

@@ -34,6 +34,9 @@ log = logging.getLogger("radlads")
 # Of the memory the process could take: the rest covers the CUDA context, the allocator's
 # fragmentation and the estimate's own error (within ~8% of measured peaks, docs/guide.md).
 USABLE_FRACTION = 0.85
+# What a process's CUDA context takes before convert sizes a step: `radlads plan` subtracts it from
+# a GPU's total (an H200's 150.75 GB showed 149.5 GB available at a step's start).
+CUDA_CONTEXT_BYTES = 1.3e9
 # Without a GPU there is no memory plan: a micro-batch of this many sequences at most.
 CPU_MICRO_BATCH = 8
 # "auto" takes a smaller optimizer state before a micro-batch under this many tokens: below it a
@@ -168,10 +171,15 @@ def choose_optimizer(
 def one_gpu_settings(
     teacher_dir: str | Path, arch: str, step: int, cfg: StepConfig, gpu_bytes: float, **plan_options
 ) -> tuple[bool, BatchChoice]:
-    """What `step` should run with on one GPU of `gpu_bytes` at cfg's micro-batch: activation
-    checkpointing only where no optimizer fits without it (step 1 never checkpoints), and the
-    optimizer that "auto" then takes with radlads[torchao] installed. The choice's `fits` says
-    whether even that is estimated to fit."""
+    """What `step` should run with on one GPU of `gpu_bytes`: the micro-batch (cfg's, or as
+    size_step chooses it from cfg's global batch), the optimizer that "auto" takes with
+    radlads[torchao] installed, and activation checkpointing only where without it nothing fits,
+    or only a micro-batch under MIN_MICRO_TOKENS tokens that checkpointing would lift (step 1
+    never checkpoints). The choice's `fits` says whether even that is estimated to fit."""
+    given = cfg.batch_size is not None
+    global_batch = cfg.batch_size * cfg.grad_accum if given else cfg.global_batch_size
+    wanted = cfg.batch_size if given else min(global_batch, -(-MIN_MICRO_TOKENS // cfg.seq_len))
+    options = []
     for checkpointing in (False, True) if step > 1 else (False,):
         peaks = {
             name: peak_estimator(
@@ -179,10 +187,14 @@ def one_gpu_settings(
             )
             for name in OPTIMIZERS
         }
-        choice = choose_optimizer(cfg.batch_size, 1, peaks, gpu_bytes, cfg.seq_len, cfg.batch_size)
-        if choice.fits:
-            break
-    return checkpointing, choice
+        try:
+            choice = choose_optimizer(global_batch, 1, peaks, gpu_bytes, cfg.seq_len, cfg.batch_size)
+        except ValueError:  # not even one sequence fits: the smallest micro-batch, marked as not fitting
+            choice = choose_optimizer(global_batch, 1, peaks, gpu_bytes, cfg.seq_len, 1)
+        if choice.fits and choice.micro_batch >= wanted:
+            return checkpointing, choice
+        options.append((checkpointing, choice))
+    return next((o for o in options if o[1].fits), options[-1])
 
 
 def size_step(
