@@ -5,8 +5,11 @@
 # Start it detached (setsid) so that it outlives one job-size limit; it logs to stdout.
 #   NAME=rwkv7 STEP1=16M STEP2=32M STEP3=8M setsid bash scripts/device_convert.sh > /root/rwkv7.log 2>&1 &
 # Knobs (environment): ARCH, STEP1/2/3 (token budgets), SOFTMAX (layers kept as softmax, e.g.
-# 10,20), EXTRA (more convert flags), PASSKEY (lengths), COPY (copying-probe distances), WINDOWS
-# (held-out windows of 2048).
+# 10,20), SEQ_LEN and GLOBAL_BATCH (steps 1-2: --seq-len, --global-batch-size), EXTRA (more
+# convert flags), PASSKEY (lengths), COPY (copying-probe distances), WINDOWS (held-out windows of
+# 2048). Tokenized shards packed as $STASH/data.tar.xz (`tar cJf data.tar.xz data` where they were
+# made, then scripts/relay.sh; 37 MB for the SmolLM2 corpus against 39 MB of text) are used
+# instead of tokenizing the corpus here.
 # With STEP3 > 0 the student after step 2 is evaluated too (step 3 on/off from one run).
 set -euo pipefail
 source scripts/device_env.sh
@@ -21,16 +24,21 @@ mkdir -p "$RUN/results/$NAME"
 exec 9> "$RUN/inputs.lock"
 flock 9
 TEACHER=$(python3 -c "from radlads.teachers import resolve_teacher as r; print(r('$STASH/SmolLM2-135M-Instruct.Q4_1.gguf', cache_dir='$RUN/teacher'))")
+if [ ! -f "$RUN/data/index.json" ] && [ -f "$STASH/data.tar.xz" ]; then
+  tar xJf "$STASH/data.tar.xz" -C "$RUN"
+fi
 if [ ! -f "$RUN/data/index.json" ]; then
   radlads prepare-data --teacher "$TEACHER" --data "$STASH/corpus.jsonl.xz" --out "$RUN/data" --quiet
 fi
 flock -u 9
 echo "inputs_ready $(date +%T)" > "$RUN/results/$NAME/wall.txt"
-hybrid=()
-[ -n "${SOFTMAX:-}" ] && hybrid=(--softmax-layers "$SOFTMAX")
+knobs=()
+[ -n "${SOFTMAX:-}" ] && knobs+=(--softmax-layers "$SOFTMAX")
+[ -n "${SEQ_LEN:-}" ] && knobs+=(--seq-len "$SEQ_LEN")
+[ -n "${GLOBAL_BATCH:-}" ] && knobs+=(--global-batch-size "$GLOBAL_BATCH")
 start=$(date +%s)
 # shellcheck disable=SC2086  # EXTRA is several flags
-radlads convert --teacher "$TEACHER" --data "$RUN/data" --out "$RUN/$NAME" --arch "$ARCH" "${hybrid[@]}" \
+radlads convert --teacher "$TEACHER" --data "$RUN/data" --out "$RUN/$NAME" --arch "$ARCH" "${knobs[@]}" \
   --step1-tokens "$STEP1" --step2-tokens "$STEP2" --step3-tokens "$STEP3" --quiet ${EXTRA:-}
 echo "convert_s $(($(date +%s) - start))" >> "$RUN/results/$NAME/wall.txt"
 
