@@ -1,6 +1,7 @@
 """How well a time mixer fits each teacher layer alone: step 1 for one layer at a time, on the CPU.
 
-    python3 scripts/layer_fit.py TEACHER SHARDS OUT [--updates 100] [--seq-len 512]
+    python3 scripts/layer_fit.py TEACHER SHARDS OUT [--updates 100] [--seq-len 512] [--layers 17,18]
+        [--repeat-fraction 0.5]
 
 Each layer's RAD-RWKV7 mixer (fresh from step 0) is trained on that layer's own attention input
 and output, as step 1 trains it, then scored on held-out windows: the relative error
@@ -8,6 +9,11 @@ and output, as step 1 trains it, then scored on held-out windows: the relative e
 runs the copying probe (radlads.eval.copying) with that one layer's attention replaced by the
 fitted mixer: how much of the teacher's copying survives losing that layer's attention. Writes
 OUT/layer_fit.json. About 20 s a layer for a 135M teacher on 2 CPU cores at the defaults.
+
+--repeat-fraction F makes that fraction of the training windows a span of training text shown
+twice (the window's first half, then that half again): ordinary text seldom repeats, so a mixer
+fitted on it alone rarely sees the teacher's induction heads at work. Whether a mixer then
+learns the copying lookup, or cannot hold it in its state, is what the copy NLL tells apart.
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ def windows(shards: str, seq_len: int, n: int, split: str) -> torch.Tensor:
     return torch.cat([batch for batch, _ in zip(loader, range(n))])
 
 
+def repeat_halves(ids: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The first `fraction` of the windows as their first half shown twice."""
+    n, half = round(fraction * len(ids)), ids.shape[1] // 2
+    repeated = ids[:n, :half].repeat(1, 2)
+    return torch.cat([repeated, ids[n:, : 2 * half]])
+
+
 def layer_io(teacher, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every layer's attention input and output, [layers, sequences, T, C], in bf16 to save memory."""
     ins, outs = [], []
@@ -54,11 +67,16 @@ def main() -> None:
     p.add_argument("--train-windows", type=int, default=40)
     p.add_argument("--heldout-windows", type=int, default=6)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--layers", help="comma-separated layers to fit (default: all)")
+    p.add_argument("--repeat-fraction", type=float, default=0.0, help="training windows shown twice")
     args = p.parse_args()
     torch.manual_seed(0)
     teacher_dir = resolve_teacher(args.teacher)
     teacher, tokenizer = load_teacher(teacher_dir), load_teacher_tokenizer(teacher_dir)
-    x_train, y_train = layer_io(teacher, windows(args.shards, args.seq_len, args.train_windows, "train"))
+    train = repeat_halves(
+        windows(args.shards, args.seq_len, args.train_windows, "train"), args.repeat_fraction
+    )
+    x_train, y_train = layer_io(teacher, train)
     x_held, y_held = layer_io(teacher, windows(args.shards, args.seq_len, args.heldout_windows, "heldout"))
     student = transfer(teacher, arch="rad-rwkv7")
     position_ids = torch.arange(max(args.seq_len, PREFIX + 2 * SPAN + max(COPY_DISTANCES)))[None]
@@ -102,7 +120,8 @@ def main() -> None:
     teacher_copying = copying(None)
     print(f"teacher: copy NLL {teacher_copying}", flush=True)
     fits = {}
-    for layer in range(teacher.config.num_hidden_layers):
+    layers = range(teacher.config.num_hidden_layers)
+    for layer in [int(i) for i in args.layers.split(",")] if args.layers else layers:
         mixer = student.model.layers[layer].self_attn.train()
         optimizer = torch.optim.Adam(mixer.parameters(), lr=args.lr)
         for _ in range(args.updates):
