@@ -1,7 +1,7 @@
 """How well a time mixer fits each teacher layer alone: step 1 for one layer at a time, on the CPU.
 
     python3 scripts/layer_fit.py TEACHER SHARDS OUT [--updates 100] [--seq-len 512] [--layers 17,18]
-        [--repeat-fraction 0.5]
+        [--repeat-fraction 0.5] [--lm-updates 300]
 
 Each layer's RAD-RWKV7 mixer (fresh from step 0) is trained on that layer's own attention input
 and output, as step 1 trains it, then scored on held-out windows: the relative error
@@ -14,11 +14,16 @@ OUT/layer_fit.json. About 20 s a layer for a 135M teacher on 2 CPU cores at the 
 twice (the window's first half, then that half again): ordinary text seldom repeats, so a mixer
 fitted on it alone rarely sees the teacher's induction heads at work. Whether a mixer then
 learns the copying lookup, or cannot hold it in its state, is what the copy NLL tells apart.
+--lm-updates N then trains the aligned mixer N more updates inside the otherwise intact teacher,
+on its next-token loss (as step 2 trains the whole student on the teacher's outputs): if the mixer
+copies then and not after alignment alone, the lookup fits in its state and step 1's objective is
+what misses it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -69,10 +74,19 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--layers", help="comma-separated layers to fit (default: all)")
     p.add_argument("--repeat-fraction", type=float, default=0.0, help="training windows shown twice")
+    p.add_argument(
+        "--lm-updates",
+        type=int,
+        default=0,
+        help="updates on the swapped teacher's next-token loss after alignment (slower: the whole "
+        "teacher runs forward and backward each update)",
+    )
+    p.add_argument("--lm-lr", type=float, default=1e-4, help="the LR of those updates")
     args = p.parse_args()
     torch.manual_seed(0)
     teacher_dir = resolve_teacher(args.teacher)
     teacher, tokenizer = load_teacher(teacher_dir), load_teacher_tokenizer(teacher_dir)
+    teacher.requires_grad_(False)  # only the mixers train, whatever the objective
     train = repeat_halves(
         windows(args.shards, args.seq_len, args.train_windows, "train"), args.repeat_fraction
     )
@@ -92,8 +106,9 @@ def main() -> None:
         mixer = student.model.layers[layer].self_attn
         return mixer(x.float(), rope, v_first=v_first if layer else None)[0]
 
-    def copying(layer: int | None) -> dict[int, float]:
-        """Mean NLL on the probe's repeated span, with `layer`'s attention replaced by its mixer."""
+    @contextlib.contextmanager
+    def swapped(layer: int | None):
+        """The teacher with `layer`'s attention replaced by its mixer (None: the teacher as it is)."""
         handles = []
         if layer is not None:
             seen = {}
@@ -111,11 +126,26 @@ def main() -> None:
                 layers[layer].self_attn.register_forward_hook(swap, with_kwargs=True),
             ]
         try:
-            result = evaluate_copying(teacher, tokenizer, COPY_DISTANCES, progress=False)
+            yield teacher
         finally:
             for handle in handles:
                 handle.remove()
+
+    def copying(layer: int | None) -> dict[int, float]:
+        """Mean NLL on the probe's repeated span, with `layer`'s attention replaced by its mixer."""
+        with swapped(layer) as model:
+            result = evaluate_copying(model, tokenizer, COPY_DISTANCES, progress=False)
         return {d: v["repeat"] for d, v in result.by_distance().items()}
+
+    def update_loss(layer: int, batch: slice, lm: bool) -> torch.Tensor:
+        """Step 1's loss on the layer's output, or (lm) the swapped teacher's next-token loss,
+        which trains the mixer for what the layers after it need."""
+        if not lm:
+            return layer_alignment_loss(
+                run(layer, x_train[layer, batch], x_train[0, batch]), y_train[layer, batch]
+            )
+        with swapped(layer) as model:
+            return model(input_ids=train[batch], labels=train[batch]).loss
 
     teacher_copying = copying(None)
     print(f"teacher: copy NLL {teacher_copying}", flush=True)
@@ -124,12 +154,14 @@ def main() -> None:
     for layer in [int(i) for i in args.layers.split(",")] if args.layers else layers:
         mixer = student.model.layers[layer].self_attn.train()
         optimizer = torch.optim.Adam(mixer.parameters(), lr=args.lr)
-        for _ in range(args.updates):
+        for update in range(args.updates + args.lm_updates):
             i = MICRO_BATCH * int(torch.randint(args.train_windows // MICRO_BATCH, ()))
             batch = slice(i, i + MICRO_BATCH)
-            loss = layer_alignment_loss(
-                run(layer, x_train[layer, batch], x_train[0, batch]), y_train[layer, batch]
-            )
+            lm = update >= args.updates
+            if lm:
+                for group in optimizer.param_groups:
+                    group["lr"] = args.lm_lr
+            loss = update_loss(layer, batch, lm)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -211,7 +211,7 @@ def plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def convert_steps(args: argparse.Namespace, step3_seq_len: int) -> dict:
+def _convert_steps(args: argparse.Namespace, step3_seq_len: int) -> dict:
     """Steps 1-3 as `radlads convert --preset auto` sets them for this teacher, with plan's flags
     (sequence lengths, batch sizes) over the preset's."""
     from ..convert.plan import load_config
@@ -242,7 +242,7 @@ def one_gpu_table(args: argparse.Namespace, options: dict, step3_seq_len: int) -
         "|---|---|---|---|---:|---|",
     ]
     missing = set()
-    for step, cfg in convert_steps(args, step3_seq_len).items():
+    for step, cfg in _convert_steps(args, step3_seq_len).items():
         ckpt, choice = one_gpu_settings(
             args.teacher, args.arch, step, cfg, args.gpu_memory_gb * GB - CUDA_CONTEXT_BYTES, **options
         )
