@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -152,3 +154,18 @@ def test_step3_plans_at_the_teachers_trained_context_unless_told(tmp_path):
     assert plan(tmp_path, step3_seq_len=2048).step3_seq_len == 2048
     make_teacher("llama", max_position_embeddings=131072).config.save_pretrained(tmp_path)
     assert plan(tmp_path).step3_seq_len == 16384
+
+
+def test_plan_takes_this_machines_gpu_memory_unless_told(tmp_path, capsys, monkeypatch):
+    folder = make_teacher_folder(tmp_path)
+    assert main(["plan", "--teacher", str(folder)]) == 0  # no GPU here: 80 GB
+    assert "On one GPU of 80 GB" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=143_771 * 2**20)
+    )
+    assert main(["plan", "--teacher", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "On one GPU of 150.8 GB" in out and "Recommended: 1 GPU(s) of 150.8 GB" in out
+    assert main(["plan", "--teacher", str(folder), "--gpu-memory-gb", "24"]) == 0
+    assert "On one GPU of 24 GB" in capsys.readouterr().out

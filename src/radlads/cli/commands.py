@@ -185,9 +185,18 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, args.arch, resolve_device(args.device), progress=not args.quiet)
 
 
+def _local_gpu_memory_gb(default: float = 80.0) -> float:
+    """The total memory of this machine's first GPU in GB of 1e9 bytes, or `default` without one."""
+    if not torch.cuda.is_available():
+        return default
+    return torch.cuda.get_device_properties(0).total_memory / 1e9
+
+
 def plan(args: argparse.Namespace) -> int:
     from ..convert.plan import plan as make_plan
 
+    if args.gpu_memory_gb is None:
+        args.gpu_memory_gb = round(_local_gpu_memory_gb(), 1)
     n = auto_count(args.softmax_layers)
     options = dict(
         # for auto:N, any N layers: memory does not depend on which ones keep softmax attention
