@@ -104,6 +104,28 @@ def test_single_steps_run_alone_and_in_order(workspace, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["keep_kernel_intermediates"] is True
 
 
+def test_step2_repeat_fraction_shows_its_training_windows_twice(workspace, tmp_path, monkeypatch):
+    import radlads.convert.pipeline as pipeline
+
+    seen = []
+
+    class Recorded(pipeline.PackedLoader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                seen.append((self.split, batch))
+                yield batch
+
+    monkeypatch.setattr(pipeline, "PackedLoader", Recorded)
+    teacher, corpus = workspace
+    out = tmp_path / "repeated"
+    args = [*convert_args(teacher, corpus, out)[1:], "--step2-tokens", "2k", "--step2-repeat-fraction", "1"]
+    assert main(["step0", *args]) == 0 and main(["step2", *args]) == 0
+    train = [batch for split, batch in seen if split == "train"]
+    assert train and all(torch.equal(b[:, :128], b[:, 128:]) for b in train)
+    assert not any(torch.equal(b[:, :128], b[:, 128:]) for split, b in seen if split == "heldout")
+    assert yaml.safe_load((out / "config.yaml").read_text())["step2"]["repeat_fraction"] == 1.0
+
+
 def test_bad_input_is_refused_without_losing_finished_work(converted, workspace, tmp_path, capsys):
     teacher, _ = workspace
     weights = (converted / "model.safetensors").read_bytes()

@@ -368,3 +368,39 @@ def test_state_for_other_seq_len_rejected(shard_dir: Path) -> None:
     state = PackedLoader(shard_dir / "out", 10, 2).state_dict()
     with pytest.raises(ValueError, match="seq_len=10"):
         PackedLoader(shard_dir / "out", 11, 2).load_state_dict(state)
+
+
+@pytest.mark.parametrize("seq_len", [100, 99])
+def test_repeated_windows_show_their_first_half_twice(shard_dir: Path, seq_len: int) -> None:
+    out = shard_dir / "out"
+    plain = torch.cat(take(PackedLoader(out, seq_len, 7, seed=3), 9))  # two epochs and a bit
+    loader = PackedLoader(out, seq_len, 7, seed=3, repeat_fraction=0.5)
+    rows = torch.cat(take(loader, 9))
+    half = -(-seq_len // 2)
+    shown_twice: dict[int, set[bool]] = {}
+    for row, window in zip(rows, plain, strict=True):
+        repeated = not torch.equal(row, window)
+        if repeated:
+            assert torch.equal(row, torch.cat([window[:half], window[:half]])[:seq_len])
+        shown_twice.setdefault(int(window[0]) // seq_len, set()).add(repeated)
+    assert all(len(seen) == 1 for seen in shown_twice.values())  # the same windows every epoch
+    share = sum(seen == {True} for seen in shown_twice.values()) / len(shown_twice)
+    assert 0.25 < share < 0.75
+    # a resumed loader and the ranks of a sharded run repeat the same windows
+    state = loader.state_dict()
+    expected = take(loader, 2)
+    resumed = PackedLoader(out, seq_len, 7, repeat_fraction=0.5)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, take(resumed, 2), strict=True))
+    ranks = [PackedLoader(out, seq_len, 7, seed=3, repeat_fraction=0.5, rank=r, world_size=2) for r in (0, 1)]
+    single = PackedLoader(out, seq_len, 14, seed=3, repeat_fraction=0.5)
+    interleaved = torch.stack([next(iter(r)) for r in ranks], dim=1).reshape(-1, seq_len)
+    assert torch.equal(interleaved, next(iter(single)))
+
+
+def test_heldout_windows_are_never_repeated(shard_dir: Path) -> None:
+    plain = list(PackedLoader(shard_dir / "eval-out", 4, 3, split="heldout"))
+    asked = list(PackedLoader(shard_dir / "eval-out", 4, 3, split="heldout", repeat_fraction=1.0))
+    assert all(torch.equal(a, b) for a, b in zip(plain, asked, strict=True))
+    with pytest.raises(ValueError, match="repeat_fraction must be in"):
+        PackedLoader(shard_dir / "out", 10, 2, repeat_fraction=1.5)

@@ -61,6 +61,12 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
             help=f"step {k}'s LR multiplier for the parameters step 0 creates (decay, in-context rate, "
             "value residual, gate; default 1)",
         )
+        p.add_argument(
+            f"--step{k}-repeat-fraction",
+            type=float,
+            help=f"fraction of step {k}'s training windows shown as a span of text twice, so that the "
+            "student learns to copy from context as its teacher does (default 0)",
+        )
     p.add_argument("--seq-len", type=int, help="sequence length of steps 1 and 2")
     p.add_argument("--step3-seq-len", type=int, help="sequence length of step 3 (default 16384)")
     p.add_argument(
@@ -310,6 +316,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
             "tokens": getattr(args, f"step{k}_tokens"),
             "lr": getattr(args, f"step{k}_lr"),
             "new_lr_scale": getattr(args, f"step{k}_new_lr_scale"),
+            "repeat_fraction": getattr(args, f"step{k}_repeat_fraction"),
             "checkpoint_every": args.checkpoint_every,
             "seq_len": args.seq_len if k < 3 else args.step3_seq_len,
             "global_batch_size": args.global_batch_size if k < 3 else None,

@@ -211,7 +211,14 @@ class Conversion:
         shards = self.shards()
         rank = dict(rank=self.dist.rank, world_size=self.dist.world_size)
         per_update = cfg.batch_size * cfg.grad_accum  # this process's sequences of each update
-        loader = PackedLoader(shards, cfg.seq_len, per_update, seed=self.cfg.seed + step, **rank)
+        loader = PackedLoader(
+            shards,
+            cfg.seq_len,
+            per_update,
+            seed=self.cfg.seed + step,
+            repeat_fraction=cfg.repeat_fraction,
+            **rank,
+        )
         heldout = list(self._heldout_batches(cfg.seq_len, cfg.batch_size, cfg.heldout_batches, **rank))
         trainer = Trainer(
             objective,

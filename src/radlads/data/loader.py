@@ -22,6 +22,11 @@ class PackedLoader:
 
     heldout: each iteration is one pass in stream order over the full global batches, and
     leaves the state alone, so evaluations always see the same batches.
+
+    repeat_fraction (train only): that fraction of the windows, drawn once from the seed, are a
+    span of the text shown twice, the window's first half and then that half again. Ordinary text
+    seldom repeats itself, so a student distilled on it alone rarely sees the teacher's induction
+    heads at work, the lookup that copies from context (docs/results/smollm2-135m.md).
     """
 
     def __init__(
@@ -34,9 +39,12 @@ class PackedLoader:
         *,
         rank: int = 0,
         world_size: int = 1,
+        repeat_fraction: float = 0.0,
     ) -> None:
         if seq_len < 1 or batch_size < 1 or world_size < 1:
             raise ValueError("seq_len, batch_size and world_size must be positive")
+        if not 0.0 <= repeat_fraction <= 1.0:
+            raise ValueError(f"repeat_fraction must be in [0, 1], got {repeat_fraction}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         index = ShardIndex.load(shard_dir)
@@ -45,6 +53,7 @@ class PackedLoader:
         self.rank, self.world_size = rank, world_size
         self.seed, self.epoch, self.position = seed, 0, 0
         self.shuffle = split == "train"
+        self.repeat_fraction = repeat_fraction if self.shuffle else 0.0
         available = index.splits[split].tokens
         needed = seq_len if self.shuffle else seq_len * self.global_batch
         if available < needed:
@@ -61,6 +70,7 @@ class PackedLoader:
         self.num_windows = available // seq_len
         self._tokens = np.memmap(path, dtype=index.dtype, mode="r", shape=(self.num_windows * seq_len,))
         self._permutation: tuple[int, np.ndarray] | None = None
+        self._repeated = self._draw_repeated()
 
     @property
     def global_batch(self) -> int:
@@ -99,8 +109,20 @@ class PackedLoader:
 
     def _windows_to_batch(self, global_windows: np.ndarray) -> torch.Tensor:
         mine = global_windows[self.rank :: self.world_size]
-        rows = [self._tokens[w * self.seq_len : (w + 1) * self.seq_len] for w in mine]
+        rows = [self._window(w) for w in mine]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def _draw_repeated(self) -> np.ndarray:
+        """Which windows are shown as a repeated span: fixed by the seed, so the same on every
+        rank, epoch and resume."""
+        return np.random.default_rng([self.seed, 1]).random(self.num_windows) < self.repeat_fraction
+
+    def _window(self, w: int) -> np.ndarray:
+        tokens = self._tokens[w * self.seq_len : (w + 1) * self.seq_len]
+        if not self._repeated[w]:
+            return tokens
+        half = tokens[: -(-self.seq_len // 2)]
+        return np.concatenate([half, half])[: self.seq_len]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -122,3 +144,4 @@ class PackedLoader:
             )
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
         self._permutation = None
+        self._repeated = self._draw_repeated()

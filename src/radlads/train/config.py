@@ -46,6 +46,9 @@ class StepConfig:
     # The LR of the parameters step 0 creates (RadladsForCausalLM.new_parameters), as a multiple of
     # the step's: they start from an init, the others from the teacher's trained weights.
     new_lr_scale: float = 1.0
+    # The fraction of training windows shown as a span of text twice, so that the student sees the
+    # teacher copy from context (data.PackedLoader).
+    repeat_fraction: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     clip: float = 1.0
     checkpoint_every: int = 20_000_000  # tokens
