@@ -370,23 +370,33 @@ def test_state_for_other_seq_len_rejected(shard_dir: Path) -> None:
         PackedLoader(shard_dir / "out", 11, 2).load_state_dict(state)
 
 
+def repeated_span(row: torch.Tensor, window: torch.Tensor) -> tuple[int, int]:
+    """(start, length) of the span `row` shows twice, given that its window counts up by one:
+    the row follows the window up to the span's end, then jumps back to the span's start."""
+    end = int(torch.nonzero(row[1:] - row[:-1] != 1)[0]) + 1
+    start = int(row[end] - window[0])
+    length = end - start
+    assert torch.equal(row, torch.cat([window[:end], window[start:end], window[end : len(window) - length]]))
+    return start, length
+
+
 @pytest.mark.parametrize("seq_len", [100, 99])
-def test_repeated_windows_show_their_first_half_twice(shard_dir: Path, seq_len: int) -> None:
+def test_repeated_windows_show_a_span_again_right_after_itself(shard_dir: Path, seq_len: int) -> None:
     out = shard_dir / "out"
     plain = torch.cat(take(PackedLoader(out, seq_len, 7, seed=3), 9))  # two epochs and a bit
     loader = PackedLoader(out, seq_len, 7, seed=3, repeat_fraction=0.5)
     rows = torch.cat(take(loader, 9))
-    half = -(-seq_len // 2)
-    shown_twice: dict[int, set[bool]] = {}
+    spans: dict[int, set] = {}
     for row, window in zip(rows, plain, strict=True):
-        repeated = not torch.equal(row, window)
-        if repeated:
-            assert torch.equal(row, torch.cat([window[:half], window[:half]])[:seq_len])
-        shown_twice.setdefault(int(window[0]) // seq_len, set()).add(repeated)
-    assert all(len(seen) == 1 for seen in shown_twice.values())  # the same windows every epoch
-    share = sum(seen == {True} for seen in shown_twice.values()) / len(shown_twice)
-    assert 0.25 < share < 0.75
-    # a resumed loader and the ranks of a sharded run repeat the same windows
+        span = None if torch.equal(row, window) else repeated_span(row, window)
+        if span:
+            assert seq_len // 8 <= span[1] <= seq_len // 2
+        spans.setdefault(int(window[0]) // seq_len, set()).add(span)
+    assert all(len(seen) == 1 for seen in spans.values())  # the same span every epoch
+    repeated = [seen.pop() for seen in spans.values() if seen != {None}]
+    assert 0.25 < len(repeated) / len(spans) < 0.75
+    assert len({length for _, length in repeated}) > 3  # at many distances
+    # a resumed loader and the ranks of a sharded run repeat the same spans
     state = loader.state_dict()
     expected = take(loader, 2)
     resumed = PackedLoader(out, seq_len, 7, repeat_fraction=0.5)
