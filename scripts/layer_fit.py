@@ -10,8 +10,8 @@ runs the copying probe (radlads.eval.copying) with that one layer's attention re
 fitted mixer: how much of the teacher's copying survives losing that layer's attention. Writes
 OUT/layer_fit.json. About 20 s a layer for a 135M teacher on 2 CPU cores at the defaults.
 
---repeat-fraction F makes that fraction of the training windows a span of training text shown
-twice (the window's first half, then that half again): ordinary text seldom repeats, so a mixer
+--repeat-fraction F shows, in about that fraction of the training windows, a span of training
+text twice, as `convert --stepK-repeat-fraction` does: ordinary text seldom repeats, so a mixer
 fitted on it alone rarely sees the teacher's induction heads at work. Whether a mixer then
 learns the copying lookup, or cannot hold it in its state, is what the copy NLL tells apart.
 --lm-updates N then trains the aligned mixer N more updates inside the otherwise intact teacher,
@@ -40,16 +40,9 @@ MICRO_BATCH = 2
 COPY_DISTANCES = (0, 64)
 
 
-def windows(shards: str, seq_len: int, n: int, split: str) -> torch.Tensor:
-    loader = PackedLoader(shards, seq_len, 1, split=split, seed=1)
+def windows(shards: str, seq_len: int, n: int, split: str, repeat_fraction: float = 0.0) -> torch.Tensor:
+    loader = PackedLoader(shards, seq_len, 1, split=split, seed=1, repeat_fraction=repeat_fraction)
     return torch.cat([batch for batch, _ in zip(loader, range(n))])
-
-
-def repeat_halves(ids: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The first `fraction` of the windows as their first half shown twice."""
-    n, half = round(fraction * len(ids)), ids.shape[1] // 2
-    repeated = ids[:n, :half].repeat(1, 2)
-    return torch.cat([repeated, ids[n:, : 2 * half]])
 
 
 def layer_io(teacher, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +80,7 @@ def main() -> None:
     teacher_dir = resolve_teacher(args.teacher)
     teacher, tokenizer = load_teacher(teacher_dir), load_teacher_tokenizer(teacher_dir)
     teacher.requires_grad_(False)  # only the mixers train, whatever the objective
-    train = repeat_halves(
-        windows(args.shards, args.seq_len, args.train_windows, "train"), args.repeat_fraction
-    )
+    train = windows(args.shards, args.seq_len, args.train_windows, "train", args.repeat_fraction)
     x_train, y_train = layer_io(teacher, train)
     x_held, y_held = layer_io(teacher, windows(args.shards, args.seq_len, args.heldout_windows, "heldout"))
     student = transfer(teacher, arch="rad-rwkv7")

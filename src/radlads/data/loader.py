@@ -23,7 +23,7 @@ class PackedLoader:
     heldout: each iteration is one pass in stream order over the full global batches, and
     leaves the state alone, so evaluations always see the same batches.
 
-    repeat_fraction (train only): in that fraction of the windows, drawn once from the seed, a
+    repeat_fraction (train only): in that fraction of the windows, drawn from the seed, a
     span of 1/8 to 1/2 of the window is shown again right after itself. Ordinary text seldom
     repeats itself, so a student distilled on it alone rarely sees the teacher's induction heads
     at work, the lookup that copies from context (docs/results/smollm2-135m.md).
@@ -70,7 +70,6 @@ class PackedLoader:
         self.num_windows = available // seq_len
         self._tokens = np.memmap(path, dtype=index.dtype, mode="r", shape=(self.num_windows * seq_len,))
         self._permutation: tuple[int, np.ndarray] | None = None
-        self._repeated = self._draw_repeated()  # [window] -> (span length, start)
 
     @property
     def global_batch(self) -> int:
@@ -112,22 +111,23 @@ class PackedLoader:
         rows = [self._window(w) for w in mine]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
-    def _draw_repeated(self) -> np.ndarray:
-        """Per window, the length and start of the span it shows twice (length 0: none). Drawn
-        from the seed, so the same on every rank, epoch and resume; lengths from 1/8 to 1/2 of
-        the window, so that the second sight comes at many distances from the first."""
-        rng = np.random.default_rng([self.seed, 1])
-        chosen = rng.random(self.num_windows) < self.repeat_fraction
-        low, high = max(1, self.seq_len // 8), max(1, self.seq_len // 2)
-        length = np.where(chosen, rng.integers(low, high + 1, self.num_windows), 0)
-        start = (rng.random(self.num_windows) * (self.seq_len - 2 * length + 1)).astype(np.int64)
-        return np.stack([length, start], axis=1)
+    def _repeated_span(self, w: int) -> tuple[int, int]:
+        """(length, start) of the span window w shows twice, length 0 for none. Drawn from the seed
+        and the window alone, so the same on every rank, epoch and resume; lengths from 1/8 to 1/2
+        of the window, so that the second sight comes at many distances from the first."""
+        if not self.repeat_fraction:
+            return 0, 0
+        rng = np.random.default_rng([self.seed, 1, int(w)])
+        if rng.random() >= self.repeat_fraction:
+            return 0, 0
+        length = int(rng.integers(max(1, self.seq_len // 8), max(1, self.seq_len // 2) + 1))
+        return length, int(rng.integers(0, self.seq_len - 2 * length + 1))
 
     def _window(self, w: int) -> np.ndarray:
         """Window w's tokens; for a repeated one, its span shown again right after itself, and
         the rest of the window after that, cut to seq_len."""
         tokens = self._tokens[w * self.seq_len : (w + 1) * self.seq_len]
-        length, start = self._repeated[w]
+        length, start = self._repeated_span(w)
         if not length:
             return tokens
         end = start + length
@@ -153,4 +153,3 @@ class PackedLoader:
             )
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
         self._permutation = None
-        self._repeated = self._draw_repeated()
