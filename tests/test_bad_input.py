@@ -212,3 +212,9 @@ def test_a_damaged_trainer_state_names_the_checkpoint_to_delete(inputs, tmp_path
     weights = (out / "model.safetensors").read_bytes()
     refused(capsys, convert(*inputs, out), "checkpoints/step1/trainer.json is damaged", "delete")
     assert (out / "model.safetensors").read_bytes() == weights  # the export stands
+
+
+def test_a_repeat_fraction_out_of_range_is_refused_before_anything_runs(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    refused(capsys, convert(*inputs, out, "--step2-repeat-fraction", "1.5"), "repeat_fraction 1.5", "0 to 1")
+    assert not out.exists()

@@ -59,6 +59,11 @@ class StepConfig:
 
     def __post_init__(self):
         check_optimizer(self.optimizer)
+        if not 0.0 <= self.repeat_fraction <= 1.0:
+            raise ValueError(
+                f"repeat_fraction {self.repeat_fraction} is not a fraction: give a value from 0 to 1 "
+                "(--stepK-repeat-fraction)"
+            )
         self.tokens = parse_tokens(self.tokens)
         self.warmup_tokens = parse_tokens(self.warmup_tokens)
         self.checkpoint_every = parse_tokens(self.checkpoint_every)
