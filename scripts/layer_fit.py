@@ -148,11 +148,10 @@ def main() -> None:
         for update in range(args.updates + args.lm_updates):
             i = MICRO_BATCH * int(torch.randint(args.train_windows // MICRO_BATCH, ()))
             batch = slice(i, i + MICRO_BATCH)
-            lm = update >= args.updates
-            if lm:
+            if update == args.updates:  # alignment done: the next-token updates from here
                 for group in optimizer.param_groups:
                     group["lr"] = args.lm_lr
-            loss = update_loss(layer, batch, lm)
+            loss = update_loss(layer, batch, lm=update >= args.updates)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
