@@ -9,7 +9,8 @@
 # convert flags), PASSKEY (lengths), COPY (copying-probe distances), WINDOWS (held-out windows of
 # 2048). Tokenized shards packed as $STASH/data.tar.xz (`tar cJf data.tar.xz data` where they were
 # made, then scripts/relay.sh; 37 MB for the SmolLM2 corpus against 39 MB of text) are used
-# instead of tokenizing the corpus here.
+# instead of tokenizing the corpus here, if they were made with this host's tokenizer (the same
+# transformers release as here: GGUF imports differ between releases); else the corpus is.
 # With STEP3 > 0 the student after step 2 is evaluated too (step 3 on/off from one run).
 set -euo pipefail
 source scripts/device_env.sh
@@ -26,6 +27,9 @@ flock 9
 TEACHER=$(python3 -c "from radlads.teachers import resolve_teacher as r; print(r('$STASH/SmolLM2-135M-Instruct.Q4_1.gguf', cache_dir='$RUN/teacher'))")
 if [ ! -f "$RUN/data/index.json" ] && [ -f "$STASH/data.tar.xz" ]; then
   tar xJf "$STASH/data.tar.xz" -C "$RUN"
+  # Shards made under another transformers release may not match this host's import of the teacher.
+  python3 -c "from radlads.data import ShardIndex, check_tokenizer as c; c(ShardIndex.load('$RUN/data'), '$TEACHER')" \
+    || { echo "the relayed shards do not match this host's tokenizer: tokenizing here"; rm -rf "$RUN/data"; }
 fi
 if [ ! -f "$RUN/data/index.json" ]; then
   radlads prepare-data --teacher "$TEACHER" --data "$STASH/corpus.jsonl.xz" --out "$RUN/data" --quiet

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 from radlads import teachers  # noqa: E402
-from tiny_gguf import SPECIAL, tiny_llama, tiny_vocab, write_gguf  # noqa: E402
+from tiny_gguf import BOS, EOS, UNKNOWN, tiny_llama, tiny_vocab, write_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,19 @@ def test_gguf_tokenizer_survives_import(tiny, tmp_path):
     ids = tokenizer(" the ant", add_special_tokens=False).input_ids
     assert [tokens[i] for i in ids] == ["Ġthe", "Ġa", "n", "t"]
     assert tokenizer.decode(ids) == " the ant"
-    assert tokenizer.eos_token == SPECIAL
+
+
+def test_gguf_special_tokens_come_from_its_metadata(tiny, tmp_path):
+    # Some transformers releases (5.17) guess EOS as the BOS token on import: documents would then
+    # be separated by the wrong token in every shard made with the teacher's tokenizer.
+    _, path = tiny
+    folder = teachers.resolve_teacher(path, cache_dir=tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokens, _ = tiny_vocab()
+    assert (tokenizer.bos_token, tokenizer.eos_token) == (BOS, EOS)
+    assert (tokenizer.unk_token, tokenizer.pad_token) == (UNKNOWN, EOS)
+    assert tokenizer.eos_token_id == tokens.index(EOS)
+    assert AutoModelForCausalLM.from_pretrained(folder).generation_config.eos_token_id == tokens.index(EOS)
 
 
 def test_rerun_reuses_the_import(tiny, tmp_path, import_counter):

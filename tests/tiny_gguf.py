@@ -11,15 +11,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a", "a n"]
-SPECIAL = "<|endoftext|>"
+# SmolLM2's layout: distinct unknown, BOS and EOS tokens, and padding with EOS.
+UNKNOWN, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIALS = (UNKNOWN, BOS, EOS)
 
 
 def tiny_vocab() -> tuple[list[str], list[int]]:
-    """A byte-level BPE vocabulary: every byte, the merged pairs, and one control token."""
+    """A byte-level BPE vocabulary: every byte, the merged pairs, and the control tokens."""
     tokens = list(bytes_to_unicode().values())
-    tokens += ["".join(merge.split()) for merge in MERGES] + [SPECIAL]
-    types = [int(gguf.TokenType.NORMAL)] * (len(tokens) - 1) + [int(gguf.TokenType.CONTROL)]
-    return tokens, types
+    tokens += ["".join(merge.split()) for merge in MERGES] + list(SPECIALS)
+    types = [int(gguf.TokenType.NORMAL)] * (len(tokens) - len(SPECIALS))
+    return tokens, types + [int(gguf.TokenType.CONTROL)] * len(SPECIALS)
 
 
 def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
@@ -70,8 +72,10 @@ def write_gguf(model: LlamaForCausalLM, path: Path) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(MERGES)
-    writer.add_bos_token_id(len(tokens) - 1)
-    writer.add_eos_token_id(len(tokens) - 1)
+    writer.add_unk_token_id(tokens.index(UNKNOWN))
+    writer.add_bos_token_id(tokens.index(BOS))
+    writer.add_eos_token_id(tokens.index(EOS))
+    writer.add_pad_token_id(tokens.index(EOS))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight":  # tied: GGUF marks this by leaving output.weight out

@@ -225,6 +225,7 @@ def import_gguf(gguf_file: Path, sha: str, out_dir: Path) -> None:
     logger.info("Importing GGUF teacher %s into %s", gguf_file, out_dir)
     folder, name = gguf_file.parent, gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    set_special_tokens(tokenizer, gguf_special_token_ids(gguf_file))
     model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
     )
@@ -239,6 +240,36 @@ def import_gguf(gguf_file: Path, sha: str, out_dir: Path) -> None:
         "transformers_version": transformers.__version__,
     }
     (out_dir / IMPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+# GGUF metadata key of each special token's id, by the tokenizer attribute it sets.
+_GGUF_SPECIAL_KEYS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
+def gguf_special_token_ids(gguf_file: Path) -> dict[str, int]:
+    """The special tokens' ids that the GGUF file states, by tokenizer attribute."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_file).fields
+    ids = {}
+    for attribute, key in _GGUF_SPECIAL_KEYS.items():
+        field = fields.get(key)
+        if field is not None and field.data:
+            ids[attribute] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def set_special_tokens(tokenizer, ids: dict[str, int]) -> None:
+    """Take the special tokens from the file, not from transformers' guess: some releases (5.17)
+    import SmolLM2's BOS as its EOS too, and every document in a shard would then end in BOS."""
+    for attribute, token_id in ids.items():
+        if 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
 
 
 def drop_quantization(model) -> None:
