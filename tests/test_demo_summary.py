@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
-from radlads.cli.demo import RESULTS_PAGE, summary
+from radlads.cli.demo import GPU_RESULT, RESULTS_PAGE, summary
+
+SUMMARY_JSON = Path(__file__).resolve().parents[1] / "docs" / "results" / "smollm2-135m" / "summary.json"
 
 
 def test_summary_shows_steps_perplexities_positions_samples_and_where_to_look(tmp_path):
@@ -29,3 +32,11 @@ def test_summary_shows_steps_perplexities_positions_samples_and_where_to_look(tm
     assert teacher_row.split()[1:] == ["20.1", "3.000", "3.000", "3.000", "3.000"]
     assert "' Moses'" in text and "'\\n\\n'" in text  # as generated: a student's newlines stay visible
     assert str(eval_dir / "report.md") in text and RESULTS_PAGE in text
+
+
+def test_gpu_result_quotes_the_results_pages_runs():
+    runs = json.loads(SUMMARY_JSON.read_text())
+    best = next(r for r in runs if r["best"])
+    pure = max((r for r in runs if r["arch"] == "rad-rwkv7"), key=lambda r: r["ppl_teacher"] / r["ppl_student"])
+    quoted = [f"{best['ppl_student']:.2f}", f"{best['ppl_teacher']:.2f}", f"{pure['ppl_student']:.2f}"]
+    assert all(number in GPU_RESULT for number in quoted), (quoted, GPU_RESULT)
