@@ -37,6 +37,8 @@ def test_summary_shows_steps_perplexities_positions_samples_and_where_to_look(tm
 def test_gpu_result_quotes_the_results_pages_runs():
     runs = json.loads(SUMMARY_JSON.read_text())
     best = next(r for r in runs if r["best"])
-    pure = max((r for r in runs if r["arch"] == "rad-rwkv7"), key=lambda r: r["ppl_teacher"] / r["ppl_student"])
+    pure = max(
+        (r for r in runs if r["arch"] == "rad-rwkv7"), key=lambda r: r["ppl_teacher"] / r["ppl_student"]
+    )
     quoted = [f"{best['ppl_student']:.2f}", f"{best['ppl_teacher']:.2f}", f"{pure['ppl_student']:.2f}"]
     assert all(number in GPU_RESULT for number in quoted), (quoted, GPU_RESULT)
