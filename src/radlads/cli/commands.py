@@ -79,7 +79,9 @@ def prepare_data(args: argparse.Namespace) -> int:
         texts.append(build_corpus(args.source, args.out / "text", tokenizer=tokenizer))
     if not texts:
         raise ValueError("give text to tokenize: --data FILES/FOLDERS and/or --source NAMES")
-    index = prepare_shards(texts, tokenizer, args.out, held_out_fraction=args.held_out_fraction)
+    index = prepare_shards(
+        texts, tokenizer, args.out, held_out_fraction=args.held_out_fraction, progress=not args.quiet
+    )
     splits = ", ".join(
         f"{name}: {s.tokens} tokens in {s.documents} documents" for name, s in index.splits.items()
     )
