@@ -86,16 +86,29 @@ def test_plan_recommends_for_one_gpu_what_convert_would_choose(tmp_path, monkeyp
     usable = (peak["adamw"] + peak["adamw-bf16-state"]) / 2 / batching.USABLE_FRACTION
     gpu_gb = (usable + batching.CUDA_CONTEXT_BYTES) / GB
     argv = ["plan", "--teacher", str(tmp_path), "--gpu-memory-gb", str(gpu_gb), "--seq-len", "256"]
-    assert main([*argv, "--global-batch-size", "8"]) == 0
-    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    one_gpu = {int(r[0]): [c.strip() for c in r] for r in rows if r[0].strip() in "123" and len(r) == 6}
-    assert sorted(one_gpu) == [1, 2, 3]
-    assert one_gpu[2][1:4] == ["8 x 256 x 1", "adamw-bf16-state", "no"]
+
+    def one_gpu_rows(*flags: str) -> dict[int, list[str]]:
+        assert main([*argv, "--global-batch-size", "8", *flags]) == 0
+        rows = [
+            line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")
+        ]
+        one_gpu = {int(r[0]): [c.strip() for c in r] for r in rows if r[0].strip() in "123" and len(r) == 6}
+        assert sorted(one_gpu) == [1, 2, 3]
+        return one_gpu
+
+    # step 3 at step 2's length: no step needs checkpointing, and step 2 takes bf16 moments
+    short = one_gpu_rows("--step3-seq-len", "256")
+    assert short[2][1:4] == ["8 x 256 x 1", "adamw-bf16-state", "no"]
+    # step 3 at the teacher's context needs it; convert's one switch then turns it on for every
+    # step, and step 2's fp32 moments fit beside its smaller activations
+    full = one_gpu_rows()
+    assert [row[3] for row in full.values()] == ["yes"] * 3
+    assert full[2][1:3] == ["8 x 256 x 1", "adamw"]
     # convert, asked for the same global batch on a GPU of that size (what it sees once its CUDA
     # context is up), with checkpointing as the plan says, sizes every step the same way
     monkeypatch.setattr(batching, "available_bytes", lambda device: usable)
     monkeypatch.setattr(batching, "installed", lambda: OPTIMIZERS)
-    for step, row in one_gpu.items():
+    for step, row in [*short.items(), *full.items()]:
         batch, seq_len, accum = (int(n) for n in row[1].split(" x "))  # step 3: the teacher's context
         cfg = StepConfig(tokens=0, lr=0.0, seq_len=seq_len, global_batch_size=batch * accum)
         options = dict(activation_checkpointing=row[3] == "yes")

@@ -252,17 +252,30 @@ def one_gpu_table(args: argparse.Namespace, options: dict, step3_seq_len: int) -
         "| step | micro-batch x accumulated | optimizer | act. ckpt | estimated peak GB | fits |",
         "|---|---|---|---|---:|---|",
     ]
+    steps, gpu_bytes = _convert_steps(args, step3_seq_len), args.gpu_memory_gb * GB - CUDA_CONTEXT_BYTES
+    settings = {
+        k: one_gpu_settings(args.teacher, args.arch, k, cfg, gpu_bytes, **options) for k, cfg in steps.items()
+    }
+    checkpointing = any(ckpt for ckpt, _ in settings.values())
+    if checkpointing:  # convert's switch covers the whole run: where one step needs it, all run with it
+        settings = {
+            k: one_gpu_settings(args.teacher, args.arch, k, cfg, gpu_bytes, checkpointing=True, **options)
+            for k, cfg in steps.items()
+        }
     missing = set()
-    for step, cfg in _convert_steps(args, step3_seq_len).items():
-        ckpt, choice = one_gpu_settings(
-            args.teacher, args.arch, step, cfg, args.gpu_memory_gb * GB - CUDA_CONTEXT_BYTES, **options
-        )
+    for step, cfg in steps.items():
+        choice = settings[step][1]
         lines.append(
             f"| {step} | {choice.micro_batch} x {cfg.seq_len} x {choice.grad_accum} | {choice.optimizer} | "
-            f"{'yes' if ckpt else 'no'} | {choice.estimated_peak_gb:.1f} | "
+            f"{'yes' if checkpointing else 'no'} | {choice.estimated_peak_gb:.1f} | "
             f"{'yes' if choice.fits else 'no: more GPUs (--nproc)'} |"
         )
         missing |= {choice.optimizer} - set(installed())
+    if checkpointing:
+        lines += [
+            "",
+            "Activation checkpointing is one switch for the whole run: `convert --activation-checkpointing`.",
+        ]
     if missing:
         lines += ["", f"radlads[torchao] (not installed here) provides {', '.join(sorted(missing))}."]
     return "\n".join(lines)

@@ -204,11 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gpu-memory-gb",
         type=float,
-        help="memory of one GPU in GB of 1e9 bytes: nvidia-smi's MiB x 1.048576 (an H200's 143,771 MiB "
-        "are 150.8 GB; an H100's 81,559 are 85.5). Default: this machine's GPU, else 80",
+        help="memory of one GPU in GB of 1e9 bytes: nvidia-smi's MiB x 0.001048576 (an H200's 143,771 "
+        "MiB are 150.8 GB; an H100's 81,559 are 85.5). Default: this machine's GPU, else 80",
     )
     p.add_argument(
-        "--seq-len", type=int, help="sequence length of steps 1 and 2 (default: convert's for this teacher)"
+        "--seq-len",
+        type=int,
+        help="sequence length of steps 1 and 2 (default: convert's for this teacher in the one-GPU "
+        "table, 512 in the table of GPU counts)",
     )
     p.add_argument(
         "--step3-seq-len",

@@ -78,8 +78,8 @@ def available_bytes(device: torch.device) -> float:
 
 
 def _plan_row(step: int, activation_checkpointing: bool) -> str:
-    """The name of `step`'s row in a ConversionPlan (step 1 never checkpoints: its graphs are the
-    mixers' alone)."""
+    """The name of `step`'s row in a ConversionPlan (step 1 has one row: its activations are the
+    captured teacher layers', which checkpointing the mixers does not shrink)."""
     if step == 1:
         return "step 1 (alignment)"
     loss = "KL" if step == 2 else "CE"
@@ -169,18 +169,29 @@ def choose_optimizer(
 
 
 def one_gpu_settings(
-    teacher_dir: str | Path, arch: str, step: int, cfg: StepConfig, gpu_bytes: float, **plan_options
+    teacher_dir: str | Path,
+    arch: str,
+    step: int,
+    cfg: StepConfig,
+    gpu_bytes: float,
+    checkpointing: bool | None = None,
+    **plan_options,
 ) -> tuple[bool, BatchChoice]:
     """What `step` should run with on one GPU of `gpu_bytes`: the micro-batch (cfg's, or as
     size_step chooses it from cfg's global batch), the optimizer that "auto" takes with
-    radlads[torchao] installed, and activation checkpointing only where without it nothing fits,
-    or only a micro-batch under MIN_MICRO_TOKENS tokens that checkpointing would lift (step 1
-    never checkpoints). The choice's `fits` says whether even that is estimated to fit."""
+    radlads[torchao] installed, and (`checkpointing` None) activation checkpointing only where
+    without it nothing fits, or only a micro-batch under MIN_MICRO_TOKENS tokens that checkpointing
+    would lift; a bool sets it. Step 1's estimate does not depend on it: its activations are the
+    captured teacher layers'. The choice's `fits` says whether even that is estimated to fit."""
     given = cfg.batch_size is not None
     global_batch = cfg.batch_size * cfg.grad_accum if given else cfg.global_batch_size
     wanted = cfg.batch_size if given else min(global_batch, -(-MIN_MICRO_TOKENS // cfg.seq_len))
+    if step == 1:
+        choices = (False,)
+    else:
+        choices = (False, True) if checkpointing is None else (checkpointing,)
     options = []
-    for checkpointing in (False, True) if step > 1 else (False,):
+    for checkpointing in choices:
         peaks = {
             name: peak_estimator(
                 teacher_dir, arch, step, cfg, 1, checkpointing, optimizer=name, **plan_options
