@@ -408,6 +408,12 @@ def test_repeated_windows_show_a_span_again_right_after_itself(shard_dir: Path, 
     assert torch.equal(interleaved, next(iter(single)))
 
 
+def test_windows_too_short_to_repeat_stay_as_they_are(shard_dir: Path) -> None:
+    plain = take(PackedLoader(shard_dir / "out", 1, 4, seed=3), 3)
+    asked = take(PackedLoader(shard_dir / "out", 1, 4, seed=3, repeat_fraction=1.0), 3)
+    assert all(torch.equal(a, b) for a, b in zip(plain, asked, strict=True))
+
+
 def test_heldout_windows_are_never_repeated(shard_dir: Path) -> None:
     plain = list(PackedLoader(shard_dir / "eval-out", 4, 3, split="heldout"))
     asked = list(PackedLoader(shard_dir / "eval-out", 4, 3, split="heldout", repeat_fraction=1.0))

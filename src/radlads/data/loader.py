@@ -115,7 +115,7 @@ class PackedLoader:
         """(length, start) of the span window w shows twice, length 0 for none. Drawn from the seed
         and the window alone, so the same on every rank, epoch and resume; lengths from 1/8 to 1/2
         of the window, so that the second sight comes at many distances from the first."""
-        if not self.repeat_fraction:
+        if not self.repeat_fraction or self.seq_len < 2:  # one token cannot be shown twice
             return 0, 0
         rng = np.random.default_rng([self.seed, 1, int(w)])
         if rng.random() >= self.repeat_fraction:
