@@ -270,6 +270,11 @@ def set_special_tokens(tokenizer, ids: dict[str, int]) -> None:
     for attribute, token_id in ids.items():
         if 0 <= token_id < len(tokenizer):
             setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
+        else:
+            logger.warning(
+                "the GGUF file names token %d as its %s, outside its vocabulary of %d: keeping %r",
+                token_id, attribute, len(tokenizer), getattr(tokenizer, attribute),
+            )  # fmt: skip
 
 
 def drop_quantization(model) -> None:
