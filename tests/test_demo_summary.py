@@ -1,4 +1,5 @@
-"""The demo's closing summary, from the files a run leaves (no models: fast)."""
+"""`radlads demo`: its closing summary from the files a run leaves (no models: fast), and the whole
+command on a tiny GGUF teacher."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from radlads.cli.demo import GPU_RESULT, RESULTS_PAGE, summary
 
@@ -42,3 +44,29 @@ def test_gpu_result_quotes_the_results_pages_runs():
     )
     quoted = [f"{best['ppl_student']:.2f}", f"{best['ppl_teacher']:.2f}", f"{pure['ppl_student']:.2f}"]
     assert all(number in GPU_RESULT for number in quoted), (quoted, GPU_RESULT)
+
+
+def test_demo_runs_end_to_end_on_a_tiny_gguf_teacher(tmp_path, monkeypatch, capsys):
+    """`radlads demo` as a user runs it (GGUF import, convert, eval, samples, summary), with the
+    bundled SmolLM2 swapped for a tiny GGUF teacher and the CPU budgets cut to seconds."""
+    pytest.importorskip("gguf")
+    from tiny_gguf import tiny_llama, tiny_vocab, write_gguf
+
+    from radlads.cli import demo
+    from radlads.cli.main import main
+
+    gguf_file = tmp_path / "tiny.gguf"
+    write_gguf(tiny_llama(len(tiny_vocab()[0])), gguf_file)
+    monkeypatch.setattr(demo, "default_teacher_gguf", lambda: gguf_file)
+    step = dict(tokens="512", seq_len=64, batch_size=2, heldout_batches=1, log_every=1)
+    monkeypatch.setitem(demo.BUDGETS, "cpu", dict(step1=dict(step, lr=3e-3), step2=dict(step, lr=3e-4)))
+    monkeypatch.setitem(demo.EVAL, "cpu", dict(seq_len=64, max_windows=2, batch_size=2))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "tiny-hf -> rad-rwkv7" in text and "step 2 distillation (KL): 512 tokens" in text
+    table = text[text.index("held-out text") :].splitlines()
+    assert [line.split()[0] for line in table[2:4]] == ["teacher", "student"]
+    assert "greedy continuation" in text and RESULTS_PAGE in text
+    assert (out / "eval" / "report.md").is_file() and (out / "eval" / "position_loss.png").is_file()
+    assert (out / "radlads.json").is_file() and (out / "model.safetensors").is_file()
