@@ -50,10 +50,9 @@ def test_demo_runs_end_to_end_on_a_tiny_gguf_teacher(tmp_path, monkeypatch, caps
     """`radlads demo` as a user runs it (GGUF import, convert, eval, samples, summary), with the
     bundled SmolLM2 swapped for a tiny GGUF teacher and the CPU budgets cut to seconds."""
     pytest.importorskip("gguf")
-    from tiny_gguf import tiny_llama, tiny_vocab, write_gguf
-
     from radlads.cli import demo
     from radlads.cli.main import main
+    from tiny_gguf import tiny_llama, tiny_vocab, write_gguf
 
     gguf_file = tmp_path / "tiny.gguf"
     write_gguf(tiny_llama(len(tiny_vocab()[0])), gguf_file)
