@@ -191,11 +191,9 @@ def one_gpu_settings(
     else:
         choices = (False, True) if checkpointing is None else (checkpointing,)
     options = []
-    for checkpointing in choices:
+    for ckpt in choices:
         peaks = {
-            name: peak_estimator(
-                teacher_dir, arch, step, cfg, 1, checkpointing, optimizer=name, **plan_options
-            )
+            name: peak_estimator(teacher_dir, arch, step, cfg, 1, ckpt, optimizer=name, **plan_options)
             for name in OPTIMIZERS
         }
         try:
@@ -203,8 +201,8 @@ def one_gpu_settings(
         except ValueError:  # not even one sequence fits: the smallest micro-batch, marked as not fitting
             choice = choose_optimizer(global_batch, 1, peaks, gpu_bytes, cfg.seq_len, 1)
         if choice.fits and choice.micro_batch >= wanted:
-            return checkpointing, choice
-        options.append((checkpointing, choice))
+            return ckpt, choice
+        options.append((ckpt, choice))
     return next((o for o in options if o[1].fits), options[-1])
 
 
