@@ -124,8 +124,8 @@ def test_step2_repeat_fraction_shows_its_training_windows_twice(workspace, tmp_p
     assert main(["step0", *args]) == 0 and main(["step2", *args]) == 0
 
     def shows_a_span_twice(row):  # 16 tokens seen again later in the row
-        seen = {tuple(row[i : i + 16].tolist()) for i in range(len(row) - 15)}
-        return len(seen) < len(row) - 15
+        grams = {tuple(row[i : i + 16].tolist()) for i in range(len(row) - 15)}
+        return len(grams) < len(row) - 15
 
     train = [row for split, batch in seen if split == "train" for row in batch]
     assert train and all(shows_a_span_twice(row) for row in train)

@@ -253,15 +253,17 @@ def one_gpu_table(args: argparse.Namespace, options: dict, step3_seq_len: int) -
         "|---|---|---|---|---:|---|",
     ]
     steps, gpu_bytes = _convert_steps(args, step3_seq_len), args.gpu_memory_gb * GB - CUDA_CONTEXT_BYTES
-    settings = {
-        k: one_gpu_settings(args.teacher, args.arch, k, cfg, gpu_bytes, **options) for k, cfg in steps.items()
-    }
-    checkpointing = any(ckpt for ckpt, _ in settings.values())
-    if checkpointing:  # convert's switch covers the whole run: where one step needs it, all run with it
-        settings = {
-            k: one_gpu_settings(args.teacher, args.arch, k, cfg, gpu_bytes, checkpointing=True, **options)
+
+    def sized(checkpointing: bool | None) -> dict:
+        return {
+            k: one_gpu_settings(args.teacher, args.arch, k, cfg, gpu_bytes, checkpointing, **options)
             for k, cfg in steps.items()
         }
+
+    settings = sized(None)
+    checkpointing = any(ckpt for ckpt, _ in settings.values())
+    if checkpointing:  # convert's switch covers the whole run: where one step needs it, all run with it
+        settings = sized(True)
     missing = set()
     for step, cfg in steps.items():
         choice = settings[step][1]

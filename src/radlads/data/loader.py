@@ -120,7 +120,7 @@ class PackedLoader:
         rng = np.random.default_rng([self.seed, 1, int(w)])
         if rng.random() >= self.repeat_fraction:
             return 0, 0
-        length = int(rng.integers(max(1, self.seq_len // 8), max(1, self.seq_len // 2) + 1))
+        length = int(rng.integers(max(1, self.seq_len // 8), self.seq_len // 2 + 1))
         return length, int(rng.integers(0, self.seq_len - 2 * length + 1))
 
     def _window(self, w: int) -> np.ndarray:
