@@ -15,6 +15,8 @@ VARIANTS = {
     "rwkv6": dict(arch="rad-rwkv6"),
     "rwkv7-hybrid": dict(arch="rad-rwkv7", softmax_layers=[-1]),
     "rwkv6-hybrid-first": dict(arch="rad-rwkv6", softmax_layers=[0]),
+    # Windows far shorter than the tests' sequences, so that the kept keys are pruned as they decode.
+    "rwkv7-hybrid-window": dict(arch="rad-rwkv7", softmax_layers=[0, -1], softmax_window=6, softmax_sinks=2),
     "rwkv7-groupnorm-lowrank-gate": dict(arch="rad-rwkv7", groupnorm=True, gate_rank=32),
 }
 
@@ -45,7 +47,7 @@ def test_prefill_plus_decoding_equals_full_forward(variant):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-hybrid"])
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-hybrid", "rwkv7-hybrid-window"])
 def test_generate_matches_greedy_from_full_forward(variant):
     student = perturbed_student(**VARIANTS[variant])
     prompt = torch.randint(0, 320, (1, 7), generator=torch.Generator().manual_seed(2))
@@ -67,7 +69,7 @@ def test_recurrent_state_does_not_grow_with_context():
     assert cache.nbytes() == size
 
 
-@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6-hybrid-first"])
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6-hybrid-first", "rwkv7-hybrid-window"])
 def test_left_padding_gives_the_unpadded_result(variant):
     student = perturbed_student(**VARIANTS[variant])
     short = torch.randint(1, 320, (1, 9), generator=torch.Generator().manual_seed(3))
@@ -80,7 +82,7 @@ def test_left_padding_gives_the_unpadded_result(variant):
     assert torch.equal(batched[0, 4:], alone[0])
 
 
-@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-hybrid"])
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-hybrid", "rwkv7-hybrid-window"])
 def test_save_pretrained_round_trip(tmp_path, variant):
     student = perturbed_student(**VARIANTS[variant])
     student.save_pretrained(tmp_path)

@@ -49,14 +49,16 @@ SERVER = dict(api_key=KEY, max_batch=8, max_prompt_tokens=400, max_new_tokens=64
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """Tiny teacher, its student and a hybrid student, each a folder with a chat-template tokenizer."""
+    """Tiny teacher, its student, a hybrid student and one whose softmax layer attends over a window,
+    each a folder with a chat-template tokenizer."""
     tmp = tmp_path_factory.mktemp("serve")
     teacher = make_teacher_folder(tmp)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(teacher)
     out = {"teacher": teacher}
-    for name, options in (("student", {}), ("hybrid", {"softmax_layers": [-1]})):
+    windowed = {"softmax_layers": [-1], "softmax_window": 8, "softmax_sinks": 2}
+    for name, options in (("student", {}), ("hybrid", {"softmax_layers": [-1]}), ("windowed", windowed)):
         out[name] = tmp / name
         transfer(teacher, "rad-rwkv7", **options).save_pretrained(out[name])
         tokenizer.save_pretrained(out[name])
@@ -331,7 +333,7 @@ def test_text_stream_holds_back_what_may_start_a_stop_string(reference):
     assert "".join(plain.push(t) for t in ids) + plain.finish() == tok.decode(ids)
 
 
-@pytest.mark.parametrize("kind", ["teacher", "hybrid"])
+@pytest.mark.parametrize("kind", ["teacher", "hybrid", "windowed"])
 def test_kv_cache_models_are_served_too(folders, kind):
     reference = Reference(folders[kind])
     rng = random.Random(2)
@@ -350,13 +352,13 @@ def test_kv_cache_models_are_served_too(folders, kind):
                 )
             )
         assert got == [reference.tokens(ids, 10) for ids in jobs]
-        # A repeated long prompt: a hybrid continues from its cached state (softmax layers' KV
-        # included); a teacher has no prefix cache and prefills it again.
+        # A repeated long prompt: a hybrid continues from its cached state (softmax layers' KV,
+        # pruned to its window where it has one); a teacher has no prefix cache and prefills it again.
         long = [rng.randrange(1, 300) for _ in range(150)]
         for _ in range(2):
             out = client(url).completions.create(model=kind, prompt=long, max_tokens=6, temperature=0)
             assert out.model_extra["token_ids"] == reference.tokens(long, 6)
-        assert engine.metrics.prefix_tokens_skipped._value.get() == (128 if kind == "hybrid" else 0)
+        assert engine.metrics.prefix_tokens_skipped._value.get() == (0 if kind == "teacher" else 128)
         text = raw(url, "GET", "/metrics")[1]
     assert "radlads_generated_tokens_total" in text and "radlads_state_memory_bytes" in text
 
@@ -460,6 +462,10 @@ def test_sequence_cost_is_what_the_caches_hold(folders):
     for kind, want in expected.items():
         cost = SequenceCost.measure(AutoModelForCausalLM.from_pretrained(folders[kind]))
         assert cost == want if isinstance(want, SequenceCost) else (cost.fixed > 0, cost.per_token) == want
+    # A windowed layer keeps each token's column and rank beside its key and value, for 8 + 2 tokens.
+    windowed = SequenceCost.measure(AutoModelForCausalLM.from_pretrained(folders["windowed"]))
+    assert (windowed.per_token, windowed.kept_tokens) == (kv + 2 * 8, 10)
+    assert windowed.bytes(1000) == windowed.bytes(10) == windowed.fixed + 10 * windowed.per_token
 
 
 def test_a_hybrids_projected_cache_is_its_kv_buffers_where_it_decodes_captured(folders, monkeypatch):
@@ -501,7 +507,12 @@ def test_requests_wait_for_memory_and_one_that_never_fits_is_refused(folders):
 
 
 def test_each_model_gets_the_batch_that_suits_its_cache(folders):
-    kinds = {"student": StackedStates, "teacher": PaddedCaches, "hybrid": PaddedCaches}
+    kinds = {
+        "student": StackedStates,
+        "teacher": PaddedCaches,
+        "hybrid": PaddedCaches,
+        "windowed": SeparateCaches,
+    }
     for kind, batch in kinds.items():
         assert isinstance(decode_batch(AutoModelForCausalLM.from_pretrained(folders[kind]), 4), batch)
     # Mistral's window is `sliding_window` alone; Qwen2's is per layer (`layer_types`)

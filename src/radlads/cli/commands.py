@@ -142,6 +142,7 @@ def _eval_settings(args: argparse.Namespace, default_heldout: Path) -> EvalSetti
         copy_distances=args.copy,
         speed_contexts=args.speed,
         compile=args.compile,
+        softmax_window=args.softmax_window,
     )
 
 
@@ -203,6 +204,7 @@ def plan(args: argparse.Namespace) -> int:
     options = dict(
         # for auto:N, any N layers: memory does not depend on which ones keep softmax attention
         softmax_layers=tuple(range(n)) if n is not None else tuple(args.softmax_layers),
+        softmax_window=args.softmax_window,
         keep_kernel_intermediates=args.keep_kernel_intermediates,
         tilelang=args.tilelang,
     )

@@ -30,6 +30,15 @@ def parse_layers(value: str) -> list[int] | str:
         raise argparse.ArgumentTypeError(f"{value!r}: give layer numbers (e.g. 10,20) or auto:N") from None
 
 
+def _add_window_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--softmax-window",
+        type=parse_tokens,
+        help="the softmax layers attend to the last N tokens and a few first ones (sinks): a KV cache "
+        "of at most N + sinks tokens, constant decoding memory (default: the whole context)",
+    )
+
+
 def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file of ConvertConfig fields; flags override it")
     p.add_argument("--teacher", help="teacher: HF model folder, .gguf file, or folder holding one")
@@ -46,6 +55,10 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
         type=parse_layers,
         help="comma-separated layers that keep softmax attention (negative counts from the end), or "
         "auto:N for the N layers with the teacher's strongest induction heads (recommended: auto:2)",
+    )
+    _add_window_arg(p)
+    p.add_argument(
+        "--softmax-sinks", type=int, help="with --softmax-window: first tokens always seen (default 4)"
     )
     budgets = {1: "100M", 2: "250M", 3: "0; 10M under --preset auto for teachers under 1B parameters"}
     for k in (1, 2, 3):
@@ -175,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=(),
         help="copying probes: tokens between a random span and its repeat, e.g. 0,256,1k (0 counts)",
     )
+    _add_window_arg(p)
     p.add_argument("--speed", type=_lengths, default=(), help="bench-generate context lengths, e.g. 1k,4k")
     p.add_argument(
         "--compile",
@@ -235,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="comma-separated layers that keep softmax attention, or auto:N",
     )
+    _add_window_arg(p)
     p.add_argument(
         "--keep-kernel-intermediates",
         action="store_true",
@@ -302,8 +317,12 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     for key in ("teacher", "data", "out", "arch", "device", "seed") + switches:
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
-    if args.softmax_layers is not None:
-        data.setdefault("student", {})["softmax_layers"] = args.softmax_layers
+    student = {
+        "softmax_layers": args.softmax_layers,
+        "softmax_window": args.softmax_window,
+        "softmax_sinks": args.softmax_sinks,
+    }
+    data.setdefault("student", {}).update({k: v for k, v in student.items() if v is not None})
     for key in ("teacher", "data", "out"):
         if not data.get(key):
             raise SystemExit(f"radlads: --{key} is required (or set `{key}:` in --config)")

@@ -114,9 +114,11 @@ class DecodeMemory:
     student_kv_bytes_per_token: int
     teacher_kv_bytes_per_token: int
     trained_context: int  # the teacher's: the longest context the table shows
+    student_kv_tokens: int | None = None  # the most a windowed hybrid keeps (window + sinks)
 
     def student(self, tokens: int) -> int:
-        return self.state_bytes + tokens * self.student_kv_bytes_per_token
+        kept = tokens if self.student_kv_tokens is None else min(tokens, self.student_kv_tokens)
+        return self.state_bytes + kept * self.student_kv_bytes_per_token
 
     def teacher(self, tokens: int) -> int:
         return tokens * self.teacher_kv_bytes_per_token
@@ -133,6 +135,7 @@ def decode_memory(student_config, kv_bytes: int = BF16) -> DecodeMemory:
         student_kv_bytes_per_token=softmax * kv_per_layer,
         teacher_kv_bytes_per_token=cfg.num_hidden_layers * kv_per_layer,
         trained_context=cfg.max_position_embeddings,
+        student_kv_tokens=cfg.softmax_window + cfg.softmax_sinks if cfg.softmax_window else None,
     )
 
 
@@ -217,6 +220,8 @@ class ConversionPlan:
             if d.student_kv_bytes_per_token
             else ""
         )
+        if kv and d.student_kv_tokens:
+            kv += f" for at most {d.student_kv_tokens:,} tokens"
         lines = [
             f"Decoding memory per sequence, up to the teacher's trained context, bf16 KV caches (student: "
             f"{d.state_bytes / 1e6:.1f} MB of recurrent state{kv}; teacher: {d.teacher_kv_bytes_per_token:,} "
@@ -275,6 +280,7 @@ def plan(
     step3_batch_size: int = 1,
     chunk_tokens: int = 4096,
     softmax_layers: tuple[int, ...] = (),
+    softmax_window: int | None = None,
     usable_fraction: float = 0.9,
     keep_kernel_intermediates: bool = False,
     tilelang: bool = False,
@@ -290,7 +296,9 @@ def plan(
     cfg = load_config(teacher)
     if step3_seq_len is None:  # as convert runs step 3
         step3_seq_len = default_step3_seq_len(getattr(cfg, "max_position_embeddings", None))
-    t_model, s_model = build_meta_models(cfg, arch, softmax_layers=list(softmax_layers))
+    t_model, s_model = build_meta_models(
+        cfg, arch, softmax_layers=list(softmax_layers), softmax_window=softmax_window
+    )
     scfg = s_model.config
     teacher_params = count_params(t_model)
     student_params = count_params(s_model)

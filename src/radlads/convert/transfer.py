@@ -50,6 +50,11 @@ def student_config(teacher: PreTrainedModel, arch: str = "rad-rwkv7", **options)
     softmax = sorted({i % n for i in options.pop("softmax_layers", ())})
     if len(softmax) == n:
         raise ValueError("softmax_layers keeps every layer: nothing would be converted")
+    if options.get("softmax_window") and not softmax:
+        raise ValueError(
+            "softmax_window bounds the softmax layers' attention, but no layer keeps softmax "
+            "attention: name some with softmax_layers (--softmax-layers auto:2), or drop the window"
+        )
     return RadladsConfig(arch=arch, teacher_config=tcfg.to_dict(), softmax_layers=softmax, **options)
 
 

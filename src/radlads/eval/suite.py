@@ -37,15 +37,24 @@ class EvalSettings:
     # compiling takes 1-2 min on CUDA, long beside scoring's few short generations.
     # Speed measurements keep the saved settings, the ones a user's generate() runs with.
     compile: bool = False
+    # Score a hybrid student with its softmax layers over this window (and its sinks), whatever
+    # window it was trained with: what bounding its decoding memory costs.
+    softmax_window: int | None = None
 
 
-def load_model(path: str | Path, device: torch.device, compile: bool = True):
+def load_model(
+    path: str | Path, device: torch.device, compile: bool = True, softmax_window: int | None = None
+):
     """The model at `path` for scoring; compile=False turns a student's compiled prefill and
-    decoding off (a plain HF teacher has no such switches)."""
+    decoding off (a plain HF teacher has no such switches); `softmax_window` replaces a hybrid
+    student's window."""
     import radlads  # noqa: F401  (registers the student architecture with the Auto classes)
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    window = {"softmax_window": softmax_window} if softmax_window else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **window).to(device).eval()
+    if window and not getattr(model.config, "softmax_layers", None):
+        raise ValueError(f"{path} has no softmax layers for a window to bound: drop --softmax-window")
     for switch in ("compile_prefill", "compile_decode"):
         if not compile and hasattr(model.config, switch):
             setattr(model.config, switch, False)
@@ -110,7 +119,9 @@ def evaluate_conversion(
         if path is None:
             measured.append(None)
             continue
-        model = load_model(path, device, compile=settings.compile or bool(settings.speed_contexts))
+        compile = settings.compile or bool(settings.speed_contexts)
+        window = settings.softmax_window if name == "student" else None
+        model = load_model(path, device, compile=compile, softmax_window=window)
         measured.append(evaluate_model(f"{name}: {Path(path).name}", model, tokenizer, settings, progress))
         del model
         if device.type == "cuda":

@@ -1,4 +1,6 @@
-"""Softmax attention kept from the teacher in hybrid students (`softmax_layers`)."""
+"""Softmax attention kept from the teacher in hybrid students (`softmax_layers`), over the whole
+context or, with `softmax_window`, over a sliding window plus the first tokens (attention sinks),
+which bounds a hybrid's decoding memory as a pure student's is bounded."""
 
 from __future__ import annotations
 
@@ -23,6 +25,17 @@ def attention_mask_4d(attention_mask: Tensor | None, T: int, S: int, device) -> 
         return allowed[None, None]
     allowed = allowed[None] & attention_mask[:, None, :].bool()
     return (allowed | (j == i)[None])[:, None]
+
+
+def window_mask(key_cols: Tensor, key_ranks: Tensor, query_cols: Tensor, window: int, sinks: int) -> Tensor:
+    """Boolean [B|1, 1, T, S] mask of a windowed layer. Keys and queries carry their column in the
+    token stream; a key's rank counts the real tokens of its row up to it (0: padding or an empty
+    slot). A query sees the real keys at most `window` - 1 columns before it and the first `sinks`
+    real tokens of its row, which StreamingLLM found the trained attention leans on; and itself,
+    so that no row is all-masked."""
+    q, k, rank = query_cols[:, :, None], key_cols[:, None, :], key_ranks[:, None, :]
+    seen = (rank > 0) & (k <= q) & ((q - k < window) | (rank <= sinks))
+    return (seen | (k == q))[:, None]
 
 
 @dataclass
@@ -67,19 +80,28 @@ class StaticKV:
 
 
 class SoftmaxAttention(TeacherProjections):
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.window = config.softmax_window
+        self.sinks = config.softmax_sinks
+
     def forward(
         self,
         x: Tensor,
         position_embeddings: tuple[Tensor, Tensor],
-        state: tuple[Tensor, Tensor] | None = None,
+        state: tuple[Tensor, ...] | StaticKV | None = None,
         v_first: Tensor | None = None,
         attention_mask: Tensor | None = None,
         use_cache: bool = False,
-    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...] | StaticKV | None]:
         """y, v_first passed through, and where `use_cache` the keys and values so far (`state`, the
-        earlier ones, [B, S, H_kv, N] each, with x's appended)."""
-        B, T, _ = x.shape
+        earlier ones, [B, S, H_kv, N] each, with x's appended; a windowed layer's as `attend_window`
+        keeps them)."""
+        T = x.shape[1]
         q, k, v = self.project(x, position_embeddings)
+        if self.window is not None:
+            y, state = self.attend_window(q, k, v, state, attention_mask)
+            return y, v_first, state if use_cache else None
         if isinstance(state, StaticKV):
             return self.attend_static(q, k, v, state), v_first, state
         if state is not None:
@@ -94,7 +116,58 @@ class SoftmaxAttention(TeacherProjections):
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), v_first, state
+        return self.output(y), v_first, state
+
+    def output(self, y: Tensor) -> Tensor:
+        """o_proj of SDPA's [B, H, T, N] output."""
+        B, _, T, _ = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend_window(
+        self, q: Tensor, k: Tensor, v: Tensor, state: tuple | None, attention_mask: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Windowed attention (`window_mask`) over the kept keys and the new ones, and the keys the
+        next tokens may still see: (keys, values, columns, ranks), at most `sinks` + `window` of
+        them per row, whatever the context's length."""
+        T = q.shape[1]
+        if attention_mask is None:
+            real = q.new_ones(1, T, dtype=torch.bool)
+        else:
+            real = attention_mask[:, -T:].bool()
+        cols = torch.arange(T, device=q.device)[None]
+        ranks = real.cumsum(-1) * real
+        if state is not None:
+            old_k, old_v, old_cols, old_ranks = state
+            cols = cols + old_cols.amax(-1, keepdim=True) + 1
+            ranks = ranks + old_ranks.amax(-1, keepdim=True) * real
+            k, v = torch.cat([old_k, k], 1), torch.cat([old_v, v], 1)
+            key_cols, key_ranks = torch.cat([old_cols, cols], 1), torch.cat([old_ranks, ranks], 1)
+        else:
+            key_cols, key_ranks = cols, ranks
+        mask = window_mask(key_cols, key_ranks, cols, self.window, self.sinks)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            self.expand_kv(k).transpose(1, 2),
+            self.expand_kv(v).transpose(1, 2),
+            attn_mask=mask,
+        )
+        return self.output(y), self.still_seen(k, v, key_cols, key_ranks)
+
+    def still_seen(self, k: Tensor, v: Tensor, cols: Tensor, ranks: Tensor) -> tuple[Tensor, ...]:
+        """The keys (and their values, columns, ranks) that a later token may see: the sinks, the
+        last `window` - 1 columns and the newest column (whose place the next one counts from),
+        packed into `sinks` + `window` slots per row, in their order; spare slots get rank 0."""
+        B = k.shape[0]
+        cols, ranks = cols.expand(B, -1), ranks.expand(B, -1)
+        capacity = self.sinks + self.window
+        if k.shape[1] <= capacity:
+            return k, v, cols, ranks
+        newest = cols.amax(-1, keepdim=True)
+        keep = ((ranks > 0) & ((ranks <= self.sinks) | (newest - cols < self.window - 1))) | (cols == newest)
+        order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[:, :capacity]
+        pick = order[:, :, None, None].expand(-1, -1, *k.shape[2:])
+        ranks = ranks.gather(1, order) * keep.gather(1, order)
+        return k.gather(1, pick), v.gather(1, pick), cols.gather(1, order), ranks
 
     def attend_static(self, q: Tensor, k: Tensor, v: Tensor, state: StaticKV) -> Tensor:
         """One decoding step on fixed-capacity buffers, attending over all C positions through the

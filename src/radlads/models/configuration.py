@@ -57,6 +57,8 @@ class RadladsConfig(PretrainedConfig):
         arch: str = "rad-rwkv7",
         teacher_config: dict[str, Any] | None = None,
         softmax_layers: list[int] | tuple[int, ...] = (),
+        softmax_window: int | None = None,
+        softmax_sinks: int = 4,
         decay_rank: int | None = None,
         iclr_rank: int | None = None,
         value_rank: int | None = None,
@@ -78,6 +80,15 @@ class RadladsConfig(PretrainedConfig):
         self.arch = arch
         self.teacher_config = dict(teacher_config or {})
         self.softmax_layers = sorted(int(i) for i in softmax_layers)
+        if (softmax_window is not None and softmax_window < 1) or softmax_sinks < 0:
+            raise ValueError(
+                f"softmax_window {softmax_window} / softmax_sinks {softmax_sinks}: give a window of at "
+                "least 1 token (or None for the whole context) and 0 or more sink tokens"
+            )
+        # The softmax layers attend to the last softmax_window tokens and the first softmax_sinks
+        # (None: to the whole context, a KV cache that grows with it).
+        self.softmax_window = softmax_window
+        self.softmax_sinks = softmax_sinks
         self.groupnorm = groupnorm
         self.kernel_backend = kernel_backend
         # Decode one token per step through a captured CUDA graph (pure linear students on CUDA).

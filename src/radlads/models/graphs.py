@@ -11,7 +11,9 @@ A hybrid's softmax layers grow a KV cache every token, which a graph cannot: the
 live in buffers of fixed capacity (`StaticKV`), the step writes at a position it reads from the
 device and attends over the whole buffer through a mask. A buffer holds the next power of two of
 positions (at least 256), so a growing sequence recaptures a handful of times and computes
-over at most twice the positions it has.
+over at most twice the positions it has. A hybrid whose softmax layers attend over a sliding
+window (`softmax_window`) keeps its keys in a cache that prunes itself, which these buffers do not
+model: it decodes eagerly.
 """
 
 from __future__ import annotations
@@ -218,6 +220,7 @@ class DecodeGraphs:
         return (
             not self.failed
             and config.cuda_graph_decode
+            and not config.softmax_window
             and input_ids is not None
             and input_ids.is_cuda
             and input_ids.shape[1] == 1

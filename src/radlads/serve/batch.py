@@ -84,10 +84,10 @@ def stackable(model) -> bool:
 
 
 def paddable(model) -> bool:
-    """A hybrid student, or a plain HF model whose every layer keeps its whole KV cache (no sliding
+    """A hybrid student, or a plain HF model, whose every layer keeps its whole KV cache (no sliding
     window): left padding and a mask batch their sequences exactly."""
     if is_student(model):
-        return True
+        return not model.config.softmax_window
     # Ask transformers which cache layers the model gets: its rules for sliding windows differ by
     # family (Mistral's `sliding_window` alone, Qwen2's per-layer `layer_types`, ...).
     try:
@@ -100,11 +100,13 @@ def paddable(model) -> bool:
 @dataclass(frozen=True)
 class SequenceCost:
     """Bytes a sequence's cache holds: `fixed` (recurrent states) plus `per_token` (keys and
-    values) for each token it has seen. Measured, not computed from the config: a forward of one
-    token and one of two, whatever the model's layers."""
+    values) for each token it has seen, up to `kept_tokens` of them where its attention is windowed.
+    Measured, not computed from the config: a forward of one token and one of two, whatever the
+    model's layers."""
 
     fixed: int
     per_token: int
+    kept_tokens: int | None = None
 
     @classmethod
     @torch.no_grad()
@@ -114,7 +116,14 @@ class SequenceCost:
             cache_bytes(forward(model, torch.zeros(1, n, dtype=torch.long, device=device), None)[1])
             for n in (1, 2)
         )
-        return cls(fixed=2 * one - two, per_token=two - one)
+        window = getattr(model.config, "softmax_window", None) if is_student(model) else None
+        kept = window + model.config.softmax_sinks if window else None
+        return cls(fixed=2 * one - two, per_token=two - one, kept_tokens=kept)
+
+    def bytes(self, tokens: int) -> int:
+        """The cache of one sequence that has seen `tokens` tokens."""
+        kept = tokens if self.kept_tokens is None else min(tokens, self.kept_tokens)
+        return self.fixed + kept * self.per_token
 
 
 def decode_batch(model, max_batch: int):
@@ -245,7 +254,7 @@ class SeparateCaches:
 
     def projected_bytes(self, lengths: list[int], cost: SequenceCost) -> int:
         """The caches of sequences that will reach these lengths, each its own size."""
-        return len(lengths) * cost.fixed + sum(lengths) * cost.per_token
+        return sum(cost.bytes(n) for n in lengths)
 
 
 def _zeros_like(prefilled: RadladsCache, rows: int, kv_length: int = 0) -> RadladsCache:

@@ -1,0 +1,148 @@
+"""Hybrids whose softmax layers attend over a sliding window plus sink tokens (`softmax_window`):
+the attention a naive loop computes, in one pass, in pieces and token by token, with a cache that
+stops growing once the window is full."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from radlads.convert.plan import decode_memory
+from radlads.models import RadladsConfig
+from test_models import VARIANTS, perturbed_student
+
+WINDOWED = VARIANTS["rwkv7-hybrid-window"]
+
+
+def naive_window_attention(layer, x, positions, real, window: int, sinks: int):
+    """The windowed layer's output by its definition, one query at a time: softmax over the real
+    keys of its row that are at most `window` - 1 tokens back or among the row's first `sinks` real
+    tokens (padding rows see only themselves)."""
+    q, k, v = layer.project(x, positions)
+    k, v = layer.expand_kv(k), layer.expand_kv(v)
+    B, T, H, N = q.shape
+    out = torch.zeros_like(q)
+    for b in range(B):
+        rank = real[b].long().cumsum(0)
+        for t in range(T):
+            seen = [
+                j for j in range(t + 1) if j == t or (real[b, j] and (t - j < window or rank[j] <= sinks))
+            ]
+            scores = torch.einsum("hn,jhn->hj", q[b, t], k[b, seen]) * N**-0.5
+            out[b, t] = torch.einsum("hj,jhn->hn", scores.softmax(-1), v[b, seen])
+    return layer.o_proj(out.reshape(B, T, H * N))
+
+
+@pytest.mark.parametrize("window,sinks", [(1, 0), (4, 0), (4, 3), (100, 2)])
+def test_windowed_layer_is_the_naive_windowed_attention(window, sinks):
+    student = perturbed_student(**{**WINDOWED, "softmax_window": window, "softmax_sinks": sinks})
+    layer = student.model.layers[0].self_attn
+    x = torch.randn(2, 15, student.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 15, dtype=torch.long)
+    mask[1, :5] = 0  # left padding: the second row's sinks are its tokens 5, 6, ...
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    position_embeddings = student.model.rotary_emb(x, positions)
+    with torch.no_grad():
+        ours = layer(x, position_embeddings, attention_mask=mask)[0]
+        expected = naive_window_attention(layer, x, position_embeddings, mask.bool(), window, sinks)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_longer_than_the_context_is_whole_attention_and_a_shorter_one_is_not():
+    ids = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(1))
+    whole = perturbed_student(**{**WINDOWED, "softmax_window": None})
+    with torch.no_grad():
+        expected = whole(ids).logits
+        # With 2 sinks, a window of 18 still covers the 20 tokens; one of 17 misses the third.
+        for window, same in ((18, True), (500, True), (17, False)):
+            windowed = perturbed_student(**{**WINDOWED, "softmax_window": window})
+            windowed.load_state_dict(whole.state_dict())
+            assert torch.allclose(windowed(ids).logits, expected, atol=1e-5) is same, window
+
+
+def test_prompt_in_pieces_and_token_by_token_equal_one_pass_with_bounded_keys():
+    student = perturbed_student(**WINDOWED)
+    window, sinks = WINDOWED["softmax_window"], WINDOWED["softmax_sinks"]
+    ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = student(ids).logits
+        cache, logits, sizes = None, [], []
+        for start, end in [(0, 9), (9, 10), (10, 23), *((t, t + 1) for t in range(23, 40))]:
+            out = student(ids[:, start:end], cache=cache, use_cache=True)
+            cache = out.cache
+            logits.append(out.logits)
+            sizes.append(cache.nbytes())
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)
+    kept = [s for s in cache.states if isinstance(s, tuple)]
+    assert len(kept) == 2 and all(s[0].shape[1] <= sinks + window for s in kept)
+    assert len(set(sizes[-10:])) == 1  # memory per sequence stopped growing
+
+
+def test_decode_memory_of_a_windowed_hybrid_stops_at_its_window():
+    config = perturbed_student(**WINDOWED).config
+    window, sinks = config.softmax_window, config.softmax_sinks
+    memory = decode_memory(config)
+    assert memory.student(10_000) == memory.student(window + sinks) > memory.student(window + sinks - 1)
+    config.softmax_window = None
+    assert decode_memory(config).student(10_000) > memory.student(10_000)
+
+
+@pytest.mark.parametrize("window,sinks", [(0, 4), (-3, 4), (8, -1)])
+def test_a_window_of_no_tokens_is_refused(window, sinks):
+    with pytest.raises(ValueError, match="softmax_window"):
+        RadladsConfig(softmax_window=window, softmax_sinks=sinks)
+
+
+def test_the_window_can_be_set_when_loading(tmp_path):
+    """A hybrid trained with whole attention can be decoded with a window to bound its memory."""
+    perturbed_student(**{**WINDOWED, "softmax_window": None}).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, softmax_window=6)
+    assert loaded.config.softmax_window == 6
+    assert all(layer.self_attn.window == 6 for layer in loaded.model.layers[::2])
+
+
+def test_convert_trains_a_windowed_hybrid_that_decodes_in_bounded_memory(tmp_path, capsys):
+    """`convert --softmax-window` trains steps 2 and 3 through the window (their sequences are
+    longer than it), and the exported student keeps it; changing it on a finished run, or asking
+    for one without softmax layers, is refused without touching what was written."""
+    from radlads.cli.main import main
+    from test_convert import convert_args
+    from tiny_models import make_teacher_folder, write_corpus
+
+    teacher, corpus = make_teacher_folder(tmp_path), write_corpus(tmp_path / "corpus")
+    out = tmp_path / "windowed"
+    window = ["--softmax-layers", "-1", "--softmax-window", "64", "--softmax-sinks", "2"]
+    budgets = ["--step1-tokens", "20k", "--step3-tokens", "8k", "--step3-seq-len", "256"]
+    assert main(convert_args(teacher, corpus, out, *window, *budgets)) == 0
+    summary = json.loads((out / "radlads.json").read_text())
+    assert summary["steps"]["2"]["heldout_end"] < summary["steps"]["2"]["heldout_start"]
+    assert summary["steps"]["3"]["tokens"] >= 8_000
+    student = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (student.config.softmax_layers, student.config.softmax_window, student.config.softmax_sinks) == (
+        [2],
+        64,
+        2,
+    )
+    with torch.no_grad():
+        cache = student(torch.randint(0, 300, (1, 200)), use_cache=True).cache
+    assert cache.states[2][0].shape[1] <= 66
+    weights = (out / "model.safetensors").read_bytes()
+    changed = [*window[:3], "32", *budgets]
+    assert main(convert_args(teacher, corpus, out, *changed)) == 2
+    assert "another student" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert main(convert_args(teacher, corpus, tmp_path / "pure", "--softmax-window", "64")) == 2
+    assert "no layer keeps softmax attention" in capsys.readouterr().err
+
+    # `eval --softmax-window` scores the student over another window than it was trained with.
+    def perplexity(*extra):
+        report = tmp_path / f"eval{len(extra)}"
+        args = ["--model", str(out), "--data", str(corpus), "--seq-len", "128", "--out", str(report)]
+        assert main(["eval", *args, "--max-windows", "4", "--quiet", *extra]) == 0
+        return json.loads((report / "results.json").read_text())["student"]["perplexity"]["ppl"]
+
+    assert perplexity("--softmax-window", "8") != perplexity()  # the trained window, 64, is in config.json
+    assert main(["eval", "--model", str(tmp_path / "pure"), "--softmax-window", "8", "--quiet"]) == 2
