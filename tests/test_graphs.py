@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from radlads.models.cache import RadladsCache
-from radlads.models.graphs import LentState, decode_graphs, kv_capacity, kv_length, one_token
+from radlads.models.graphs import LentState, buffer_capacity, decode_graphs, one_token
 from test_models import VARIANTS, perturbed_student
 
 gpu = pytest.mark.gpu
@@ -79,7 +79,7 @@ def test_two_caches_interleaved_keep_their_own_state():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("variant", ["rwkv7", "rwkv7-hybrid"])
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv7-hybrid", "rwkv7-hybrid-window"])
 def test_graphed_generate_with_left_padding_equals_eager(variant):
     student = cuda_student(variant)
     batch = torch.randint(1, 320, (2, 13), generator=torch.Generator().manual_seed(3)).cuda()
@@ -236,17 +236,13 @@ def test_lent_state_gives_the_cache_bound_before_a_copy_of_what_it_still_holds()
 
 
 def graph_free_step(step, student, lents: dict, ids, positions, mask, cache):
-    """What DecodeGraph.__call__ does around a replay, with `step` run instead of the replay: bind
-    the cache to the state buffers of its KV capacity (new buffers once it outgrows them), mark the
-    positions each row sees, run the step, lend the cache the buffers' filled part."""
-    length = kv_length(cache.states)
-    capacity = kv_capacity(length + 1)
+    """What DecodeGraph.__call__ does around a replay, with `step` run instead of the replay, on
+    the state buffers of the cache's KV capacity (new buffers once it outgrows them)."""
+    capacity = buffer_capacity(student.config, cache.states)
     lent = lents.setdefault(capacity, LentState(cache.states, capacity))
-    lent.bind(cache)
-    lent.prepare(length, mask)
+    length = lent.begin(cache, mask)
     logits = step(student, ids, positions, mask[:, -1:], lent.states)
-    lent.lend(cache, length + 1)
-    cache.seen_tokens += 1
+    lent.end(cache, length)
     return logits
 
 
@@ -288,3 +284,30 @@ def test_hybrid_step_on_fixed_capacity_kv_buffers_equals_eager_decoding(variant,
             ours if isinstance(ours, tuple) else (ours,), theirs if isinstance(theirs, tuple) else (theirs,)
         ):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_windowed_hybrid_step_on_its_window_buffers_equals_eager_decoding(compiled):
+    """A windowed hybrid decodes through the captured step in buffers of window + sinks slots from
+    the first step on, evicting on the device: a left-padded batch decoded far past its window gives
+    the eager step's logits at every token, and a second, shorter sequence taking the same buffers
+    sees nothing the first left there."""
+    student = perturbed_student(**VARIANTS["rwkv7-hybrid-window"])
+    capacity = student.config.softmax_window + student.config.softmax_sinks
+    ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :3] = 0  # the second row is left-padded: its sinks are tokens 3 and 4
+    step = torch.compile(one_token, backend="aot_eager", fullgraph=True) if compiled else one_token
+    lents: dict = {}
+    with torch.no_grad():
+        for prompt in (5, 2):
+            caches = [
+                student(ids[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True).cache for _ in "ab"
+            ]
+            for t in range(prompt, 40 if prompt == 5 else 12):
+                positions = (mask[:, : t + 1].cumsum(-1) - 1).clamp(min=0)[:, -1:]
+                inputs = (ids[:, t : t + 1], positions, mask[:, : t + 1])
+                eager = student(inputs[0], position_ids=positions, attention_mask=inputs[2], cache=caches[0])
+                graphed = graph_free_step(step, student, lents, *inputs, caches[1])
+                torch.testing.assert_close(graphed, eager.logits, rtol=1e-4, atol=1e-4)
+    assert list(lents) == [capacity]

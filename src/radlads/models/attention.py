@@ -39,25 +39,40 @@ def window_mask(key_cols: Tensor, key_ranks: Tensor, query_cols: Tensor, window:
 
 
 @dataclass
-class StaticKV:
-    """A softmax layer's keys and values in buffers of fixed capacity, for the captured decoding
-    step (radlads.models.graphs), whose tensors may not change shape. A step writes its token's key
-    and value at position `length` (a device scalar, so one graph serves every length up to the
-    capacity C) and attends to the positions `valid` ([B, C], shared by the model's softmax layers)
-    marks: each row's own tokens, never padding or slots not yet written. The buffers are
-    head-major, [B, H_kv, C, N], so that attention reads each KV head once, as one batched matmul
-    for all the query heads that share it; a cache between steps holds [B, T, H_kv, N] views."""
+class KVBuffers:
+    """A softmax layer's keys and values in head-major buffers, [B, H_kv, C, N], of a fixed
+    capacity C, for the captured decoding step (radlads.models.graphs), whose tensors may not
+    change shape; between steps a cache holds [B, T, H_kv, N] views of them."""
 
     keys: Tensor
     values: Tensor
+
+    def holds(self, state: tuple[Tensor, ...]) -> bool:
+        """Whether `state` is such a view of these buffers (so they already hold it)."""
+        return state[0].data_ptr() == self.keys.data_ptr() and state[1].data_ptr() == self.values.data_ptr()
+
+
+def empty_buffers(keys: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """Zeroed head-major key and value buffers of `capacity` positions for keys like `keys`."""
+    B, _, H, N = keys.shape
+    return keys.new_zeros(B, H, capacity, N), keys.new_zeros(B, H, capacity, N)
+
+
+@dataclass
+class StaticKV(KVBuffers):
+    """A whole-context layer's buffers. A step writes its token's key and value at position
+    `length` (a device scalar, so one graph serves every length up to the capacity C) and attends
+    to the positions `valid` ([B, C], shared by the model's softmax layers) marks: each row's own
+    tokens, never padding or slots not yet written. Head-major, attention reads each KV head once,
+    as one batched matmul for all the query heads that share it."""
+
     length: Tensor
     valid: Tensor
 
     @classmethod
     def like(cls, keys: Tensor, capacity: int, length: Tensor, valid: Tensor) -> StaticKV:
         """Empty buffers for keys like `keys` ([B, T, H_kv, N], as a cache holds them)."""
-        B, _, H, N = keys.shape
-        return cls(keys.new_zeros(B, H, capacity, N), keys.new_zeros(B, H, capacity, N), length, valid)
+        return cls(*empty_buffers(keys, capacity), length, valid)
 
     def load(self, state: tuple[Tensor, Tensor]) -> None:
         """Copy a cache's keys and values into the first positions."""
@@ -74,9 +89,49 @@ class StaticKV:
         """The first `length` positions as [B, length, H_kv, N] views, as a cache holds them."""
         return self.keys[:, :, :length].transpose(1, 2), self.values[:, :, :length].transpose(1, 2)
 
-    def holds(self, state: tuple[Tensor, Tensor]) -> bool:
-        """Whether `state` is such a view of these buffers (so they already hold it)."""
-        return state[0].data_ptr() == self.keys.data_ptr() and state[1].data_ptr() == self.values.data_ptr()
+
+@dataclass
+class WindowKV(KVBuffers):
+    """A windowed layer's buffers (of the state `attend_window` keeps), of `sinks` + `window`
+    slots. A step evicts, per row and on the device, the key no later token can see: an empty slot
+    first, else the oldest key that is no sink. So one graph serves every length, and the cache
+    between steps holds views of all the slots."""
+
+    cols: Tensor  # [B, C]: -1 in empty slots, so that the newest column is the maximum
+    ranks: Tensor  # [B, C]: 0 in empty slots
+
+    @classmethod
+    def like(cls, keys: Tensor, capacity: int) -> WindowKV:
+        cols = torch.full((keys.shape[0], capacity), -1, dtype=torch.long, device=keys.device)
+        return cls(*empty_buffers(keys, capacity), cols, torch.zeros_like(cols))
+
+    def load(self, state: tuple[Tensor, ...]) -> None:
+        """Copy a cache's kept keys into the first slots and empty the rest."""
+        keys, values, cols, ranks = state
+        n = keys.shape[1]
+        self.keys[:, :, :n].copy_(keys.transpose(1, 2))
+        self.values[:, :, :n].copy_(values.transpose(1, 2))
+        self.cols[:, :n].copy_(cols)
+        self.ranks[:, :n].copy_(ranks)
+        self.cols[:, n:] = -1
+        self.ranks[:, n:] = 0
+
+    def write(self, k: Tensor, v: Tensor, col: Tensor, rank: Tensor, sinks: int) -> None:
+        """Put one token's key ([B, 1, H_kv, N]), value, column and rank ([B, 1]) in each row's
+        least needed slot."""
+        sink = (self.ranks > 0) & (self.ranks <= sinks)
+        age = torch.where(self.ranks == 0, -1, torch.where(sink, torch.iinfo(torch.long).max, self.cols))
+        slot = age.argmin(-1, keepdim=True)
+        B, H, _, N = self.keys.shape
+        at = slot[:, None, :, None].expand(B, H, 1, N)
+        self.keys.scatter_(2, at, k.transpose(1, 2))
+        self.values.scatter_(2, at, v.transpose(1, 2))
+        self.cols.scatter_(1, slot, col)
+        self.ranks.scatter_(1, slot, rank)
+
+    def filled(self, length: int = 0) -> tuple[Tensor, ...]:
+        """Every slot, as a cache holds a windowed layer's state (`length` is StaticKV's)."""
+        return self.keys.transpose(1, 2), self.values.transpose(1, 2), self.cols, self.ranks
 
 
 class SoftmaxAttention(TeacherProjections):
@@ -99,11 +154,13 @@ class SoftmaxAttention(TeacherProjections):
         keeps them)."""
         T = x.shape[1]
         q, k, v = self.project(x, position_embeddings)
+        if isinstance(state, StaticKV):
+            return self.attend_static(q, k, v, state), v_first, state
+        if isinstance(state, WindowKV):
+            return self.attend_window_static(q, k, v, state, attention_mask), v_first, state
         if self.window is not None:
             y, state = self.attend_window(q, k, v, state, attention_mask)
             return y, v_first, state if use_cache else None
-        if isinstance(state, StaticKV):
-            return self.attend_static(q, k, v, state), v_first, state
         if state is not None:
             k, v = torch.cat([state[0], k], dim=1), torch.cat([state[1], v], dim=1)
         state = (k, v) if use_cache else None
@@ -171,11 +228,30 @@ class SoftmaxAttention(TeacherProjections):
 
     def attend_static(self, q: Tensor, k: Tensor, v: Tensor, state: StaticKV) -> Tensor:
         """One decoding step on fixed-capacity buffers, attending over all C positions through the
-        mask. Query head h reads KV head h // G (as HF's repeat_kv), here without repeating them."""
+        mask."""
         state.append(k, v)
+        return self.attend_buffers(q, state.keys, state.values, state.valid[:, None, None, :])
+
+    def attend_window_static(
+        self, q: Tensor, k: Tensor, v: Tensor, state: WindowKV, attention_mask: Tensor | None
+    ) -> Tensor:
+        """One decoding step of a windowed layer on its WindowKV buffers."""
+        real = (
+            torch.ones_like(state.ranks[:, :1]) if attention_mask is None else attention_mask[:, -1:].long()
+        )
+        col = state.cols.amax(-1, keepdim=True) + 1
+        rank = (state.ranks.amax(-1, keepdim=True) + real) * real
+        state.write(k, v, col, rank, self.sinks)
+        seen = window_mask(state.cols, state.ranks, col, self.window, self.sinks)
+        return self.attend_buffers(q, state.keys, state.values, seen)
+
+    def attend_buffers(self, q: Tensor, keys: Tensor, values: Tensor, seen: Tensor) -> Tensor:
+        """Attention of q ([B, T, H, N]) over head-major buffers ([B, H_kv, C, N]) where `seen`
+        ([B, 1, 1, C]) allows. Query head h reads KV head h // G (as HF's repeat_kv), here without
+        repeating them."""
         B, T, H, N = q.shape
         q = q.transpose(1, 2).reshape(B, self.num_kv_heads, H // self.num_kv_heads * T, N)
-        scores = (q @ state.keys.transpose(-1, -2)).float() * N**-0.5
-        scores = scores.masked_fill(~state.valid[:, None, None, :], float("-inf"))
-        y = scores.softmax(-1).to(state.values.dtype) @ state.values
+        scores = (q @ keys.transpose(-1, -2)).float() * N**-0.5
+        scores = scores.masked_fill(~seen, float("-inf"))
+        y = scores.softmax(-1).to(values.dtype) @ values
         return self.o_proj(y.view(B, H, T, N).transpose(1, 2).reshape(B, T, H * N))

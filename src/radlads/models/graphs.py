@@ -12,8 +12,8 @@ live in buffers of fixed capacity (`StaticKV`), the step writes at a position it
 device and attends over the whole buffer through a mask. A buffer holds the next power of two of
 positions (at least 256), so a growing sequence recaptures a handful of times and computes
 over at most twice the positions it has. A hybrid whose softmax layers attend over a sliding
-window (`softmax_window`) keeps its keys in a cache that prunes itself, which these buffers do not
-model: it decodes eagerly.
+window (`softmax_window`) needs no more than its window and sinks: its buffers (`WindowKV`) have
+that many slots from the first step, and each step overwrites the key no later token sees.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from .attention import StaticKV
+from .attention import KVBuffers, StaticKV, WindowKV
 from .cache import RadladsCache
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,9 @@ def _uncached_autocast():
 
 
 def one_token(
-    model: nn.Module, ids: Tensor, positions: Tensor, keep: Tensor, states: list[Tensor | StaticKV]
+    model: nn.Module, ids: Tensor, positions: Tensor, keep: Tensor, states: list[Tensor | KVBuffers]
 ) -> Tensor:
-    """Logits of one decoding step from the recurrent `states` (and a hybrid's StaticKV buffers),
+    """Logits of one decoding step from the recurrent `states` (and a hybrid's KV buffers),
     which it updates in place."""
     scratch = RadladsCache(len(states))
     scratch.states = list(states)
@@ -50,7 +50,7 @@ def one_token(
         input_ids=ids, position_ids=positions, attention_mask=keep, cache=scratch
     ).last_hidden_state
     for static, new in zip(states, scratch.states):
-        if isinstance(static, Tensor):  # a StaticKV is written where it is
+        if isinstance(static, Tensor):  # KV buffers are written where they are
             static.copy_(new)
     return model.lm_head(hidden)
 
@@ -65,6 +65,24 @@ def kv_length(states: list) -> int:
     return next((s[0].shape[1] for s in states if isinstance(s, tuple)), 0)
 
 
+def buffer_capacity(config, states: list) -> int:
+    """Positions of the KV buffers a cache's next step decodes in (0: no softmax layers)."""
+    if not kv_length(states):
+        return 0
+    if config.softmax_window:
+        return config.softmax_window + config.softmax_sinks
+    return kv_capacity(kv_length(states) + 1)
+
+
+def _buffers(state, capacity: int, length: Tensor, valid: Tensor):
+    """The fixed buffers that stand in for one layer's state while it decodes captured."""
+    if not isinstance(state, tuple):
+        return state.clone()
+    if len(state) == 4:  # a windowed layer's (keys, values, columns, ranks)
+        return WindowKV.like(state[0], capacity)
+    return StaticKV.like(state[0], capacity, length, valid)
+
+
 @functools.cache
 def compiled_one_token():
     # fullgraph: a graph break or Dynamo's recompile limit raises, and the caller captures the
@@ -77,7 +95,7 @@ def compiled_one_token():
 
 class LentState:
     """State buffers that one cache at a time decodes with in place: recurrent states, and a
-    hybrid's StaticKV buffers of `capacity` positions. A cache that binds them points its `states`
+    hybrid's KV buffers of `capacity` positions. A cache that binds them points its `states`
     at them (its keys and values at views of their filled part); the cache bound before gets back
     a copy of whatever of them it still points at. A cache that dropped or replaced its states
     since (a server's batch empties, or moves to another size) has nothing here to copy."""
@@ -87,17 +105,29 @@ class LentState:
         self.length = torch.zeros((), dtype=torch.long, device=first.device)
         self.valid = torch.zeros(first.shape[0], capacity, dtype=torch.bool, device=first.device)
         self.valid[:, :1] = True  # no all-masked row while capturing
-        self.states = [
-            StaticKV.like(s[0], capacity, self.length, self.valid) if isinstance(s, tuple) else s.clone()
-            for s in states
-        ]
+        self.states = [_buffers(s, capacity, self.length, self.valid) for s in states]
+        self.windowed = any(isinstance(t, WindowKV) for t in self.states)
         self.bound: weakref.ref[RadladsCache] | None = None
 
     def holds(self, cache: RadladsCache) -> bool:
         return all(
-            isinstance(s, tuple) and t.holds(s) if isinstance(t, StaticKV) else s is t
+            isinstance(s, tuple) and t.holds(s) if isinstance(t, KVBuffers) else s is t
             for s, t in zip(cache.states, self.states)
         )
+
+    def begin(self, cache: RadladsCache, attention_mask: Tensor | None) -> int:
+        """Before a step: bind `cache`, mark the positions each row attends to; its KV length."""
+        length = kv_length(cache.states)
+        self.bind(cache)
+        if length and not self.windowed:
+            self.prepare(length, attention_mask)
+        return length
+
+    def end(self, cache: RadladsCache, length: int) -> None:
+        """After a step from `length` positions: lend `cache` what the buffers now hold."""
+        if length:
+            self.lend(cache, length + 1)
+        cache.seen_tokens += 1
 
     def bind(self, cache: RadladsCache) -> None:
         if self.holds(cache):
@@ -106,7 +136,7 @@ class LentState:
         if previous is not None and previous is not cache:
             previous.states = [_unlent(s, t) for s, t in zip(previous.states, self.states)]
         for static, state in zip(self.states, cache.states):
-            if isinstance(static, StaticKV):
+            if isinstance(static, KVBuffers):
                 static.load(state)
             else:
                 static.copy_(state)
@@ -115,7 +145,7 @@ class LentState:
 
     def lend(self, cache: RadladsCache, length: int) -> None:
         """Point `cache` at these states, its keys and values at their first `length` positions."""
-        cache.states = [t.filled(length) if isinstance(t, StaticKV) else t for t in self.states]
+        cache.states = [t.filled(length) if isinstance(t, KVBuffers) else t for t in self.states]
 
     def prepare(self, length: int, attention_mask: Tensor | None) -> None:
         """Before a step that writes position `length`: which positions each row attends to."""
@@ -130,7 +160,7 @@ class LentState:
 
 def _unlent(state, static):
     """A cache's state with a copy in place of any tensor that is (a view of) a lent one."""
-    if isinstance(static, StaticKV):
+    if isinstance(static, KVBuffers):
         return tuple(t.clone() for t in state) if isinstance(state, tuple) and static.holds(state) else state
     return state.clone() if state is static else state
 
@@ -176,10 +206,7 @@ class DecodeGraph:
     def __call__(
         self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None, cache: RadladsCache
     ) -> Tensor:
-        length = kv_length(cache.states)
-        self.state.bind(cache)
-        if length:
-            self.state.prepare(length, attention_mask)
+        length = self.state.begin(cache, attention_mask)
         self.ids.copy_(input_ids)
         self.positions.copy_(position_ids)
         if attention_mask is None:
@@ -187,9 +214,7 @@ class DecodeGraph:
         else:
             self.keep.copy_(attention_mask[:, -1:])
         self.graph.replay()
-        if length:
-            self.state.lend(cache, length + 1)
-        cache.seen_tokens += 1
+        self.state.end(cache, length)
         # The next replay overwrites the static logits; callers may keep these.
         return self.logits.clone()
 
@@ -220,7 +245,6 @@ class DecodeGraphs:
         return (
             not self.failed
             and config.cuda_graph_decode
-            and not config.softmax_window
             and input_ids is not None
             and input_ids.is_cuda
             and input_ids.shape[1] == 1
@@ -253,8 +277,7 @@ class DecodeGraphs:
         mask_dtype = attention_mask.dtype if attention_mask is not None else input_ids.dtype
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         compiled = model.config.compile_decode and not self.uncompilable
-        length = kv_length(cache.states)
-        capacity = kv_capacity(length + 1) if length else 0
+        capacity = buffer_capacity(model.config, cache.states)
         key = (batch, capacity, mask_dtype, autocast, torch.is_inference_mode_enabled(), compiled)
         # Capture and replay on the model's GPU: a graph captures the current device's work only.
         with torch.cuda.device(input_ids.device):
