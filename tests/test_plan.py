@@ -121,10 +121,10 @@ def test_tilelang_kept_intermediates_match_what_an_h100_measured(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["rad-rwkv7", "rad-rwkv6"])
-@pytest.mark.parametrize("softmax_layers", [[], [-1]])
-def test_decode_memory_is_what_the_caches_hold(arch, softmax_layers):
+@pytest.mark.parametrize("softmax_layers,window", [([], None), ([-1], None), ([-1], 16)])
+def test_decode_memory_is_what_the_caches_hold(arch, softmax_layers, window):
     teacher = make_teacher("llama")
-    student = transfer(teacher, arch=arch, softmax_layers=softmax_layers)
+    student = transfer(teacher, arch=arch, softmax_layers=softmax_layers, softmax_window=window)
     ids = torch.randint(0, teacher.config.vocab_size, (1, 40))
     with torch.no_grad():
         kv = teacher(input_ids=ids, use_cache=True).past_key_values

@@ -130,9 +130,11 @@ def decode_memory(student_config, kv_bytes: int = BF16) -> DecodeMemory:
     softmax = sum(cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers))
     state = cfg.num_attention_heads * cfg.head_dim**2 * FP32
     kv_per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * kv_bytes
+    # A windowed layer keeps each key's column and rank (int64) to prune by.
+    kept_per_layer = kv_per_layer + (2 * 8 if cfg.softmax_window else 0)
     return DecodeMemory(
         state_bytes=(cfg.num_hidden_layers - softmax) * state,
-        student_kv_bytes_per_token=softmax * kv_per_layer,
+        student_kv_bytes_per_token=softmax * kept_per_layer,
         teacher_kv_bytes_per_token=cfg.num_hidden_layers * kv_per_layer,
         trained_context=cfg.max_position_embeddings,
         student_kv_tokens=cfg.softmax_window + cfg.softmax_sinks if cfg.softmax_window else None,
