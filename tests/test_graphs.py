@@ -111,9 +111,11 @@ def test_a_hybrid_decoding_past_its_kv_buffers_moves_to_larger_ones():
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("compiled", [False, True], ids=["captured", "compiled"])
-def test_graphs_captured_under_autocast_stay_valid_after_the_autocast_block(compiled):
-    """fp32 weights under bf16 autocast: the graph must not read autocast's per-block weight copies."""
-    student = cuda_student("rwkv7")
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv7-hybrid", "rwkv7-hybrid-window"])
+def test_graphs_captured_under_autocast_stay_valid_after_the_autocast_block(compiled, variant):
+    """fp32 weights under bf16 autocast: the graph must not read autocast's per-block weight copies
+    (and a hybrid's buffers hold fp32 keys beside bf16 values)."""
+    student = cuda_student(variant)
     student.config.compile_decode = compiled
     prompts = [
         torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(s)).cuda() for s in (6, 7)
@@ -311,3 +313,32 @@ def test_windowed_hybrid_step_on_its_window_buffers_equals_eager_decoding(compil
                 graphed = graph_free_step(step, student, lents, *inputs, caches[1])
                 torch.testing.assert_close(graphed, eager.logits, rtol=1e-4, atol=1e-4)
     assert list(lents) == [capacity]
+
+
+@pytest.mark.parametrize("variant", ["rwkv7-hybrid", "rwkv7-hybrid-window"])
+def test_kv_buffers_hold_keys_and_values_each_in_its_own_dtype_under_autocast(variant):
+    """fp32 weights under bf16 autocast: RoPE leaves the keys in fp32 while the values come out in
+    bf16, and the buffers the captured step writes into must take each as it is. The captured step
+    then comes as close to the fp32 logits as eager decoding does (bf16 rounding, ~0.2 here)."""
+    student = perturbed_student(**VARIANTS[variant])
+    ids = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    lents: dict = {}
+    with torch.no_grad():
+        exact = student(ids).logits[:, 8:]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            caches = [student(ids[:, :8], attention_mask=mask[:, :8], use_cache=True).cache for _ in "ab"]
+            kv = next(s for s in caches[0].states if isinstance(s, tuple))
+            assert (kv[0].dtype, kv[1].dtype) == (torch.float32, torch.bfloat16)
+            eager, graphed = [], []
+            for t in range(8, 20):
+                positions = torch.full((2, 1), t)
+                inputs = (ids[:, t : t + 1], positions, mask[:, : t + 1])
+                eager.append(
+                    student(
+                        inputs[0], position_ids=positions, attention_mask=inputs[2], cache=caches[0]
+                    ).logits
+                )
+                graphed.append(graph_free_step(one_token, student, lents, *inputs, caches[1]))
+    errors = [(torch.cat(run, 1).float() - exact).abs().max() for run in (eager, graphed)]
+    assert errors[1] <= 1.5 * errors[0], errors

@@ -42,7 +42,7 @@ def count_passes(monkeypatch) -> list[int]:
     return lengths
 
 
-@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-groupnorm-lowrank-gate"])
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-groupnorm-lowrank-gate", "rwkv7-hybrid-window"])
 def test_a_prefill_in_pieces_equals_one_pass(variant, monkeypatch):
     student = perturbed_student(**VARIANTS[variant])
     ids = torch.randint(0, 320, (2, 150), generator=torch.Generator().manual_seed(0))
@@ -73,8 +73,9 @@ def test_a_prefill_in_pieces_equals_one_pass(variant, monkeypatch):
 
 
 def test_hybrids_and_training_prefill_in_one_pass(monkeypatch):
-    """A softmax layer would need a mask over the whole past for each piece; autograd would keep
-    every piece's activations anyway."""
+    """A whole-context softmax layer would need a mask over the whole past for each piece (a
+    windowed one keeps a bounded past: it runs in pieces); autograd would keep every piece's
+    activations anyway."""
     lengths = count_passes(monkeypatch)
     hybrid = perturbed_student(**VARIANTS["rwkv7-hybrid"])
     hybrid.config.prefill_chunk_tokens = 64

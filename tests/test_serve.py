@@ -527,12 +527,13 @@ def test_each_model_gets_the_batch_that_suits_its_cache(folders):
 
 def test_warm_up_prefills_and_steps_at_every_batch_size(folders):
     """Before serving, a student's decoding step runs once at each size its stacked batch takes,
-    and a hybrid's at two batch sizes and two KV capacities, so no request waits for a compile; a
-    teacher's warm-up is one prefill."""
+    a hybrid's at two batch sizes and two KV capacities, a windowed hybrid's at one row, so no
+    request waits for a compile; a teacher's warm-up is one prefill."""
     prompt = [(1, 64), (1, 64)]  # two pieces: from no state, then from one
     expected = (
         ("student", [*prompt, (1, 1), (4, 1), (16, 1), (20, 1)]),
         ("hybrid", [*prompt, (1, 1), (2, 1), (2, 1)]),  # a second batch size, then KV capacity
+        ("windowed", [*prompt, (1, 1)]),  # its sequences decode one by one
         ("teacher", prompt),
     )
     for kind, sizes in expected:

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from radlads.convert.plan import decode_memory
 from radlads.models import RadladsConfig
+from test_kernels import op_device  # noqa: F401 (a fixture)
 from test_models import VARIANTS, perturbed_student
 
 WINDOWED = VARIANTS["rwkv7-hybrid-window"]
@@ -142,7 +143,35 @@ def test_convert_trains_a_windowed_hybrid_that_decodes_in_bounded_memory(tmp_pat
         report = tmp_path / f"eval{len(extra)}"
         args = ["--model", str(out), "--data", str(corpus), "--seq-len", "128", "--out", str(report)]
         assert main(["eval", *args, "--max-windows", "4", "--quiet", *extra]) == 0
-        return json.loads((report / "results.json").read_text())["student"]["perplexity"]["ppl"]
+        return json.loads((report / "results.json").read_text())["student"]
 
-    assert perplexity("--softmax-window", "8") != perplexity()  # the trained window, 64, is in config.json
+    narrow, trained = perplexity("--softmax-window", "8", "--softmax-sinks", "1"), perplexity()
+    assert narrow["perplexity"]["ppl"] != trained["perplexity"]["ppl"]  # trained with 64 and 2
+    assert narrow["name"] == "student: windowed, softmax_window 8, softmax_sinks 1"
+    assert trained["name"] == "student: windowed"
     assert main(["eval", "--model", str(tmp_path / "pure"), "--softmax-window", "8", "--quiet"]) == 2
+
+
+def test_compiled_prefill_of_a_windowed_hybrid_has_no_graph_break_and_equals_eager(op_device, monkeypatch):  # noqa: F811
+    """The windowed layer's masking and pruning compile with the layer (on a CPU through aot_eager,
+    as Inductor takes the graph on a GPU), from no state and from a pruned one."""
+    from torch._dynamo.utils import counters
+
+    from test_prefill import aot_eager_layers
+
+    student = perturbed_student(**WINDOWED).to(op_device)
+    ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(1)).to(op_device)
+    runs = {}
+    for compiled in (False, True):
+        torch.compiler.reset()
+        counters.clear()
+        student.config.compile_prefill = compiled
+        if compiled:
+            aot_eager_layers(monkeypatch, op_device)
+        with torch.no_grad():
+            first = student(ids[:, :32], use_cache=True)
+            then = student(ids[:, 32:], cache=first.cache, use_cache=True)
+        runs[compiled] = [first.logits, then.logits, *then.cache.states]
+    assert counters["stats"]["unique_graphs"] and not counters["graph_break"], dict(counters["graph_break"])
+    assert not student.model.compiled_layers.failed
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)

@@ -143,6 +143,7 @@ def _eval_settings(args: argparse.Namespace, default_heldout: Path) -> EvalSetti
         speed_contexts=args.speed,
         compile=args.compile,
         softmax_window=args.softmax_window,
+        softmax_sinks=args.softmax_sinks,
     )
 
 
@@ -205,6 +206,7 @@ def plan(args: argparse.Namespace) -> int:
         # for auto:N, any N layers: memory does not depend on which ones keep softmax attention
         softmax_layers=tuple(range(n)) if n is not None else tuple(args.softmax_layers),
         softmax_window=args.softmax_window,
+        softmax_sinks=args.softmax_sinks,
         keep_kernel_intermediates=args.keep_kernel_intermediates,
         tilelang=args.tilelang,
     )

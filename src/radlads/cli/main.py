@@ -30,12 +30,15 @@ def parse_layers(value: str) -> list[int] | str:
         raise argparse.ArgumentTypeError(f"{value!r}: give layer numbers (e.g. 10,20) or auto:N") from None
 
 
-def _add_window_arg(p: argparse.ArgumentParser) -> None:
+def _add_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--softmax-window",
         type=parse_tokens,
-        help="the softmax layers attend to the last N tokens and a few first ones (sinks): a KV cache "
-        "of at most N + sinks tokens, constant decoding memory (default: the whole context)",
+        help="the softmax layers attend to the last N tokens and the first few (--softmax-sinks): a KV "
+        "cache of at most N + sinks tokens, constant decoding memory (default: the whole context)",
+    )
+    p.add_argument(
+        "--softmax-sinks", type=int, help="with --softmax-window: first tokens always seen (default 4)"
     )
 
 
@@ -56,10 +59,7 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated layers that keep softmax attention (negative counts from the end), or "
         "auto:N for the N layers with the teacher's strongest induction heads (recommended: auto:2)",
     )
-    _add_window_arg(p)
-    p.add_argument(
-        "--softmax-sinks", type=int, help="with --softmax-window: first tokens always seen (default 4)"
-    )
+    _add_window_args(p)
     budgets = {1: "100M", 2: "250M", 3: "0; 10M under --preset auto for teachers under 1B parameters"}
     for k in (1, 2, 3):
         p.add_argument(
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=(),
         help="copying probes: tokens between a random span and its repeat, e.g. 0,256,1k (0 counts)",
     )
-    _add_window_arg(p)
+    _add_window_args(p)
     p.add_argument("--speed", type=_lengths, default=(), help="bench-generate context lengths, e.g. 1k,4k")
     p.add_argument(
         "--compile",
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="comma-separated layers that keep softmax attention, or auto:N",
     )
-    _add_window_arg(p)
+    _add_window_args(p)
     p.add_argument(
         "--keep-kernel-intermediates",
         action="store_true",

@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from ..models.configuration import kept_keys
 from ..train.optimizers import STATE_BYTES
 from .presets import step3_seq_len as default_step3_seq_len
 
@@ -117,8 +118,7 @@ class DecodeMemory:
     student_kv_tokens: int | None = None  # the most a windowed hybrid keeps (window + sinks)
 
     def student(self, tokens: int) -> int:
-        kept = tokens if self.student_kv_tokens is None else min(tokens, self.student_kv_tokens)
-        return self.state_bytes + kept * self.student_kv_bytes_per_token
+        return self.state_bytes + kept_keys(tokens, self.student_kv_tokens) * self.student_kv_bytes_per_token
 
     def teacher(self, tokens: int) -> int:
         return tokens * self.teacher_kv_bytes_per_token
@@ -137,7 +137,7 @@ def decode_memory(student_config, kv_bytes: int = BF16) -> DecodeMemory:
         student_kv_bytes_per_token=softmax * kept_per_layer,
         teacher_kv_bytes_per_token=cfg.num_hidden_layers * kv_per_layer,
         trained_context=cfg.max_position_embeddings,
-        student_kv_tokens=cfg.softmax_window + cfg.softmax_sinks if cfg.softmax_window else None,
+        student_kv_tokens=cfg.softmax_kv_slots,
     )
 
 
@@ -283,6 +283,7 @@ def plan(
     chunk_tokens: int = 4096,
     softmax_layers: tuple[int, ...] = (),
     softmax_window: int | None = None,
+    softmax_sinks: int | None = None,
     usable_fraction: float = 0.9,
     keep_kernel_intermediates: bool = False,
     tilelang: bool = False,
@@ -298,8 +299,9 @@ def plan(
     cfg = load_config(teacher)
     if step3_seq_len is None:  # as convert runs step 3
         step3_seq_len = default_step3_seq_len(getattr(cfg, "max_position_embeddings", None))
+    window = {"softmax_window": softmax_window, "softmax_sinks": softmax_sinks}
     t_model, s_model = build_meta_models(
-        cfg, arch, softmax_layers=list(softmax_layers), softmax_window=softmax_window
+        cfg, arch, softmax_layers=list(softmax_layers), **{k: v for k, v in window.items() if v is not None}
     )
     scfg = s_model.config
     teacher_params = count_params(t_model)

@@ -37,23 +37,26 @@ class EvalSettings:
     # compiling takes 1-2 min on CUDA, long beside scoring's few short generations.
     # Speed measurements keep the saved settings, the ones a user's generate() runs with.
     compile: bool = False
-    # Score a hybrid student with its softmax layers over this window (and its sinks), whatever
-    # window it was trained with: what bounding its decoding memory costs.
+    # Score a hybrid student with its softmax layers over this window and these sinks, whatever
+    # it was trained with: what bounding its decoding memory costs (None: as trained).
     softmax_window: int | None = None
+    softmax_sinks: int | None = None
+
+    def student_overrides(self) -> dict:
+        """The student config fields these settings replace."""
+        fields = {"softmax_window": self.softmax_window, "softmax_sinks": self.softmax_sinks}
+        return {k: v for k, v in fields.items() if v is not None}
 
 
-def load_model(
-    path: str | Path, device: torch.device, compile: bool = True, softmax_window: int | None = None
-):
+def load_model(path: str | Path, device: torch.device, compile: bool = True, **overrides):
     """The model at `path` for scoring; compile=False turns a student's compiled prefill and
-    decoding off (a plain HF teacher has no such switches); `softmax_window` replaces a hybrid
-    student's window."""
+    decoding off (a plain HF teacher has no such switches); `overrides` replace a hybrid student's
+    window fields (EvalSettings.student_overrides)."""
     import radlads  # noqa: F401  (registers the student architecture with the Auto classes)
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    window = {"softmax_window": softmax_window} if softmax_window else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **window).to(device).eval()
-    if window and not getattr(model.config, "softmax_layers", None):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **overrides).to(device).eval()
+    if overrides and not getattr(model.config, "softmax_layers", None):
         raise ValueError(f"{path} has no softmax layers for a window to bound: drop --softmax-window")
     for switch in ("compile_prefill", "compile_decode"):
         if not compile and hasattr(model.config, switch):
@@ -120,9 +123,10 @@ def evaluate_conversion(
             measured.append(None)
             continue
         compile = settings.compile or bool(settings.speed_contexts)
-        window = settings.softmax_window if name == "student" else None
-        model = load_model(path, device, compile=compile, softmax_window=window)
-        measured.append(evaluate_model(f"{name}: {Path(path).name}", model, tokenizer, settings, progress))
+        overrides = settings.student_overrides() if name == "student" else {}
+        model = load_model(path, device, compile=compile, **overrides)
+        label = f"{name}: {Path(path).name}" + "".join(f", {k} {v}" for k, v in overrides.items())
+        measured.append(evaluate_model(label, model, tokenizer, settings, progress))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

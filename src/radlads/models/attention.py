@@ -52,10 +52,11 @@ class KVBuffers:
         return state[0].data_ptr() == self.keys.data_ptr() and state[1].data_ptr() == self.values.data_ptr()
 
 
-def empty_buffers(keys: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
-    """Zeroed head-major key and value buffers of `capacity` positions for keys like `keys`."""
-    B, _, H, N = keys.shape
-    return keys.new_zeros(B, H, capacity, N), keys.new_zeros(B, H, capacity, N)
+def empty_buffers(state: tuple[Tensor, ...], capacity: int) -> tuple[Tensor, Tensor]:
+    """Zeroed head-major buffers of `capacity` positions for a cache's keys and values, each in its
+    own dtype (under autocast, RoPE leaves fp32 keys beside bf16 values)."""
+    B, _, H, N = state[0].shape
+    return tuple(t.new_zeros(B, H, capacity, N) for t in state[:2])
 
 
 @dataclass
@@ -70,9 +71,9 @@ class StaticKV(KVBuffers):
     valid: Tensor
 
     @classmethod
-    def like(cls, keys: Tensor, capacity: int, length: Tensor, valid: Tensor) -> StaticKV:
-        """Empty buffers for keys like `keys` ([B, T, H_kv, N], as a cache holds them)."""
-        return cls(*empty_buffers(keys, capacity), length, valid)
+    def like(cls, state: tuple[Tensor, Tensor], capacity: int, length: Tensor, valid: Tensor) -> StaticKV:
+        """Empty buffers for a cache's keys and values ([B, T, H_kv, N] each)."""
+        return cls(*empty_buffers(state, capacity), length, valid)
 
     def load(self, state: tuple[Tensor, Tensor]) -> None:
         """Copy a cache's keys and values into the first positions."""
@@ -101,9 +102,9 @@ class WindowKV(KVBuffers):
     ranks: Tensor  # [B, C]: 0 in empty slots
 
     @classmethod
-    def like(cls, keys: Tensor, capacity: int) -> WindowKV:
-        cols = torch.full((keys.shape[0], capacity), -1, dtype=torch.long, device=keys.device)
-        return cls(*empty_buffers(keys, capacity), cols, torch.zeros_like(cols))
+    def like(cls, state: tuple[Tensor, ...], capacity: int) -> WindowKV:
+        cols = torch.full((state[0].shape[0], capacity), -1, dtype=torch.long, device=state[0].device)
+        return cls(*empty_buffers(state, capacity), cols, torch.zeros_like(cols))
 
     def load(self, state: tuple[Tensor, ...]) -> None:
         """Copy a cache's kept keys into the first slots and empty the rest."""
@@ -129,26 +130,35 @@ class WindowKV(KVBuffers):
         self.cols.scatter_(1, slot, col)
         self.ranks.scatter_(1, slot, rank)
 
-    def filled(self, length: int = 0) -> tuple[Tensor, ...]:
-        """Every slot, as a cache holds a windowed layer's state (`length` is StaticKV's)."""
+    def filled(self) -> tuple[Tensor, ...]:
+        """Every slot, as a cache holds a windowed layer's state."""
         return self.keys.transpose(1, 2), self.values.transpose(1, 2), self.cols, self.ranks
 
 
 class SoftmaxAttention(TeacherProjections):
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.window = config.softmax_window
-        self.sinks = config.softmax_sinks
+        # Read at each call, as the decoding graphs and the server read it: a window set on a
+        # loaded model's config applies everywhere at once.
+        self.config = config
+
+    @property
+    def window(self) -> int | None:
+        return self.config.softmax_window
+
+    @property
+    def sinks(self) -> int:
+        return self.config.softmax_sinks
 
     def forward(
         self,
         x: Tensor,
         position_embeddings: tuple[Tensor, Tensor],
-        state: tuple[Tensor, ...] | StaticKV | None = None,
+        state: tuple[Tensor, ...] | KVBuffers | None = None,
         v_first: Tensor | None = None,
         attention_mask: Tensor | None = None,
         use_cache: bool = False,
-    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...] | StaticKV | None]:
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...] | KVBuffers | None]:
         """y, v_first passed through, and where `use_cache` the keys and values so far (`state`, the
         earlier ones, [B, S, H_kv, N] each, with x's appended; a windowed layer's as `attend_window`
         keeps them)."""
@@ -159,8 +169,8 @@ class SoftmaxAttention(TeacherProjections):
         if isinstance(state, WindowKV):
             return self.attend_window_static(q, k, v, state, attention_mask), v_first, state
         if self.window is not None:
-            y, state = self.attend_window(q, k, v, state, attention_mask)
-            return y, v_first, state if use_cache else None
+            y, state = self.attend_window(q, k, v, state, attention_mask, use_cache)
+            return y, v_first, state
         if state is not None:
             k, v = torch.cat([state[0], k], dim=1), torch.cat([state[1], v], dim=1)
         state = (k, v) if use_cache else None
@@ -181,11 +191,17 @@ class SoftmaxAttention(TeacherProjections):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def attend_window(
-        self, q: Tensor, k: Tensor, v: Tensor, state: tuple | None, attention_mask: Tensor | None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """Windowed attention (`window_mask`) over the kept keys and the new ones, and the keys the
-        next tokens may still see: (keys, values, columns, ranks), at most `sinks` + `window` of
-        them per row, whatever the context's length."""
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        state: tuple | None,
+        attention_mask: Tensor | None,
+        use_cache: bool,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor] | None]:
+        """Windowed attention (`window_mask`) over the kept keys and the new ones, and where
+        `use_cache` the keys the next tokens may still see: (keys, values, columns, ranks), at most
+        `sinks` + `window` of them per row, whatever the context's length."""
         T = q.shape[1]
         if attention_mask is None:
             real = q.new_ones(1, T, dtype=torch.bool)
@@ -208,23 +224,26 @@ class SoftmaxAttention(TeacherProjections):
             self.expand_kv(v).transpose(1, 2),
             attn_mask=mask,
         )
-        return self.output(y), self.still_seen(k, v, key_cols, key_ranks)
+        return self.output(y), self.still_seen(k, v, key_cols, key_ranks) if use_cache else None
 
     def still_seen(self, k: Tensor, v: Tensor, cols: Tensor, ranks: Tensor) -> tuple[Tensor, ...]:
         """The keys (and their values, columns, ranks) that a later token may see: the sinks, the
         last `window` - 1 columns and the newest column (whose place the next one counts from),
-        packed into `sinks` + `window` slots per row, in their order; spare slots get rank 0."""
+        packed into `sinks` + `window` slots per row, in their order."""
         B = k.shape[0]
         cols, ranks = cols.expand(B, -1), ranks.expand(B, -1)
-        capacity = self.sinks + self.window
+        capacity = self.config.softmax_kv_slots
         if k.shape[1] <= capacity:
             return k, v, cols, ranks
         newest = cols.amax(-1, keepdim=True)
         keep = ((ranks > 0) & ((ranks <= self.sinks) | (newest - cols < self.window - 1))) | (cols == newest)
         order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[:, :capacity]
-        pick = order[:, :, None, None].expand(-1, -1, *k.shape[2:])
-        ranks = ranks.gather(1, order) * keep.gather(1, order)
-        return k.gather(1, pick), v.gather(1, pick), cols.gather(1, order), ranks
+        kept = keep.gather(1, order)
+        # Spare slots are emptied as WindowKV empties them, so that a state does not depend on
+        # how its tokens came in (one pass, pieces, token by token).
+        pick, empty = order[:, :, None, None].expand(-1, -1, *k.shape[2:]), ~kept[:, :, None, None]
+        k, v = k.gather(1, pick).masked_fill(empty, 0), v.gather(1, pick).masked_fill(empty, 0)
+        return k, v, cols.gather(1, order).masked_fill(~kept, -1), ranks.gather(1, order) * kept
 
     def attend_static(self, q: Tensor, k: Tensor, v: Tensor, state: StaticKV) -> Tensor:
         """One decoding step on fixed-capacity buffers, attending over all C positions through the

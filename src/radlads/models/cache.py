@@ -9,10 +9,12 @@ from torch import Tensor
 
 class RadladsCache:
     """Per-layer state: an fp32 [B, H, K, V] tensor for linear-attention layers, a (keys, values)
-    pair of [B, T, H_kv, N] tensors for softmax layers. `seen_tokens` counts consumed positions."""
+    pair of [B, T, H_kv, N] tensors for softmax layers, and for windowed ones (keys, values,
+    columns, ranks), the last two [B, T] (models.attention). `seen_tokens` counts consumed
+    positions."""
 
     def __init__(self, num_layers: int):
-        self.states: list[Tensor | tuple[Tensor, Tensor] | None] = [None] * num_layers
+        self.states: list[Tensor | tuple[Tensor, ...] | None] = [None] * num_layers
         self.seen_tokens = 0
 
     def __len__(self) -> int:

@@ -99,7 +99,8 @@ class RadladsConfig(PretrainedConfig):
         self.compile_prefill = compile_prefill
         # A forward without autograd over more tokens than this (batch x length) runs in pieces that
         # carry the state: a prefill's memory is a piece's (None: one pass; pieces are at least 64
-        # positions long). Hybrids and forwards returning all hidden states run in one pass.
+        # positions long). Hybrids (but windowed ones) and forwards returning all hidden states run
+        # in one pass.
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.init_k_k, self.init_k_a, self.init_a0, self.init_v0 = init_k_k, init_k_a, init_a0, init_v0
         for key in _MIRRORED:
@@ -123,3 +124,13 @@ class RadladsConfig(PretrainedConfig):
 
     def is_softmax_layer(self, layer_idx: int) -> bool:
         return layer_idx in self.softmax_layers
+
+    @property
+    def softmax_kv_slots(self) -> int | None:
+        """The most keys a softmax layer keeps per sequence (window and sinks; None: all)."""
+        return self.softmax_window + self.softmax_sinks if self.softmax_window else None
+
+
+def kept_keys(tokens: int, slots: int | None) -> int:
+    """Keys a softmax layer of `slots` (softmax_kv_slots) holds after `tokens` tokens."""
+    return tokens if slots is None else min(tokens, slots)

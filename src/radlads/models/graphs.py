@@ -69,9 +69,7 @@ def buffer_capacity(config, states: list) -> int:
     """Positions of the KV buffers a cache's next step decodes in (0: no softmax layers)."""
     if not kv_length(states):
         return 0
-    if config.softmax_window:
-        return config.softmax_window + config.softmax_sinks
-    return kv_capacity(kv_length(states) + 1)
+    return config.softmax_kv_slots or kv_capacity(kv_length(states) + 1)
 
 
 def _buffers(state, capacity: int, length: Tensor, valid: Tensor):
@@ -79,8 +77,8 @@ def _buffers(state, capacity: int, length: Tensor, valid: Tensor):
     if not isinstance(state, tuple):
         return state.clone()
     if len(state) == 4:  # a windowed layer's (keys, values, columns, ranks)
-        return WindowKV.like(state[0], capacity)
-    return StaticKV.like(state[0], capacity, length, valid)
+        return WindowKV.like(state, capacity)
+    return StaticKV.like(state, capacity, length, valid)
 
 
 @functools.cache
@@ -145,7 +143,10 @@ class LentState:
 
     def lend(self, cache: RadladsCache, length: int) -> None:
         """Point `cache` at these states, its keys and values at their first `length` positions."""
-        cache.states = [t.filled(length) if isinstance(t, KVBuffers) else t for t in self.states]
+        cache.states = [
+            t.filled(length) if isinstance(t, StaticKV) else t.filled() if isinstance(t, WindowKV) else t
+            for t in self.states
+        ]
 
     def prepare(self, length: int, attention_mask: Tensor | None) -> None:
         """Before a step that writes position `length`: which positions each row attends to."""

@@ -134,7 +134,8 @@ class RadladsModel(RadladsPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=hidden.device)[None]
         pieces = [(0, T)]
-        if not (torch.is_grad_enabled() or output_hidden_states or self.config.softmax_layers):
+        whole_context = self.config.softmax_layers and not self.config.softmax_window
+        if not (torch.is_grad_enabled() or output_hidden_states or whole_context):
             pieces = prefill.spans(T, B, self.config.prefill_chunk_tokens)
         # A forward without a cache that runs in pieces carries the state in one of its own.
         carried = cache if cache is not None or len(pieces) == 1 else RadladsCache(len(self.layers))

@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..models.cache import RadladsCache
+from ..models.configuration import kept_keys
 from ..models.graphs import decode_graphs, kv_capacity
 
 
@@ -116,14 +117,12 @@ class SequenceCost:
             cache_bytes(forward(model, torch.zeros(1, n, dtype=torch.long, device=device), None)[1])
             for n in (1, 2)
         )
-        window = getattr(model.config, "softmax_window", None) if is_student(model) else None
-        kept = window + model.config.softmax_sinks if window else None
+        kept = model.config.softmax_kv_slots if is_student(model) else None
         return cls(fixed=2 * one - two, per_token=two - one, kept_tokens=kept)
 
     def bytes(self, tokens: int) -> int:
         """The cache of one sequence that has seen `tokens` tokens."""
-        kept = tokens if self.kept_tokens is None else min(tokens, self.kept_tokens)
-        return self.fixed + kept * self.per_token
+        return self.fixed + kept_keys(tokens, self.kept_tokens) * self.per_token
 
 
 def decode_batch(model, max_batch: int):
@@ -218,7 +217,10 @@ class StackedStates:
 
 
 class SeparateCaches:
-    """Each running sequence keeps its own cache and decodes alone."""
+    """Each running sequence keeps its own cache and decodes alone: a teacher eagerly, a windowed
+    hybrid student (its keys pruned to a window, which left padding cannot stack) on CUDA through
+    the model's captured step at one row, which binds the sequence's state into the step's buffers
+    (a copy of its recurrent state and window) before each token."""
 
     def __init__(self, model):
         self.model = model
@@ -231,7 +233,11 @@ class SeparateCaches:
         return list(self.running)
 
     def warm_up(self, prefilled) -> None:
-        """Nothing: each sequence decodes eagerly, with nothing compiled per batch size."""
+        """A student's one-row step, so that the first request does not wait for it to compile; a
+        teacher decodes eagerly: nothing to do."""
+        if is_student(self.model):
+            ids = torch.zeros(1, 1, dtype=torch.long, device=_tensors(prefilled)[0][0].device)
+            forward(self.model, ids, _zeros_like(prefilled, 1, 1))
 
     def join(self, seq: Running) -> None:
         self.running.append(seq)
