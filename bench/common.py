@@ -293,6 +293,7 @@ class ModelCost:
     act_bytes: int  # bytes per element of activations / KV cache
     piece_tokens: int | None = None  # a prefill runs at most this many tokens at once (students)
     softmax_layers: int = 0  # layers with softmax attention: all of a teacher's, a hybrid's kept ones
+    kv_slots: int | None = None  # keys a windowed hybrid's softmax layer keeps at most (window + sinks)
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelCost:
@@ -307,6 +308,7 @@ class ModelCost:
         embed = model.get_input_embeddings().weight
         layers = teacher_cfg.num_hidden_layers
         softmax = layers if kind == "softmax" else len(config.softmax_layers or ())
+        slots = getattr(config, "softmax_kv_slots", None)
         read = weight_bytes(model)
         if embed is not lm_head:  # an untied embedding is only gathered, a row per token
             read -= embed.numel() * embed.element_size()
@@ -323,9 +325,10 @@ class ModelCost:
             lm_head_params=lm_head.numel(),
             decode_weight_bytes=read,
             act_bytes=lm_head.element_size(),
-            # a hybrid prefills in one pass (RadladsModel.forward)
-            piece_tokens=None if softmax else getattr(config, "prefill_chunk_tokens", None),
+            # a hybrid prefills in one pass unless windowed (RadladsModel.forward)
+            piece_tokens=None if softmax and not slots else getattr(config, "prefill_chunk_tokens", None),
             softmax_layers=softmax,
+            kv_slots=slots,
         )
 
     @property
@@ -333,8 +336,14 @@ class ModelCost:
         return self.layers - self.softmax_layers
 
     def kv_bytes_per_token(self) -> int:
-        """Softmax layers' KV cache per token per sequence."""
-        return self.softmax_layers * 2 * self.kv_heads * self.head_dim * self.act_bytes
+        """Softmax layers' KV cache per kept token per sequence (a windowed layer also keeps each
+        key's int64 column and rank)."""
+        per_layer = 2 * self.kv_heads * self.head_dim * self.act_bytes + (16 if self.kv_slots else 0)
+        return self.softmax_layers * per_layer
+
+    def kept(self, context: int) -> int:
+        """Keys a softmax layer holds, and a decoding step reads, after `context` tokens."""
+        return context if self.kv_slots is None else min(context, self.kv_slots)
 
     def state_bytes(self) -> int:
         """Linear-attention layers' recurrent fp32 state per sequence."""
@@ -359,9 +368,9 @@ def decode_floor(cost: ModelCost, batch: int, context: int) -> dict[str, float]:
     plus the teacher's whole KV cache read (ideal; HF's DynamicCache also rewrites it with
     torch.cat every step) or the student's state read and written."""
     bytes_moved = cost.decode_weight_bytes + batch * (
-        context * cost.kv_bytes_per_token() + 2 * cost.state_bytes()
+        cost.kept(context) * cost.kv_bytes_per_token() + 2 * cost.state_bytes()
     )
-    attn = 4 * context * cost.heads * cost.head_dim * cost.softmax_layers  # q k^T and p v
+    attn = 4 * cost.kept(context) * cost.heads * cost.head_dim * cost.softmax_layers  # q k^T and p v
     flops = batch * (2 * cost.matmul_params + attn + cost.recurrence_flops_per_token())
     return {"bytes": bytes_moved, "flops": flops, "ms": floor_ms(flops, bytes_moved)}
 
@@ -370,10 +379,13 @@ def prefill_floor(cost: ModelCost, batch: int, context: int) -> dict[str, float]
     """A prefill of `context` tokens with logits for the last one only (logits_to_keep=1)."""
     tokens = batch * context
     body = cost.matmul_params - cost.lm_head_params
-    attn = 2 * context * context * cost.heads * cost.head_dim * cost.softmax_layers  # causal: half of 4 T^2 d
+    attn = (
+        2 * context * cost.kept(context) * cost.heads * cost.head_dim * cost.softmax_layers
+    )  # causal: half of 4 T^2 d
     flops = 2 * tokens * body + 2 * batch * cost.lm_head_params + batch * attn
     flops += tokens * cost.recurrence_flops_per_token()
-    bytes_moved = cost.decode_weight_bytes + tokens * cost.kv_bytes_per_token() + batch * cost.state_bytes()
+    kv = batch * cost.kept(context) * cost.kv_bytes_per_token()
+    bytes_moved = cost.decode_weight_bytes + kv + batch * cost.state_bytes()
     return {"bytes": bytes_moved, "flops": flops, "ms": floor_ms(flops, bytes_moved)}
 
 

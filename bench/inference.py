@@ -57,6 +57,7 @@ STUDENT_VARIANTS = {
     "eager_prefill": ("eager-prefill", dict(compile_prefill=False)),
     "one_pass_prefill": ("one-pass", dict(prefill_chunk_tokens=None)),
     "hybrid": ("hybrid", dict(softmax_layers=hybrid_layers)),  # of the teacher's layer count
+    "hybrid_window": ("hybrid-window", dict(softmax_layers=hybrid_layers, softmax_window=4096)),
 }
 
 
@@ -124,7 +125,7 @@ def estimate_peak_bytes(cost: ModelCost, batch: int, context: int) -> int:
     mixer = (20 if cost.kind == "softmax" else 75) * width
     persistent = 12 * cost.hidden + (0 if cost.kind == "softmax" else 2 * width)
     per_token = persistent + max(6 * cost.intermediate, mixer)
-    cache = batch * context * cost.kv_bytes_per_token() + batch * cost.state_bytes()
+    cache = batch * cost.kept(context) * cost.kv_bytes_per_token() + batch * cost.state_bytes()
     tokens = min(batch * context, cost.piece_tokens or batch * context)
     return cost.decode_weight_bytes + cache + tokens * per_token
 
