@@ -175,3 +175,19 @@ def test_compiled_prefill_of_a_windowed_hybrid_has_no_graph_break_and_equals_eag
     assert counters["stats"]["unique_graphs"] and not counters["graph_break"], dict(counters["graph_break"])
     assert not student.model.compiled_layers.failed
     torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)
+
+
+def test_a_windowed_hybrid_prefills_in_pieces_of_its_window(monkeypatch):
+    """A piece's mask spans the piece and the kept keys: pieces of the window's length (whole
+    pieces of 64) keep it small at any prompt length, and give what one pass gives."""
+    from test_prefill import count_passes
+
+    student = perturbed_student(**{**WINDOWED, "softmax_window": 70})  # 72 slots: pieces of 128
+    ids = torch.randint(0, 320, (2, 300), generator=torch.Generator().manual_seed(3))
+    lengths = count_passes(monkeypatch)
+    with torch.no_grad():
+        pieces = student(ids, use_cache=True, logits_to_keep=1).logits
+        student.config.prefill_chunk_tokens = None  # one pass
+        one_pass = student(ids, use_cache=True, logits_to_keep=1).logits
+    assert lengths == [128, 128, 44, 300]
+    torch.testing.assert_close(pieces, one_pass, rtol=1e-4, atol=1e-4)

@@ -99,8 +99,8 @@ class RadladsConfig(PretrainedConfig):
         self.compile_prefill = compile_prefill
         # A forward without autograd over more tokens than this (batch x length) runs in pieces that
         # carry the state: a prefill's memory is a piece's (None: one pass; pieces are at least 64
-        # positions long). Hybrids (but windowed ones) and forwards returning all hidden states run
-        # in one pass.
+        # positions long; a windowed hybrid's at most its window, models.prefill.piece_tokens).
+        # Other hybrids and forwards returning all hidden states run in one pass.
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.init_k_k, self.init_k_a, self.init_a0, self.init_v0 = init_k_k, init_k_a, init_a0, init_v0
         for key in _MIRRORED:

@@ -136,7 +136,7 @@ class RadladsModel(RadladsPreTrainedModel):
         pieces = [(0, T)]
         whole_context = self.config.softmax_layers and not self.config.softmax_window
         if not (torch.is_grad_enabled() or output_hidden_states or whole_context):
-            pieces = prefill.spans(T, B, self.config.prefill_chunk_tokens)
+            pieces = prefill.spans(T, B, prefill.piece_tokens(self.config, B))
         # A forward without a cache that runs in pieces carries the state in one of its own.
         carried = cache if cache is not None or len(pieces) == 1 else RadladsCache(len(self.layers))
         outputs, all_hidden = [], None

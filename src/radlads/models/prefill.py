@@ -112,6 +112,16 @@ def spans(length: int, batch: int, chunk_tokens: int | None) -> list[tuple[int, 
     return [(start, min(start + step, length)) for start in range(0, length, step)]
 
 
+def piece_tokens(config, batch: int) -> int | None:
+    """Tokens (over the batch) of a prefill's pieces: `prefill_chunk_tokens`, and for a windowed
+    hybrid at most its window and sinks per row (rounded up to whole pieces of 64), so that a
+    piece's attention mask, [piece, kept keys + piece], stays small however long the prompt."""
+    chunk, slots = config.prefill_chunk_tokens, config.softmax_kv_slots
+    if chunk is None or slots is None:
+        return chunk
+    return min(chunk, batch * -(-slots // PIECE_MULTIPLE) * PIECE_MULTIPLE)
+
+
 def keep_tail(pieces: list[Tensor], positions: int) -> None:
     """Drop leading pieces ([B, T_i, C]) whose positions none of the last `positions` need
     (0: keep all)."""
