@@ -342,8 +342,9 @@ class ModelCost:
         return self.softmax_layers * per_layer
 
     def kept(self, context: int) -> int:
-        """Keys a softmax layer holds, and a decoding step reads, after `context` tokens."""
-        return context if self.kv_slots is None else min(context, self.kv_slots)
+        """Keys a softmax layer holds, and a decoding step reads, after `context` tokens (a windowed
+        layer's slots, full or not, from the first token on)."""
+        return context if self.kv_slots is None else self.kv_slots
 
     def state_bytes(self) -> int:
         """Linear-attention layers' recurrent fp32 state per sequence."""

@@ -242,7 +242,7 @@ def test_a_hybrids_cost_counts_its_softmax_and_linear_layers_apart(tiny_models):
     assert costs["hybrid"].recurrence_flops_per_token() * layers == costs[
         "student"
     ].recurrence_flops_per_token() * (layers - 1)
-    # A windowed hybrid's keys stop at its window and sinks (3 here): the 5 tokens leave 3.
+    # A windowed hybrid keeps its window and sinks (3 here) of keys: the 5 tokens leave 3.
     windowed = build_student(teacher, "rad-rwkv7", softmax_layers=[-1], softmax_window=2, softmax_sinks=1)
     cost = ModelCost.of(windowed)
     with torch.no_grad():

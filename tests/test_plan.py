@@ -135,7 +135,9 @@ def test_decode_memory_is_what_the_caches_hold(arch, softmax_layers, window):
     )
     assert memory.teacher(40) == teacher_bytes
     assert memory.student(40) == state.nbytes()
-    assert (memory.student_kv_bytes_per_token > 0) == bool(softmax_layers)
+    # A cache that grows with context where a softmax layer keeps every key; a windowed one's is fixed.
+    assert (memory.student_kv_bytes_per_token > 0) == (bool(softmax_layers) and not window)
+    assert (memory.window_kv_bytes > 0) == bool(window)
 
 
 def test_cli_prints_decode_memory_up_to_the_trained_context(tmp_path, capsys):

@@ -462,10 +462,10 @@ def test_sequence_cost_is_what_the_caches_hold(folders):
     for kind, want in expected.items():
         cost = SequenceCost.measure(AutoModelForCausalLM.from_pretrained(folders[kind]))
         assert cost == want if isinstance(want, SequenceCost) else (cost.fixed > 0, cost.per_token) == want
-    # A windowed layer keeps each token's column and rank beside its key and value, for 8 + 2 tokens.
+    # A windowed layer's 8 + 2 slots of keys, values, columns and ranks are there from the first token.
     windowed = SequenceCost.measure(AutoModelForCausalLM.from_pretrained(folders["windowed"]))
-    assert (windowed.per_token, windowed.kept_tokens) == (kv + 2 * 8, 10)
-    assert windowed.bytes(1000) == windowed.bytes(10) == windowed.fixed + 10 * windowed.per_token
+    student = SequenceCost.measure(AutoModelForCausalLM.from_pretrained(folders["student"]))
+    assert (windowed.per_token, windowed.fixed) == (0, student.fixed * 2 // 3 + 10 * (kv + 2 * 8))
 
 
 def test_a_hybrids_projected_cache_is_its_kv_buffers_where_it_decodes_captured(folders, monkeypatch):
@@ -511,7 +511,7 @@ def test_each_model_gets_the_batch_that_suits_its_cache(folders):
         "student": StackedStates,
         "teacher": PaddedCaches,
         "hybrid": PaddedCaches,
-        "windowed": SeparateCaches,
+        "windowed": StackedStates,
     }
     for kind, batch in kinds.items():
         assert isinstance(decode_batch(AutoModelForCausalLM.from_pretrained(folders[kind]), 4), batch)
@@ -527,13 +527,13 @@ def test_each_model_gets_the_batch_that_suits_its_cache(folders):
 
 def test_warm_up_prefills_and_steps_at_every_batch_size(folders):
     """Before serving, a student's decoding step runs once at each size its stacked batch takes,
-    a hybrid's at two batch sizes and two KV capacities, a windowed hybrid's at one row, so no
-    request waits for a compile; a teacher's warm-up is one prefill."""
+    and a hybrid's at two batch sizes and two KV capacities, so no request waits for a compile; a
+    teacher's warm-up is one prefill."""
     prompt = [(1, 64), (1, 64)]  # two pieces: from no state, then from one
     expected = (
         ("student", [*prompt, (1, 1), (4, 1), (16, 1), (20, 1)]),
         ("hybrid", [*prompt, (1, 1), (2, 1), (2, 1)]),  # a second batch size, then KV capacity
-        ("windowed", [*prompt, (1, 1)]),  # its sequences decode one by one
+        ("windowed", [*prompt, (1, 1), (4, 1), (16, 1), (20, 1)]),  # its states stack as a student's
         ("teacher", prompt),
     )
     for kind, sizes in expected:
@@ -549,11 +549,12 @@ def test_warm_up_prefills_and_steps_at_every_batch_size(folders):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_on_cuda_the_warm_up_captures_every_graph_serving_uses(folders):
+@pytest.mark.parametrize("kind", ["student", "windowed"])
+def test_on_cuda_the_warm_up_captures_every_graph_serving_uses(folders, kind):
     """After the server starts, requests arriving together and one by one decode through the
     graphs the warm-up captured: none is compiled or captured while streams run."""
     config = ServeConfig(**{**SERVER, "max_batch": 6, "api_key": None})
-    engine, name = load_engine(folders["student"], config, "cuda")
+    engine, name = load_engine(folders[kind], config, "cuda")
     with serve_in_thread(create_app(engine, name)) as url:
         graphs = decode_graphs(engine.model).graphs
         captured = set(graphs)

@@ -58,7 +58,6 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from ..models.configuration import kept_keys
 from ..train.optimizers import STATE_BYTES
 from .presets import step3_seq_len as default_step3_seq_len
 
@@ -109,16 +108,18 @@ class StepMemory:
 @dataclass
 class DecodeMemory:
     """What one sequence holds while it decodes: the student's fixed-size recurrent state plus the
-    keys and values of its softmax layers, against the teacher's keys and values in every layer."""
+    keys and values of its softmax layers (a fixed number of them where windowed), against the
+    teacher's keys and values in every layer."""
 
     state_bytes: int
     student_kv_bytes_per_token: int
     teacher_kv_bytes_per_token: int
     trained_context: int  # the teacher's: the longest context the table shows
-    student_kv_tokens: int | None = None  # the most a windowed hybrid keeps (window + sinks)
+    window_kv_bytes: int = 0  # a windowed hybrid's keys, values, columns and ranks: a fixed size
+    window_slots: int | None = None
 
     def student(self, tokens: int) -> int:
-        return self.state_bytes + kept_keys(tokens, self.student_kv_tokens) * self.student_kv_bytes_per_token
+        return self.state_bytes + self.window_kv_bytes + tokens * self.student_kv_bytes_per_token
 
     def teacher(self, tokens: int) -> int:
         return tokens * self.teacher_kv_bytes_per_token
@@ -130,14 +131,16 @@ def decode_memory(student_config, kv_bytes: int = BF16) -> DecodeMemory:
     softmax = sum(cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers))
     state = cfg.num_attention_heads * cfg.head_dim**2 * FP32
     kv_per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * kv_bytes
-    # A windowed layer keeps each key's column and rank (int64) to prune by.
-    kept_per_layer = kv_per_layer + (2 * 8 if cfg.softmax_window else 0)
+    slots = cfg.softmax_kv_slots
+    # A windowed layer also keeps each key's column and rank (int64), to prune by.
+    window = softmax * slots * (kv_per_layer + 2 * 8) if slots else 0
     return DecodeMemory(
         state_bytes=(cfg.num_hidden_layers - softmax) * state,
-        student_kv_bytes_per_token=softmax * kept_per_layer,
+        student_kv_bytes_per_token=0 if slots else softmax * kv_per_layer,
         teacher_kv_bytes_per_token=cfg.num_hidden_layers * kv_per_layer,
         trained_context=cfg.max_position_embeddings,
-        student_kv_tokens=cfg.softmax_kv_slots,
+        window_kv_bytes=window,
+        window_slots=slots,
     )
 
 
@@ -222,8 +225,8 @@ class ConversionPlan:
             if d.student_kv_bytes_per_token
             else ""
         )
-        if kv and d.student_kv_tokens:
-            kv += f" for at most {d.student_kv_tokens:,} tokens"
+        if d.window_slots:
+            kv = f" + {d.window_kv_bytes / 1e6:.1f} MB of KV cache for its {d.window_slots:,}-token window"
         lines = [
             f"Decoding memory per sequence, up to the teacher's trained context, bf16 KV caches (student: "
             f"{d.state_bytes / 1e6:.1f} MB of recurrent state{kv}; teacher: {d.teacher_kv_bytes_per_token:,} "

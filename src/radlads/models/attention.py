@@ -59,6 +59,11 @@ def empty_buffers(state: tuple[Tensor, ...], capacity: int) -> tuple[Tensor, Ten
     return tuple(t.new_zeros(B, H, capacity, N) for t in state[:2])
 
 
+def pad_slots(t: Tensor, slots: int, fill: int) -> Tensor:
+    """`t` ([B, S, ...]) with `fill` appended along dim 1 up to `slots` positions."""
+    return torch.cat([t, t.new_full((t.shape[0], slots - t.shape[1], *t.shape[2:]), fill)], 1)
+
+
 @dataclass
 class StaticKV(KVBuffers):
     """A whole-context layer's buffers. A step writes its token's key and value at position
@@ -107,15 +112,12 @@ class WindowKV(KVBuffers):
         return cls(*empty_buffers(state, capacity), cols, torch.zeros_like(cols))
 
     def load(self, state: tuple[Tensor, ...]) -> None:
-        """Copy a cache's kept keys into the first slots and empty the rest."""
+        """Copy a cache's state (as many slots as these buffers: `still_seen`) in."""
         keys, values, cols, ranks = state
-        n = keys.shape[1]
-        self.keys[:, :, :n].copy_(keys.transpose(1, 2))
-        self.values[:, :, :n].copy_(values.transpose(1, 2))
-        self.cols[:, :n].copy_(cols)
-        self.ranks[:, :n].copy_(ranks)
-        self.cols[:, n:] = -1
-        self.ranks[:, n:] = 0
+        self.keys.copy_(keys.transpose(1, 2))
+        self.values.copy_(values.transpose(1, 2))
+        self.cols.copy_(cols)
+        self.ranks.copy_(ranks)
 
     def write(self, k: Tensor, v: Tensor, col: Tensor, rank: Tensor, sinks: int) -> None:
         """Put one token's key ([B, 1, H_kv, N]), value, column and rank ([B, 1]) in each row's
@@ -228,19 +230,21 @@ class SoftmaxAttention(TeacherProjections):
 
     def still_seen(self, k: Tensor, v: Tensor, cols: Tensor, ranks: Tensor) -> tuple[Tensor, ...]:
         """The keys (and their values, columns, ranks) that a later token may see: the sinks, the
-        last `window` - 1 columns and the newest column (whose place the next one counts from),
-        packed into `sinks` + `window` slots per row, in their order."""
+        last `window` - 1 columns and the newest column (whose place the next one counts from), in
+        their order, in exactly `sinks` + `window` slots per row whatever the context's length, the
+        spare ones empty (as WindowKV empties them). So a windowed cache has one shape from its
+        first token on, and the states of several sequences stack as a pure student's do."""
         B = k.shape[0]
         cols, ranks = cols.expand(B, -1), ranks.expand(B, -1)
         capacity = self.config.softmax_kv_slots
-        if k.shape[1] <= capacity:
-            return k, v, cols, ranks
+        if k.shape[1] < capacity:
+            k, v, cols, ranks = (
+                pad_slots(t, capacity, fill) for t, fill in ((k, 0), (v, 0), (cols, -1), (ranks, 0))
+            )
         newest = cols.amax(-1, keepdim=True)
         keep = ((ranks > 0) & ((ranks <= self.sinks) | (newest - cols < self.window - 1))) | (cols == newest)
         order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[:, :capacity]
         kept = keep.gather(1, order)
-        # Spare slots are emptied as WindowKV empties them, so that a state does not depend on
-        # how its tokens came in (one pass, pieces, token by token).
         pick, empty = order[:, :, None, None].expand(-1, -1, *k.shape[2:]), ~kept[:, :, None, None]
         k, v = k.gather(1, pick).masked_fill(empty, 0), v.gather(1, pick).masked_fill(empty, 0)
         return k, v, cols.gather(1, order).masked_fill(~kept, -1), ranks.gather(1, order) * kept

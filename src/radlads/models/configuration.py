@@ -127,10 +127,6 @@ class RadladsConfig(PretrainedConfig):
 
     @property
     def softmax_kv_slots(self) -> int | None:
-        """The most keys a softmax layer keeps per sequence (window and sinks; None: all)."""
+        """The keys a windowed softmax layer keeps per sequence, its window and sinks, from its first
+        token on (models.attention); None: every key, a cache that grows."""
         return self.softmax_window + self.softmax_sinks if self.softmax_window else None
-
-
-def kept_keys(tokens: int, slots: int | None) -> int:
-    """Keys a softmax layer of `slots` (softmax_kv_slots) holds after `tokens` tokens."""
-    return tokens if slots is None else min(tokens, slots)

@@ -1,9 +1,11 @@
 """The running decode batch: the sequences past their prefill, one new token each per step.
 
-A pure linear-attention student's state has one shape at every position, so the states of all
-running sequences stack along the batch dimension (`StackedStates`): a step is one forward for the
-whole batch, through the model's CUDA-graph step on CUDA. The KV caches of a plain HF model, and
-of a hybrid student's softmax layers, differ in length: they are left-padded to one length and
+A pure linear-attention student's state has one shape at every position, and so has that of a
+hybrid whose softmax layers attend over a window (`softmax_window`: its keys fill a fixed number
+of slots), so the states of all running sequences stack along the batch dimension
+(`StackedStates`): a step is one forward for the whole batch, through the model's CUDA-graph step
+on CUDA. The KV caches of a plain HF model, and of a hybrid student's softmax layers, differ in
+length: they are left-padded to one length and
 stacked, and a padding mask keeps each sequence from attending to another's padding
 (`PaddedCaches`), as batched `generate()` does; a step is again one forward for the whole batch:
 eager for a teacher, through the captured step on CUDA for a hybrid student. Models whose cache
@@ -23,7 +25,6 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..models.cache import RadladsCache
-from ..models.configuration import kept_keys
 from ..models.graphs import decode_graphs, kv_capacity
 
 
@@ -80,15 +81,16 @@ def cache_bytes(cache) -> int:
 
 
 def stackable(model) -> bool:
-    """A student whose every layer is linear attention: a fixed-size state per sequence."""
-    return is_student(model) and not model.config.softmax_layers
+    """A student whose every layer holds a fixed-size state per sequence: linear attention, or
+    softmax attention over a window (its keys in a fixed number of slots)."""
+    return is_student(model) and (not model.config.softmax_layers or bool(model.config.softmax_window))
 
 
 def paddable(model) -> bool:
-    """A hybrid student, or a plain HF model, whose every layer keeps its whole KV cache (no sliding
-    window): left padding and a mask batch their sequences exactly."""
+    """A hybrid student (unless windowed: stackable), or a plain HF model whose every layer keeps its
+    whole KV cache (no sliding window): left padding and a mask batch their sequences exactly."""
     if is_student(model):
-        return not model.config.softmax_window
+        return True
     # Ask transformers which cache layers the model gets: its rules for sliding windows differ by
     # family (Mistral's `sliding_window` alone, Qwen2's per-layer `layer_types`, ...).
     try:
@@ -101,13 +103,11 @@ def paddable(model) -> bool:
 @dataclass(frozen=True)
 class SequenceCost:
     """Bytes a sequence's cache holds: `fixed` (recurrent states) plus `per_token` (keys and
-    values) for each token it has seen, up to `kept_tokens` of them where its attention is windowed.
-    Measured, not computed from the config: a forward of one token and one of two, whatever the
-    model's layers."""
+    values) for each token it has seen. Measured, not computed from the config: a forward of one
+    token and one of two, whatever the model's layers."""
 
     fixed: int
     per_token: int
-    kept_tokens: int | None = None
 
     @classmethod
     @torch.no_grad()
@@ -117,12 +117,7 @@ class SequenceCost:
             cache_bytes(forward(model, torch.zeros(1, n, dtype=torch.long, device=device), None)[1])
             for n in (1, 2)
         )
-        kept = model.config.softmax_kv_slots if is_student(model) else None
-        return cls(fixed=2 * one - two, per_token=two - one, kept_tokens=kept)
-
-    def bytes(self, tokens: int) -> int:
-        """The cache of one sequence that has seen `tokens` tokens."""
-        return self.fixed + kept_keys(tokens, self.kept_tokens) * self.per_token
+        return cls(fixed=2 * one - two, per_token=two - one)
 
 
 def decode_batch(model, max_batch: int):
@@ -164,7 +159,8 @@ class StackedStates:
             self._resize(next(b for b in self.buckets if b > len(self.slots)), seq.cache.states)
         slot = self.slots.index(None)
         for row, state in zip(self.cache.states, seq.cache.states):
-            row[slot].copy_(state[0])
+            for rows, one in _each(row, state):
+                rows[slot].copy_(one[0])
         self.slots[slot], seq.cache = seq, None
 
     def leave(self, seq: Running) -> None:
@@ -180,10 +176,11 @@ class StackedStates:
         """Move the running sequences' states into a batch of `capacity` rows (zeros elsewhere)."""
         rows = [i for i, s in enumerate(self.slots) if s is not None]
         for i, template in enumerate(like):  # one layer at a time: the old layer goes as the new comes
-            new = template.new_zeros(capacity, *template.shape[1:])
+            new = [t.new_zeros(capacity, *t.shape[1:]) for _, t in _each(template, template)]
             if rows:
-                new[: len(rows)] = self.cache.states[i][rows]
-            self.cache.states[i] = new
+                for fresh, (old, _) in zip(new, _each(self.cache.states[i], template)):
+                    fresh[: len(rows)] = old[rows]
+            self.cache.states[i] = tuple(new) if isinstance(template, tuple) else new[0]
         self.slots = [self.slots[i] for i in rows] + [None] * (capacity - len(rows))
 
     def warm_up(self, prefilled: RadladsCache) -> None:
@@ -196,7 +193,7 @@ class StackedStates:
 
     def step(self) -> tuple[list[Running], Tensor]:
         """One token for every running sequence: the sequences and their logits, [B, V]."""
-        device = self.cache.states[0].device
+        device = _tensors(self.cache)[0][0].device
         ids = torch.zeros(len(self.slots), 1, dtype=torch.long)
         positions = torch.zeros(len(self.slots), 1, dtype=torch.long)
         rows = [i for i, s in enumerate(self.slots) if s is not None]
@@ -217,10 +214,7 @@ class StackedStates:
 
 
 class SeparateCaches:
-    """Each running sequence keeps its own cache and decodes alone: a teacher eagerly, a windowed
-    hybrid student (its keys pruned to a window, which left padding cannot stack) on CUDA through
-    the model's captured step at one row, which binds the sequence's state into the step's buffers
-    (a copy of its recurrent state and window) before each token."""
+    """Each running sequence keeps its own cache and decodes alone."""
 
     def __init__(self, model):
         self.model = model
@@ -233,11 +227,7 @@ class SeparateCaches:
         return list(self.running)
 
     def warm_up(self, prefilled) -> None:
-        """A student's one-row step, so that the first request does not wait for it to compile; a
-        teacher decodes eagerly: nothing to do."""
-        if is_student(self.model):
-            ids = torch.zeros(1, 1, dtype=torch.long, device=_tensors(prefilled)[0][0].device)
-            forward(self.model, ids, _zeros_like(prefilled, 1, 1))
+        """Nothing: each sequence decodes eagerly, with nothing compiled per batch size."""
 
     def join(self, seq: Running) -> None:
         self.running.append(seq)
@@ -260,15 +250,22 @@ class SeparateCaches:
 
     def projected_bytes(self, lengths: list[int], cost: SequenceCost) -> int:
         """The caches of sequences that will reach these lengths, each its own size."""
-        return sum(cost.bytes(n) for n in lengths)
+        return len(lengths) * cost.fixed + sum(lengths) * cost.per_token
 
 
-def _zeros_like(prefilled: RadladsCache, rows: int, kv_length: int = 0) -> RadladsCache:
+def _each(state, like) -> list[tuple[Tensor, Tensor]]:
+    """A layer's state and `like` (another of that layer's) tensor by tensor: one recurrent state,
+    or a softmax layer's keys, values (and a windowed one's columns and ranks)."""
+    return list(zip(state, like)) if isinstance(like, tuple) else [(state, like)]
+
+
+def _zeros_like(prefilled: RadladsCache, rows: int, kv_length: int | None = None) -> RadladsCache:
     """A throwaway cache of `rows` sequences shaped as a prefilled one's, all zeros, its softmax
-    layers' keys and values (a hybrid's) `kv_length` positions long: for warm-up steps."""
+    layers' keys and values (a hybrid's) `kv_length` positions long (None: as long as there): for
+    warm-up steps."""
     cache = RadladsCache(len(prefilled.states))
     cache.states = [
-        tuple(t.new_zeros(rows, kv_length, *t.shape[2:]) for t in s)
+        tuple(t.new_zeros(rows, t.shape[1] if kv_length is None else kv_length, *t.shape[2:]) for t in s)
         if isinstance(s, tuple)
         else s.new_zeros(rows, *s.shape[1:])
         for s in prefilled.states

@@ -234,7 +234,7 @@ class Engine:
         """The caches of these (prompt tokens, max_tokens) requests at their longest, in this
         server's batch, plus one prompt's cache beside it (a prefill, or a join copying it in)."""
         batch = self.batch.projected_bytes([p + m for p, m in requests], self.cost)
-        return batch + self.cost.bytes(max(p for p, _ in requests))
+        return batch + self.cost.fixed + max(p for p, _ in requests) * self.cost.per_token
 
     def _prefill_piece(self) -> None:
         seq = self.prefilling[0]
