@@ -380,9 +380,9 @@ def prefill_floor(cost: ModelCost, batch: int, context: int) -> dict[str, float]
     """A prefill of `context` tokens with logits for the last one only (logits_to_keep=1)."""
     tokens = batch * context
     body = cost.matmul_params - cost.lm_head_params
-    attn = (
-        2 * context * cost.kept(context) * cost.heads * cost.head_dim * cost.softmax_layers
-    )  # causal: half of 4 T^2 d
+    # causal: half of 4 T^2 d, or of 4 T (window + sinks) d for a windowed layer
+    attended = context if cost.kv_slots is None else min(context, cost.kv_slots)
+    attn = 2 * context * attended * cost.heads * cost.head_dim * cost.softmax_layers
     flops = 2 * tokens * body + 2 * batch * cost.lm_head_params + batch * attn
     flops += tokens * cost.recurrence_flops_per_token()
     kv = batch * cost.kept(context) * cost.kv_bytes_per_token()

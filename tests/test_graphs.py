@@ -342,3 +342,46 @@ def test_kv_buffers_hold_keys_and_values_each_in_its_own_dtype_under_autocast(va
                 graphed.append(graph_free_step(one_token, student, lents, *inputs, caches[1]))
     errors = [(torch.cat(run, 1).float() - exact).abs().max() for run in (eager, graphed)]
     assert errors[1] <= 1.5 * errors[0], errors
+
+
+@pytest.mark.parametrize("variant,kept", [("rwkv7-hybrid-window", 3), ("rwkv7-hybrid", 1)])
+def test_graphs_with_fixed_kv_buffers_are_kept_per_batch_size(variant, kept, monkeypatch):
+    """A windowed hybrid's buffers have one size, so its graph at each batch size stays, as a pure
+    student's does, for a server's stack moving between sizes and back; a whole-context hybrid
+    keeps one graph with KV buffers at a time, since its buffers grow. (Capture stubbed: CPU.)"""
+    import contextlib
+
+    from radlads.models import graphs
+
+    captures = []
+
+    class Captured:
+        def __init__(self, compiled: bool):
+            self.compiled = compiled
+
+        def __call__(self, ids, positions, mask, cache):
+            return torch.zeros(ids.shape[0], 1, 320)
+
+    def capture(self, model, cache, batch, mask_dtype, compiled, capacity):
+        captures.append(batch)
+        return Captured(compiled)
+
+    monkeypatch.setattr(graphs.DecodeGraphs, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    student = perturbed_student(**VARIANTS[variant])
+    steps = decode_graphs(student)
+    with torch.no_grad():
+        prefilled = student(torch.zeros(1, 5, dtype=torch.long), use_cache=True).cache
+        for _ in range(2):
+            for rows in (1, 4, 6):
+                cache = RadladsCache(len(prefilled.states))
+                cache.states = [
+                    tuple(t.expand(rows, *t.shape[1:]) for t in s)
+                    if isinstance(s, tuple)
+                    else s.expand(rows, -1, -1, -1)
+                    for s in prefilled.states
+                ]
+                ids = torch.zeros(rows, 1, dtype=torch.long)
+                steps(student, ids, cache, None, ids + 5)
+    assert len(steps.graphs) == kept
+    assert len(captures) == (3 if kept == 3 else 6)

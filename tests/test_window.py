@@ -192,3 +192,16 @@ def test_a_windowed_hybrid_prefills_in_pieces_of_its_window(monkeypatch):
         one_pass = student(ids, use_cache=True, logits_to_keep=1).logits
     assert lengths == [128, 128, 44, 300]
     torch.testing.assert_close(pieces, one_pass, rtol=1e-4, atol=1e-4)
+
+
+def test_decoding_buffers_refuse_a_state_of_another_window():
+    """A cache made under one window, bound to buffers made for another (the window changed on the
+    config meanwhile), is refused by name instead of broadcast into the slots."""
+    from radlads.models.attention import WindowKV
+
+    student = perturbed_student(**WINDOWED)
+    with torch.no_grad():
+        state = student(torch.zeros(1, 3, dtype=torch.long), use_cache=True).cache.states[0]
+    WindowKV.like(state, state[0].shape[1]).load(state)
+    with pytest.raises(ValueError, match="the window changed"):
+        WindowKV.like(state, state[0].shape[1] + 4).load(state)

@@ -114,6 +114,11 @@ class WindowKV(KVBuffers):
     def load(self, state: tuple[Tensor, ...]) -> None:
         """Copy a cache's state (as many slots as these buffers: `still_seen`) in."""
         keys, values, cols, ranks = state
+        if keys.shape[1] != self.keys.shape[2]:
+            raise ValueError(
+                f"a windowed state of {keys.shape[1]} slots, for buffers of {self.keys.shape[2]}: "
+                "the window changed since this cache was made; start a new one"
+            )
         self.keys.copy_(keys.transpose(1, 2))
         self.values.copy_(values.transpose(1, 2))
         self.cols.copy_(cols)

@@ -223,8 +223,8 @@ class DecodeGraph:
 class DecodeGraphs:
     """A model's captured decode steps, one per batch size (and KV capacity, mask dtype, autocast,
     inference mode), the `MAX_GRAPHS` most recently used ones kept, of which at most one with a
-    hybrid's KV buffers: each holds its batch's recurrent state and
-    a memory pool. All are dropped when a parameter moved or changed dtype (`.to()`, reloading),
+    whole-context hybrid's KV buffers (a windowed hybrid's, of one fixed size, are kept as a pure
+    student's states are): each holds its batch's recurrent state and a memory pool. All are dropped when a parameter moved or changed dtype (`.to()`, reloading),
     since a graph reads the memory it was captured on. Kept beside the model (see `decode_graphs`),
     not on it: a graph is no state to save or copy."""
 
@@ -283,10 +283,12 @@ class DecodeGraphs:
         # Capture and replay on the model's GPU: a graph captures the current device's work only.
         with torch.cuda.device(input_ids.device):
             if key not in self.graphs:
-                # One graph with KV buffers at a time, the old one freed before the new one takes
-                # memory: they are as large as the batch's KV cache, and a batch that grew or
-                # changed size does not go back.
-                for old in [k for k in self.graphs if capacity and k[1]]:
+                # One graph with growing KV buffers at a time, the old one freed before the new one
+                # takes memory: they are as large as the batch's KV cache, and a batch that grew or
+                # changed size does not go back. A windowed hybrid's buffers never grow: a stack
+                # of sequences moves between batch sizes and back, as a pure student's does.
+                growing = capacity and not model.config.softmax_kv_slots
+                for old in [k for k in self.graphs if growing and k[1]]:
                     del self.graphs[old]
                 graph = self._capture(model, cache, batch, mask_dtype, compiled, capacity)
                 if graph is None:

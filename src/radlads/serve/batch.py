@@ -90,7 +90,7 @@ def paddable(model) -> bool:
     """A hybrid student (unless windowed: stackable), or a plain HF model whose every layer keeps its
     whole KV cache (no sliding window): left padding and a mask batch their sequences exactly."""
     if is_student(model):
-        return True
+        return not model.config.softmax_window
     # Ask transformers which cache layers the model gets: its rules for sliding windows differ by
     # family (Mistral's `sliding_window` alone, Qwen2's per-layer `layer_types`, ...).
     try:
