@@ -605,12 +605,27 @@ def test_cli_builds_the_server_config(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(radlads.serve, "serve", lambda *args: calls.append(args))
     main(["serve", "--model", str(tmp_path), "--api-key", "k", "--max-batch", "3", "--prefix-cache-mb", "0"])
-    main(["serve", "--model", str(tmp_path), "--no-warm-up", "--max-state-gb", "2.5"])
+    main(
+        ["serve", "--model", str(tmp_path), "--no-warm-up", "--max-state-gb", "2.5", "--softmax-window", "4k"]
+    )
     ((model, config, device), (_, plain, _)) = calls
     assert model == str(tmp_path) and device is None
     assert (config.host, config.port, config.api_key, config.max_batch) == ("127.0.0.1", 8000, "k", 3)
     assert config.prefix_cache_bytes == 0 and config.warm_up and not plain.warm_up
     assert (config.max_state_bytes, plain.max_state_bytes) == (None, 2_500_000_000)
+    assert (config.softmax_window, plain.softmax_window, plain.softmax_sinks) == (None, 4000, None)
+
+
+def test_a_hybrid_is_served_with_the_window_asked_for(folders):
+    """`serve --softmax-window` bounds a whole-context hybrid's cache: its streams then stack as a
+    pure student's. A model without softmax layers, or sinks without a window, is refused."""
+    engine, _ = load_engine(folders["hybrid"], ServeConfig(softmax_window=16, softmax_sinks=2), "cpu")
+    assert (engine.model.config.softmax_window, engine.model.config.softmax_sinks) == (16, 2)
+    assert isinstance(engine.batch, StackedStates)
+    with pytest.raises(ValueError, match="no softmax layers"):
+        load_engine(folders["student"], ServeConfig(softmax_window=16), "cpu")
+    with pytest.raises(ValueError, match="needs a window"):
+        load_engine(folders["hybrid"], ServeConfig(softmax_sinks=2), "cpu")
 
 
 def test_bench_tiny_mode_runs(tmp_path):

@@ -8,14 +8,16 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from radlads.convert.plan import decode_memory
+from radlads.convert.transfer import transfer
 from radlads.models import RadladsConfig
 from test_kernels import op_device  # noqa: F401 (a fixture)
 from test_models import VARIANTS, perturbed_student
 
 WINDOWED = VARIANTS["rwkv7-hybrid-window"]
+WHOLE = {k: v for k, v in WINDOWED.items() if k not in ("softmax_window", "softmax_sinks")}  # the same hybrid
 
 
 def naive_window_attention(layer, x, positions, real, window: int, sinks: int):
@@ -54,7 +56,7 @@ def test_windowed_layer_is_the_naive_windowed_attention(window, sinks):
 
 def test_a_window_longer_than_the_context_is_whole_attention_and_a_shorter_one_is_not():
     ids = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(1))
-    whole = perturbed_student(**{**WINDOWED, "softmax_window": None})
+    whole = perturbed_student(**WHOLE)
     with torch.no_grad():
         expected = whole(ids).logits
         # With 2 sinks, a window of 18 still covers the 20 tokens; one of 17 misses the third.
@@ -100,7 +102,7 @@ def test_a_window_of_no_tokens_is_refused(window, sinks):
 
 def test_the_window_can_be_set_when_loading(tmp_path):
     """A hybrid trained with whole attention can be decoded with a window to bound its memory."""
-    perturbed_student(**{**WINDOWED, "softmax_window": None}).save_pretrained(tmp_path)
+    perturbed_student(**WHOLE).save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, softmax_window=6)
     assert loaded.config.softmax_window == 6
     assert all(layer.self_attn.window == 6 for layer in loaded.model.layers[::2])
@@ -138,6 +140,8 @@ def test_convert_trains_a_windowed_hybrid_that_decodes_in_bounded_memory(tmp_pat
     assert (out / "model.safetensors").read_bytes() == weights
     assert main(convert_args(teacher, corpus, tmp_path / "pure", "--softmax-window", "64")) == 2
     assert "no layer keeps softmax attention" in capsys.readouterr().err
+    assert main(convert_args(teacher, corpus, tmp_path / "sinks", *window[:2], "--softmax-sinks", "2")) == 2
+    assert "needs a window" in capsys.readouterr().err
 
     # `eval --softmax-window` scores the student over another window than it was trained with.
     def perplexity(*extra):
@@ -150,7 +154,17 @@ def test_convert_trains_a_windowed_hybrid_that_decodes_in_bounded_memory(tmp_pat
     assert narrow["perplexity"]["ppl"] != trained["perplexity"]["ppl"]  # trained with 64 and 2
     assert narrow["name"] == "student: windowed, softmax_window 8, softmax_sinks 1"
     assert trained["name"] == "student: windowed"
-    assert main(["eval", "--model", str(tmp_path / "pure"), "--softmax-window", "8", "--quiet"]) == 2
+    pure = tmp_path / "pure-student"
+    transfer(teacher, "rad-rwkv7").save_pretrained(pure)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(pure)
+    assert (
+        main(["eval", "--model", str(pure), "--data", str(corpus), "--softmax-window", "8", "--quiet"]) == 2
+    )
+    assert "no softmax layers" in capsys.readouterr().err
+    generated = ["generate", "--model", str(out), "--prompt", "the ant", "--max-new-tokens", "3"]
+    assert main([*generated, "--softmax-window", "8", "--softmax-sinks", "1"]) == 0
+    assert main([*generated, "--softmax-window", "0"]) == 2
+    assert "at least 1 token" in capsys.readouterr().err
 
 
 def test_compiled_prefill_of_a_windowed_hybrid_has_no_graph_break_and_equals_eager(op_device, monkeypatch):  # noqa: F811

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..convert.layer_choice import auto_count
 from ..convert.pipeline import Conversion, export_checkpoint, resolve_device
@@ -17,6 +17,7 @@ from ..data import prepare_shards
 from ..data.sources import build_corpus
 from ..eval import speed
 from ..eval.suite import EvalSettings, evaluate_conversion, load_model
+from ..models.configuration import window_overrides
 from ..teachers import load_teacher_tokenizer, resolve_teacher
 from ..train.config import ConvertConfig
 
@@ -93,7 +94,8 @@ def generate(args: argparse.Namespace) -> int:
     import radlads  # noqa: F401  (registers the student architecture with the Auto classes)
 
     device = resolve_device(args.device)
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
+    window = window_overrides(AutoConfig.from_pretrained(args.model), args.softmax_window, args.softmax_sinks)
+    model = AutoModelForCausalLM.from_pretrained(args.model, **window).to(device).eval()
     # One prompt: compiling would take longer than the tokens it speeds up.
     model.config.compile_decode = model.config.compile_prefill = args.compile
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -125,6 +127,8 @@ def serve(args: argparse.Namespace) -> int:
         prefix_cache_bytes=args.prefix_cache_mb << 20,
         warm_up=not args.no_warm_up,
         max_state_bytes=None if args.max_state_gb is None else int(args.max_state_gb * 1e9),
+        softmax_window=args.softmax_window,
+        softmax_sinks=args.softmax_sinks,
     )
     run_server(args.model, config, args.device)
     return 0

@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("serve", help="OpenAI-compatible HTTP server (continuous batching) for a student or teacher")
     p.add_argument("--model", required=True, help="model folder: a student, a hybrid or a plain HF teacher")
+    _add_window_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=64, help="requests decoding at once; more wait")
@@ -294,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("generate", help="generate text with a student (constant memory per token)")
     p.add_argument("--model", required=True)
+    _add_window_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

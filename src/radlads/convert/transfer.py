@@ -55,6 +55,8 @@ def student_config(teacher: PreTrainedModel, arch: str = "rad-rwkv7", **options)
             "softmax_window bounds the softmax layers' attention, but no layer keeps softmax "
             "attention: name some with softmax_layers (--softmax-layers auto:2), or drop the window"
         )
+    if options.get("softmax_sinks") is not None and not options.get("softmax_window"):
+        raise ValueError("softmax_sinks needs a window: give softmax_window (--softmax-window) too")
     return RadladsConfig(arch=arch, teacher_config=tcfg.to_dict(), softmax_layers=softmax, **options)
 
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..data import PackedLoader, ShardIndex, check_tokenizer, iter_documents
+from ..models.configuration import window_overrides
 from .copying import evaluate_copying
 from .passkey import evaluate_passkey
 from .perplexity import evaluate_perplexity
@@ -42,22 +43,15 @@ class EvalSettings:
     softmax_window: int | None = None
     softmax_sinks: int | None = None
 
-    def student_overrides(self) -> dict:
-        """The student config fields these settings replace."""
-        fields = {"softmax_window": self.softmax_window, "softmax_sinks": self.softmax_sinks}
-        return {k: v for k, v in fields.items() if v is not None}
-
 
 def load_model(path: str | Path, device: torch.device, compile: bool = True, **overrides):
     """The model at `path` for scoring; compile=False turns a student's compiled prefill and
-    decoding off (a plain HF teacher has no such switches); `overrides` replace a hybrid student's
-    window fields (EvalSettings.student_overrides)."""
+    decoding off (a plain HF teacher has no such switches); `overrides`: config fields to replace
+    (models.configuration.window_overrides)."""
     import radlads  # noqa: F401  (registers the student architecture with the Auto classes)
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **overrides).to(device).eval()
-    if overrides and not getattr(model.config, "softmax_layers", None):
-        raise ValueError(f"{path} has no softmax layers for a window to bound: drop --softmax-window")
     for switch in ("compile_prefill", "compile_decode"):
         if not compile and hasattr(model.config, switch):
             setattr(model.config, switch, False)
@@ -123,7 +117,10 @@ def evaluate_conversion(
             measured.append(None)
             continue
         compile = settings.compile or bool(settings.speed_contexts)
-        overrides = settings.student_overrides() if name == "student" else {}
+        overrides = {}
+        if name == "student":
+            window, sinks = settings.softmax_window, settings.softmax_sinks
+            overrides = window_overrides(AutoConfig.from_pretrained(path), window, sinks)
         model = load_model(path, device, compile=compile, **overrides)
         label = f"{name}: {Path(path).name}" + "".join(f", {k} {v}" for k, v in overrides.items())
         measured.append(evaluate_model(label, model, tokenizer, settings, progress))

@@ -130,3 +130,21 @@ class RadladsConfig(PretrainedConfig):
         """The keys a windowed softmax layer keeps per sequence, its window and sinks, from its first
         token on (models.attention); None: every key, a cache that grows."""
         return self.softmax_window + self.softmax_sinks if self.softmax_window else None
+
+
+def window_overrides(config: PretrainedConfig, window: int | None, sinks: int | None) -> dict:
+    """`from_pretrained` keyword arguments that give a saved hybrid's softmax layers this window and
+    these sinks (None: as saved), checked against the model's `config` first: a model without
+    softmax layers has nothing to bound, and sinks mean nothing without a window."""
+    given = {k: v for k, v in (("softmax_window", window), ("softmax_sinks", sinks)) if v is not None}
+    if (window is not None and window < 1) or (sinks is not None and sinks < 0):
+        raise ValueError(
+            f"--softmax-window {window} / --softmax-sinks {sinks}: give a window of at least 1 token"
+        )
+    if given and not getattr(config, "softmax_layers", None):
+        raise ValueError(
+            "the model has no softmax layers for a window to bound: drop --softmax-window/-sinks"
+        )
+    if sinks is not None and not (window or getattr(config, "softmax_window", None)):
+        raise ValueError("--softmax-sinks needs a window: give --softmax-window too")
+    return given

@@ -266,16 +266,18 @@ def load_engine(model: str | Path, config: ServeConfig, device: str | None = Non
     """The engine over a model folder (a student, or any HF causal LM; a GGUF teacher is imported
     first), and the name it is served as."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import radlads.models  # noqa: F401  (registers the student architecture with the Auto classes)
+    from radlads.models.configuration import window_overrides
 
     from ..teachers import resolve_teacher
 
     folder = resolve_teacher(model)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    window = window_overrides(AutoConfig.from_pretrained(folder), config.softmax_window, config.softmax_sinks)
+    net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **window).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return Engine(net, tokenizer, config), config.model_name or Path(model).name
 

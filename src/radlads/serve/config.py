@@ -28,6 +28,10 @@ class ServeConfig:
     # max_tokens: a request waits until it fits, and one that could never fit is refused (400).
     # None: no limit (only max_batch bounds them).
     max_state_bytes: int | None = None
+    # A hybrid student's softmax layers over this window and these sinks, whatever it was saved
+    # with: a KV cache of a fixed size, whose streams stack as a pure student's (None: as saved).
+    softmax_window: int | None = None
+    softmax_sinks: int | None = None
 
     def __post_init__(self):
         for name in (
