@@ -207,8 +207,8 @@ class SoftmaxAttention(TeacherProjections):
         use_cache: bool,
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor] | None]:
         """Windowed attention (`window_mask`) over the kept keys and the new ones, and where
-        `use_cache` the keys the next tokens may still see: (keys, values, columns, ranks), at most
-        `sinks` + `window` of them per row, whatever the context's length."""
+        `use_cache` the keys the next tokens may still see (`still_seen`): (keys, values, columns,
+        ranks)."""
         T = q.shape[1]
         if attention_mask is None:
             real = q.new_ones(1, T, dtype=torch.bool)
