@@ -219,3 +219,30 @@ def test_decoding_buffers_refuse_a_state_of_another_window():
     WindowKV.like(state, state[0].shape[1]).load(state)
     with pytest.raises(ValueError, match="the window changed"):
         WindowKV.like(state, state[0].shape[1] + 4).load(state)
+
+
+def test_a_hybrids_unpadded_prompt_prefills_without_a_mask(monkeypatch):
+    """A mask of ones (as generate() passes for an unpadded prompt) is dropped before the layers, so
+    a whole-context softmax layer runs SDPA's causal kernel rather than a [T, S] mask; a padded
+    batch keeps its mask, and both give what they gave."""
+    import torch.nn.functional as F
+
+    import radlads.models.attention as attention
+
+    student = perturbed_student(**WHOLE)
+    masks, attend = [], F.scaled_dot_product_attention
+
+    def sdpa(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return attend(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", sdpa)
+    ids = torch.randint(0, 320, (2, 30), generator=torch.Generator().manual_seed(4))
+    ones = torch.ones_like(ids)
+    padded = ones.clone()
+    padded[1, :4] = 0
+    with torch.no_grad():
+        unmasked = student(ids).logits
+        assert torch.equal(student(ids, attention_mask=ones).logits, unmasked)
+        student(ids, attention_mask=padded)
+    assert [m is None for m in masks] == [True, True, True, True, False, False]
