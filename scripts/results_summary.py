@@ -59,12 +59,15 @@ def entry(run: Path, label: str) -> dict:
     s_keys = passkey_rates(student.get("passkey", {}).get("records", []))
     t_keys = passkey_rates(teacher.get("passkey", {}).get("records", []))
     softmax = summary["config"]["student"].get("softmax_layers") or []
+    window = summary["config"]["student"].get("softmax_window")
+    sinks = summary["config"]["student"].get("softmax_sinks", 4)
+    over = f" over a window of {window} + {sinks} sinks" if window else ""
     steps = trained_steps(summary, label)
     # Older runs' radlads.json predate the knob: their step 2 trained everything at one LR.
     new_lr_scale = summary["config"]["step2"].get("new_lr_scale", 1.0)
     return {
         "name": f"{run.name}:{label}",
-        "arch": summary["arch"] + (f" + softmax layers {softmax}" if softmax else ""),
+        "arch": summary["arch"] + (f" + softmax layers {softmax}{over}" if softmax else ""),
         "tokens": {k: v["tokens"] for k, v in steps.items()},
         "step2_new_lr_scale": new_lr_scale,
         "ppl_student": student["perplexity"]["ppl"],
