@@ -622,7 +622,7 @@ def test_a_hybrid_is_served_with_the_window_asked_for(folders):
     engine, _ = load_engine(folders["hybrid"], ServeConfig(softmax_window=16, softmax_sinks=2), "cpu")
     assert (engine.model.config.softmax_window, engine.model.config.softmax_sinks) == (16, 2)
     assert isinstance(engine.batch, StackedStates)
-    with pytest.raises(ValueError, match="no softmax layers"):
+    with pytest.raises(ValueError, match="no layer keeps softmax attention"):
         load_engine(folders["student"], ServeConfig(softmax_window=16), "cpu")
     with pytest.raises(ValueError, match="needs a window"):
         load_engine(folders["hybrid"], ServeConfig(softmax_sinks=2), "cpu")

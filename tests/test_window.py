@@ -160,7 +160,7 @@ def test_convert_trains_a_windowed_hybrid_that_decodes_in_bounded_memory(tmp_pat
     assert (
         main(["eval", "--model", str(pure), "--data", str(corpus), "--softmax-window", "8", "--quiet"]) == 2
     )
-    assert "no softmax layers" in capsys.readouterr().err
+    assert "no layer keeps softmax attention" in capsys.readouterr().err
     generated = ["generate", "--model", str(out), "--prompt", "the ant", "--max-new-tokens", "3"]
     assert main([*generated, "--softmax-window", "8", "--softmax-sinks", "1"]) == 0
     assert main([*generated, "--softmax-window", "0"]) == 2

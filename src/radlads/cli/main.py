@@ -30,16 +30,16 @@ def parse_layers(value: str) -> list[int] | str:
         raise argparse.ArgumentTypeError(f"{value!r}: give layer numbers (e.g. 10,20) or auto:N") from None
 
 
-def _add_window_args(p: argparse.ArgumentParser) -> None:
+def _add_window_args(
+    p: argparse.ArgumentParser, default: str = "the window the model was saved with"
+) -> None:
     p.add_argument(
         "--softmax-window",
         type=parse_tokens,
         help="the softmax layers attend to the last N tokens and the first few (--softmax-sinks): a KV "
-        "cache of at most N + sinks tokens, constant decoding memory (default: the whole context)",
+        f"cache of N + sinks tokens, constant decoding memory (default: {default})",
     )
-    p.add_argument(
-        "--softmax-sinks", type=int, help="with --softmax-window: first tokens always seen (default 4)"
-    )
+    p.add_argument("--softmax-sinks", type=int, help="with --softmax-window: first tokens always seen (4)")
 
 
 def _add_conversion_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated layers that keep softmax attention (negative counts from the end), or "
         "auto:N for the N layers with the teacher's strongest induction heads (recommended: auto:2)",
     )
-    _add_window_args(p)
+    _add_window_args(p, default="the whole context")
     budgets = {1: "100M", 2: "250M", 3: "0; 10M under --preset auto for teachers under 1B parameters"}
     for k in (1, 2, 3):
         p.add_argument(
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="comma-separated layers that keep softmax attention, or auto:N",
     )
-    _add_window_args(p)
+    _add_window_args(p, default="the whole context")
     p.add_argument(
         "--keep-kernel-intermediates",
         action="store_true",

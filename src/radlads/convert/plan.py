@@ -226,7 +226,8 @@ class ConversionPlan:
             else ""
         )
         if d.window_slots:
-            kv = f" + {d.window_kv_bytes / 1e6:.1f} MB of KV cache for its {d.window_slots:,}-token window"
+            kv = f" + {d.window_kv_bytes / 1e6:.1f} MB of KV cache for its window and sinks"
+            kv += f" ({d.window_slots:,} tokens)"
         lines = [
             f"Decoding memory per sequence, up to the teacher's trained context, bf16 KV caches (student: "
             f"{d.state_bytes / 1e6:.1f} MB of recurrent state{kv}; teacher: {d.teacher_kv_bytes_per_token:,} "

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..models import RadladsConfig, RadladsForCausalLM, family_of
+from ..models.configuration import check_window
 from .inputs import check_finite, check_shapes
 
 
@@ -50,13 +51,9 @@ def student_config(teacher: PreTrainedModel, arch: str = "rad-rwkv7", **options)
     softmax = sorted({i % n for i in options.pop("softmax_layers", ())})
     if len(softmax) == n:
         raise ValueError("softmax_layers keeps every layer: nothing would be converted")
-    if options.get("softmax_window") and not softmax:
-        raise ValueError(
-            "softmax_window bounds the softmax layers' attention, but no layer keeps softmax "
-            "attention: name some with softmax_layers (--softmax-layers auto:2), or drop the window"
-        )
-    if options.get("softmax_sinks") is not None and not options.get("softmax_window"):
-        raise ValueError("softmax_sinks needs a window: give softmax_window (--softmax-window) too")
+    check_window(
+        softmax, options.get("softmax_window"), options.get("softmax_sinks", 4), "softmax_sinks" in options
+    )
     return RadladsConfig(arch=arch, teacher_config=tcfg.to_dict(), softmax_layers=softmax, **options)
 
 

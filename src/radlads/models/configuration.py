@@ -80,11 +80,7 @@ class RadladsConfig(PretrainedConfig):
         self.arch = arch
         self.teacher_config = dict(teacher_config or {})
         self.softmax_layers = sorted(int(i) for i in softmax_layers)
-        if (softmax_window is not None and softmax_window < 1) or softmax_sinks < 0:
-            raise ValueError(
-                f"softmax_window {softmax_window} / softmax_sinks {softmax_sinks}: give a window of at "
-                "least 1 token (or None for the whole context) and 0 or more sink tokens"
-            )
+        check_window(self.softmax_layers, softmax_window, softmax_sinks)
         # The softmax layers attend to the last softmax_window tokens and the first softmax_sinks
         # (None: to the whole context, a KV cache that grows with it).
         self.softmax_window = softmax_window
@@ -132,19 +128,29 @@ class RadladsConfig(PretrainedConfig):
         return self.softmax_window + self.softmax_sinks if self.softmax_window else None
 
 
+def check_window(softmax_layers, window: int | None, sinks: int, sinks_given: bool = False) -> None:
+    """Refuse a window no layer can use: under 1 token, negative sinks, a window without softmax
+    layers, or sinks asked for (`sinks_given`) without a window."""
+    if (window is not None and window < 1) or sinks < 0:
+        raise ValueError(
+            f"softmax_window {window} / softmax_sinks {sinks}: give a window of at least 1 token "
+            "(None for the whole context) and 0 or more sink tokens"
+        )
+    if window and not softmax_layers:
+        raise ValueError(
+            "softmax_window bounds the softmax layers' attention, but no layer keeps softmax attention: "
+            "name some in softmax_layers (e.g. auto:2), or drop the window"
+        )
+    if sinks_given and not window:
+        raise ValueError("softmax_sinks needs a window: give softmax_window too")
+
+
 def window_overrides(config: PretrainedConfig, window: int | None, sinks: int | None) -> dict:
     """`from_pretrained` keyword arguments that give a saved hybrid's softmax layers this window and
-    these sinks (None: as saved), checked against the model's `config` first: a model without
-    softmax layers has nothing to bound, and sinks mean nothing without a window."""
+    these sinks (None: as saved), checked against the model's `config` first."""
     given = {k: v for k, v in (("softmax_window", window), ("softmax_sinks", sinks)) if v is not None}
-    if (window is not None and window < 1) or (sinks is not None and sinks < 0):
-        raise ValueError(
-            f"--softmax-window {window} / --softmax-sinks {sinks}: give a window of at least 1 token"
-        )
-    if given and not getattr(config, "softmax_layers", None):
-        raise ValueError(
-            "the model has no softmax layers for a window to bound: drop --softmax-window/-sinks"
-        )
-    if sinks is not None and not (window or getattr(config, "softmax_window", None)):
-        raise ValueError("--softmax-sinks needs a window: give --softmax-window too")
+    if given:
+        window = window if window is not None else getattr(config, "softmax_window", None)
+        sinks = sinks if sinks is not None else getattr(config, "softmax_sinks", 4)
+        check_window(getattr(config, "softmax_layers", None), window, sinks, "softmax_sinks" in given)
     return given

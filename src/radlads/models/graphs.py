@@ -224,8 +224,9 @@ class DecodeGraphs:
     """A model's captured decode steps, one per batch size (and KV capacity, mask dtype, autocast,
     inference mode), the `MAX_GRAPHS` most recently used ones kept, of which at most one with a
     whole-context hybrid's KV buffers (a windowed hybrid's, of one fixed size, are kept as a pure
-    student's states are): each holds its batch's recurrent state and a memory pool. All are dropped when a parameter moved or changed dtype (`.to()`, reloading),
-    since a graph reads the memory it was captured on. Kept beside the model (see `decode_graphs`),
+    student's states are): each holds its batch's recurrent state and a memory pool. All are
+    dropped when a parameter moved or changed dtype (`.to()`, reloading), since a graph reads the
+    memory it was captured on. Kept beside the model (see `decode_graphs`),
     not on it: a graph is no state to save or copy."""
 
     MAX_GRAPHS = 4

@@ -135,8 +135,9 @@ class RadladsModel(RadladsPreTrainedModel):
             position_ids = torch.arange(past, past + T, device=hidden.device)[None]
         if attention_mask is not None and T > 1 and self.config.softmax_layers and bool(attention_mask.all()):
             # No padding anywhere (generate() passes a mask of ones for unpadded prompts): without a
-            # mask the softmax layers prefill through SDPA's causal kernel instead of a [T, S] mask,
-            # gigabytes at long context. Decoding steps (T = 1) keep theirs: no sync per token.
+            # mask, whole-context softmax layers prefill through SDPA's causal kernel instead of a
+            # [T, S] mask, gigabytes at long context (windowed ones build their window's mask, in
+            # pieces). Decoding steps (T = 1) keep theirs: no sync per token.
             attention_mask = None
         pieces = [(0, T)]
         whole_context = self.config.softmax_layers and not self.config.softmax_window

@@ -295,7 +295,8 @@ def _tensors(cache) -> list[tuple[Tensor, int | None]]:
 
 def _replace_each(cache, fn) -> None:
     """Replace each tensor t of `cache` (in `_tensors`' order) by fn(t, time_dim), one at a time,
-    so that at most one tensor's old and new copies exist together."""
+    so that at most one tensor's old and new copies exist together. For PaddedCaches: a softmax
+    layer's state is a whole-context (keys, values) pair there, never a windowed one (stackable)."""
     if isinstance(cache, RadladsCache):
         for i, s in enumerate(cache.states):
             if isinstance(s, tuple):
