@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..convert.layer_choice import auto_count
 from ..convert.pipeline import Conversion, export_checkpoint, resolve_device
@@ -94,7 +94,7 @@ def generate(args: argparse.Namespace) -> int:
     import radlads  # noqa: F401  (registers the student architecture with the Auto classes)
 
     device = resolve_device(args.device)
-    window = window_overrides(AutoConfig.from_pretrained(args.model), args.softmax_window, args.softmax_sinks)
+    window = window_overrides(args.model, args.softmax_window, args.softmax_sinks)
     model = AutoModelForCausalLM.from_pretrained(args.model, **window).to(device).eval()
     # One prompt: compiling would take longer than the tokens it speeds up.
     model.config.compile_decode = model.config.compile_prefill = args.compile

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..data import PackedLoader, ShardIndex, check_tokenizer, iter_documents
 from ..models.configuration import window_overrides
@@ -117,10 +117,8 @@ def evaluate_conversion(
             measured.append(None)
             continue
         compile = settings.compile or bool(settings.speed_contexts)
-        overrides = {}
-        if name == "student":
-            window, sinks = settings.softmax_window, settings.softmax_sinks
-            overrides = window_overrides(AutoConfig.from_pretrained(path), window, sinks)
+        window = (settings.softmax_window, settings.softmax_sinks) if name == "student" else (None, None)
+        overrides = window_overrides(path, *window)
         model = load_model(path, device, compile=compile, **overrides)
         label = f"{name}: {Path(path).name}" + "".join(f", {k} {v}" for k, v in overrides.items())
         measured.append(evaluate_model(label, model, tokenizer, settings, progress))

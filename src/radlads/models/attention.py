@@ -38,6 +38,22 @@ def window_mask(key_cols: Tensor, key_ranks: Tensor, query_cols: Tensor, window:
     return (seen | (k == q))[:, None]
 
 
+def new_columns(
+    q: Tensor, attention_mask: Tensor | None, old_cols: Tensor | None = None, old_ranks: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Columns and ranks ([B|1, T]) of the T new tokens of `q` ([B, T, ...]), after kept keys of
+    these columns and ranks (None: the first tokens); padding (0 in the mask's last T columns)
+    gets rank 0."""
+    T = q.shape[1]
+    real = q.new_ones(1, T, dtype=torch.bool) if attention_mask is None else attention_mask[:, -T:].bool()
+    cols = torch.arange(T, device=q.device)[None]
+    ranks = real.cumsum(-1) * real
+    if old_cols is not None:
+        cols = cols + old_cols.amax(-1, keepdim=True) + 1
+        ranks = ranks + old_ranks.amax(-1, keepdim=True) * real
+    return cols, ranks
+
+
 @dataclass
 class KVBuffers:
     """A softmax layer's keys and values in head-major buffers, [B, H_kv, C, N], of a fixed
@@ -209,21 +225,14 @@ class SoftmaxAttention(TeacherProjections):
         """Windowed attention (`window_mask`) over the kept keys and the new ones, and where
         `use_cache` the keys the next tokens may still see (`still_seen`): (keys, values, columns,
         ranks)."""
-        T = q.shape[1]
-        if attention_mask is None:
-            real = q.new_ones(1, T, dtype=torch.bool)
+        if state is None:
+            cols, ranks = new_columns(q, attention_mask)
+            key_cols, key_ranks = cols, ranks
         else:
-            real = attention_mask[:, -T:].bool()
-        cols = torch.arange(T, device=q.device)[None]
-        ranks = real.cumsum(-1) * real
-        if state is not None:
             old_k, old_v, old_cols, old_ranks = state
-            cols = cols + old_cols.amax(-1, keepdim=True) + 1
-            ranks = ranks + old_ranks.amax(-1, keepdim=True) * real
+            cols, ranks = new_columns(q, attention_mask, old_cols, old_ranks)
             k, v = torch.cat([old_k, k], 1), torch.cat([old_v, v], 1)
             key_cols, key_ranks = torch.cat([old_cols, cols], 1), torch.cat([old_ranks, ranks], 1)
-        else:
-            key_cols, key_ranks = cols, ranks
         mask = window_mask(key_cols, key_ranks, cols, self.window, self.sinks)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
@@ -264,11 +273,7 @@ class SoftmaxAttention(TeacherProjections):
         self, q: Tensor, k: Tensor, v: Tensor, state: WindowKV, attention_mask: Tensor | None
     ) -> Tensor:
         """One decoding step of a windowed layer on its WindowKV buffers."""
-        real = (
-            torch.ones_like(state.ranks[:, :1]) if attention_mask is None else attention_mask[:, -1:].long()
-        )
-        col = state.cols.amax(-1, keepdim=True) + 1
-        rank = (state.ranks.amax(-1, keepdim=True) + real) * real
+        col, rank = new_columns(q, attention_mask, state.cols, state.ranks)
         state.write(k, v, col, rank, self.sinks)
         seen = window_mask(state.cols, state.ranks, col, self.window, self.sinks)
         return self.attend_buffers(q, state.keys, state.values, seen)

@@ -145,11 +145,12 @@ def check_window(softmax_layers, window: int | None, sinks: int, sinks_given: bo
         raise ValueError("softmax_sinks needs a window: give softmax_window too")
 
 
-def window_overrides(config: PretrainedConfig, window: int | None, sinks: int | None) -> dict:
-    """`from_pretrained` keyword arguments that give a saved hybrid's softmax layers this window and
-    these sinks (None: as saved), checked against the model's `config` first."""
+def window_overrides(path, window: int | None, sinks: int | None) -> dict:
+    """`from_pretrained` keyword arguments that give the saved hybrid at `path` this window and
+    these sinks (None: as saved), checked against its config first (read only where one is given)."""
     given = {k: v for k, v in (("softmax_window", window), ("softmax_sinks", sinks)) if v is not None}
     if given:
+        config = AutoConfig.from_pretrained(path)
         window = window if window is not None else getattr(config, "softmax_window", None)
         sinks = sinks if sinks is not None else getattr(config, "softmax_sinks", 4)
         check_window(getattr(config, "softmax_layers", None), window, sinks, "softmax_sinks" in given)

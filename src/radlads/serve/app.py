@@ -266,7 +266,7 @@ def load_engine(model: str | Path, config: ServeConfig, device: str | None = Non
     """The engine over a model folder (a student, or any HF causal LM; a GGUF teacher is imported
     first), and the name it is served as."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import radlads.models  # noqa: F401  (registers the student architecture with the Auto classes)
     from radlads.models.configuration import window_overrides
@@ -276,7 +276,7 @@ def load_engine(model: str | Path, config: ServeConfig, device: str | None = Non
     folder = resolve_teacher(model)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    window = window_overrides(AutoConfig.from_pretrained(folder), config.softmax_window, config.softmax_sinks)
+    window = window_overrides(folder, config.softmax_window, config.softmax_sinks)
     net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **window).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return Engine(net, tokenizer, config), config.model_name or Path(model).name
