@@ -102,10 +102,17 @@ def test_a_window_of_no_tokens_is_refused(window, sinks):
 
 def test_the_window_can_be_set_when_loading(tmp_path):
     """A hybrid trained with whole attention can be decoded with a window to bound its memory."""
-    perturbed_student(**WHOLE).save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, softmax_window=6)
-    assert loaded.config.softmax_window == 6
-    assert all(layer.self_attn.window == 6 for layer in loaded.model.layers[::2])
+    whole = perturbed_student(**WHOLE)
+    whole.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, softmax_window=6).eval()
+    built = perturbed_student(**WINDOWED)  # the same weights, window 6 and 2 sinks from the start
+    ids = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ours = loaded(ids, use_cache=True)
+        assert not torch.allclose(ours.logits, whole(ids).logits, atol=1e-4)  # the window acts
+        loaded.config.softmax_sinks = 2
+        torch.testing.assert_close(loaded(ids).logits, built(ids).logits, rtol=1e-5, atol=1e-5)
+    assert ours.cache.states[0][0].shape[1] == 6 + 4  # its window and the default sinks
 
 
 def test_convert_trains_a_windowed_hybrid_that_decodes_in_bounded_memory(tmp_path, capsys):
