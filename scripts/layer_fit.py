@@ -1,7 +1,7 @@
 """How well a time mixer fits each teacher layer alone: step 1 for one layer at a time, on the CPU.
 
     python3 scripts/layer_fit.py TEACHER SHARDS OUT [--updates 100] [--seq-len 512] [--layers 17,18]
-        [--repeat-fraction 0.5] [--lm-updates 300]
+        [--repeat-fraction 0.5] [--lm-updates 300] [--together]
 
 Each layer's RAD-RWKV7 mixer (fresh from step 0) is trained on that layer's own attention input
 and output, as step 1 trains it, then scored on held-out windows: the relative error
@@ -19,6 +19,12 @@ learns the copying lookup, or cannot hold it in its state, is what the copy NLL 
 on its next-token loss (as step 2 trains the whole student on the teacher's outputs): if the mixer
 copies then and not after alignment alone, the lookup fits in its state and step 1's objective is
 what misses it.
+--lm-loss kl makes them step 2's KL from the intact teacher instead of cross-entropy on the text.
+--together swaps the listed layers as one group instead of one at a time: each is aligned as
+above, the next-token updates train them jointly, and the probes run with all of them replaced.
+The copying circuit spans layers (a previous-token head feeds an induction head), so whether
+mixers can form it among themselves, with no teacher attention left in it, is a question about
+the group, not about any one layer.
 """
 
 from __future__ import annotations
@@ -76,6 +82,14 @@ def main() -> None:
         "teacher runs forward and backward each update)",
     )
     p.add_argument("--lm-lr", type=float, default=1e-4, help="the LR of those updates")
+    p.add_argument(
+        "--lm-loss",
+        choices=("ce", "kl"),
+        default="ce",
+        help="those updates' loss: cross-entropy on the text, or KL from the intact teacher's "
+        "next-token distributions (step 2's loss)",
+    )
+    p.add_argument("--together", action="store_true", help="swap and train the listed layers as one group")
     args = p.parse_args()
     torch.manual_seed(0)
     teacher_dir = resolve_teacher(args.teacher)
@@ -90,95 +104,117 @@ def main() -> None:
     cos, sin = student.model.rotary_emb(x_train[0, :1].float(), position_ids)
     first = copy.deepcopy(student.model.layers[0].self_attn).eval()  # layer 0 as step 0 left it
 
-    def run(layer: int, x: torch.Tensor, x_first: torch.Tensor) -> torch.Tensor:
-        """The layer's mixer on x; layer 0's mixer (untrained, as step 0 left it) gives v_first."""
+    def run(layer: int, x: torch.Tensor, x_first: torch.Tensor, group: tuple[int, ...]) -> torch.Tensor:
+        """The layer's mixer on x. v_first comes from layer 0's mixer: the one being trained when
+        layer 0 is in the group (as in step 1), else layer 0's as step 0 left it."""
         T = x.shape[1]
         rope = cos[:, :T].expand(len(x), -1, -1), sin[:, :T].expand(len(x), -1, -1)
-        with torch.no_grad():
-            v_first = first(x_first.float(), rope)[1]
-        mixer = student.model.layers[layer].self_attn
-        return mixer(x.float(), rope, v_first=v_first if layer else None)[0]
+        v_first = None
+        if layer:
+            with contextlib.nullcontext() if 0 in group else torch.no_grad():
+                source = student.model.layers[0].self_attn if 0 in group else first
+                v_first = source(x_first.float(), rope)[1]
+        return student.model.layers[layer].self_attn(x.float(), rope, v_first=v_first)[0]
 
     @contextlib.contextmanager
-    def swapped(layer: int | None):
-        """The teacher with `layer`'s attention replaced by its mixer (None: the teacher as it is)."""
+    def swapped(group: tuple[int, ...]):
+        """The teacher with each layer of `group` attending through its mixer (empty: the teacher
+        as it is)."""
         handles = []
-        if layer is not None:
+        if group:
             seen = {}
 
             def first_input(module, args, kwargs):
                 seen["x_first"] = attention_input(args, kwargs)
 
-            def swap(module, args, kwargs, output):
-                y = run(layer, attention_input(args, kwargs), seen["x_first"])
-                return (y.to(output[0].dtype), *output[1:])
+            def swap(layer: int):
+                def hook(module, args, kwargs, output):
+                    y = run(layer, attention_input(args, kwargs), seen["x_first"], group)
+                    return (y.to(output[0].dtype), *output[1:])
+
+                return hook
 
             layers = teacher.model.layers
-            handles = [
-                layers[0].self_attn.register_forward_pre_hook(first_input, with_kwargs=True),
-                layers[layer].self_attn.register_forward_hook(swap, with_kwargs=True),
-            ]
+            handles = [layers[0].self_attn.register_forward_pre_hook(first_input, with_kwargs=True)]
+            handles += [layers[i].self_attn.register_forward_hook(swap(i), with_kwargs=True) for i in group]
         try:
             yield teacher
         finally:
             for handle in handles:
                 handle.remove()
 
-    def copying(layer: int | None) -> dict[int, float]:
-        """Mean NLL on the probe's repeated span, with `layer`'s attention replaced by its mixer."""
-        with swapped(layer) as model:
+    def copying(group: tuple[int, ...]) -> dict[int, float]:
+        """Mean NLL on the probe's repeated span, with the group's attention replaced by mixers."""
+        with swapped(group) as model:
             result = evaluate_copying(model, tokenizer, COPY_DISTANCES, progress=False)
         return {d: v["repeat"] for d, v in result.by_distance().items()}
 
     @torch.no_grad()
-    def heldout_nll(layer: int | None) -> float:
-        """Next-token NLL on the held-out windows (plain text), with `layer`'s attention replaced:
-        what fitting the mixer to copy costs, or gains, on ordinary text."""
-        with swapped(layer) as model:
+    def heldout_nll(group: tuple[int, ...]) -> float:
+        """Next-token NLL on the held-out windows (plain text), with the group's attention
+        replaced: what fitting the mixers to copy costs, or gains, on ordinary text."""
+        with swapped(group) as model:
             return sum(model(input_ids=w[None], labels=w[None]).loss.item() for w in held) / len(held)
 
-    def update_loss(layer: int, batch: slice, lm: bool) -> torch.Tensor:
-        """Step 1's loss on the layer's output, or (lm) the swapped teacher's next-token loss,
-        which trains the mixer for what the layers after it need."""
+    def update_loss(group: tuple[int, ...], batch: slice, lm: bool) -> torch.Tensor:
+        """Step 1's loss on each layer's output (summed: each mixer's gradient is its own), or
+        (lm) the swapped teacher's next-token loss, which trains the mixers for what the layers
+        after them need."""
         if not lm:
-            return layer_alignment_loss(
-                run(layer, x_train[layer, batch], x_train[0, batch]), y_train[layer, batch]
-            )
-        with swapped(layer) as model:
-            return model(input_ids=train[batch], labels=train[batch]).loss
+            x, y = x_train[:, batch], y_train[:, batch]
+            return sum(layer_alignment_loss(run(i, x[i], x[0], group), y[i]) for i in group)
+        ids = train[batch]
+        if args.lm_loss == "ce":
+            with swapped(group) as model:
+                return model(input_ids=ids, labels=ids).loss
+        with torch.no_grad():
+            target = teacher(input_ids=ids).logits.float().log_softmax(-1).flatten(0, 1)
+        with swapped(group) as model:
+            logits = model(input_ids=ids).logits.float().log_softmax(-1).flatten(0, 1)
+        return torch.nn.functional.kl_div(logits, target, log_target=True, reduction="batchmean")
 
-    teacher_copying, teacher_nll = copying(None), heldout_nll(None)
+    @torch.no_grad()
+    def fit(layer: int, group: tuple[int, ...]) -> dict[str, float]:
+        y, target = run(layer, x_held[layer], x_held[0], group), y_held[layer].float()
+        error = (y - target).norm(dim=-1) / target.norm(dim=-1).clamp_min(1e-6)
+        return dict(
+            relative_error=error.mean().item(),
+            loss=layer_alignment_loss(y, target).item(),
+            teacher_output_norm=target.norm(dim=-1).mean().item(),
+        )
+
+    teacher_copying, teacher_nll = copying(()), heldout_nll(())
     print(f"teacher: copy NLL {teacher_copying}, held-out NLL {teacher_nll:.4f}", flush=True)
+    chosen = (
+        [int(i) for i in args.layers.split(",")] if args.layers else range(teacher.config.num_hidden_layers)
+    )
+    groups = [tuple(chosen)] if args.together else [(i,) for i in chosen]
     fits = {}
-    layers = range(teacher.config.num_hidden_layers)
-    for layer in [int(i) for i in args.layers.split(",")] if args.layers else layers:
-        mixer = student.model.layers[layer].self_attn.train()
-        optimizer = torch.optim.Adam(mixer.parameters(), lr=args.lr)
+    for group in groups:
+        mixers = [student.model.layers[i].self_attn.train() for i in group]
+        optimizer = torch.optim.Adam([p for m in mixers for p in m.parameters()], lr=args.lr)
         for update in range(args.updates + args.lm_updates):
             i = MICRO_BATCH * int(torch.randint(args.train_windows // MICRO_BATCH, ()))
             batch = slice(i, i + MICRO_BATCH)
             if update == args.updates:  # alignment done: the next-token updates from here
-                for group in optimizer.param_groups:
-                    group["lr"] = args.lm_lr
-            loss = update_loss(layer, batch, lm=update >= args.updates)
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = args.lm_lr
+            loss = update_loss(group, batch, lm=update >= args.updates)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        with torch.no_grad():
-            y, target = run(layer, x_held[layer], x_held[0]), y_held[layer].float()
-            error = (y - target).norm(dim=-1) / target.norm(dim=-1).clamp_min(1e-6)
-            fits[layer] = dict(
-                relative_error=error.mean().item(),
-                loss=layer_alignment_loss(y, target).item(),
-                teacher_output_norm=target.norm(dim=-1).mean().item(),
-            )
-        mixer.eval()
-        fits[layer]["copy_nll_swapped"] = copying(layer)
-        fits[layer]["heldout_nll_swapped"] = heldout_nll(layer)
+        for m in mixers:
+            m.eval()
+        # one layer keeps the flat record of earlier runs; a group nests each layer's fit
+        per_layer = {i: fit(i, group) for i in group}
+        entry = per_layer[group[0]] if len(group) == 1 else {"fit": per_layer}
+        entry["copy_nll_swapped"], entry["heldout_nll_swapped"] = copying(group), heldout_nll(group)
+        fits[",".join(map(str, group))] = entry
+        errors = ", ".join(f"{per_layer[i]['relative_error']:.3f}" for i in group)
         print(
-            f"layer {layer:2d}: relative error {fits[layer]['relative_error']:.3f}, "
-            f"copy NLL with it swapped {fits[layer]['copy_nll_swapped']}, "
-            f"held-out NLL {fits[layer]['heldout_nll_swapped']:.4f}",
+            f"layers {','.join(map(str, group))}: relative error {errors}, "
+            f"copy NLL with them swapped {entry['copy_nll_swapped']}, "
+            f"held-out NLL {entry['heldout_nll_swapped']:.4f}",
             flush=True,
         )
     args.out.mkdir(parents=True, exist_ok=True)

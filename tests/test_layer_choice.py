@@ -103,3 +103,36 @@ def test_auto_keeps_the_teachers_strongest_induction_layer(tmp_path):
     teacher = pipeline.load_teacher(teacher_dir)
     expected = strongest(copy_heads(teacher, teacher.config.vocab_size).induction, 1)
     assert json.loads((out / "config.json").read_text())["softmax_layers"] == expected
+
+
+def test_layer_fit_swaps_and_trains_a_group_of_layers(tmp_path, monkeypatch):
+    """scripts/layer_fit.py --together: the listed layers are fitted and probed as one group, the
+    teacher's own figures beside them, under step 2's loss as well as cross-entropy."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    teacher, corpus = make_teacher_folder(tmp_path), write_corpus(tmp_path / "corpus", documents=120)
+    shards = tmp_path / "shards"
+    assert main(["prepare-data", "--teacher", str(teacher), "--data", str(corpus), "--out", str(shards)]) == 0
+    script = Path(__file__).parents[1] / "scripts" / "layer_fit.py"
+    common = ["--seq-len", "64", "--train-windows", "4", "--heldout-windows", "2", "--updates", "2"]
+    runs = {
+        "group": ["--layers", "0,2", "--together", "--lm-updates", "2", "--lm-loss", "kl"],
+        "one": ["--layers", "2"],
+    }
+    records = {}
+    for name, extra in runs.items():
+        monkeypatch.setattr(
+            sys, "argv", ["layer_fit.py", str(teacher), str(shards), str(tmp_path / name), *common, *extra]
+        )
+        runpy.run_path(str(script), run_name="__main__")
+        records[name] = json.loads((tmp_path / name / "layer_fit.json").read_text())
+    group, one = records["group"]["layers"], records["one"]["layers"]
+    assert list(group) == ["0,2"] and sorted(group["0,2"]["fit"]) == ["0", "2"]
+    assert list(one) == ["2"] and "relative_error" in one["2"]  # one layer keeps the flat record
+    for entry, record in ((group["0,2"], records["group"]), (one["2"], records["one"])):
+        assert sorted(entry["copy_nll_swapped"]) == sorted(record["copy_nll_teacher"]) == ["0", "64"]
+        # the mixers barely trained, so swapping them in must move the teacher's loss
+        assert entry["heldout_nll_swapped"] != pytest.approx(record["heldout_nll_teacher"], abs=1e-3)
+    assert group["0,2"]["heldout_nll_swapped"] != pytest.approx(one["2"]["heldout_nll_swapped"], abs=1e-3)
