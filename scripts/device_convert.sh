@@ -6,7 +6,7 @@
 #   NAME=rwkv7 STEP1=16M STEP2=32M STEP3=8M setsid bash scripts/device_convert.sh > /root/rwkv7.log 2>&1 &
 # Knobs (environment): ARCH, STEP1/2/3 (token budgets), SOFTMAX (layers kept as softmax, e.g.
 # 10,20), SEQ_LEN and GLOBAL_BATCH (steps 1-2: --seq-len, --global-batch-size), EXTRA (more
-# convert flags), PASSKEY (lengths), COPY (copying-probe distances), WINDOWS (held-out windows of
+# convert flags, apart by spaces or joined by "+": --a=1+--b=2, for a STUDY line), PASSKEY (lengths), COPY (copying-probe distances), WINDOWS (held-out windows of
 # 2048). Tokenized shards packed as $STASH/data.tar.xz (`tar cJf data.tar.xz data` where they were
 # made, then scripts/relay.sh; 37 MB for the SmolLM2 corpus against 39 MB of text) are used
 # instead of tokenizing the corpus here, if they were made with this host's tokenizer (the same
@@ -15,7 +15,7 @@
 set -euo pipefail
 source scripts/device_env.sh
 ARCH=${ARCH:-rad-rwkv7}; NAME=${NAME:-$ARCH}
-STEP1=${STEP1:-16M}; STEP2=${STEP2:-32M}; STEP3=${STEP3:-0}
+STEP1=${STEP1:-16M}; STEP2=${STEP2:-32M}; STEP3=${STEP3:-0}; EXTRA=${EXTRA:-}
 # 256 (last, so that the keys at 1k-8k stay those of earlier runs): can the student copy at all?
 PASSKEY=${PASSKEY:-1k,4k,8k,256}; COPY=${COPY:-0,64,256,1k,4k}; WINDOWS=${WINDOWS:-64}
 RUN=${RUN:-/root/run}; STASH=${STASH:-/root/stash}
@@ -43,7 +43,7 @@ knobs=()
 start=$(date +%s)
 # shellcheck disable=SC2086  # EXTRA is several flags
 radlads convert --teacher "$TEACHER" --data "$RUN/data" --out "$RUN/$NAME" --arch "$ARCH" "${knobs[@]}" \
-  --step1-tokens "$STEP1" --step2-tokens "$STEP2" --step3-tokens "$STEP3" --quiet ${EXTRA:-}
+  --step1-tokens "$STEP1" --step2-tokens "$STEP2" --step3-tokens "$STEP3" --quiet ${EXTRA//+--/ --}
 echo "convert_s $(($(date +%s) - start))" >> "$RUN/results/$NAME/wall.txt"
 
 evaluate() {  # evaluate MODEL_DIR LABEL

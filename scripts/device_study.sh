@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Several conversions on a remote GPU host, as one detached job: one line of STUDY per run,
 # holding scripts/device_convert.sh's knobs (NAME, ARCH, STEP1/2/3, SOFTMAX, EXTRA, ...) as
-# VAR=value words: a line splits at spaces, so EXTRA's flags take the form --flag=value. Each GPU
+# VAR=value words: a line splits at spaces, so EXTRA's flags take the form --flag=value, several
+# joined by "+" (EXTRA=--step2-repeat-fraction=0.5+--step3-repeat-fraction=0.5). Each GPU
 # runs one conversion at a time (two side by side on one GPU ran at 0.49 + 0.49 of their speeds
 # alone): on a host of several GPUs the runs go side by side, one per GPU (GPUS, default all of
 # them), each next line taking the first GPU that frees up. The corpus is tokenized once, by the
