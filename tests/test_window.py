@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from radlads.convert.plan import decode_memory
 from radlads.convert.transfer import transfer
 from radlads.models import RadladsConfig
-from test_kernels import op_device  # noqa: F401 (a fixture)
+from test_kernels import op_device, rel_err  # noqa: F401 (op_device: a fixture)
 from test_models import VARIANTS, perturbed_student
 
 WINDOWED = VARIANTS["rwkv7-hybrid-window"]
@@ -176,7 +176,9 @@ def test_convert_trains_a_windowed_hybrid_that_decodes_in_bounded_memory(tmp_pat
 
 def test_compiled_prefill_of_a_windowed_hybrid_has_no_graph_break_and_equals_eager(op_device, monkeypatch):  # noqa: F811
     """The windowed layer's masking and pruning compile with the layer (on a CPU through aot_eager,
-    as Inductor takes the graph on a GPU), from no state and from a pruned one."""
+    as Inductor takes the graph on a GPU), from no state and from a pruned one. Compiled and eager
+    differ by rounding only: no more than eager differs from the PyTorch reference (fla's fp32
+    dots are tf32 on a GPU, as in test_prefill)."""
     from torch._dynamo.utils import counters
 
     from test_prefill import aot_eager_layers
@@ -184,19 +186,31 @@ def test_compiled_prefill_of_a_windowed_hybrid_has_no_graph_break_and_equals_eag
     student = perturbed_student(**WINDOWED).to(op_device)
     ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(1)).to(op_device)
     runs = {}
-    for compiled in (False, True):
+    for name, compiled, backend in (
+        ("reference", False, "chunked"),
+        ("eager", False, "auto"),
+        ("compiled", True, "auto"),
+    ):
         torch.compiler.reset()
         counters.clear()
-        student.config.compile_prefill = compiled
+        student.config.compile_prefill, student.config.kernel_backend = compiled, backend
         if compiled:
             aot_eager_layers(monkeypatch, op_device)
         with torch.no_grad():
             first = student(ids[:, :32], use_cache=True)
             then = student(ids[:, 32:], cache=first.cache, use_cache=True)
-        runs[compiled] = [first.logits, then.logits, *then.cache.states]
+        runs[name] = [first.logits, then.logits, *then.cache.states]
     assert counters["stats"]["unique_graphs"] and not counters["graph_break"], dict(counters["graph_break"])
     assert not student.model.compiled_layers.failed
-    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)
+
+    def flat(run):  # a windowed layer's state is its keys, values, columns and ranks
+        return [t for x in run for t in (x if isinstance(x, tuple) else (x,))]
+
+    for ours, eager, reference in zip(*(flat(runs[k]) for k in ("compiled", "eager", "reference"))):
+        if ours.is_floating_point():
+            assert rel_err(ours, eager) <= max(2 * rel_err(eager, reference), 1e-5)
+        else:  # which columns a window keeps is exact
+            assert torch.equal(ours, eager) and torch.equal(eager, reference)
 
 
 def test_a_windowed_hybrid_prefills_in_pieces_of_its_window(monkeypatch):
