@@ -104,6 +104,8 @@ def main() -> None:
     cos, sin = student.model.rotary_emb(x_train[0, :1].float(), position_ids)
     first = copy.deepcopy(student.model.layers[0].self_attn).eval()  # layer 0 as step 0 left it
 
+    last_v_first: dict = {}
+
     def run(layer: int, x: torch.Tensor, x_first: torch.Tensor, group: tuple[int, ...]) -> torch.Tensor:
         """The layer's mixer on x. v_first comes from layer 0's mixer: the one being trained when
         layer 0 is in the group (as in step 1), else layer 0's as step 0 left it."""
@@ -111,9 +113,11 @@ def main() -> None:
         rope = cos[:, :T].expand(len(x), -1, -1), sin[:, :T].expand(len(x), -1, -1)
         v_first = None
         if layer:
-            with contextlib.nullcontext() if 0 in group else torch.no_grad():
-                source = student.model.layers[0].self_attn if 0 in group else first
-                v_first = source(x_first.float(), rope)[1]
+            if last_v_first.get("of") is not x_first:  # once per forward, not once per layer
+                with contextlib.nullcontext() if 0 in group else torch.no_grad():
+                    source = student.model.layers[0].self_attn if 0 in group else first
+                    last_v_first.update({"of": x_first, "v": source(x_first.float(), rope)[1]})
+            v_first = last_v_first["v"]
         return student.model.layers[layer].self_attn(x.float(), rope, v_first=v_first)[0]
 
     @contextlib.contextmanager
