@@ -134,8 +134,10 @@ def test_graphs_captured_under_autocast_stay_valid_after_the_autocast_block(comp
         # A read of a freed weight copy would be garbage, off by ~100%. Captured as it is, the
         # replay runs eager's kernels: bf16 logits within 1e-2 (on an H200: 0.6% of logits off by
         # 1-2 bf16 ulps). Compiled, it rounds where its fused kernels store, not after every op
-        # (1.6% from eager bf16 on an H100): it must be as close to fp32 as eager bf16 is, or closer.
-        if compiled:
+        # (1.6% from eager bf16 on an H100), and a windowed layer's buffers attend with their own
+        # fp32 softmax where eager runs SDPA under a mask (1.6% from eager bf16 on CPU, and closer
+        # to fp32 than eager): either must be as close to fp32 as eager bf16 is, or closer.
+        if compiled or variant.endswith("window"):
             assert distance(runs[1], exact) < 2 * distance(runs[0], exact) + 1e-3
         else:
             assert distance(runs[1], runs[0]) < 1e-2
