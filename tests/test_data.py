@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import lzma
 from pathlib import Path
@@ -12,10 +13,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import normalizers
 from transformers import AutoTokenizer
 
 import radlads.data.index as index_module
 import radlads.data.shards as shards_module
+import radlads.data.tokenizer as tokenizer_module
 from radlads.data import (
     PackedLoader,
     ShardIndex,
@@ -203,14 +206,45 @@ def test_mismatched_tokenizer_refused(tmp_path: Path, tiny_tok: Path, word_tok: 
     assert isinstance(err.value, ValueError)
 
 
+def test_shards_outlive_a_new_serialisation_of_their_tokenizer(
+    tmp_path: Path, tiny_tok: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tokenizers release that writes the same pipeline differently (here: one more field) keeps
+    the shards usable and reused; the same vocabulary in another pipeline (lower-casing first) is
+    refused, and so is any change where the index does not record what the tokenizer does."""
+    write_jsonl(tmp_path / "src" / "docs.jsonl", DOCS[:3])
+    index = prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "out", progress=False)
+    written = tokenizer_module.tokenizer_hash
+
+    def new_release(tok):  # the same pipeline, its JSON written with one more field
+        spec = {"old": written(tok), "added_in_a_new_release": None}
+        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+    monkeypatch.setattr(tokenizer_module, "tokenizer_hash", new_release)
+    assert new_release(AutoTokenizer.from_pretrained(tiny_tok)) != index.tokenizer_hash
+    check_tokenizer(index, tiny_tok)
+    monkeypatch.setattr(shards_module, "write_shards", must_not_tokenize)
+    assert prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "out", progress=False) == index
+
+    lower = AutoTokenizer.from_pretrained(tiny_tok)
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert lower.get_vocab() == AutoTokenizer.from_pretrained(tiny_tok).get_vocab()
+    with pytest.raises(TokenizerMismatchError):
+        check_tokenizer(index, lower)
+    index.tokenizer_ids_hash = None  # an index written before radlads recorded it
+    with pytest.raises(TokenizerMismatchError):
+        check_tokenizer(index, tiny_tok)
+
+
+def must_not_tokenize(*args: object, **kwargs: object) -> None:
+    raise AssertionError("re-tokenized although the index was reusable")
+
+
 def test_existing_index_is_reused_until_sources_change(
     tmp_path: Path, tiny_tok: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_jsonl(tmp_path / "src" / "docs.jsonl", DOCS[:5])
     first = prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "out", progress=False)
-
-    def must_not_tokenize(*args: object, **kwargs: object) -> None:
-        raise AssertionError("re-tokenized although the index was reusable")
 
     with monkeypatch.context() as m:
         m.setattr(shards_module, "tokenize_documents", must_not_tokenize)

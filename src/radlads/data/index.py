@@ -64,6 +64,9 @@ class ShardIndex:
     splits: dict[str, SplitInfo]
     sources: list[SourceInfo]
     format_version: int = FORMAT_VERSION
+    # What the tokenizer does (data.tokenizer.tokenizer_ids_hash); None in indexes written before
+    # radlads recorded it, whose tokenizer must then match `tokenizer_hash` exactly.
+    tokenizer_ids_hash: str | None = None
     # Where the index was loaded from or written to; not stored in index.json.
     directory: Path | None = field(default=None, compare=False, repr=False)
 

@@ -24,7 +24,13 @@ from radlads.data.text import (
     iter_documents,
     scan_input_files,
 )
-from radlads.data.tokenizer import TokenizerLike, load_tokenizer, tokenizer_hash
+from radlads.data.tokenizer import (
+    TokenizerLike,
+    load_tokenizer,
+    made_with,
+    tokenizer_hash,
+    tokenizer_ids_hash,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +69,7 @@ def prepare_shards(
     settings = PrepareSettings(held_out_fraction, held_out_tokens, append_eos, seed)
     source_infos = [describe_source(s) for s in normalise_sources(sources)]
     out = Path(out_dir)
-    tok_hash = tokenizer_hash(tok)
-    existing = reusable_index(out, tok_hash, source_infos, settings)
+    existing = reusable_index(out, tok, source_infos, settings)
     if existing is not None:
         logger.info("reusing the token shards in %s (same tokenizer, sources and settings)", out)
         return existing
@@ -74,7 +79,8 @@ def prepare_shards(
     index = ShardIndex(
         dtype=token_dtype(vocab_size).name,
         tokenizer_name=tok.name_or_path,
-        tokenizer_hash=tok_hash,
+        tokenizer_hash=tokenizer_hash(tok),
+        tokenizer_ids_hash=tokenizer_ids_hash(tok),
         vocab_size=vocab_size,
         eos_id=tok.eos_token_id,
         settings=settings,
@@ -116,7 +122,7 @@ def source_fingerprint(root: Path) -> str:
 
 
 def reusable_index(
-    out: Path, tok_hash: str, sources: list[SourceInfo], settings: PrepareSettings
+    out: Path, tok: PreTrainedTokenizerBase, sources: list[SourceInfo], settings: PrepareSettings
 ) -> ShardIndex | None:
     if not (out / INDEX_NAME).is_file():
         return None
@@ -126,9 +132,9 @@ def reusable_index(
         logger.warning("ignoring the unusable index in %s: %s", out, e)
         return None
     same = (
-        index.tokenizer_hash == tok_hash
-        and index.settings == settings
+        index.settings == settings
         and [source_identity(s) for s in index.sources] == [source_identity(s) for s in sources]
+        and made_with(index, tok)
     )
     return index if same else None
 
