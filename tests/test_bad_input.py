@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from radlads.cli.main import main
 from radlads.data import prepare_shards
+from radlads.files import LOCK_NAME, claim_folder
 from radlads.train.checkpoint import find_checkpoint, is_resumable, read_trainer_state
 from tiny_models import make_teacher_folder, write_corpus
 from tokenizer_fixture import make_wordlevel_tokenizer
@@ -135,6 +137,30 @@ def test_out_that_is_a_file_or_not_writable(inputs, tmp_path, capsys, monkeypatc
     refused(
         capsys, convert(teacher, corpus, tmp_path / "locked"), "cannot write to --out", "Permission denied"
     )
+
+
+def test_a_second_run_into_a_busy_out(inputs, tmp_path, capsys):
+    """Two runs into one --out would write the same checkpoints: while one holds it, another stops,
+    naming it, and what the first wrote stays as it was; once the first ends the folder is free."""
+    teacher, corpus = inputs
+    out = tmp_path / "out"
+    assert main(convert(teacher, corpus, out)) == 0
+    capsys.readouterr()
+
+    def files():
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+
+    written = files()
+    with claim_folder(out, "radlads run"):  # a run still going (in this process: flock is per open file)
+        refused(
+            capsys,
+            convert(teacher, corpus, out),
+            str(out),
+            "in use by another radlads run",
+            f"pid {os.getpid()}",
+        )
+    assert files() == written
+    assert main(convert(teacher, corpus, out)) == 0
 
 
 def test_nan_in_the_teacher_is_found_before_training(inputs, tmp_path, capsys):

@@ -4,12 +4,27 @@ folder is atomic)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, and no claim on a folder
+    fcntl = None
+
+LOCK_NAME = ".radlads.lock"
+
+
+class FolderInUseError(RuntimeError):
+    """Another process holds the folder (`claim_folder`)."""
 
 
 def partial_path(path: Path) -> Path:
@@ -54,3 +69,30 @@ def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def claim_folder(folder: Path, what: str) -> Iterator[None]:
+    """Hold `folder` for the block, so that a second run started into it stops with an error that
+    names the first, instead of both writing the same checkpoints. The operating system drops the
+    claim when the process ends, however it ends: a killed run leaves no stale claim to clear."""
+    if fcntl is None:
+        yield
+        return
+    with open(folder / LOCK_NAME, "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "a process that did not say which"
+            raise FolderInUseError(
+                f"{folder} is in use by another {what} ({holder}); wait for it to end, "
+                "or give this one another folder"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(
+            f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        )
+        lock.flush()
+        yield

@@ -20,7 +20,7 @@ import yaml
 from transformers import AutoConfig, GenerationConfig
 
 from ..data import PackedLoader, ShardIndex, check_tokenizer, check_vocab_size, prepare_shards
-from ..files import copy_atomic, sha256_of, write_json_atomic, write_text_atomic
+from ..files import claim_folder, copy_atomic, sha256_of, write_json_atomic, write_text_atomic
 from ..models import RadladsForCausalLM
 from ..teachers import load_teacher_tokenizer, resolve_teacher
 from ..train.checkpoint import (
@@ -150,8 +150,14 @@ class Conversion:
     # --- the steps ---
 
     def run(self, steps: tuple[int, ...] = STEPS) -> Path:
+        if not self.dist.is_main:  # rank 0 holds the folder for them all
+            return self._run(steps)
+        self._make_out()
+        with claim_folder(self.out, "radlads run"):
+            return self._run(steps)
+
+    def _run(self, steps: tuple[int, ...]) -> Path:
         if self.dist.is_main:
-            self._make_out()
             self._write_config()
             for step in STEPS:
                 tidy(self.checkpoint(step))
