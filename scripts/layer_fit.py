@@ -166,7 +166,8 @@ def main() -> None:
         after them need."""
         if not lm:
             x, y = x_train[:, batch], y_train[:, batch]
-            return sum(layer_alignment_loss(run(i, x[i], x[0], group), y[i]) for i in group)
+            x_first = x[0]  # one tensor for every layer: run() computes its v_first once
+            return sum(layer_alignment_loss(run(i, x[i], x_first, group), y[i]) for i in group)
         ids = train[batch]
         if args.lm_loss == "ce":
             with swapped(group) as model:
