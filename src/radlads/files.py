@@ -1,6 +1,6 @@
 """Writing files so that a process killed at any moment leaves the old file or the new one, never
 half of one: write beside the target, flush to disk, then rename over it (a rename within one
-folder is atomic)."""
+folder is atomic). And one writer per run folder at a time (`claim_folder`)."""
 
 from __future__ import annotations
 
