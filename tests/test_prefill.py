@@ -88,6 +88,29 @@ def test_hybrids_and_training_prefill_in_one_pass(monkeypatch):
     assert lengths == [150, 150]
 
 
+def three_prefills(student, monkeypatch, device: str) -> dict[str, list[torch.Tensor]]:
+    """Logits from no state and then from the cached one, and the states after, of a prompt run
+    by the PyTorch reference, eagerly with the kernels, and compiled (run last: Dynamo's
+    counters then hold its graphs)."""
+    ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(1)).to(device)
+    runs = {}
+    for name, compiled, backend in (
+        ("reference", False, "chunked"),
+        ("eager", False, "auto"),
+        ("compiled", True, "auto"),
+    ):
+        torch.compiler.reset()
+        counters.clear()
+        student.config.compile_prefill, student.config.kernel_backend = compiled, backend
+        if compiled:
+            aot_eager_layers(monkeypatch, device)
+        with torch.no_grad():
+            first = student(ids[:, :32], use_cache=True)
+            then = student(ids[:, 32:], cache=first.cache, use_cache=True)
+        runs[name] = [first.logits, then.logits, *then.cache.states]
+    return runs
+
+
 def aot_eager_layers(monkeypatch, device: str) -> None:
     """On CPU, compiled layers through aot_eager (Dynamo's graphs, run eagerly: no C++ toolchain)."""
     if device != "cpu":
@@ -104,22 +127,7 @@ def test_compiled_prefill_is_one_graph_per_layer_and_equals_eager(op_device, var
     Compiled and eager differ by rounding only: no more than each differs from the PyTorch
     reference (fla's fp32 dots are tf32: its rounding, ~1e-3, sets the scale on a GPU)."""
     student = perturbed_student(**VARIANTS[variant]).to(op_device)
-    ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(1)).to(op_device)
-    runs = {}
-    for name, compiled, backend in (
-        ("reference", False, "chunked"),
-        ("eager", False, "auto"),
-        ("compiled", True, "auto"),
-    ):
-        torch.compiler.reset()
-        counters.clear()
-        student.config.compile_prefill, student.config.kernel_backend = compiled, backend
-        if compiled:
-            aot_eager_layers(monkeypatch, op_device)
-        with torch.no_grad():
-            first = student(ids[:, :32], use_cache=True)  # from no state
-            then = student(ids[:, 32:], cache=first.cache, use_cache=True)  # from the cached one
-        runs[name] = (first.logits, then.logits, *then.cache.states)
+    runs = three_prefills(student, monkeypatch, op_device)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
     assert not student.model.compiled_layers.failed

@@ -181,25 +181,10 @@ def test_compiled_prefill_of_a_windowed_hybrid_has_no_graph_break_and_equals_eag
     dots are tf32 on a GPU, as in test_prefill)."""
     from torch._dynamo.utils import counters
 
-    from test_prefill import aot_eager_layers
+    from test_prefill import three_prefills
 
     student = perturbed_student(**WINDOWED).to(op_device)
-    ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(1)).to(op_device)
-    runs = {}
-    for name, compiled, backend in (
-        ("reference", False, "chunked"),
-        ("eager", False, "auto"),
-        ("compiled", True, "auto"),
-    ):
-        torch.compiler.reset()
-        counters.clear()
-        student.config.compile_prefill, student.config.kernel_backend = compiled, backend
-        if compiled:
-            aot_eager_layers(monkeypatch, op_device)
-        with torch.no_grad():
-            first = student(ids[:, :32], use_cache=True)
-            then = student(ids[:, 32:], cache=first.cache, use_cache=True)
-        runs[name] = [first.logits, then.logits, *then.cache.states]
+    runs = three_prefills(student, monkeypatch, op_device)
     assert counters["stats"]["unique_graphs"] and not counters["graph_break"], dict(counters["graph_break"])
     assert not student.model.compiled_layers.failed
 
