@@ -59,6 +59,45 @@ def test_generate_matches_greedy_from_full_forward(variant):
     assert torch.equal(generated, ids)
 
 
+def test_generate_from_embeddings_continues_past_the_first_token():
+    """generate(inputs_embeds=...) holds only the generated tokens in input_ids: the prompt counts
+    in the cache's length but not in them (soft prompts, multimodal front ends)."""
+    student = perturbed_student(**VARIANTS["rwkv7"])
+    prompt = torch.randint(0, 320, (2, 7), generator=torch.Generator().manual_seed(2))
+    from_ids = student.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    embeds = student.get_input_embeddings()(prompt)
+    from_embeds = student.generate(inputs_embeds=embeds, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, 7:])
+
+
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv7-hybrid", "rwkv7-hybrid-window"])
+def test_generate_continues_from_a_returned_cache(variant):
+    """A conversation's next turn: generate() from the cache an earlier generate() returned gives
+    what one longer call gives."""
+    student = perturbed_student(**VARIANTS[variant])
+    prompt = torch.randint(1, 320, (2, 7), generator=torch.Generator().manual_seed(2))
+    first = student.generate(
+        prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True
+    )
+    cache = first.past_key_values if getattr(first, "past_key_values", None) is not None else first.cache
+    assert isinstance(cache, RadladsCache)
+    continued = student.generate(
+        first.sequences, cache=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False
+    )
+    at_once = student.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(continued, at_once)
+
+
+def test_beam_search_without_a_cache_equals_with_one():
+    student = perturbed_student(**VARIANTS["rwkv7"])
+    prompt = torch.randint(1, 320, (1, 7), generator=torch.Generator().manual_seed(2))
+    runs = [
+        student.generate(prompt, max_new_tokens=4, num_beams=2, do_sample=False, use_cache=cached)
+        for cached in (True, False)
+    ]
+    assert torch.equal(*runs)
+
+
 def test_recurrent_state_does_not_grow_with_context():
     student = perturbed_student(arch="rad-rwkv7")
     cache = student(torch.zeros(1, 8, dtype=torch.long), use_cache=True).cache
@@ -104,6 +143,19 @@ def test_untied_head_survives_round_trip(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
     torch.testing.assert_close(loaded.lm_head.weight, student.lm_head.weight)
+
+
+def test_resized_embeddings_survive_round_trip(tmp_path):
+    """Added tokens (a pad or chat token) resize the embedding: the saved student loads at the new
+    size, its logits unchanged."""
+    student = perturbed_student(arch="rad-rwkv7")
+    student.resize_token_embeddings(384)
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.model.embed_tokens.weight.shape[0] == loaded.lm_head.weight.shape[0] == 384
+    ids = torch.tensor([[1, 2, 3, 383]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, student.eval()(ids).logits)
 
 
 def test_new_parameters_start_at_their_documented_values():

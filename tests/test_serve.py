@@ -223,6 +223,7 @@ BAD = [
     ("empty prompt", {"model": "student", "prompt": ""}, 400, None),
     ("two choices", {"model": "student", "prompt": "hi", "n": 2}, 400, None),
     ("five stop strings", {"model": "student", "prompt": "hi", "stop": list("abcde")}, 400, None),
+    ("seed past 64 bits", {"model": "student", "prompt": "hi", "seed": 2**64}, 400, None),
 ]
 
 

@@ -13,6 +13,9 @@ class RadladsCache:
     columns, ranks), the last two [B, T] (models.attention). `seen_tokens` counts consumed
     positions."""
 
+    # generate() asks before it compiles a forward; ours compile their own pieces (prefill, graphs).
+    is_compileable = False
+
     def __init__(self, num_layers: int):
         self.states: list[Tensor | tuple[Tensor, ...] | None] = [None] * num_layers
         self.seen_tokens = 0

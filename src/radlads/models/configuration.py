@@ -114,8 +114,10 @@ class RadladsConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def teacher(self) -> PretrainedConfig:
-        """The teacher family's config object (rebuilt from the stored dict)."""
+        """The teacher family's config object (rebuilt from the stored dict), with the top level's
+        mirrored fields, which HF helpers change there (resize_token_embeddings: vocab_size)."""
         cfg = dict(self.teacher_config)
+        cfg.update({k: getattr(self, k) for k in _MIRRORED if k in cfg and hasattr(self, k)})
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
     def is_softmax_layer(self, layer_idx: int) -> bool:

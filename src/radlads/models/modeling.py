@@ -305,7 +305,11 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
         if inputs_embeds is not None and seen == 0:
             inputs["inputs_embeds"], T = inputs_embeds, inputs_embeds.shape[1]
         else:
-            inputs["input_ids"] = input_ids[:, seen:]
+            # After a prompt of embeddings, generate()'s input_ids may hold only the tokens
+            # generated since (then no more of them than the cache has seen): the prompt's length
+            # counts in `seen` but not in them.
+            prompt_as_embeds = inputs_embeds is not None and input_ids.shape[1] <= seen
+            inputs["input_ids"] = input_ids[:, seen - inputs_embeds.shape[1] if prompt_as_embeds else seen :]
             T = inputs["input_ids"].shape[1]
         if attention_mask is not None:
             inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
@@ -321,6 +325,7 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
         model_kwargs.pop("past_key_values", None)
         return model_kwargs
 
-    def _reorder_cache(self, cache: RadladsCache, beam_idx: Tensor) -> RadladsCache:
-        cache.reorder_cache(beam_idx)
+    def _reorder_cache(self, cache: RadladsCache | None, beam_idx: Tensor) -> RadladsCache | None:
+        if cache is not None:  # None: generate(use_cache=False) runs the whole sequence each step
+            cache.reorder_cache(beam_idx)
         return cache

@@ -27,7 +27,7 @@ class Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator takes
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
     ignore_eos: bool = False  # not OpenAI's: generate exactly max_tokens (as vLLM offers)
