@@ -163,6 +163,18 @@ def test_a_second_run_into_a_busy_out(inputs, tmp_path, capsys):
     assert main(convert(teacher, corpus, out)) == 0
 
 
+def test_softmax_layers_outside_the_teacher(inputs, tmp_path, capsys):
+    """Counting layers from 1 names one past the last: an error, not a hybrid of layer 0."""
+    teacher, corpus = inputs
+    refused(
+        capsys,
+        convert(teacher, corpus, tmp_path / "out", "--softmax-layers", "1,3"),
+        "softmax_layers [3] are not layers of the teacher's 3",
+        "from 0 to 2",
+    )
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_nan_in_the_teacher_is_found_before_training(inputs, tmp_path, capsys):
     teacher = teacher_copy(inputs[0], tmp_path)
     weights = load_file(teacher / "model.safetensors")

@@ -212,6 +212,18 @@ def test_yaml_config_and_token_suffixes(tmp_path):
     path.write_text("teacher: t\nstep4: {}\n")
     with pytest.raises(ValueError, match="unknown config keys"):
         ConvertConfig.from_yaml(path)
+    # YAML 1.1 reads a number without a dot as a string: it must still be a number
+    path.write_text("step1: {lr: 1e-3, lr_final: 1e-5, betas: [9e-1, 0.95]}\nheld_out_fraction: 5e-2\n")
+    cfg = ConvertConfig.from_yaml(path)
+    assert (cfg.step1.lr, cfg.step1.lr_final, cfg.step1.betas, cfg.held_out_fraction) == (
+        1e-3,
+        1e-5,
+        (0.9, 0.95),
+        0.05,
+    )
+    path.write_text("step2: {lr: fast}\n")
+    with pytest.raises(ValueError, match="lr 'fast' is not a number"):
+        ConvertConfig.from_yaml(path)
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(

@@ -29,7 +29,7 @@ from radlads.data import (
     prepare_shards,
 )
 from radlads.data.shards import token_dtype
-from radlads.data.text import WHOLE_FILE_MAX_CHARS
+from radlads.data.text import SPLIT_DOCUMENT_CHARS, WHOLE_FILE_MAX_CHARS, Deduplicator
 from tokenizer_fixture import make_tiny_tokenizer, make_wordlevel_tokenizer
 
 DOCS = [f"Document number {i}: the cat sat on mat {i * 7}.\nSecond line {i}." for i in range(60)]
@@ -133,6 +133,27 @@ def test_large_txt_is_split_on_blank_lines(tmp_path: Path) -> None:
     docs = list(iter_documents(tmp_path))
     assert 5 < len(docs) < 100
     assert "\n".join(docs) == text  # nothing lost or reordered
+
+
+def test_large_txt_without_blank_lines_is_split_at_lines(tmp_path: Path) -> None:
+    """One sentence per line and no blank line: documents still end near SPLIT_DOCUMENT_CHARS, so
+    the held-out split takes its share instead of all of the file or none of it."""
+    lines = [f"Sentence {i} of a corpus written one per line, " + "word " * 20 + "\n" for i in range(12_000)]
+    text = "".join(lines)
+    assert len(text) > WHOLE_FILE_MAX_CHARS
+    (tmp_path / "lines.txt").write_text(text)
+    docs = list(iter_documents(tmp_path))
+    assert len(docs) > 5 and max(map(len, docs)) <= SPLIT_DOCUMENT_CHARS + len(lines[0])
+    assert "".join(d if d.endswith("\n") else d + "\n" for d in docs) == text  # nothing lost or reordered
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
+    """Editors that write UTF-8 with a BOM: a JSONL file still parses, and a text file's first
+    document is its text (so it deduplicates against the same text saved without one)."""
+    (tmp_path / "a.jsonl").write_text("\ufeff" + json.dumps({"text": "Hello"}) + "\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("\ufeffHello world.\n", encoding="utf-8")
+    (tmp_path / "c.txt").write_text("Hello world.\n", encoding="utf-8")
+    assert list(iter_documents(tmp_path, deduplicator=Deduplicator())) == ["Hello", "Hello world.\n"]
 
 
 # --- shards -----------------------------------------------------------------------------------

@@ -48,7 +48,14 @@ def student_config(teacher: PreTrainedModel, arch: str = "rad-rwkv7", **options)
     tcfg = teacher.config
     family_of(tcfg.model_type)
     n = tcfg.num_hidden_layers
-    softmax = sorted({i % n for i in options.pop("softmax_layers", ())})
+    layers = list(options.pop("softmax_layers", ()))
+    outside = [i for i in layers if not -n <= i < n]
+    if outside:  # counting from 1 would otherwise keep layer 0 without a word
+        raise ValueError(
+            f"softmax_layers {outside} are not layers of the teacher's {n}: give indices from 0 to "
+            f"{n - 1}, or from -1 (the last) to -{n}"
+        )
+    softmax = sorted({i % n for i in layers})
     if len(softmax) == n:
         raise ValueError("softmax_layers keeps every layer: nothing would be converted")
     check_window(

@@ -65,12 +65,14 @@ def list_input_files(path: StrPath) -> list[Path]:
 
 
 def open_text(path: Path) -> TextIO:
+    """UTF-8 text, without the byte-order mark that some editors write first (it would break a
+    JSONL file's first line and become part of a text file's first document)."""
     name = path.name.lower()
     if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
     if name.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return lzma.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def read_documents(path: Path) -> Iterator[str]:
@@ -110,18 +112,23 @@ def read_txt(f: TextIO, path: Path) -> Iterator[str]:
 
 
 def split_paragraphs(lines: Iterable[str], target_chars: int) -> Iterator[str]:
-    """Group blank-line-separated paragraphs into documents of about `target_chars`."""
+    """Group blank-line-separated paragraphs into documents of about `target_chars`. A paragraph
+    longer than that (a file of one sentence per line, with no blank line) ends at the first line
+    past it: one document of a whole file would go to the held-out split or to training whole."""
     document: list[str] = []
     size = 0
     paragraph: list[str] = []
+    paragraph_size = 0
     for line in chain(lines, [""]):  # the sentinel flushes the last paragraph
         if line.strip():
             paragraph.append(line)
-            continue
+            paragraph_size += len(line)
+            if paragraph_size < target_chars:
+                continue
         if not paragraph:
             continue
         text = "".join(paragraph)
-        paragraph = []
+        paragraph, paragraph_size = [], 0
         if document and size + len(text) > target_chars:
             yield "\n".join(document)
             document, size = [], 0

@@ -16,6 +16,18 @@ from .optimizers import check_optimizer
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 
 
+def coerce_floats(config: Any) -> None:
+    """Numbers in a dataclass's float fields: YAML 1.1 (PyYAML) reads 1e-3, written without a dot,
+    as a string, which would fail far into a run."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type in ("float", "float | None") and value is not None and not isinstance(value, float):
+            try:
+                setattr(config, f.name, float(value))
+            except (TypeError, ValueError):
+                raise ValueError(f"{f.name} {value!r} is not a number; write it as 0.001 or 1.0e-3") from None
+
+
 def parse_tokens(value: str | int | float) -> int:
     """'200k' -> 200000, '1.5M' -> 1500000, 0 -> 0."""
     if isinstance(value, (int, float)):
@@ -59,6 +71,7 @@ class StepConfig:
 
     def __post_init__(self):
         check_optimizer(self.optimizer)
+        coerce_floats(self)
         if not 0.0 <= self.repeat_fraction <= 1.0:
             raise ValueError(
                 f"repeat_fraction {self.repeat_fraction} is not a fraction: give a value from 0 to 1 "
@@ -67,7 +80,7 @@ class StepConfig:
         self.tokens = parse_tokens(self.tokens)
         self.warmup_tokens = parse_tokens(self.warmup_tokens)
         self.checkpoint_every = parse_tokens(self.checkpoint_every)
-        self.betas = tuple(self.betas)
+        self.betas = tuple(float(b) for b in self.betas)
 
     @property
     def tokens_per_update(self) -> int:
@@ -116,6 +129,9 @@ class ConvertConfig:
     # The teacher folder holds a config.json only: build the teacher from it with random weights,
     # on the device (throughput runs at a model's exact shape; nothing such a run learns is useful).
     random_teacher_weights: bool = False
+
+    def __post_init__(self):
+        coerce_floats(self)
 
     def steps(self) -> dict[int, StepConfig]:
         return {1: self.step1, 2: self.step2, 3: self.step3}
