@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,6 +252,29 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     state = read_trainer_state(find_checkpoint(out / "checkpoints/step1"))
     assert not state["complete"] and state["tokens"] <= 30 * 512
     assert read_trainer_state(out / "checkpoints/step0")["complete"]
+
+
+def test_a_resume_takes_the_commands_lr_scale_or_says_why_it_cannot(workspace, tmp_path, caplog, capsys):
+    """A run stopped mid-step and resumed with another --step1-new-lr-scale: the loaded optimizer
+    state must not bring the old scale back (the record would say the new one); where the new
+    scale groups the parameters differently (1 against anything else), an error names it."""
+    teacher, corpus = workspace
+    out = tmp_path / "run"
+    extra = ["--step1-tokens", "40k", "--step2-tokens", "0", "--checkpoint-every", "10k"]
+    stopper = str(Path(__file__).with_name("stop_after_checkpoint.py"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, stopper, *convert_args(teacher, corpus, out, *extra, "--step1-new-lr-scale", "3")]
+    subprocess.run(
+        cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300
+    )
+    assert not read_trainer_state(find_checkpoint(out / "checkpoints/step1"))["complete"]
+
+    assert main(convert_args(teacher, corpus, out, *extra, "--step1-new-lr-scale", "1")) == 2
+    error = capsys.readouterr().err
+    assert "trained at 3.0x the LR, but this run asks for 1.0x" in error and "new_lr_scale to 3.0" in error
+    with caplog.at_level(logging.WARNING, logger="radlads"):
+        assert main(convert_args(teacher, corpus, out, *extra, "--step1-new-lr-scale", "10")) == 0
+    assert "resuming with lr_scale 10.0 (was 3.0)" in caplog.text
 
 
 def test_new_lr_scale_moves_the_new_parameters_that_much_faster():

@@ -306,12 +306,29 @@ class Trainer:
         if self.dist.is_main:
             self.metrics.log(record)
 
+    def _load_keeping_settings(self, found: Path) -> None:
+        """Load the model and optimizer state, then put back this run's LR scales, weight decay
+        and betas, which the loaded param groups carry: the command as given applies from here on,
+        as its LR schedule does (config.yaml records it)."""
+        keys = ("lr_scale", "weight_decay", "betas")
+        mine = [{k: group[k] for k in keys} for group in self.optimizer.param_groups]
+        load_resumable(found, self.student, self.optimizer)
+        changed = set()
+        for group, settings in zip(self.optimizer.param_groups, mine):
+            changed |= {
+                f"{k} {settings[k]} (was {group[k]})" for k in keys if _plain(group[k]) != _plain(settings[k])
+            }
+            group.update(settings)
+        if changed and self.dist.is_main:
+            logger.warning("step %d: resuming with %s", self.objective.step, ", ".join(sorted(changed)))
+
     def _save(self, state: dict) -> None:
         """A finished step as a Hugging Face folder, a mid-step checkpoint as sharded DCP state."""
         state = {
             **state,
             "step": self.objective.step,
             "optimizer": self.optimizer_name,
+            "lr_scales": [group["lr_scale"] for group in self.optimizer.param_groups],
             "loader": self.loader.state_dict(),
         }
         try:
@@ -350,8 +367,17 @@ class Trainer:
                 f"{self.optimizer_name}: pass --optimizer {written} to resume it, or delete "
                 f"{self.checkpoint_dir} to start step {self.objective.step} over"
             )
+        scales = [group["lr_scale"] for group in self.optimizer.param_groups]
+        written_scales = state.get("lr_scales", scales)  # checkpoints from before the record
+        if len(written_scales) != len(scales):  # one group or two: the state would not load
+            raise ValueError(
+                f"{found} holds the state of a step whose new parameters trained at "
+                f"{written_scales[-1]}x the LR, but this run asks for {scales[-1]}x: set step "
+                f"{self.objective.step}'s new_lr_scale to {written_scales[-1]} to resume it, or delete "
+                f"{self.checkpoint_dir} to start step {self.objective.step} over"
+            )
         t0 = time.perf_counter()
-        load_resumable(found, self.student, self.optimizer)
+        self._load_keeping_settings(found)
         self.loader.load_state_dict(state["loader"])
         if self.dist.is_main:
             self.metrics.forget_after(self.objective.step, state["tokens"])
@@ -364,3 +390,8 @@ class Trainer:
                 time.perf_counter() - t0,
             )
         return state
+
+
+def _plain(value):
+    """A setting as comparable: a checkpoint gives betas back as a list."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
