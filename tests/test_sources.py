@@ -233,6 +233,22 @@ def test_build_corpus_keeps_records_of_earlier_builds(tmp_path, two_sources):
     assert set(json.loads((tmp_path / "sources.json").read_text())) == {"pages", "quotes"}
 
 
+def test_a_source_that_fails_keeps_the_records_of_those_before_it(tmp_path, two_sources):
+    """The network goes at the second package: the first one's text stays recorded (package,
+    version, licence), so the corpus never holds text whose licence nobody wrote down."""
+
+    def second_fails(package, work):
+        if package == "quotes":
+            raise RuntimeError("apt-get download quotes failed (100): E: network unreachable")
+        return two_sources(package, work)
+
+    with pytest.raises(RuntimeError, match="network unreachable"):
+        sources.build_corpus(["pages", "quotes"], tmp_path, fetch=second_fails)
+    assert set(json.loads((tmp_path / "sources.json").read_text())) == {"pages"}
+    sources.build_corpus(["quotes"], tmp_path, fetch=two_sources)
+    assert set(json.loads((tmp_path / "sources.json").read_text())) == {"pages", "quotes"}
+
+
 def test_build_corpus_counts_tokens_with_a_tokenizer(tmp_path, two_sources):
     class WordTokenizer:
         name_or_path = "words"

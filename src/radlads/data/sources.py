@@ -281,7 +281,8 @@ def build_corpus(
             documents = deduplicated(extract_documents(spec, package.root), seen)
             counts = write_jsonl(documents, out / f"{name}.jsonl", tokenizer)
             summary[name] = package_record(spec, package) | counts
-    write_json_atomic(out / "sources.json", summary, indent=2)
+        # after each source: a later one failing must not leave this one's text without its licence
+        write_json_atomic(out / "sources.json", summary, indent=2)
     return out
 
 
