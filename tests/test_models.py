@@ -158,6 +158,38 @@ def test_resized_embeddings_survive_round_trip(tmp_path):
         assert torch.equal(loaded(ids).logits, student.eval()(ids).logits)
 
 
+def test_rwkv7_low_rank_gate_is_sigmoid_between_its_factors(monkeypatch):
+    """SPEC: the low-rank option is g = sigmoid(x G1) G2 (not sigmoid(x G1 G2)); it starts at
+    about 1/2, as the full-rank gate does."""
+    student = perturbed_student(**VARIANTS["rwkv7-groupnorm-lowrank-gate"])
+    mixer = student.model.layers[1].self_attn
+    mixer_type, real_output = type(mixer), type(mixer).output
+    seen = {}
+
+    def output(self, y, gate):
+        seen.setdefault(self.layer_idx, gate)
+        return real_output(self, y, gate)
+
+    monkeypatch.setattr(mixer_type, "output", output)
+
+    def keep_input(module, args):
+        seen.setdefault("x", args[0])
+
+    mixer.register_forward_pre_hook(keep_input)
+    with torch.no_grad():
+        student(torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(5)))
+        expected = mixer.gate.up(torch.sigmoid(mixer.gate.down(seen["x"])))
+    torch.testing.assert_close(seen[1], expected, rtol=1e-5, atol=1e-6)
+    fresh = (
+        transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7", gate_rank=32)
+        .model.layers[1]
+        .self_attn
+    )
+    with torch.no_grad():
+        start = fresh.gate(torch.randn(4, 7, fresh.gate.down.in_features))
+    assert abs(start.mean().item() - 0.5) < 0.05 and start.std().item() < 0.1
+
+
 def test_new_parameters_start_at_their_documented_values():
     student = transfer(make_teacher("llama"), arch="rad-rwkv7")
     mixer = student.model.layers[1].self_attn

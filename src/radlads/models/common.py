@@ -28,7 +28,8 @@ class LowRank(nn.Module):
 
     def up_from(self, h: Tensor) -> Tensor:
         """The map's second half, from h = x A computed elsewhere (fused_linears)."""
-        return self.up(torch.tanh(h) if self.activation == "tanh" else h)
+        act = {"tanh": torch.tanh, "sigmoid": torch.sigmoid}.get(self.activation)
+        return self.up(act(h) if act else h)
 
     def init_parameters(self) -> None:
         init.zeros_(self.down.weight)

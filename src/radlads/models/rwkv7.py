@@ -36,9 +36,11 @@ class RadRWKV7Mixer(LinearMixer):
             self.v_lora = LowRank(C, config.value_rank, D)
         self.k_k = nn.Parameter(torch.empty(D))
         self.k_a = nn.Parameter(torch.empty(D))
-        # Full-rank gate by default (SPEC); gate_rank switches to sigmoid(x G1) G2.
+        # Full-rank gate sigmoid(x Wg) by default (SPEC); gate_rank switches to sigmoid(x G1) G2.
         self.gate = (
-            nn.Linear(C, D, bias=False) if config.gate_rank is None else LowRank(C, config.gate_rank, D)
+            nn.Linear(C, D, bias=False)
+            if config.gate_rank is None
+            else LowRank(C, config.gate_rank, D, activation="sigmoid")
         )
         # A training switch, not saved with the model: RadladsForCausalLM.keep_kernel_intermediates.
         self.keep_kernel_intermediates = False
@@ -65,6 +67,9 @@ class RadRWKV7Mixer(LinearMixer):
             lora.init_parameters()
         if isinstance(self.gate, nn.Linear):
             init.zeros_(self.gate.weight)
+        else:  # sigmoid(0) G2 = 1/2 needs G2's rows to sum to 1; its orthogonal part breaks symmetry
+            with torch.no_grad():
+                self.gate.up.weight.add_(1 / self.gate.up.in_features)
 
     def log_decay(self, w_lora_out: Tensor) -> Tensor:
         """log w from the decay LoRA's output (w_lora(x))."""
@@ -88,8 +93,7 @@ class RadRWKV7Mixer(LinearMixer):
         loras = [self.w_lora, self.a_lora] + ([] if self.holds_v_first else [self.v_lora])
         q, k, v, gate, *downs = self.read_input(x, gate_in, *(lora.down for lora in loras))
         w_out, a_out, *v_out = (lora.up_from(h) for lora, h in zip(loras, downs))
-        if not isinstance(self.gate, nn.Linear):
-            gate = self.gate.up_from(gate)
+        gate = torch.sigmoid(gate) if isinstance(self.gate, nn.Linear) else self.gate.up_from(gate)
         r, k, v = self.heads(q, k, v, position_embeddings, attention_mask)
         log_w = self.log_decay(w_out).view(heads)
         a = torch.sigmoid(self.a0 + a_out).view(heads)
@@ -108,4 +112,4 @@ class RadRWKV7Mixer(LinearMixer):
             log_w_min=LOG_W_MIN,
             recompute=not self.keep_kernel_intermediates,
         )
-        return self.output(y, torch.sigmoid(gate)), v_first, state
+        return self.output(y, gate), v_first, state
