@@ -175,6 +175,54 @@ def test_softmax_layers_outside_the_teacher(inputs, tmp_path, capsys):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_out_that_holds_the_teacher_or_another_model(inputs, tmp_path, capsys):
+    """The export replaces a folder's weights: --out naming the teacher's folder, or a model that
+    no run wrote, is refused before anything is written."""
+    teacher = teacher_copy(inputs[0], tmp_path)
+    before = {p.name: p.read_bytes() for p in teacher.iterdir()}
+    refused(capsys, convert(teacher, inputs[1], teacher), "is the teacher's folder")
+    refused(capsys, convert(inputs[0], inputs[1], teacher), "holds model weights that no radlads run wrote")
+    assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("step1: {tokenz: 2M}\n", "unknown step1 keys ['tokenz']"),
+        ("step1: {tokens: 2M\n", "is not valid YAML"),
+        ("student: [1]\n", "student must be a mapping"),
+    ],
+)
+def test_config_file_mistakes(inputs, tmp_path, capsys, text, expected):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    refused(
+        capsys,
+        [*convert(*inputs, tmp_path / "out"), "--config", str(config)],
+        expected,
+        *([str(config)] if "YAML" in expected else []),
+    )
+
+
+def test_a_global_batch_with_a_micro_batch_is_kept_by_accumulation(inputs, tmp_path, capsys):
+    """--batch-size 2 with --global-batch-size 8: four micro-batches an update (512 tokens of
+    64 at 8 a step: one update); a global batch that is no multiple is refused."""
+    out = tmp_path / "out"
+    assert main([*convert(*inputs, out), "--global-batch-size", "8"]) == 0
+    record = json.loads((out / "radlads.json").read_text())
+    assert record["steps"]["1"]["updates"] == 1
+    refused(
+        capsys, [*convert(*inputs, tmp_path / "other"), "--global-batch-size", "7"], "--global-batch-size 7"
+    )
+
+
+def test_serve_on_a_port_that_is_none(capsys):
+    """Checked before the model loads, not after it, by the socket."""
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "--model", "anything", "--port", "70000"])
+    assert stop.value.code == 2 and "70000 is not a port" in capsys.readouterr().err
+
+
 def test_nan_in_the_teacher_is_found_before_training(inputs, tmp_path, capsys):
     teacher = teacher_copy(inputs[0], tmp_path)
     weights = load_file(teacher / "model.safetensors")

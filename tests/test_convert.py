@@ -277,6 +277,18 @@ def test_a_resume_takes_the_commands_lr_scale_or_says_why_it_cannot(workspace, t
     assert "resuming with lr_scale 10.0 (was 3.0)" in caplog.text
 
 
+def test_the_same_teacher_written_another_way_resumes(workspace, tmp_path, monkeypatch):
+    """A trailing slash, ./ or an absolute path name the same teacher: the run resumes (here: it
+    finds every step done) instead of refusing "another teacher"."""
+    teacher, corpus = workspace
+    monkeypatch.chdir(teacher.parent)
+    out = tmp_path / "run"
+    extra = ["--step1-tokens", "2k", "--step2-tokens", "0"]
+    assert main(convert_args(teacher.name, corpus, out, *extra)) == 0
+    for spelled in (f"{teacher.name}/", f"./{teacher.name}", str(teacher.resolve())):
+        assert main(convert_args(spelled, corpus, out, *extra)) == 0
+
+
 def test_new_lr_scale_moves_the_new_parameters_that_much_faster():
     """Adam's first update moves every parameter with a gradient by about its LR: the parameters
     step 0 created by new_lr_scale x LR, those copied from the teacher by LR."""

@@ -438,3 +438,20 @@ def test_report_tables_loss_by_position_range_and_the_gap(tmp_path):
     assert (
         "Loss by position range" not in write_report(tmp_path / "none", ModelResults("s"), None).read_text()
     )
+
+
+def test_max_windows_counts_windows_from_shards_as_from_text(tmp_path):
+    """--max-windows N scores N windows whichever the input, not a whole last batch of shard windows."""
+    from radlads.data import prepare_shards
+    from radlads.eval.suite import EvalSettings, heldout_windows
+    from tiny_models import write_corpus
+    from tokenizer_fixture import make_tiny_tokenizer
+
+    tok = transformers.AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path))
+    corpus = write_corpus(tmp_path / "corpus", documents=80)
+    shards = tmp_path / "shards"
+    prepare_shards(corpus, tok, shards, held_out_fraction=0.5, progress=False)
+    for source in (shards, corpus):
+        for n in (1, 5):
+            settings = EvalSettings(seq_len=16, batch_size=4, max_windows=n)
+            assert sum(len(b) for b in heldout_windows(str(source), tok, settings)) == n, (source, n)

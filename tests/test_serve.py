@@ -617,6 +617,12 @@ def test_cli_builds_the_server_config(monkeypatch, tmp_path):
     assert (config.softmax_window, plain.softmax_window, plain.softmax_sinks) == (None, 4000, None)
 
 
+def test_a_model_given_as_dot_is_served_under_its_folders_name(folders, monkeypatch):
+    """`radlads serve --model .` from inside the model's folder: clients name it by the folder."""
+    monkeypatch.chdir(folders["student"])
+    assert load_engine(".", ServeConfig(), "cpu")[1] == "student"
+
+
 def test_a_hybrid_is_served_with_the_window_asked_for(folders):
     """`serve --softmax-window` bounds a whole-context hybrid's cache: its streams then stack as a
     pure student's. A model without softmax layers, or sinks without a window, is refused."""

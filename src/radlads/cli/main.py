@@ -90,7 +90,9 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size",
         type=int,
-        help="sequences per micro-batch (steps 1 and 2), instead of the largest that fits the GPU",
+        help="sequences per micro-batch (steps 1 and 2), instead of the largest that fits the GPU; "
+        "with --global-batch-size, accumulation makes up the rest, else each update is "
+        "--batch-size x --grad-accum sequences",
     )
     p.add_argument("--grad-accum", type=int, help="with --batch-size: micro-batches per optimizer update")
     p.add_argument("--checkpoint-every", type=parse_tokens, help="tokens between checkpoints")
@@ -271,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder: a student, a hybrid or a plain HF teacher")
     _add_window_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--max-batch", type=int, default=64, help="requests decoding at once; more wait")
     p.add_argument("--max-prompt-tokens", type=int, default=32768, help="longer prompts are refused")
     p.add_argument("--max-new-tokens", type=int, default=8192, help="larger max_tokens are refused")
@@ -345,12 +347,36 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
             "seq_len": args.seq_len if k < 3 else args.step3_seq_len,
             "global_batch_size": args.global_batch_size if k < 3 else None,
             "batch_size": args.batch_size if k < 3 else None,
-            "grad_accum": args.grad_accum if k < 3 else None,
+            "grad_accum": accumulation(args) if k < 3 else None,
             "optimizer": args.optimizer,
         }
         steps[k].update({key: v for key, v in flags.items() if v is not None})
         data[f"step{k}"] = steps[k]
     return ConvertConfig.from_dict(data)
+
+
+def port_number(text: str) -> int:
+    """A TCP port, checked before the model loads (0 lets the OS pick one)."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: give 0 to 65535")
+    return port
+
+
+def accumulation(args: argparse.Namespace) -> int | None:
+    """Micro-batches per update where the micro-batch and the global batch are both given: the
+    global batch the user asked for, kept (each update would otherwise be one micro-batch)."""
+    if args.batch_size is None or args.global_batch_size is None:
+        return args.grad_accum
+    per_micro_batch = args.batch_size * int(os.environ.get("WORLD_SIZE", getattr(args, "nproc", None) or 1))
+    accum, rest = divmod(args.global_batch_size, per_micro_batch)
+    if rest or not accum or args.grad_accum not in (None, accum):
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} is not --batch-size {args.batch_size} x "
+            f"{per_micro_batch // args.batch_size} process(es) x a whole --grad-accum: make it a multiple"
+            + (f", or leave out --grad-accum {args.grad_accum}" if args.grad_accum else "")
+        )
+    return accum
 
 
 def under_torchrun(nproc: int, argv: list[str]) -> int:

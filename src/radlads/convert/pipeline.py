@@ -286,8 +286,18 @@ class Conversion:
     # --- outputs ---
 
     def _make_out(self) -> None:
+        """Make --out, or check that an existing one is this run's to write: the export replaces a
+        folder's weights, so neither the teacher's folder nor a model that no run wrote."""
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {self.out} is a file, not a folder; name a new or existing folder")
+        teacher = Path(self.cfg.teacher)
+        if teacher.is_dir() and teacher.resolve() == self.out.resolve():
+            raise ValueError(f"--out {self.out} is the teacher's folder: name another folder for the student")
+        if not (self.out / "config.yaml").is_file() and any(self.out.glob("model*.safetensors")):
+            raise ValueError(
+                f"--out {self.out} holds model weights that no radlads run wrote there (it has no "
+                "config.yaml): the student would replace them; name a new folder"
+            )
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=self.out).close()  # unnamed where the OS allows: nothing left behind
@@ -302,7 +312,9 @@ class Conversion:
         if path.is_file():
             old = yaml.safe_load(path.read_text()) or {}
             new = yaml.safe_load(yaml.safe_dump(self.cfg.to_dict()))  # as read back: tuples are lists
-            changed = [k for k in ("teacher", "arch", "student") if old.get(k) != new.get(k)]
+            changed = [
+                k for k in ("teacher", "arch", "student") if not same_setting(k, old.get(k), new.get(k))
+            ]
             if changed:
                 raise ValueError(
                     f"{self.out} holds a run with another {', '.join(changed)} "
@@ -382,3 +394,11 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
         model = RadladsForCausalLM.from_pretrained(checkpoint)
     model.save_pretrained(out)
     return Path(out)
+
+
+def same_setting(key: str, old, new) -> bool:
+    """Whether a run's recorded setting is the one given now: a teacher by the path it names, however
+    written (a trailing slash, ./, absolute or relative from the same folder)."""
+    if key == "teacher" and isinstance(old, str) and isinstance(new, str):
+        return os.path.realpath(old) == os.path.realpath(new)
+    return old == new

@@ -64,10 +64,12 @@ def heldout_windows(source: str, tokenizer, settings: EvalSettings) -> Iterator[
     if (path / "index.json").is_file():
         check_tokenizer(ShardIndex.load(path), tokenizer)
         loader = PackedLoader(path, settings.seq_len, settings.batch_size, split="heldout")
-        for i, batch in enumerate(loader):
-            if i * settings.batch_size >= settings.max_windows:
+        left = settings.max_windows
+        for batch in loader:
+            if left <= 0:
                 return
-            yield batch
+            yield batch[:left]
+            left -= len(batch)
         return
     tokens: list[int] = []
     for doc in iter_documents(path):

@@ -279,7 +279,7 @@ def load_engine(model: str | Path, config: ServeConfig, device: str | None = Non
     window = window_overrides(folder, config.softmax_window, config.softmax_sinks)
     net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **window).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return Engine(net, tokenizer, config), config.model_name or Path(model).name
+    return Engine(net, tokenizer, config), config.model_name or Path(model).resolve().name
 
 
 @contextmanager

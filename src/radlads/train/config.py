@@ -144,10 +144,18 @@ class ConvertConfig:
             raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         data = dict(data)
         defaults = cls()
+        step_keys = {f.name for f in dataclasses.fields(StepConfig)}
+        for name in ("student", "step1", "step2", "step3"):
+            if not isinstance(data.get(name) or {}, dict):
+                raise ValueError(f"{name} must be a mapping of settings, not {data[name]!r}")
         for name in ("step1", "step2", "step3"):
             if name in data:
+                given = data[name] or {}
+                unknown = sorted(set(given) - step_keys)
+                if unknown:
+                    raise ValueError(f"unknown {name} keys {unknown}; known keys: {sorted(step_keys)}")
                 base = dataclasses.asdict(getattr(defaults, name))
-                data[name] = StepConfig(**{**base, **(data[name] or {})})
+                data[name] = StepConfig(**{**base, **given})
         return cls(**data)
 
     @classmethod
@@ -161,7 +169,10 @@ class ConvertConfig:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML config's keys as written (what it leaves out is not filled in)."""
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config keys at the top level")
     return data
