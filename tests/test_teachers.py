@@ -43,6 +43,8 @@ def test_gguf_import_reproduces_the_model(tiny, tmp_path):
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     assert (folder / "generation_config.json").is_file() and (folder / "tokenizer.json").is_file()
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "staging folder left behind"
+    (tmp_path / "plain").mkdir()  # readable by others as any folder made here is, not private
+    assert folder.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert "quantization_config" not in loaded.config.to_dict()

@@ -171,6 +171,9 @@ def publish_import(gguf_file: Path, sha: str, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_imports(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    # mkdtemp's folder is private (0700); the import is a folder like any other, which the other
+    # users of a shared models folder read as the umask allows
+    staging.chmod(0o777 & ~current_umask())
     try:
         import_gguf(gguf_file, sha, staging)
         replace_folder(staging, target, sha)
@@ -178,6 +181,12 @@ def publish_import(gguf_file: Path, sha: str, target: Path) -> Path:
         # Gone after a successful rename; otherwise a failed or redundant import.
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # read it by setting it, then put it back
+    os.umask(mask)
+    return mask
 
 
 def remove_abandoned_imports(target: Path) -> None:
