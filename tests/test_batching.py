@@ -127,8 +127,9 @@ def test_small_teachers_get_the_recipe_and_a_fitted_micro_batch_by_default(tmp_p
     base = ["--teacher", str(teacher), "--data", "d", "--out", "o"]
     cfg = _config(base)
     assert (cfg.step1.global_batch_size, cfg.step1.batch_size, cfg.step1.seq_len) == (128, None, 512)
+    # step 2's 2,048 tokens, within the tiny teacher's trained 512 (as step 3)
     assert (cfg.step2.seq_len, cfg.step2.global_batch_size, cfg.step2.lr, cfg.step2.lr_final) == (
-        2048,
+        512,
         32,
         1e-4,
         1e-5,
@@ -159,7 +160,7 @@ def test_small_teachers_get_the_recipe_and_a_fitted_micro_batch_by_default(tmp_p
     assert (cfg.step2.seq_len, cfg.step2.lr, cfg.step2.global_batch_size) == (1024, 1e-4, 32)
     assert cfg.step3.tokens == 0
     (tmp_path / "run.yaml").write_text("")  # an empty config leaves the preset as it is
-    assert _config([*base, "--config", str(tmp_path / "run.yaml"), "--preset", "auto"]).step2.seq_len == 2048
+    assert _config([*base, "--config", str(tmp_path / "run.yaml"), "--preset", "auto"]).step2.seq_len == 512
 
 
 def test_presets_by_teacher_size_from_the_library():
@@ -173,5 +174,8 @@ def test_presets_by_teacher_size_from_the_library():
     assert (steps[2]["new_lr_scale"], steps[2]["lr"]) == (10.0, 1e-4)
     assert "new_lr_scale" not in preset_steps("auto", qwen7b | {"max_position_embeddings": 32768})[2]
     assert preset_steps("auto", qwen7b | {"max_position_embeddings": 32768})[3]["seq_len"] == 16384
+    # a teacher trained on 1,024 tokens: step 2 distils at its context, not the recipe's 2,048
+    short = preset_steps("auto", smol | {"max_position_embeddings": 1024})
+    assert (short[2]["seq_len"], short[3]["seq_len"]) == (1024, 1024)
     with pytest.raises(ValueError, match="unknown preset 'tiny'; choose one of auto, cpu-smoke"):
         preset_steps("tiny", smol)

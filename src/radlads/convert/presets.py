@@ -30,14 +30,17 @@ PRESET_NAMES = ("auto", *PRESETS)
 
 def preset_steps(name: str, teacher_config: dict) -> dict[int, dict]:
     """StepConfig fields per step for preset `name` ("auto": by the teacher's size), given the
-    teacher's config.json as a dict; step 3 stays within the teacher's trained context."""
+    teacher's config.json as a dict; steps 2 and 3 stay within the teacher's trained context."""
     if name == "auto":
         name = size_class(teacher_config)
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     steps = {k: dict(v) for k, v in PRESETS[name].items()}
     if name != "cpu-smoke":
-        steps[3].setdefault("seq_len", step3_seq_len(teacher_config.get("max_position_embeddings")))
+        trained = teacher_config.get("max_position_embeddings")
+        steps[3].setdefault("seq_len", step3_seq_len(trained))
+        if trained and steps[2].get("seq_len", 0) > trained:  # distil within what the teacher saw
+            steps[2]["seq_len"] = trained
     return steps
 
 
