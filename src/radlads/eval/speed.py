@@ -1,8 +1,10 @@
 """Generation speed and memory through the model's own `generate()`.
 
-Prefill is timed as `generate(max_new_tokens=1)`; decode as `generate(max_new_tokens=n)` minus that,
-which leaves n - 1 single-token steps fed from the cache returned by the prefill, exactly as users
-generate. Random token ids: speed does not depend on the text.
+One `generate(max_new_tokens=n)` call is timed as users run it, with a streamer that stamps each
+token as generate() hands it out: prefill is the time to the first new token, decode the time from
+it to the last (n - 1 single-token steps fed from the cache). Both come from the same call, so
+decode is not the difference of two noisy timings. Random token ids: speed does not depend on the
+text.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 try:
     import resource
@@ -23,8 +26,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Clock(BaseStreamer):
+    """Stamps what generate() hands a streamer: the prompt first, then each new token; then end()."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stamps = device, []
+
+    def put(self, value) -> None:
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        self.put(None)
+
+
 @torch.no_grad()
-def _timed_generate(model, input_ids: torch.Tensor, new_tokens: int) -> float:
+def _timed_generate(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Seconds to the first new token (prefill) and from it to the last (decode), of one call."""
+    clock = _Clock(input_ids.device)
     _sync(input_ids.device)
     start = time.perf_counter()
     model.generate(
@@ -34,9 +53,10 @@ def _timed_generate(model, input_ids: torch.Tensor, new_tokens: int) -> float:
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,  # silences the "no pad token" warning; nothing is padded
+        streamer=clock,
     )
-    _sync(input_ids.device)
-    return time.perf_counter() - start
+    first_token, last = clock.stamps[1], clock.stamps[-1]
+    return first_token - start, last - first_token
 
 
 def _max_rss_mb() -> float:
@@ -81,8 +101,7 @@ def bench_generate(
         # The memory run comes first (the CPU high-water mark only moves on a new peak) and doubles
         # as warm-up, so kernel compilation and allocator growth are not timed.
         peak_mb, memory_source = _peak_memory(model, ids, new_tokens)
-        prefill_s = _timed_generate(model, ids, 1)
-        decode_s = max(_timed_generate(model, ids, new_tokens) - prefill_s, 1e-9)
+        prefill_s, decode_s = _timed_generate(model, ids, new_tokens)
         rows.append(
             {
                 "context_length": length,
