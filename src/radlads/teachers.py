@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -170,10 +169,10 @@ def publish_import(gguf_file: Path, sha: str, target: Path) -> Path:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_imports(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
-    # mkdtemp's folder is private (0700); the import is a folder like any other, which the other
-    # users of a shared models folder read as the umask allows
-    staging.chmod(0o777 & ~current_umask())
+    # mkdir, not mkdtemp (whose folder is private, 0700): the import is read by the others sharing
+    # a models folder, as the umask allows
+    staging = sibling(target, "partial")
+    staging.mkdir()
     try:
         import_gguf(gguf_file, sha, staging)
         replace_folder(staging, target, sha)
@@ -183,10 +182,10 @@ def publish_import(gguf_file: Path, sha: str, target: Path) -> Path:
     return target
 
 
-def current_umask() -> int:
-    mask = os.umask(0o022)  # read it by setting it, then put it back
-    os.umask(mask)
-    return mask
+def sibling(target: Path, kind: str) -> Path:
+    """A hidden name beside `target` that remove_abandoned_imports recognises: its kind and the
+    id of the process that owns it."""
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def remove_abandoned_imports(target: Path) -> None:
@@ -213,7 +212,7 @@ def process_alive(pid: int) -> bool:
 def replace_folder(staging: Path, target: Path, sha: str) -> None:
     stale = None
     if target.exists():
-        stale = target.with_name(f".{target.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        stale = sibling(target, "stale")
         target.rename(stale)
     try:
         staging.rename(target)

@@ -368,12 +368,12 @@ def accumulation(args: argparse.Namespace) -> int | None:
     global batch the user asked for, kept (each update would otherwise be one micro-batch)."""
     if args.batch_size is None or args.global_batch_size is None:
         return args.grad_accum
-    per_micro_batch = args.batch_size * int(os.environ.get("WORLD_SIZE", getattr(args, "nproc", None) or 1))
-    accum, rest = divmod(args.global_batch_size, per_micro_batch)
+    processes = int(os.environ.get("WORLD_SIZE", getattr(args, "nproc", None) or 1))
+    accum, rest = divmod(args.global_batch_size, args.batch_size * processes)
     if rest or not accum or args.grad_accum not in (None, accum):
         raise ValueError(
             f"--global-batch-size {args.global_batch_size} is not --batch-size {args.batch_size} x "
-            f"{per_micro_batch // args.batch_size} process(es) x a whole --grad-accum: make it a multiple"
+            f"{processes} process(es) x a whole --grad-accum: make it a multiple"
             + (f", or leave out --grad-accum {args.grad_accum}" if args.grad_accum else "")
         )
     return accum

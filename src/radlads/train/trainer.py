@@ -306,22 +306,6 @@ class Trainer:
         if self.dist.is_main:
             self.metrics.log(record)
 
-    def _load_keeping_settings(self, found: Path) -> None:
-        """Load the model and optimizer state, then put back this run's LR scales, weight decay
-        and betas, which the loaded param groups carry: the command as given applies from here on,
-        as its LR schedule does (config.yaml records it)."""
-        keys = ("lr_scale", "weight_decay", "betas")
-        mine = [{k: group[k] for k in keys} for group in self.optimizer.param_groups]
-        load_resumable(found, self.student, self.optimizer)
-        changed = set()
-        for group, settings in zip(self.optimizer.param_groups, mine):
-            changed |= {
-                f"{k} {settings[k]} (was {group[k]})" for k in keys if _plain(group[k]) != _plain(settings[k])
-            }
-            group.update(settings)
-        if changed and self.dist.is_main:
-            logger.warning("step %d: resuming with %s", self.objective.step, ", ".join(sorted(changed)))
-
     def _save(self, state: dict) -> None:
         """A finished step as a Hugging Face folder, a mid-step checkpoint as sharded DCP state."""
         state = {
@@ -390,6 +374,22 @@ class Trainer:
                 time.perf_counter() - t0,
             )
         return state
+
+    def _load_keeping_settings(self, found: Path) -> None:
+        """Load the model and optimizer state, then put back this run's LR scales, weight decay
+        and betas, which the loaded param groups carry: the command as given applies from here on,
+        as its LR schedule does (config.yaml records it)."""
+        keys = ("lr_scale", "weight_decay", "betas")
+        mine = [{k: group[k] for k in keys} for group in self.optimizer.param_groups]
+        load_resumable(found, self.student, self.optimizer)
+        changed = set()
+        for group, settings in zip(self.optimizer.param_groups, mine):
+            changed |= {
+                f"{k} {settings[k]} (was {group[k]})" for k in keys if _plain(group[k]) != _plain(settings[k])
+            }
+            group.update(settings)
+        if changed and self.dist.is_main:
+            logger.warning("step %d: resuming with %s", self.objective.step, ", ".join(sorted(changed)))
 
 
 def _plain(value):
