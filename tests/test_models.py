@@ -190,6 +190,22 @@ def test_rwkv7_low_rank_gate_is_sigmoid_between_its_factors(monkeypatch):
     assert abs(start.mean().item() - 0.5) < 0.05 and start.std().item() < 0.1
 
 
+def test_gate_rank_auto_is_the_specs_gate_lora_rank(tmp_path):
+    from radlads.models.configuration import gate_lora_rank
+
+    assert gate_lora_rank("rad-rwkv7", 576) == 128  # round_up_32(0.6 * 576^0.8 = 97.0)
+    assert gate_lora_rank("rad-rwkv7", 3584) == 448 and gate_lora_rank("rad-rwkv6", 3584) == 128
+    student = transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7", gate_rank="auto")
+    rank = gate_lora_rank("rad-rwkv7", student.config.hidden_size)
+    assert student.config.gate_rank == rank
+    assert student.model.layers[1].self_attn.gate.down.out_features == rank
+    student.save_pretrained(tmp_path)
+    assert RadladsForCausalLM.from_pretrained(tmp_path).config.gate_rank == rank
+    for bad in ("full", 0, 2.5):
+        with pytest.raises(ValueError, match="gate_rank must be a positive int"):
+            transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7", gate_rank=bad)
+
+
 def test_new_parameters_start_at_their_documented_values():
     student = transfer(make_teacher("llama"), arch="rad-rwkv7")
     mixer = student.model.layers[1].self_attn

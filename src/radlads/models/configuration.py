@@ -29,18 +29,23 @@ def round_up_32(x: float) -> int:
     return max(32, int(math.ceil(x / 32) * 32))
 
 
+def gate_lora_rank(arch: str, hidden_size: int) -> int:
+    """The SPEC's gate LoRA rank, round_up_32(0.6 C^0.8); RAD-RWKV6's is capped at 128 (its rank
+    at the 7B scale)."""
+    rank = round_up_32(0.6 * hidden_size**0.8)
+    return min(128, rank) if arch == "rad-rwkv6" else rank
+
+
 def default_ranks(arch: str, hidden_size: int) -> dict[str, int | None]:
     """LoRA ranks from the SPEC: round_up_32(C^0.5 * m); the RWKV-6 gate is low rank (<= 128)."""
     root = hidden_size**0.5
-    ranks = {
+    return {
         "decay_rank": round_up_32(root * 1.8),
         "iclr_rank": round_up_32(root * 1.8),
         "value_rank": round_up_32(root * 1.3),
-        "gate_rank": None,  # full-rank gate for RAD-RWKV7
+        # RAD-RWKV7's gate is full rank unless asked for (gate_rank: an int or "auto").
+        "gate_rank": gate_lora_rank(arch, hidden_size) if arch == "rad-rwkv6" else None,
     }
-    if arch == "rad-rwkv6":
-        ranks["gate_rank"] = min(128, round_up_32(0.6 * hidden_size**0.8))
-    return ranks
 
 
 class RadladsConfig(PretrainedConfig):
@@ -62,7 +67,7 @@ class RadladsConfig(PretrainedConfig):
         decay_rank: int | None = None,
         iclr_rank: int | None = None,
         value_rank: int | None = None,
-        gate_rank: int | None = None,
+        gate_rank: int | str | None = None,
         groupnorm: bool = False,
         kernel_backend: str = "auto",
         cuda_graph_decode: bool = True,
@@ -106,7 +111,11 @@ class RadladsConfig(PretrainedConfig):
         given = {"decay_rank": decay_rank, "iclr_rank": iclr_rank, "value_rank": value_rank}
         for name, default in default_ranks(arch, hidden).items():
             setattr(self, name, given.get(name) or default)
-        if gate_rank is not None:
+        if gate_rank == "auto":
+            self.gate_rank = gate_lora_rank(arch, hidden)
+        elif gate_rank is not None:
+            if isinstance(gate_rank, bool) or not isinstance(gate_rank, int) or gate_rank < 1:
+                raise ValueError(f'gate_rank must be a positive int or "auto", not {gate_rank!r}')
             self.gate_rank = gate_rank
         self.head_dim = self.teacher_config.get("head_dim") or hidden // self.teacher_config.get(
             "num_attention_heads", kwargs.get("num_attention_heads", 1)
