@@ -230,3 +230,39 @@ def test_metrics_name_the_optimizer_each_step_ran_with(tmp_path):
     trainer.run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records and all(r["optimizer"] == "adamw" for r in records)  # "auto" unsized: torch's AdamW
+
+
+@pytest.mark.parametrize("new_lr_scale", [1.0, 10.0])
+def test_weight_decay_spares_norms_biases_and_the_mixers_vector_parameters(new_lr_scale):
+    """AdamW's decay pulls a weight towards 0. For a matrix that is a regulariser; for the RMSNorm
+    gains, the projections' biases and the mixers' w0, a0, v0, k_k and k_a it changes what the layer
+    computes (w0 towards 0 shortens every channel's memory). Only tensors of 2 or more dims decay."""
+    student = transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7").train()
+    lr = 1e-2
+    step = dict(seq_len=16, batch_size=2, lr=lr, weight_decay=0.5, new_lr_scale=new_lr_scale)
+    cfg = dataclasses.replace(ConvertConfig().steps()[3], **step)
+    trainer = Trainer(ContextExtension(), student, cfg, None, [], None, None, torch.device("cpu"), False)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    batches = itertools.repeat(torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0)))
+    trainer.train_step(batches, lr)
+    new = {id(p) for p in student.new_parameters()}
+    for name, p in student.named_parameters():
+        scale = new_lr_scale if id(p) in new else 1.0
+        moved = (p.detach() - before[name]).abs().max().item()
+        if p.ndim < 2:  # Adam's first step moves a weight by about its LR, and no decay adds to it
+            assert moved <= 1.01 * lr * scale, name
+    decays = sorted({g["weight_decay"] for g in trainer.optimizer.param_groups})
+    assert decays == [0.0, 0.5]
+    # With no decay asked for, the groups are those of checkpoints written before this split.
+    trainer = Trainer(
+        ContextExtension(),
+        student,
+        dataclasses.replace(cfg, weight_decay=0.0),
+        None,
+        [],
+        None,
+        None,
+        torch.device("cpu"),
+        False,
+    )
+    assert len(trainer.optimizer.param_groups) == (1 if new_lr_scale == 1 else 2)

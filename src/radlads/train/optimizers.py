@@ -49,16 +49,29 @@ def resolve_optimizer(name: str) -> str:
     return DEFAULT if check_optimizer(name) == "auto" else name
 
 
-def param_groups(params: list[nn.Parameter], new: list[nn.Parameter], new_lr_scale: float) -> list[dict]:
+def param_groups(
+    params: list[nn.Parameter], new: list[nn.Parameter], new_lr_scale: float, weight_decay: float = 0.0
+) -> list[dict]:
     """`params` as optimizer groups, each with the `lr_scale` by which the trainer multiplies the
     step's LR: those in `new` at `new_lr_scale`, the rest at 1 (empty groups left out). At scale 1
     all go in one group, so that the optimizer state matches that of checkpoints written before
-    the groups existed."""
+    the groups existed.
+
+    With `weight_decay`, only tensors of 2 or more dims (matrices: projections, LoRA factors,
+    embeddings, the LM head) decay: the others (RMSNorm gains, biases, the mixers' w0, a0, v0, k_k
+    and k_a) go in groups of their own with no decay, as RWKV's trainers have them. Decaying those
+    changes what the layer computes (w0 pulled towards 0 shortens every channel's memory). Without
+    decay the groups are those above."""
     is_new = {id(p) for p in new} if new_lr_scale != 1 else set()
+    spared = {id(p) for p in params if p.ndim < 2} if weight_decay else set()
     groups = [
-        {"params": [p for p in params if id(p) not in is_new], "lr_scale": 1.0},
-        {"params": [p for p in params if id(p) in is_new], "lr_scale": new_lr_scale},
+        {"params": [p for p in params if id(p) not in is_new and id(p) not in spared], "lr_scale": 1.0},
+        {"params": [p for p in params if id(p) not in is_new and id(p) in spared], "lr_scale": 1.0},
+        {"params": [p for p in params if id(p) in is_new and id(p) not in spared], "lr_scale": new_lr_scale},
+        {"params": [p for p in params if id(p) in is_new and id(p) in spared], "lr_scale": new_lr_scale},
     ]
+    for group in groups[1::2]:
+        group["weight_decay"] = 0.0
     return [g for g in groups if g["params"]]
 
 

@@ -124,7 +124,7 @@ class Trainer:
         self.optimizer_name = resolve_optimizer(cfg.optimizer)
         # A student that says which parameters are new (RadladsForCausalLM) may train them faster.
         new = student.new_parameters() if hasattr(student, "new_parameters") else []
-        groups = param_groups(self.params, new, cfg.new_lr_scale)
+        groups = param_groups(self.params, new, cfg.new_lr_scale, cfg.weight_decay)
         self.optimizer = build_optimizer(self.optimizer_name, groups, cfg)
 
     def autocast(self):
@@ -353,6 +353,14 @@ class Trainer:
             )
         scales = [group["lr_scale"] for group in self.optimizer.param_groups]
         written_scales = state.get("lr_scales", scales)  # checkpoints from before the record
+        if len(written_scales) != len(scales) and set(written_scales) == set(scales):
+            # the same LR scales, split by weight decay (optimizers.param_groups) or not
+            raise ValueError(
+                f"{found} holds the state of a step run with {'no ' if len(written_scales) < len(scales) else ''}"
+                f"weight decay, which groups the parameters differently: resume step "
+                f"{self.objective.step} with its weight_decay as it was, or delete {self.checkpoint_dir} to "
+                f"start step {self.objective.step} over"
+            )
         if len(written_scales) != len(scales):  # one group or two: the state would not load
             raise ValueError(
                 f"{found} holds the state of a step whose new parameters trained at "
