@@ -54,7 +54,7 @@ class StepConfig:
     batch_size: int | None = None  # sequences per micro-batch and process; None: the largest that fits
     grad_accum: int = 1  # micro-batches per update where batch_size is given
     warmup_tokens: int = 0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # on matrices only: norms, biases and the mixers' vectors never decay
     # The LR of the parameters step 0 creates (RadladsForCausalLM.new_parameters), as a multiple of
     # the step's: they start from an init, the others from the teacher's trained weights.
     new_lr_scale: float = 1.0
