@@ -257,7 +257,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
 def test_a_resume_takes_the_commands_lr_scale_or_says_why_it_cannot(workspace, tmp_path, caplog, capsys):
     """A run stopped mid-step and resumed with another --step1-new-lr-scale: the loaded optimizer
     state must not bring the old scale back (the record would say the new one); where the new
-    scale groups the parameters differently (1 against anything else), an error names it."""
+    scale groups the parameters differently (1 against anything else), an error names it, as it
+    does for weight decay switched on."""
     teacher, corpus = workspace
     out = tmp_path / "run"
     extra = ["--step1-tokens", "40k", "--step2-tokens", "0", "--checkpoint-every", "10k"]
@@ -272,6 +273,11 @@ def test_a_resume_takes_the_commands_lr_scale_or_says_why_it_cannot(workspace, t
     assert main(convert_args(teacher, corpus, out, *extra, "--step1-new-lr-scale", "1")) == 2
     error = capsys.readouterr().err
     assert "trained at 3.0x the LR, but this run asks for 1.0x" in error and "new_lr_scale to 3.0" in error
+    decay = tmp_path / "decay.yaml"  # weight decay splits the groups (optimizers.param_groups)
+    decay.write_text("step1: {weight_decay: 0.1}\n")
+    args = convert_args(teacher, corpus, out, *extra, "--step1-new-lr-scale", "3", "--config", str(decay))
+    assert main(args) == 2
+    assert "state of a step run with no weight decay" in capsys.readouterr().err
     with caplog.at_level(logging.WARNING, logger="radlads"):
         assert main(convert_args(teacher, corpus, out, *extra, "--step1-new-lr-scale", "10")) == 0
     assert "resuming with lr_scale 10.0 (was 3.0)" in caplog.text
