@@ -455,3 +455,24 @@ def test_max_windows_counts_windows_from_shards_as_from_text(tmp_path):
         for n in (1, 5):
             settings = EvalSettings(seq_len=16, batch_size=4, max_windows=n)
             assert sum(len(b) for b in heldout_windows(str(source), tok, settings)) == n, (source, n)
+
+
+def test_shard_heldout_keeps_its_last_partial_batch(tmp_path):
+    """A held-out split of fewer windows than a batch, or with a partial last batch, is scored
+    whole, as text is: the shard loader's full-batch pass dropped the rest or refused the split."""
+    from radlads.data import PackedLoader, prepare_shards
+    from radlads.eval.suite import EvalSettings, heldout_windows
+    from tiny_models import write_corpus
+    from tokenizer_fixture import make_tiny_tokenizer
+
+    tok = transformers.AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path))
+    shards = tmp_path / "shards"
+    prepare_shards(
+        write_corpus(tmp_path / "corpus", documents=40), tok, shards, held_out_fraction=0.1, progress=False
+    )
+    available = PackedLoader(shards, 16, 1, split="heldout").num_windows
+    for batch_size in (4, available + 1):
+        settings = EvalSettings(seq_len=16, batch_size=batch_size, max_windows=1000)
+        batches = list(heldout_windows(str(shards), tok, settings))
+        assert sum(len(b) for b in batches) == available, batch_size
+        assert all(b.shape[1] == 16 and len(b) <= batch_size for b in batches)

@@ -63,13 +63,17 @@ def heldout_windows(source: str, tokenizer, settings: EvalSettings) -> Iterator[
     path = Path(source)
     if (path / "index.json").is_file():
         check_tokenizer(ShardIndex.load(path), tokenizer)
-        loader = PackedLoader(path, settings.seq_len, settings.batch_size, split="heldout")
-        left = settings.max_windows
-        for batch in loader:
-            if left <= 0:
-                return
-            yield batch[:left]
-            left -= len(batch)
+        # One window per loader batch, grouped here: the loader's held-out pass keeps only full
+        # batches, which would drop the last windows (or refuse a split of fewer than batch_size).
+        loader = PackedLoader(path, settings.seq_len, 1, split="heldout")
+        batch: list[torch.Tensor] = []
+        for _, window in zip(range(settings.max_windows), loader):
+            batch.append(window)
+            if len(batch) == settings.batch_size:
+                yield torch.cat(batch)
+                batch = []
+        if batch:
+            yield torch.cat(batch)
         return
     tokens: list[int] = []
     for doc in iter_documents(path):
