@@ -311,6 +311,13 @@ def test_average_ratio_only_from_task_files_the_user_gave(tmp_path):
 
     assert "**Average zero-shot ratio (student/teacher): 0.7500**" in report(str(tmp_path))
     assert "Average zero-shot ratio" not in report(str(SAMPLES_DIR))
+    # a teacher that scores 0 on every task: no ratio, but the report is written (it raised
+    # ZeroDivisionError after every model had been scored)
+    zeros = {"piqa": {"acc": 0.0}}
+    s, t = (ModelResults(n, tasks=zeros, task_dir=str(tmp_path)) for n in ("student", "teacher"))
+    assert (
+        "**Average zero-shot ratio (student/teacher): —**" in write_report(tmp_path / "0", s, t).read_text()
+    )
     none = write_report(tmp_path / "none", ModelResults("s"), ModelResults("t")).read_text()
     assert "No zero-shot task files were given" in none and "piqa" not in none
 

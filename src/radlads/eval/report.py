@@ -140,8 +140,9 @@ def _headline_section(student: ModelResults, teacher: ModelResults | None) -> st
     if average is None:
         return "No zero-shot task was scored on both models, so there is no average ratio."
     s_mean, t_mean, used = average
+    ratio = _ratio(s_mean, t_mean)  # None where the teacher scored 0 on every task
     return (
-        f"**Average zero-shot ratio (student/teacher): {s_mean / t_mean:.4f}** "
+        f"**Average zero-shot ratio (student/teacher): {'—' if ratio is None else f'{ratio:.4f}'}** "
         f"(student {s_mean:.4f}, teacher {t_mean:.4f}; mean of {', '.join(used)}, "
         f"task files from `{student.task_dir}`)."
     )
