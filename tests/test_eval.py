@@ -483,3 +483,21 @@ def test_shard_heldout_keeps_its_last_partial_batch(tmp_path):
         batches = list(heldout_windows(str(shards), tok, settings))
         assert sum(len(b) for b in batches) == available, batch_size
         assert all(b.shape[1] == 16 and len(b) <= batch_size for b in batches)
+
+
+def test_bench_generate_command_prints_a_measured_zero_as_zero(monkeypatch, capsys):
+    """nan is for no measurement (None); a peak RSS growth of 0 MB on CPU is a measurement."""
+    from radlads.cli import commands
+
+    rows = [
+        dict(context_length=n, batch_size=1, prefill_tok_s=1.0, decode_tok_s=1.0, peak_memory_mb=mb)
+        for n, mb in ((16, 0.0), (32, None), (64, 5.0))
+    ]
+    monkeypatch.setattr(commands, "load_model", lambda path, device: None)
+    monkeypatch.setattr(commands.speed, "bench_generate", lambda *args: rows)
+    args = SimpleNamespace(
+        model="s", teacher=None, device="cpu", contexts=(16, 32, 64), batch_size=1, new_tokens=4
+    )
+    assert commands.bench_generate(args) == 0
+    peaks = [line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert peaks == ["0", "nan", "5"]

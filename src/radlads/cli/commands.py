@@ -182,7 +182,7 @@ def bench_generate(args: argparse.Namespace) -> int:
     for r in rows:
         print(
             f"{r['model']:8} {r['context_length']:>8} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.1f} "
-            f"{r['peak_memory_mb'] or float('nan'):>9.0f}"
+            f"{float('nan') if r['peak_memory_mb'] is None else r['peak_memory_mb']:>9.0f}"
         )
     return 0
 
