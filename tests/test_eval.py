@@ -501,3 +501,13 @@ def test_bench_generate_command_prints_a_measured_zero_as_zero(monkeypatch, caps
     assert commands.bench_generate(args) == 0
     peaks = [line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:]]
     assert peaks == ["0", "nan", "5"]
+
+
+def test_report_reads_a_metrics_log_whose_last_line_a_killed_run_cut_short(tmp_path):
+    """A run killed while logging leaves a partial line (a step-2 student is already exported then);
+    the loss plot skips it, as a resume does, instead of raising once every model was scored."""
+    metrics = tmp_path / "metrics.jsonl"
+    rows = "".join(json.dumps({"step": 2, "tokens": 100 * i, "loss": 3.0 - i / 10}) + "\n" for i in range(5))
+    metrics.write_text(rows + '\n{"step": 3, "tok')
+    report = write_report(tmp_path / "out", ModelResults("s"), None, metrics_jsonl=metrics).read_text()
+    assert "](loss_curves.png)" in report and (tmp_path / "out" / "loss_curves.png").stat().st_size > 1000

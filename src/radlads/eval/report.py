@@ -184,9 +184,10 @@ def _read_metrics(path: str | Path) -> dict[int, tuple[list[int], list[float]]]:
     curves: dict[int, tuple[list[int], list[float]]] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
-            if not line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # blank, or a line a killed run cut short (train.metrics)
                 continue
-            row = json.loads(line)
             if "step" in row and "loss" in row:
                 tokens, losses = curves.setdefault(int(row["step"]), ([], []))
                 tokens.append(row["tokens"])
