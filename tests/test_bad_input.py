@@ -223,6 +223,21 @@ def test_serve_on_a_port_that_is_none(capsys):
     assert stop.value.code == 2 and "70000 is not a port" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["eval", "--model", "anything", "--limit", "0"],  # used to score one document
+        ["eval", "--model", "anything", "--max-windows", "0"],
+        ["bench-generate", "--model", "anything", "--new-tokens", "-1"],
+        ["generate", "--model", "anything", "--prompt", "hi", "--max-new-tokens", "0"],
+    ],
+)
+def test_a_count_below_one_is_refused_before_any_model_loads(args, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2 and "is not a count: give 1 or more" in capsys.readouterr().err
+
+
 def test_nan_in_the_teacher_is_found_before_training(inputs, tmp_path, capsys):
     teacher = teacher_copy(inputs[0], tmp_path)
     weights = load_file(teacher / "model.safetensors")

@@ -180,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of <task>.jsonl files in lm-evaluation-harness' shapes (default: no zero-shot tasks)",
     )
     p.add_argument("--tasks", type=lambda s: s.split(","), help="comma-separated subset of tasks")
-    p.add_argument("--limit", type=int, help="at most this many documents per task")
+    p.add_argument("--limit", type=count, help="at most this many documents per task")
     p.add_argument("--seq-len", type=int, default=1024, help="perplexity window length")
-    p.add_argument("--max-windows", type=int, default=64)
+    p.add_argument("--max-windows", type=count, default=64)
     p.add_argument("--passkey", type=_lengths, default=(), help="passkey context lengths, e.g. 1k,4k,16k")
     p.add_argument(
         "--copy",
@@ -205,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--teacher")
     p.add_argument("--contexts", type=_lengths, default=(1024, 4096, 16384, 32768, 65536))
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=count, default=1)
+    p.add_argument("--new-tokens", type=count, default=128)
     p.add_argument("--device", default="auto")
 
     p = add("demo", help="the whole pipeline on the bundled SmolLM2-135M teacher and sample text")
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     _add_window_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=count, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument(
         "--compile",
@@ -353,6 +353,14 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
         steps[k].update({key: v for key, v in flags.items() if v is not None})
         data[f"step{k}"] = steps[k]
     return ConvertConfig.from_dict(data)
+
+
+def count(text: str) -> int:
+    """A number of things (documents, windows, tokens, sequences), checked before a model loads."""
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is not a count: give 1 or more")
+    return number
 
 
 def port_number(text: str) -> int:
