@@ -511,3 +511,20 @@ def test_report_reads_a_metrics_log_whose_last_line_a_killed_run_cut_short(tmp_p
     metrics.write_text(rows + '\n{"step": 3, "tok')
     report = write_report(tmp_path / "out", ModelResults("s"), None, metrics_jsonl=metrics).read_text()
     assert "](loss_curves.png)" in report and (tmp_path / "out" / "loss_curves.png").stat().st_size > 1000
+
+
+def test_a_measurement_past_the_teachers_trained_context_is_flagged(tmp_path, caplog):
+    from radlads.eval.suite import EvalSettings, warn_past_trained_context
+    from tiny_models import make_teacher
+
+    make_teacher("llama").save_pretrained(tmp_path)  # trained context: 512 positions
+    for settings, flagged in (
+        (EvalSettings(heldout="text", seq_len=512, passkey_lengths=(256,)), False),
+        (EvalSettings(heldout="text", seq_len=256, passkey_lengths=(1024,)), True),
+        (EvalSettings(copy_distances=(1024,)), True),
+        (EvalSettings(seq_len=4096), False),  # no held-out text: no windows of that length
+    ):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="radlads"):
+            warn_past_trained_context(tmp_path, settings)
+        assert ("past the teacher's trained context of 512" in caplog.text) == flagged

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..data import PackedLoader, ShardIndex, check_tokenizer, iter_documents
 from ..models.configuration import window_overrides
-from .copying import evaluate_copying
+from .copying import PREFIX, SPAN, evaluate_copying
 from .passkey import evaluate_passkey
 from .perplexity import evaluate_perplexity
 from .report import ModelResults, write_report
 from .speed import bench_generate
 from .tasks import evaluate_tasks
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +45,30 @@ class EvalSettings:
     # it was trained with: what bounding its decoding memory costs (None: as trained).
     softmax_window: int | None = None
     softmax_sinks: int | None = None
+
+    def longest_input(self) -> int:
+        """The most positions any one measurement feeds a model."""
+        return max(
+            self.seq_len if self.heldout else 0,
+            *self.passkey_lengths,
+            *(PREFIX + 2 * SPAN + d for d in self.copy_distances),
+            *self.speed_contexts,
+            0,
+        )
+
+
+def warn_past_trained_context(path: str | Path, settings: EvalSettings) -> None:
+    """A measurement past the teacher's trained context scores RoPE positions neither model trained
+    on: legitimate to ask for, but the teacher's side of the ratio is then no longer its best."""
+    trained = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+    longest = settings.longest_input()
+    if trained and longest > trained:
+        logger.warning(
+            "measuring up to %d positions, past the teacher's trained context of %d: scores beyond "
+            "it measure extrapolation, for the teacher too",
+            longest,
+            trained,
+        )
 
 
 def load_model(path: str | Path, device: torch.device, compile: bool = True, **overrides):
@@ -117,6 +144,7 @@ def evaluate_conversion(
 ) -> Path:
     """Evaluate student (and teacher, one at a time to bound memory); write report.md + plots."""
     tokenizer = AutoTokenizer.from_pretrained(student)
+    warn_past_trained_context(student, settings)
     measured = []
     for name, path in (("student", student), ("teacher", teacher)):
         if path is None:
