@@ -216,6 +216,21 @@ def test_a_global_batch_with_a_micro_batch_is_kept_by_accumulation(inputs, tmp_p
     )
 
 
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["step1", "--data", "corpus", "--out", "out"], "--teacher is required"),
+        (["convert", "--teacher", "t", "--data", "corpus"], "--out is required"),
+        (["convert", "--nproc", "0"], "--nproc must be at least 1"),
+    ],
+)
+def test_missing_or_impossible_flags_are_one_error_line(tmp_path, capsys, monkeypatch, argv, expected):
+    """The same shape as every other bad input: `radlads COMMAND: error: ...`, exit code 2."""
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, argv, expected)
+    assert not (tmp_path / "out").exists()
+
+
 def test_serve_on_a_port_that_is_none(capsys):
     """Checked before the model loads, not after it, by the socket."""
     with pytest.raises(SystemExit) as stop:

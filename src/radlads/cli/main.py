@@ -329,7 +329,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     data.setdefault("student", {}).update({k: v for k, v in student.items() if v is not None})
     for key in ("teacher", "data", "out"):
         if not data.get(key):
-            raise SystemExit(f"radlads: --{key} is required (or set `{key}:` in --config)")
+            raise ValueError(f"--{key} is required (or set `{key}:` in --config)")
     steps = {k: dict(data.get(f"step{k}", {})) for k in (1, 2, 3)}
     preset = args.preset or (None if args.config else "auto")  # a YAML config says all itself
     if preset:
@@ -409,11 +409,11 @@ def under_torchrun(nproc: int, argv: list[str]) -> int:
 
 def check_nproc(nproc: int) -> None:
     if nproc < 1:
-        raise SystemExit(f"radlads: --nproc must be at least 1, got {nproc}")
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and nproc != launched:
-        raise SystemExit(
-            f"radlads: --nproc {nproc} does not match the {launched} processes torchrun started; "
+        raise ValueError(
+            f"--nproc {nproc} does not match the {launched} processes torchrun started; "
             "give the process count once (--nproc, or torchrun --nproc-per-node)"
         )
 
@@ -424,11 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="radlads: %(message)s")
     if getattr(args, "quiet", False):  # transformers' own bars too: loading and writing weights
         transformers.utils.logging.disable_progress_bar()
-    if getattr(args, "nproc", 1) != 1:
-        check_nproc(args.nproc)
-        if "WORLD_SIZE" not in os.environ:
-            return under_torchrun(args.nproc, argv)
-    try:
+    try:  # bad input: one line, `radlads COMMAND: error: ...`, exit code 2 (docs/reliability.md)
+        if getattr(args, "nproc", 1) != 1:
+            check_nproc(args.nproc)
+            if "WORLD_SIZE" not in os.environ:
+                return under_torchrun(args.nproc, argv)
         if args.command == "convert" or args.command.startswith("step"):
             steps = (0, 1, 2, 3) if args.command == "convert" else (int(args.command[4:]),)
             return commands.convert(config_from_args(args), steps, progress=not args.quiet)
