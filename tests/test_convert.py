@@ -450,21 +450,27 @@ class CountingObjective:
 
     def __init__(self, nan_at: int | None = None):
         self.calls, self.nan_at = 0, nan_at
+        self.clock = 0.0  # a clock for the trainer on which each update takes one second
+
+    def perf_counter(self) -> float:
+        return self.clock
 
     def trainable(self, student):
         return list(student.parameters())
 
     def loss(self, student, batch):
         self.calls += 1
+        self.clock += 1.0
         value = float("nan") if self.calls == self.nan_at else float(self.calls)
         return value + 0 * sum(p.sum() for p in student.parameters())
 
 
 @pytest.mark.parametrize("updates,nan_at", [(5, None), (1, None), (5, 3)])
-def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, updates, nan_at):
+def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, monkeypatch, updates, nan_at):
     """Trainer.run reads update k's loss only once update k + 1 is queued (no GPU idle between
-    updates): every loss still reaches the log in order with a throughput (a one-update run too),
-    first and last are right, and a NaN stops the run naming the tokens of the update that produced it."""
+    updates): every loss still reaches the log in order with its update's throughput (the last
+    update's too, read right after the one before it; a one-update run too), first and last are
+    right, and a NaN stops the run naming the tokens of the update that produced it."""
     import dataclasses
     import itertools
 
@@ -489,6 +495,7 @@ def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, upd
 
     loader = Loader()
     objective = CountingObjective(nan_at)
+    monkeypatch.setattr("radlads.train.trainer.time", objective)
     metrics = MetricsLog(tmp_path)
     trainer = Trainer(
         objective, student, cfg, loader, [], tmp_path / "ckpt", metrics, torch.device("cpu"), False
@@ -501,5 +508,5 @@ def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, upd
     result = trainer.run()
     records = [json.loads(line) for line in metrics.path.read_text().splitlines()]
     assert [(r["tokens"], r["loss"]) for r in records] == [(16 * k, float(k)) for k in range(1, updates + 1)]
-    assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in records)
+    assert [r["tokens_per_s"] for r in records] == [16.0] * updates  # 16 tokens a second each
     assert (result.first_loss, result.last_loss, result.updates) == (1.0, float(updates), updates)

@@ -83,10 +83,11 @@ class _Window:
     def add(self, tokens: int) -> None:
         self.tokens += tokens
 
-    def rate(self) -> float:
-        """Tokens per second since the last log; starts the next window."""
-        rate = self.tokens / (time.perf_counter() - self.start)
-        self.restart()
+    def rate(self, finished: float) -> float:
+        """Tokens per second from the window's start to `finished`, when the last update counted
+        finished; the next window starts there."""
+        rate = self.tokens / (finished - self.start)
+        self.tokens, self.start = 0, finished
         return rate
 
 
@@ -168,19 +169,23 @@ class Trainer:
         batches, started = self._batches(), time.perf_counter()
         window = _Window()  # training since the last log (no checkpoints, no evaluation)
         self.student.train()
-        queued: list[tuple[int, int, float, Tensor]] = []  # updates whose loss is still on the device
+        queued: list[tuple[int, int, float, Tensor, float | None]] = []  # losses still on the device
+        # When an update finished: on a CPU, when train_step returned; on a GPU, when reading its
+        # loss returned. A CPU's last update is read just after the one before it, whose time it was.
+        synchronous = self.device.type == "cpu"
         while tokens < cfg.tokens:
             lr = learning_rate(cfg, tokens)
             loss = self.train_step(batches, lr)
             tokens, updates = tokens + self.tokens_per_update, updates + 1
-            queued.append((tokens, updates, lr, loss))
+            queued.append((tokens, updates, lr, loss, time.perf_counter() if synchronous else None))
             checkpoint = next_checkpoint <= tokens < cfg.tokens
             # Each loss is read once the next update is queued behind it: read at once, the GPU
             # would idle at every update's start while the host launched its first kernels.
             # Before a checkpoint and at the end, every loss is read.
             while len(queued) > (0 if checkpoint or tokens >= cfg.tokens else 1):
-                done_tokens, done_updates, done_lr, done_loss = queued.pop(0)
+                done_tokens, done_updates, done_lr, done_loss, finished = queued.pop(0)
                 value = self._read_loss(done_loss, done_tokens)
+                finished = finished or time.perf_counter()
                 first_loss = value if first_loss is None else first_loss
                 last_loss = value
                 window.add(self.tokens_per_update)
@@ -195,7 +200,7 @@ class Trainer:
                         micro_batch=self.micro_batch,
                         optimizer=self.optimizer_name,
                     )
-                    self._log({**record, "tokens_per_s": window.rate()})
+                    self._log({**record, "tokens_per_s": window.rate(finished)})
             if checkpoint:
                 self._save(
                     dict(
