@@ -185,7 +185,7 @@ class Trainer:
             while len(queued) > (0 if checkpoint or tokens >= cfg.tokens else 1):
                 done_tokens, done_updates, done_lr, done_loss, finished = queued.pop(0)
                 value = self._read_loss(done_loss, done_tokens)
-                finished = finished or time.perf_counter()
+                finished = time.perf_counter() if finished is None else finished
                 first_loss = value if first_loss is None else first_loss
                 last_loss = value
                 window.add(self.tokens_per_update)
