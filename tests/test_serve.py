@@ -34,6 +34,7 @@ from radlads.serve.batch import (
     forward,
 )
 from radlads.serve.prefix_cache import PrefixCache
+from radlads.serve.sampling import Sampler, SamplingParams
 from radlads.serve.scheduler import Engine
 from radlads.serve.text import TextStream
 from tiny_models import make_teacher_folder
@@ -285,6 +286,19 @@ def test_seeded_sampling_repeats(student_server):
 
     assert sample(7) == sample(7) and len(sample(7)) == 12
     assert len({tuple(sample(s)) for s in range(4)}) > 1
+
+
+def test_a_tiny_temperature_samples_the_top_token_and_fails_no_stream(student_server, reference):
+    # Logits over a tiny temperature overflowed to +inf, whose softmax is NaN: the sampling error
+    # failed every stream decoding in the same step, not only this request.
+    logits = torch.tensor([4.0, 6.0, -3.0, 5.9])
+    for temperature in (1.5e-38, 1e-45):
+        sampler = Sampler(SamplingParams(temperature=temperature, top_p=0.9, seed=0), torch.device("cpu"))
+        assert [int(sampler.sample(logits)) for _ in range(4)] == [1] * 4
+    api = client(student_server[0])
+    ids = reference.tokenizer.encode("The cat")
+    out = api.completions.create(model="student", prompt=ids, max_tokens=8, temperature=1e-45)
+    assert out.model_extra["token_ids"] == reference.tokens(ids, 8)
 
 
 def test_a_repeated_prefix_skips_its_prefill_and_changes_nothing(student_server, reference):

@@ -34,7 +34,10 @@ class Sampler:
 
     def sample(self, logits: Tensor) -> Tensor:
         """One token id from a [V] row of logits."""
-        scores = self.warpers(None, logits[None].float())
+        # Shifted so the largest is 0 (the same distribution): a tiny temperature then sends the
+        # others towards -inf instead of the largest to +inf, whose softmax is NaN.
+        logits = logits.float()
+        scores = self.warpers(None, (logits - logits.max())[None])
         return torch.multinomial(scores.softmax(-1), 1, generator=self.generator)[0, 0]
 
 
