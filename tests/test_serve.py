@@ -162,6 +162,26 @@ def test_chat_equals_generate_on_the_chat_template(student_server, reference):
     assert stream_text(stream, chat=True)[0] == want
 
 
+def test_a_stream_asked_for_usage_ends_with_a_usage_chunk(student_server, reference):
+    api = client(student_server[0])
+    ids = reference.tokenizer.encode("The cat")
+    messages = [{"role": "user", "content": "Hello world!"}]
+    for chat in (False, True):
+        kind = api.chat.completions if chat else api.completions
+        prompt = {"messages": messages} if chat else {"prompt": ids}
+        want = kind.create(model="student", max_tokens=6, temperature=0, **prompt).usage
+        options = {"include_usage": True}
+        chunks = list(
+            kind.create(
+                model="student", max_tokens=6, temperature=0, stream=True, stream_options=options, **prompt
+            )
+        )
+        assert chunks[-1].choices == [] and chunks[-1].usage == want, chat
+        assert all(c.choices and c.usage is None for c in chunks[:-1]), chat
+        plain = kind.create(model="student", max_tokens=6, temperature=0, stream=True, **prompt)
+        assert all(c.choices and c.usage is None for c in plain), chat
+
+
 def test_32_concurrent_clients_all_get_their_own_greedy_output(student_server, reference):
     url, engine = student_server
     rng = random.Random(0)

@@ -28,6 +28,7 @@ from .protocol import (
     completion_body,
     new_id,
     usage,
+    usage_chunk,
 )
 from .sampling import SamplingParams
 from .scheduler import Engine, Event, QueueFull, Sequence, TooLarge
@@ -98,7 +99,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         seq = submit(prompt, body, body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
         rid = new_id("cmpl")
         if body.stream:
-            return sse(seq, lambda e: [completion_body(rid, model_name, e.text, e.finish_reason)])
+            tail = usage_tail(body, "text_completion", rid, model_name)
+            return sse(seq, lambda e: [completion_body(rid, model_name, e.text, e.finish_reason)], tail=tail)
         text, last = await collect(request, seq)
         return completion_body(
             rid,
@@ -124,7 +126,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                     out.append(chat_chunk(rid, model_name, {}, event.finish_reason))
                 return out
 
-            return sse(seq, chunks, opening)
+            return sse(seq, chunks, opening, usage_tail(body, "chat.completion.chunk", rid, model_name))
         text, last = await collect(request, seq)
         return chat_body(
             rid, model_name, text, last.finish_reason, usage=usage(last.prompt_tokens, len(last.tokens))
@@ -217,9 +219,22 @@ def check_lengths(prompt: list[int], max_tokens: int, config: ServeConfig) -> No
 # --- responses ---
 
 
-def sse(seq: Sequence, chunks: Callable[[Event], list[dict]], opening: list[dict] = ()) -> StreamingResponse:
-    """Server-sent events: one `data:` line per chunk, then `data: [DONE]`. If the client leaves,
-    Starlette cancels this generator, and its `finally` frees the request's slot."""
+def usage_tail(body: Sampling, kind: str, rid: str, model: str) -> Callable[[Event], dict] | None:
+    """The usage chunk that ends a stream whose `stream_options.include_usage` is set, else None."""
+    if not body.include_usage():
+        return None
+    return lambda last: usage_chunk(kind, rid, model, usage(last.prompt_tokens, len(last.tokens)))
+
+
+def sse(
+    seq: Sequence,
+    chunks: Callable[[Event], list[dict]],
+    opening: list[dict] = (),
+    tail: Callable[[Event], dict] | None = None,
+) -> StreamingResponse:
+    """Server-sent events: one `data:` line per chunk, then `tail`'s chunk of the last event (if
+    given), then `data: [DONE]`. If the client leaves, Starlette cancels this generator, and its
+    `finally` frees the request's slot."""
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -231,6 +246,8 @@ def sse(seq: Sequence, chunks: Callable[[Event], list[dict]], opening: list[dict
                     return
                 for chunk in chunks(event):
                     yield f"data: {json.dumps(chunk)}\n\n"
+                if tail is not None and event.finish_reason:
+                    yield f"data: {json.dumps(tail(event))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             seq.cancel()

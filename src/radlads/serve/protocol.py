@@ -21,6 +21,10 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool | None = False  # a last chunk, before [DONE], with the usage and no choices
+
+
 class Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(default=None, gt=0)
@@ -29,11 +33,15 @@ class Sampling(BaseModel):
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator takes
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
     ignore_eos: bool = False  # not OpenAI's: generate exactly max_tokens (as vLLM offers)
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(Sampling):
@@ -81,6 +89,11 @@ def completion_body(rid: str, model: str, text: str, finish: str | None, **extra
 def chat_body(rid: str, model: str, text: str, finish: str | None, **extra) -> dict:
     choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
     return response("chat.completion", rid, model, choice, **extra)
+
+
+def usage_chunk(kind: str, rid: str, model: str, usage: dict) -> dict:
+    """A stream's last chunk when `stream_options.include_usage` asks for it: no choices, the usage."""
+    return {**response(kind, rid, model, {}), "choices": [], "usage": usage}
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict:
