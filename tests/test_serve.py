@@ -245,6 +245,16 @@ BAD = [
     ("two choices", {"model": "student", "prompt": "hi", "n": 2}, 400, None),
     ("five stop strings", {"model": "student", "prompt": "hi", "stop": list("abcde")}, 400, None),
     ("seed past 64 bits", {"model": "student", "prompt": "hi", "seed": 2**64}, 400, None),
+    ("logprobs", {"model": "student", "prompt": "hi", "logprobs": 2}, 400, "unsupported_parameter"),
+    ("echo", {"model": "student", "prompt": "hi", "echo": True}, 400, "unsupported_parameter"),
+    ("best_of", {"model": "student", "prompt": "hi", "best_of": 3}, 400, "unsupported_parameter"),
+    ("penalty", {"model": "student", "prompt": "hi", "presence_penalty": 1.5}, 400, "unsupported_parameter"),
+    (
+        "logit_bias",
+        {"model": "student", "prompt": "hi", "logit_bias": {"5": 100}},
+        400,
+        "unsupported_parameter",
+    ),
 ]
 
 
@@ -262,6 +272,16 @@ def test_bad_input_gets_an_openai_error_and_leaves_other_streams_alone(student_s
         assert got == status, (what, answer)
         assert answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error", what
         assert code is None or answer["error"]["code"] == code, what
+    defaults = dict(
+        logprobs=None, echo=False, best_of=1, presence_penalty=0, frequency_penalty=0.0, logit_bias={}
+    )
+    got, answer = raw(
+        url, "POST", "/v1/completions", {"model": "student", "prompt": "hi", **defaults}, headers
+    )
+    assert got == 200, answer
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        messages = [{"role": "user", "content": "hi"}]
+        api.chat.completions.create(model="student", messages=messages, logprobs=True, top_logprobs=2)
     for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         got, answer = raw(url, "POST", "/v1/completions", {"model": "student", "prompt": "hi"}, auth)
         assert got == 401 and answer["error"]["code"] == "invalid_api_key"

@@ -62,6 +62,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             raise APIError(
                 400, f"the request body is not valid JSON ({error})", code="invalid_json"
             ) from None
+        refuse_unsupported(data)
         try:
             body = schema.model_validate(data)
         except ValidationError as error:
@@ -166,6 +167,36 @@ def check_api_key(request: Request, key: str | None) -> None:
             "missing or wrong API key: send the server's --api-key as `Authorization: Bearer KEY`",
             code="invalid_api_key",
         )
+
+
+# OpenAI fields this server does not implement. Sent at their defaults (as some clients send every
+# field) they change nothing; any other value is refused rather than silently ignored.
+UNSUPPORTED = {
+    "logprobs": lambda v: True,
+    "top_logprobs": lambda v: v != 0,
+    "echo": lambda v: True,
+    "best_of": lambda v: v != 1,
+    "suffix": bool,
+    "presence_penalty": lambda v: v != 0,
+    "frequency_penalty": lambda v: v != 0,
+    "logit_bias": bool,
+    "tools": bool,
+    "response_format": lambda v: v != {"type": "text"},
+}
+
+
+def refuse_unsupported(data) -> None:
+    if not isinstance(data, dict):
+        return  # the schema refuses it
+    for name, changes_output in UNSUPPORTED.items():
+        value = data.get(name)
+        if value is not None and value is not False and changes_output(value):
+            raise APIError(
+                400,
+                f"{name} is not supported by this server (see docs/serving.md, Limits)",
+                param=name,
+                code="unsupported_parameter",
+            )
 
 
 def validation_message(error: ValidationError) -> tuple[str, str]:
