@@ -279,6 +279,9 @@ def test_bad_input_gets_an_openai_error_and_leaves_other_streams_alone(student_s
         url, "POST", "/v1/completions", {"model": "student", "prompt": "hi", **defaults}, headers
     )
     assert got == 200, answer
+    nulls = dict(temperature=None, top_p=None, n=None, stream=None, stop=None, seed=None, max_tokens=None)
+    got, answer = raw(url, "POST", "/v1/completions", {"model": "student", "prompt": "hi", **nulls}, headers)
+    assert got == 200 and answer["choices"][0]["finish_reason"], answer  # null: the default
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         messages = [{"role": "user", "content": "hi"}]
         api.chat.completions.create(model="student", messages=messages, logprobs=True, top_logprobs=2)

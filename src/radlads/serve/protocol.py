@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 
 class APIError(Exception):
@@ -36,6 +36,12 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
     ignore_eos: bool = False  # not OpenAI's: generate exactly max_tokens (as vLLM offers)
+
+    @field_validator("temperature", "top_p", "n", "stream", "ignore_eos", mode="before")
+    @classmethod
+    def null_is_default(cls, value, info: ValidationInfo):
+        """OpenAI's schema lets these be null, meaning their default (some clients send every field)."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
