@@ -295,6 +295,9 @@ def test_bad_input_gets_an_openai_error_and_leaves_other_streams_alone(student_s
         api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     assert first.choices[0].text + stream_text(long_stream)[0] == reference.text(ids, 40)
     assert [m.id for m in api.models.list()] == ["student"]
+    assert api.models.retrieve("student").id == "student"
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("gpt-4")
 
 
 def test_stop_strings_cut_the_text_before_them(student_server, reference):

@@ -133,11 +133,24 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             rid, model_name, text, last.finish_reason, usage=usage(last.prompt_tokens, len(last.tokens))
         )
 
+    def card() -> dict:
+        return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "radlads"}
+
     @app.get("/v1/models")
     async def models(request: Request):
         check_api_key(request, config.api_key)
-        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "radlads"}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str):
+        check_api_key(request, config.api_key)
+        if model != model_name:
+            raise APIError(
+                404,
+                f"model {model!r} is not served here; this server serves {model_name!r}",
+                code="model_not_found",
+            )
+        return card()
 
     @app.get("/health")
     async def health():
