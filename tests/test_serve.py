@@ -160,6 +160,9 @@ def test_chat_equals_generate_on_the_chat_template(student_server, reference):
         model="student", messages=messages, max_tokens=16, temperature=0, stream=True
     )
     assert stream_text(stream, chat=True)[0] == want
+    parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    out = api.chat.completions.create(model="student", messages=parts, max_tokens=16, temperature=0)
+    assert out.choices[0].message.content == want  # content as text parts, as the openai client may send it
 
 
 def test_a_stream_asked_for_usage_ends_with_a_usage_chunk(student_server, reference):

@@ -236,7 +236,7 @@ def chat_prompt(body: ChatRequest, tokenizer) -> list[int]:
         raise APIError(
             400, "this model's tokenizer has no chat template: use /v1/completions", param="messages"
         )
-    messages = [m.model_dump() for m in body.messages]
+    messages = [m.for_template() for m in body.messages]
     return list(
         tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
     )

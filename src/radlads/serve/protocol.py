@@ -54,9 +54,18 @@ class CompletionRequest(Sampling):
     prompt: str | list[int] | list[str]
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[TextPart]  # a list of text parts is their texts joined by newlines
+
+    def for_template(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
 
 
 class ChatRequest(Sampling):
