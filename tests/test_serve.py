@@ -292,6 +292,9 @@ def test_bad_input_gets_an_openai_error_and_leaves_other_streams_alone(student_s
         got, answer = raw(url, "POST", "/v1/completions", {"model": "student", "prompt": "hi"}, auth)
         assert got == 401 and answer["error"]["code"] == "invalid_api_key"
     assert raw(url, "GET", "/v1/models")[0] == 401
+    for method, path, status in (("POST", "/v1/embeddings", 404), ("GET", "/v1/completions", 405)):
+        got, answer = raw(url, method, path, {}, headers)
+        assert got == status and answer["error"]["message"] and answer["error"]["type"], (path, answer)
     with pytest.raises(openai.AuthenticationError):
         client(url, "wrong").models.list()
     with pytest.raises(openai.NotFoundError):

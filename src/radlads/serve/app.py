@@ -16,6 +16,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServeConfig
 from .protocol import (
@@ -53,6 +54,13 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         if error.status < 500:  # a failed generation was counted as an error already
             metrics.requests.labels("rejected").inc()
         return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """An unknown path or method: OpenAI's error shape too, not FastAPI's {"detail": ...}."""
+        metrics.requests.labels("rejected").inc()
+        body = APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}").body()
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
     async def parse(request: Request, schema: type[Sampling]) -> Sampling:
         check_api_key(request, config.api_key)
