@@ -430,6 +430,34 @@ def test_kv_cache_models_are_served_too(folders, kind):
     assert "radlads_generated_tokens_total" in text and "radlads_state_memory_bytes" in text
 
 
+def test_a_teachers_context_limit_is_kept(folders):
+    # The tiny teacher has 512 positions: generation went on past them, silently.
+    with running(folders["teacher"], model_name="teacher", **{**SERVER, "max_prompt_tokens": 600}) as (
+        url,
+        _,
+    ):
+        api = client(url)
+        for prompt, asked in (([5] * 500, 20), ([5] * 512, None)):
+            with pytest.raises(openai.BadRequestError, match="context") as refused:
+                api.completions.create(model="teacher", prompt=prompt, max_tokens=asked)
+            assert refused.value.code == "context_length_exceeded"
+        out = api.completions.create(
+            model="teacher",
+            prompt=[5] * 500,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert out.usage.total_tokens == 512
+        chat = api.chat.completions.create(  # no max_tokens: it stops at the context's end
+            model="teacher",
+            messages=[{"role": "user", "content": "hi " * 470}],
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert chat.usage.total_tokens == 512 and chat.choices[0].finish_reason == "length"
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 @pytest.mark.parametrize("kind", ["teacher", "hybrid"])
 def test_kv_cache_sequences_decode_as_one_padded_batch_exactly_as_alone(folders, kind, device):

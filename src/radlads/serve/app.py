@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .batch import is_student
 from .config import ServeConfig
 from .protocol import (
     APIError,
@@ -84,8 +85,25 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             )
         return body
 
-    def submit(prompt: list[int], body: Sampling, max_tokens: int) -> Sequence:
+    # A plain HF model's positions end at its max_position_embeddings; a student has no such end.
+    context = (
+        None if is_student(engine.model) else getattr(engine.model.config, "max_position_embeddings", None)
+    )
+
+    def submit(prompt: list[int], body: Sampling, asked: int | None, default: int) -> Sequence:
+        max_tokens = asked or default
         check_lengths(prompt, max_tokens, config)
+        if context is not None:
+            room = context - len(prompt)
+            if room < 1 or (asked is not None and asked > room):
+                raise APIError(
+                    400,
+                    f"this model's context is {context} tokens: the prompt's {len(prompt)} plus max_tokens "
+                    f"{asked or 1} go past it; shorten the prompt or lower max_tokens",
+                    param="max_tokens" if room >= 1 else "prompt",
+                    code="context_length_exceeded",
+                )
+            max_tokens = min(max_tokens, room)  # an unset max_tokens stops at the context's end
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=body.temperature,
@@ -105,7 +123,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def completions(request: Request):
         body = await parse(request, CompletionRequest)
         prompt = completion_prompt(body.prompt, engine.tokenizer, engine.model.config.vocab_size)
-        seq = submit(prompt, body, body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
+        seq = submit(prompt, body, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
         rid = new_id("cmpl")
         if body.stream:
             tail = usage_tail(body, "text_completion", rid, model_name)
@@ -124,7 +142,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def chat_completions(request: Request):
         body = await parse(request, ChatRequest)
         prompt = chat_prompt(body, engine.tokenizer)
-        seq = submit(prompt, body, body.max_completion_tokens or body.max_tokens or config.max_new_tokens)
+        seq = submit(prompt, body, body.max_completion_tokens or body.max_tokens, config.max_new_tokens)
         rid = new_id("chatcmpl")
         if body.stream:
             opening = [chat_chunk(rid, model_name, {"role": "assistant", "content": ""}, None)]
