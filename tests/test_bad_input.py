@@ -253,6 +253,18 @@ def test_a_count_below_one_is_refused_before_any_model_loads(args, capsys):
     assert stop.value.code == 2 and "is not a count: give 1 or more" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--prefix-cache-mb", "-1"], "prefix_cache_bytes must be 0 (off) or more"),  # stored nothing
+        (["--api-key", ""], "api_key is empty"),  # let a bare `Authorization: Bearer` through
+    ],
+)
+def test_serve_settings_that_cannot_work_are_refused_before_the_model_loads(flags, message, capsys):
+    assert main(["serve", "--model", "anything", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_nan_in_the_teacher_is_found_before_training(inputs, tmp_path, capsys):
     teacher = teacher_copy(inputs[0], tmp_path)
     weights = load_file(teacher / "model.safetensors")

@@ -45,3 +45,7 @@ class ServeConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_state_bytes is not None and self.max_state_bytes < 1:
             raise ValueError(f"max_state_bytes must be positive or None, got {self.max_state_bytes}")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be 0 (off) or more, got {self.prefix_cache_bytes}")
+        if self.api_key == "":  # would let a bare `Authorization: Bearer` through
+            raise ValueError("api_key is empty: give a key, or none to serve without one")
