@@ -47,6 +47,22 @@ def test_prefill_plus_decoding_equals_full_forward(variant):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
 
 
+def test_loss_is_the_shifted_cross_entropy_and_honours_num_items_in_batch():
+    """HF's Trainer passes num_items_in_batch to a forward that takes **kwargs and then leaves the
+    loss undivided by its gradient accumulation steps: a mean loss would be that many times too large."""
+    student = perturbed_student()
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    with torch.no_grad():
+        out = student(ids, labels=labels)
+        summed = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        )
+        torch.testing.assert_close(out.loss, summed / (labels[:, 1:] != -100).sum())
+        torch.testing.assert_close(student(ids, labels=labels, num_items_in_batch=40).loss, summed / 40)
+
+
 @pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-hybrid", "rwkv7-hybrid-window"])
 def test_generate_matches_greedy_from_full_forward(variant):
     student = perturbed_student(**VARIANTS[variant])

@@ -274,11 +274,17 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
         logits = self.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
+            # Summed over num_items_in_batch where given (HF's Trainer passes it to models that take
+            # **kwargs, and then no longer divides by the gradient accumulation steps), else a mean.
+            num_items = kwargs.get("num_items_in_batch")
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(),
                 labels[:, 1:].flatten().to(logits.device),
                 ignore_index=-100,
+                reduction="mean" if num_items is None else "sum",
             )
+            if num_items is not None:
+                loss = loss / torch.as_tensor(num_items, device=loss.device)
         return RadladsCausalLMOutput(
             loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states
         )
