@@ -63,6 +63,29 @@ def test_loss_is_the_shifted_cross_entropy_and_honours_num_items_in_batch():
         torch.testing.assert_close(student(ids, labels=labels, num_items_in_batch=40).loss, summed / 40)
 
 
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv7-hybrid"])
+def test_hidden_states_are_the_embeddings_and_layer_outputs_the_last_normed_as_transformers_has_them(
+    variant,
+):
+    student = perturbed_student(**VARIANTS[variant])
+    ids = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = student(ids, output_hidden_states=True)
+        plain = student(ids)
+        hidden = student.model.embed_tokens(ids)
+        position_embeddings = student.model.rotary_emb(hidden, torch.arange(9)[None])
+        layer_outputs, v_first = [], None
+        for layer in student.model.layers:
+            hidden, v_first, _ = layer(hidden, position_embeddings, None, v_first)
+            layer_outputs.append(hidden)
+    assert len(out.hidden_states) == student.config.num_hidden_layers + 1
+    for got, want in zip(out.hidden_states[1:-1], layer_outputs[:-1]):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(out.hidden_states[-1], student.model.norm(layer_outputs[-1]))
+    torch.testing.assert_close(out.logits, plain.logits)
+    torch.testing.assert_close(student.lm_head(out.hidden_states[-1]), plain.logits)
+
+
 @pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-hybrid", "rwkv7-hybrid-window"])
 def test_generate_matches_greedy_from_full_forward(variant):
     student = perturbed_student(**VARIANTS[variant])
