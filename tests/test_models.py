@@ -86,6 +86,19 @@ def test_hidden_states_are_the_embeddings_and_layer_outputs_the_last_normed_as_t
     torch.testing.assert_close(student.lm_head(out.hidden_states[-1]), plain.logits)
 
 
+def test_return_dict_false_gives_a_tuple_as_transformers_models_do():
+    student = perturbed_student()
+    ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = student(ids, labels=ids, use_cache=True)
+        got = student(ids, labels=ids, use_cache=True, return_dict=False)
+    assert isinstance(got, tuple) and len(got) == 3
+    loss, logits, cache = got
+    torch.testing.assert_close(loss, want.loss)
+    torch.testing.assert_close(logits, want.logits)
+    assert isinstance(cache, RadladsCache) and cache.seen_tokens == 6
+
+
 @pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-hybrid", "rwkv7-hybrid-window"])
 def test_generate_matches_greedy_from_full_forward(variant):
     student = perturbed_student(**VARIANTS[variant])

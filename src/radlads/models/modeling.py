@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from . import prefill
 from .attention import SoftmaxAttention
@@ -250,6 +251,7 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
             self.lm_head.weight = nn.Parameter(self.model.embed_tokens.weight.detach().clone())
             self.config.tie_word_embeddings = False
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Tensor | None = None,
