@@ -99,6 +99,31 @@ def test_return_dict_false_gives_a_tuple_as_transformers_models_do():
     assert isinstance(cache, RadladsCache) and cache.seen_tokens == 6
 
 
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv7-hybrid"])
+def test_generate_passes_logits_to_keep_and_output_hidden_states_to_forward(variant):
+    """generate() asks for the prompt's last logits only (logits_to_keep=1), and for each step's
+    hidden states where output_hidden_states: a student computed a prompt's full [B, T, V] logits
+    and returned None for every step's hidden states."""
+    student = perturbed_student(**VARIANTS[variant])
+    prompt = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(2))
+    shapes = []
+    student.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    out = student.generate(
+        prompt,
+        max_new_tokens=3,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_hidden_states=True,
+        output_logits=True,
+    )
+    assert shapes == [(1, 1, 320)] * 3
+    assert [len(h) for h in out.hidden_states] == [student.config.num_hidden_layers + 1] * 3
+    assert [h[-1].shape[1] for h in out.hidden_states] == [30, 1, 1]
+    for step, hidden in enumerate(out.hidden_states):
+        torch.testing.assert_close(student.lm_head(hidden[-1][:, -1]), out.logits[step])
+    assert torch.equal(out.sequences, student.generate(prompt, max_new_tokens=3, do_sample=False))
+
+
 @pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "rwkv7-hybrid", "rwkv7-hybrid-window"])
 def test_generate_matches_greedy_from_full_forward(variant):
     student = perturbed_student(**VARIANTS[variant])

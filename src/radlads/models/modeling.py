@@ -330,6 +330,11 @@ class RadladsForCausalLM(RadladsPreTrainedModel, GenerationMixin):
             T = inputs["input_ids"].shape[1]
         if attention_mask is not None:
             inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        # The rest go to forward, as transformers' own prepare_inputs_for_generation sends them:
+        # generate's logits_to_keep=1 (a prompt's logits at its last position only), output_hidden_states.
+        for key, value in kwargs.items():
+            if key not in ("labels", "next_sequence_length", "is_first_iteration", "position_ids"):
+                inputs.setdefault(key, value)
         return inputs
 
     def _update_model_kwargs_for_generation(
