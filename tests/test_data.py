@@ -29,7 +29,7 @@ from radlads.data import (
     prepare_shards,
 )
 from radlads.data.shards import token_dtype
-from radlads.data.text import SPLIT_DOCUMENT_CHARS, WHOLE_FILE_MAX_CHARS, Deduplicator
+from radlads.data.text import SPLIT_DOCUMENT_CHARS, WHOLE_FILE_MAX_CHARS, Deduplicator, list_input_files
 from tokenizer_fixture import make_tiny_tokenizer, make_wordlevel_tokenizer
 
 DOCS = [f"Document number {i}: the cat sat on mat {i * 7}.\nSecond line {i}." for i in range(60)]
@@ -123,6 +123,22 @@ def test_unknown_types_warned_and_empty_input_explained(tmp_path: Path) -> None:
         ValueError, match=r"1 file\(s\) of unknown type\); accepted file types: \.txt, \.jsonl"
     ):
         list(iter_documents(tmp_path))
+
+
+def test_symlinked_folders_are_read_once(tmp_path: Path) -> None:
+    """A corpus folder that links to data kept elsewhere: the linked files are read (rglob skipped
+    them silently), and a link back to a folder already read is not followed again."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "linked.txt").write_text("linked document")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "own.txt").write_text("own document")
+    (corpus / "data").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(corpus, target_is_directory=True)
+    files = list_input_files(corpus)
+    assert [p.relative_to(corpus).as_posix() for p in files] == ["data/linked.txt", "own.txt"]
+    assert list(iter_documents(corpus)) == ["linked document", "own document"]
 
 
 def test_large_txt_is_split_on_blank_lines(tmp_path: Path) -> None:

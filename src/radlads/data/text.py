@@ -41,7 +41,7 @@ def scan_input_files(path: StrPath) -> InputFiles:
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"data source {root} does not exist")
-    candidates = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    candidates = sorted(p for p in walk_files(root) if p.is_file()) if root.is_dir() else [root]
     files = InputFiles(
         accepted=[p for p in candidates if accepted_suffix(p)],
         skipped=[p for p in candidates if not accepted_suffix(p)],
@@ -52,6 +52,19 @@ def scan_input_files(path: StrPath) -> InputFiles:
             f"no input files in {root}{skipped}; accepted file types: {', '.join(ACCEPTED_SUFFIXES)}"
         )
     return files
+
+
+def walk_files(root: Path) -> Iterator[Path]:
+    """Every file under `root`, through symlinked folders too (a corpus folder often links to
+    datasets kept elsewhere; Path.rglob would skip them without a word), each folder once."""
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back to a folder already read: a cycle, or the same data twice
+            subfolders.clear()
+            continue
+        seen.add(real)
+        yield from (Path(folder) / name for name in names)
 
 
 def list_input_files(path: StrPath) -> list[Path]:
