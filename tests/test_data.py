@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import re
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,22 @@ def test_jsonl_without_text_names_file_and_line(tmp_path: Path) -> None:
     path.write_text('{"text": "ok"}\n\n{"content": "no text here"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: record has no 'text' field"):
         list(iter_documents(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("cut.jsonl.gz", gzip.compress(b'{"text": "a document"}\n' * 5000)[:200]),
+        ("cut.txt.xz", lzma.compress(b"some text\n" * 5000)[:100]),
+        ("plain.txt.gz", b"not compressed at all"),
+        ("plain.jsonl.xz", b"not compressed at all"),
+    ],
+)
+def test_damaged_compressed_file_is_named(tmp_path: Path, name: str, content: bytes) -> None:
+    """A download cut short raised a bare EOFError or LZMAError (a traceback from `radlads`)."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(name) + ": cannot decompress it .*again"):
+        list(iter_documents(tmp_path))
 
 
 def test_duplicates_removed_across_files_and_sources(tmp_path: Path, tiny_tok: Path) -> None:

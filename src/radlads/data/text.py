@@ -9,6 +9,7 @@ import json
 import lzma
 import os
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -96,6 +97,13 @@ def read_documents(path: Path) -> Iterator[str]:
             yield from reader(f, path)
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+        except (EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error) as e:
+            # A download cut short, or a file named .gz/.xz that is not: Python names neither the file
+            # nor the cause (a cut .gz raises EOFError, which `radlads` would show as a traceback).
+            raise ValueError(
+                f"{path}: cannot decompress it ({e}): the file is cut short, damaged or not "
+                f"{path.suffix[1:]}-compressed; download or compress it again"
+            ) from e
 
 
 def read_jsonl(f: TextIO, path: Path) -> Iterator[str]:
