@@ -95,6 +95,15 @@ def test_jsonl_without_text_names_file_and_line(tmp_path: Path) -> None:
         list(iter_documents(path))
 
 
+@pytest.mark.parametrize("name", ["latin1.jsonl", "latin1.jsonl.gz", "latin1.txt"])
+def test_invalid_utf8_names_its_byte_and_line(tmp_path: Path, name: str) -> None:
+    """The byte named was counted from the decoder's chunk: 749 for a bad byte at 140013."""
+    data = b'{"text": "x"}\n' * 10_000 + b'{"text": "caf\xe9"}\n'
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with pytest.raises(ValueError, match=r"not valid UTF-8 \(.* at byte 140013, line 10001\); convert"):
+        list(iter_documents(tmp_path))
+
+
 @pytest.mark.parametrize(
     ("name", "content"),
     [

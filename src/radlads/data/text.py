@@ -96,7 +96,12 @@ def read_documents(path: Path) -> Iterator[str]:
         try:
             yield from reader(f, path)
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+            # e.start counts from the chunk being decoded, not from the start of the file.
+            offset, line = first_invalid_utf8(path)
+            raise ValueError(
+                f"{path}: not valid UTF-8 ({e.reason} at byte {offset}, line {line}); convert it to "
+                "UTF-8 (e.g. `iconv -f LATIN1 -t UTF-8`) or remove it"
+            ) from e
         except (EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error) as e:
             # A download cut short, or a file named .gz/.xz that is not: Python names neither the file
             # nor the cause (a cut .gz raises EOFError, which `radlads` would show as a traceback).
@@ -104,6 +109,22 @@ def read_documents(path: Path) -> Iterator[str]:
                 f"{path}: cannot decompress it ({e}): the file is cut short, damaged or not "
                 f"{path.suffix[1:]}-compressed; download or compress it again"
             ) from e
+
+
+def first_invalid_utf8(path: Path) -> tuple[int, int]:
+    """(byte offset, line number) of the first byte of `path`, decompressed, that is not UTF-8."""
+    name = path.name.lower()
+    opener = gzip.open if name.endswith(".gz") else lzma.open if name.endswith(".xz") else open
+    offset = lineno = 0
+    with opener(path, "rb") as f:
+        # A newline byte is never part of a multi-byte character, so lines decode on their own.
+        for lineno, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return offset + e.start, lineno
+            offset += len(line)
+    return offset, lineno
 
 
 def read_jsonl(f: TextIO, path: Path) -> Iterator[str]:
