@@ -90,8 +90,17 @@ def test_compressed_and_plain_inputs_read_the_same(tmp_path: Path) -> None:
 
 def test_jsonl_without_text_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "ok"}\n\n{"content": "no text here"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: record has no 'text' field"):
+    path.write_text('{"text": "ok"}\n\n{"content": "no text here", "id": 3}\n')
+    with pytest.raises(
+        ValueError,
+        match=r"bad\.jsonl, line 3: record has no 'text' field \(its fields: 'content', 'id'\); "
+        r"radlads reads each line's document from 'text': rename the field",
+    ):
+        list(iter_documents(path))
+    path.write_text('["a list"]\n')
+    with pytest.raises(
+        ValueError, match=r"line 1: record has no 'text' field \(a JSON list, not an object\)"
+    ):
         list(iter_documents(path))
 
 

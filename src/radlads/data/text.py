@@ -136,7 +136,15 @@ def read_jsonl(f: TextIO, path: Path) -> Iterator[str]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from e
         if not isinstance(record, dict) or "text" not in record:
-            raise ValueError(f"{path}, line {lineno}: record has no 'text' field")
+            found = (
+                f"its fields: {', '.join(map(repr, list(record)[:10]))}"
+                if isinstance(record, dict)
+                else f"a JSON {type(record).__name__}, not an object"
+            )
+            raise ValueError(
+                f"{path}, line {lineno}: record has no 'text' field ({found}); radlads reads each "
+                "line's document from 'text': rename the field holding it"
+            )
         text = record["text"]
         if not isinstance(text, str):
             raise ValueError(f"{path}, line {lineno}: 'text' is a {type(text).__name__}, not a string")
