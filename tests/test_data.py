@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import re
@@ -366,6 +368,30 @@ def test_crash_while_tokenizing_keeps_previous_shards(
         prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "out", progress=False)
     survived = ShardIndex.load(tmp_path / "out")
     assert survived == previous and read_split(survived, "train").tolist() == train_before
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_full_disk_while_tokenizing_names_the_folder_and_cleans_up(
+    tmp_path: Path, tiny_tok: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC came out as a bare `[Errno 28] No space left on device`, and the close in cleanup
+    failed the same way, leaving the temp files to fill the disk."""
+    write_jsonl(tmp_path / "src" / "docs.jsonl", DOCS[:5])
+    previous = prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "out", progress=False)
+    write_jsonl(tmp_path / "src" / "docs.jsonl", DOCS * 40)  # changed sources force a rebuild
+
+    class FullDisk(io.FileIO):
+        def write(self, data: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(
+        shards_module, "open", lambda path, mode: io.BufferedWriter(FullDisk(path, mode)), raising=False
+    )
+    with pytest.raises(
+        OSError, match=r"could not write the token shards in .*out \(No space left on device\).*free space"
+    ):
+        prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "out", progress=False)
+    assert ShardIndex.load(tmp_path / "out") == previous
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
 
 

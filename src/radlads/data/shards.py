@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -190,16 +191,36 @@ class SplitWriter:
         self.files: dict[str, BinaryIO] = {}
 
     def __enter__(self) -> SplitWriter:
-        self.files = {split: open(path, "wb") for split, path in self.temp_paths.items()}
+        with self.writing():
+            self.files = {split: open(path, "wb") for split, path in self.temp_paths.items()}
         return self
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """A full disk or a quota: say where, and that the previous shards still stand (a bare
+        `[Errno 28] No space left on device` named neither the folder nor what to do)."""
+        try:
+            yield
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"could not write the token shards in {self.index.directory} ({e.strerror or e}); "
+                "the shards there before, if any, are intact: free space (or choose another "
+                "folder) and run again",
+            ) from e
 
     def write(self, routed: Iterable[tuple[str, np.ndarray]]) -> None:
         for split, tokens in routed:
-            self.files[split].write(tokens.astype(self.dtype, copy=False).tobytes())
+            with self.writing():
+                self.files[split].write(tokens.astype(self.dtype, copy=False).tobytes())
             self.index.splits[split].documents += 1
             self.index.splits[split].tokens += len(tokens)
 
     def commit(self) -> None:
+        with self.writing():
+            self._commit()
+
+    def _commit(self) -> None:
         for f in self.files.values():
             f.flush()
             os.fsync(f.fileno())  # on disk before the index says they are complete
@@ -215,7 +236,10 @@ class SplitWriter:
 
     def __exit__(self, *exc: object) -> None:
         for f in self.files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:  # a full disk fails the flush again: still delete the temp files
+                pass
         for path in self.temp_paths.values():
             path.unlink(missing_ok=True)
 
