@@ -552,3 +552,17 @@ def test_heldout_windows_are_never_repeated(shard_dir: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(plain, asked, strict=True))
     with pytest.raises(ValueError, match="repeat_fraction must be in"):
         PackedLoader(shard_dir / "out", 10, 2, repeat_fraction=1.5)
+
+
+def test_prepare_data_help_names_real_sources() -> None:
+    """The help's example named a source 'python', which prepare-data refused as unknown."""
+    import argparse
+    import re as re_module
+
+    from radlads.cli.main import build_parser
+    from radlads.data.sources import SOURCES
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    source = next(a for a in sub.choices["prepare-data"]._actions if a.dest == "source")
+    examples = re_module.search(r"e\.g\. ([\w\- ]+)\)", source.help).group(1).split()
+    assert examples and all(name in SOURCES for name in examples)

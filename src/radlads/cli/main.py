@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         help="corpus sources to fetch from Debian packages "
-        "(radlads.data.sources.SOURCES, e.g. gcide wordnet python fortunes), built into OUT/text",
+        "(radlads.data.sources.SOURCES, e.g. gcide wordnet python-docs fortunes), built into OUT/text",
     )
     p.add_argument("--out", required=True, type=Path, help="shard folder to write")
     p.add_argument("--held-out-fraction", type=float, default=0.01)
