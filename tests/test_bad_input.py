@@ -185,6 +185,14 @@ def test_out_that_holds_the_teacher_or_another_model(inputs, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before
 
 
+def test_out_inside_the_text_folder_it_reads(inputs, capsys):
+    """The run's logs there would be read as corpus by the next run (and re-tokenize it each time)."""
+    corpus = inputs[1]
+    before = sorted(p.name for p in corpus.rglob("*"))
+    refused(capsys, convert(inputs[0], corpus, corpus / "run"), "lies inside the text folder --data")
+    assert sorted(p.name for p in corpus.rglob("*")) == before
+
+
 @pytest.mark.parametrize(
     "text,expected",
     [

@@ -293,6 +293,13 @@ class Conversion:
         teacher = Path(self.cfg.teacher)
         if teacher.is_dir() and teacher.resolve() == self.out.resolve():
             raise ValueError(f"--out {self.out} is the teacher's folder: name another folder for the student")
+        data = Path(self.cfg.data) if self.cfg.data else None
+        if data and data.is_dir() and not (data / "index.json").is_file():  # a text folder
+            if self.out.resolve().is_relative_to(data.resolve()):
+                raise ValueError(
+                    f"--out {self.out} lies inside the text folder --data {data}: its logs would be read "
+                    "as corpus next time; name a folder outside it"
+                )
         if not (self.out / "config.yaml").is_file() and any(self.out.glob("model*.safetensors")):
             raise ValueError(
                 f"--out {self.out} holds model weights that no radlads run wrote there (it has no "
