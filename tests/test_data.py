@@ -178,6 +178,20 @@ def test_symlinked_folders_are_read_once(tmp_path: Path) -> None:
     assert list(iter_documents(corpus)) == ["linked document", "own document"]
 
 
+def test_hidden_files_are_left_out_and_broken_links_named(tmp_path: Path) -> None:
+    """Tools' own files are not corpus: macOS's "._x.txt" twins (not UTF-8: they failed the
+    run), notebook checkpoints (the same text twice); a link to nothing is named, not dropped."""
+    (tmp_path / "a.txt").write_text("the document")
+    (tmp_path / "._a.txt").write_bytes(b"\x00\x05\x16\x07\xff")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a.txt").write_text("the document")
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    with pytest.warns(UserWarning, match=r"skipping 1 link\(s\) to nothing: .*gone\.txt"):
+        files = list_input_files(tmp_path)
+        documents = list(iter_documents(tmp_path))
+    assert [p.name for p in files] == ["a.txt"] and documents == ["the document"]
+
+
 def test_large_txt_is_split_on_blank_lines(tmp_path: Path) -> None:
     paragraphs = [f"Paragraph {i}. " + "word " * 200 + "\n" for i in range(1200)]
     text = "\n".join(paragraphs)

@@ -34,7 +34,8 @@ def accepted_suffix(path: Path) -> str | None:
 @dataclass(frozen=True)
 class InputFiles:
     accepted: list[Path]
-    skipped: list[Path]
+    skipped: list[Path]  # of unknown type
+    broken: list[Path]  # links to nothing
 
 
 def scan_input_files(path: StrPath) -> InputFiles:
@@ -42,10 +43,12 @@ def scan_input_files(path: StrPath) -> InputFiles:
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"data source {root} does not exist")
-    candidates = sorted(p for p in walk_files(root) if p.is_file()) if root.is_dir() else [root]
+    found = sorted(walk_files(root)) if root.is_dir() else [root]
+    candidates = [p for p in found if p.is_file()]
     files = InputFiles(
         accepted=[p for p in candidates if accepted_suffix(p)],
         skipped=[p for p in candidates if not accepted_suffix(p)],
+        broken=[p for p in found if p.is_symlink() and not p.exists()],
     )
     if not files.accepted:
         skipped = f" ({len(files.skipped)} file(s) of unknown type)" if files.skipped else ""
@@ -57,7 +60,9 @@ def scan_input_files(path: StrPath) -> InputFiles:
 
 def walk_files(root: Path) -> Iterator[Path]:
     """Every file under `root`, through symlinked folders too (a corpus folder often links to
-    datasets kept elsewhere; Path.rglob would skip them without a word), each folder once."""
+    datasets kept elsewhere; Path.rglob would skip them without a word), each folder once. Hidden
+    files and folders (".name") are left out: they are tools' own (macOS's "._x.txt" twins of
+    every file, .ipynb_checkpoints copies, .git), not the corpus."""
     seen: set[str] = set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -65,16 +70,17 @@ def walk_files(root: Path) -> Iterator[Path]:
             subfolders.clear()
             continue
         seen.add(real)
-        yield from (Path(folder) / name for name in names)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        yield from (Path(folder) / name for name in names if not name.startswith("."))
 
 
 def list_input_files(path: StrPath) -> list[Path]:
-    """Accepted files under `path`, warning about the ones of unknown type."""
+    """Accepted files under `path`, warning about the ones of unknown type and broken links."""
     files = scan_input_files(path)
-    if files.skipped:
-        shown = files.skipped[:20]
-        listed = ", ".join(str(p) for p in shown) + (" ..." if len(files.skipped) > len(shown) else "")
-        warnings.warn(f"skipping {len(files.skipped)} file(s) of unknown type: {listed}", stacklevel=2)
+    for paths, what in ((files.skipped, "file(s) of unknown type"), (files.broken, "link(s) to nothing")):
+        if paths:
+            listed = ", ".join(str(p) for p in paths[:20]) + (" ..." if len(paths) > 20 else "")
+            warnings.warn(f"skipping {len(paths)} {what}: {listed}", stacklevel=2)
     return files.accepted
 
 
