@@ -252,6 +252,23 @@ def test_dtype_follows_vocab_size(tmp_path: Path, tiny_tok: Path) -> None:
     assert small.dtype == "uint16"
 
 
+def test_an_empty_held_out_split_says_why_and_what_to_do(tmp_path: Path, tiny_tok: Path, caplog) -> None:
+    """One book as one .txt is one document, held out whole or not at all: mostly not, and the
+    run then has no held-out loss; the loader's message used to say 'add text'."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "book.txt").write_text("\n\n".join(f"Paragraph {i} of the book." for i in range(400)))
+    with caplog.at_level("WARNING", logger="radlads"):
+        index = prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "a", seed=2, progress=False)
+    assert index.splits["heldout"].tokens == 0
+    assert "held-out split is empty: none of the corpus's 1 document(s)" in caplog.text
+    with pytest.raises(ValueError, match="give more, smaller documents"):
+        PackedLoader(tmp_path / "a", 8, 1, split="heldout")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="radlads"):  # none asked for: nothing to say
+        prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "b", held_out_fraction=0.0, progress=False)
+    assert "held-out split is empty" not in caplog.text
+
+
 def test_held_out_is_disjoint_from_train_and_seeded(tmp_path: Path, tiny_tok: Path) -> None:
     write_jsonl(tmp_path / "src" / "docs.jsonl", DOCS)
     index = prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "a", held_out_fraction=0.3, progress=False)

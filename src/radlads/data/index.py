@@ -70,6 +70,27 @@ class ShardIndex:
     # Where the index was loaded from or written to; not stored in index.json.
     directory: Path | None = field(default=None, compare=False, repr=False)
 
+    def empty_heldout(self) -> str | None:
+        """Why the held-out split is empty and what to do, or None if it is not: documents are held
+        out whole, so a corpus of few large ones often holds none out."""
+        chosen = self.settings.held_out_tokens
+        if (
+            self.splits["heldout"].tokens
+            or (self.settings.held_out_fraction if chosen is None else chosen) == 0
+        ):
+            return None  # not empty, or asked to be
+        share = (
+            f"{self.settings.held_out_tokens} tokens of whole documents"
+            if self.settings.held_out_tokens is not None
+            else f"each with probability {self.settings.held_out_fraction:g}, by a hash of its text"
+        )
+        return (
+            f"the held-out split is empty: none of the corpus's {self.splits['train'].documents} "
+            f"document(s) went to it ({share}), so no held-out loss can be scored; give more, smaller "
+            "documents (one per JSONL line or .txt file; a .txt of up to 1M characters is one "
+            "document) or a larger --held-out-fraction"
+        )
+
     def split_path(self, split: str) -> Path:
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; this shard has {sorted(self.splits)}")
