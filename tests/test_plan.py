@@ -171,3 +171,14 @@ def test_plan_takes_this_machines_gpu_memory_unless_told(tmp_path, capsys, monke
     assert "On one GPU of 150.8 GB" in out and "Recommended: 1 GPU(s) of 150.8 GB" in out
     assert main(["plan", "--teacher", str(folder), "--gpu-memory-gb", "24"]) == 0
     assert "On one GPU of 24 GB" in capsys.readouterr().out
+
+
+def test_one_gpu_table_accumulates_to_the_global_batch_as_convert_does(tmp_path, capsys):
+    """--batch-size with --global-batch-size: convert accumulates the rest, and so does the table."""
+    folder = make_teacher_folder(tmp_path)
+    argv = ["plan", "--teacher", str(folder), "--gpu-memory-gb", "80", "--batch-size", "4"]
+    assert main(argv + ["--global-batch-size", "16"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2 and all("| 4 x 512 x 4 |" in row for row in rows)
+    assert main(argv + ["--global-batch-size", "10"]) == 2
+    assert "make it a multiple" in capsys.readouterr().err

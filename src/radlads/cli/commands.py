@@ -238,6 +238,14 @@ def _convert_steps(args: argparse.Namespace, step3_seq_len: int) -> dict:
 
     preset = preset_steps("auto", load_config(args.teacher).to_dict())
     flags = dict(seq_len=args.seq_len, global_batch_size=args.global_batch_size, batch_size=args.batch_size)
+    if args.batch_size and args.global_batch_size:  # as convert: accumulation makes up the global batch
+        accum, rest = divmod(args.global_batch_size, args.batch_size)
+        if rest or not accum:
+            raise ValueError(
+                f"--global-batch-size {args.global_batch_size} is not --batch-size {args.batch_size} x a "
+                "whole number of accumulated micro-batches: make it a multiple"
+            )
+        flags["grad_accum"] = accum
     given = {1: flags, 2: flags, 3: dict(seq_len=step3_seq_len)}
     return {
         k: StepConfig(**{"tokens": 0, "lr": 0.0, **preset[k], **{f: v for f, v in given[k].items() if v}})
