@@ -182,3 +182,30 @@ def test_one_gpu_table_accumulates_to_the_global_batch_as_convert_does(tmp_path,
     assert len(rows) == 2 and all("| 4 x 512 x 4 |" in row for row in rows)
     assert main(argv + ["--global-batch-size", "10"]) == 2
     assert "make it a multiple" in capsys.readouterr().err
+
+
+def test_mixer_activations_scale_with_heads_times_head_dim_not_the_hidden_size(tmp_path):
+    """Qwen3 sets head_dim apart from hidden / heads (0.6B: 16 x 128 over 1,024): a mixer's r, k, v,
+    gate, y... are heads x head_dim wide, so what backward keeps grows with that width, and so
+    must the plan's step-1 estimate (the teachers' captured inputs and outputs stay hidden-sized)."""
+
+    def per_layer(head_dim: int) -> tuple[float, float]:
+        teacher = make_teacher("qwen3", hidden_size=128, head_dim=head_dim, num_hidden_layers=2)
+        folder = tmp_path / str(head_dim)
+        teacher.config.save_pretrained(folder)
+        row = plan(folder, seq_len=256, batch_size=1).steps[0]
+        planned = (row.activation_bytes / 256 - 2 * 2 * 128 * 2) / 2  # per converted layer and token
+        mixer = transfer(teacher, "rad-rwkv7").train().model.layers[1].self_attn
+        x = torch.randn(1, 256, 128, requires_grad=True)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.nbytes) or t, lambda t: t):
+            mixer(
+                x,
+                (torch.ones(1, 256, head_dim), torch.zeros(1, 256, head_dim)),
+                v_first=torch.randn(1, 256, 4, head_dim),
+            )
+        return planned, sum(kept) / 256
+
+    (plan_32, kept_32), (plan_64, kept_64) = per_layer(32), per_layer(64)  # width 128, then 256
+    assert kept_64 / kept_32 > 1.7
+    assert plan_64 / plan_32 > 1.7

@@ -16,9 +16,11 @@ Model states (sharded: divided by the number of GPUs with FSDP2 / ZeRO-3):
 
 Activations (not sharded: every GPU runs its own micro-batch of `batch_size × seq_len` tokens):
 - bf16 autocast (2 bytes/element) except the decay (log w) and the chunked-kernel states, fp32;
-- a time mixer saves ~10 hidden-sized bf16 tensors per token for backward (x, r, k, v after GQA
-  expansion, κ, replacement k, a, value-residual mix, gate, y), plus log w (fp32) and the chunk
-  kernel's per-64-token states (head_dim/64 hidden-sized fp32 tensors per token);
+- a time mixer saves ~10 bf16 tensors per token for backward: its hidden-sized input x and 9 of
+  its width, heads × head_dim (r, k, v after GQA expansion, κ, replacement k, a, value-residual
+  mix, gate, y), plus log w (fp32) and the chunk kernel's per-64-token states (head_dim/64 fp32
+  tensors of its width per token); the width is the hidden size except where head_dim is set
+  apart from it (Qwen3-0.6B, 4B and 32B: 1.6-2x);
 - a teacher-family MLP saves its input and four intermediate-sized tensors (gate, up, act, product);
   norms and residual adds ~4 hidden-sized bf16 tensors;
 - step 1 keeps, for every layer, the captured teacher attention input and output (2 bf16
@@ -271,7 +273,8 @@ def build_meta_models(config: PretrainedConfig, arch: str = "rad-rwkv7", **stude
 def _layer_tokens_bytes(cfg: PretrainedConfig, head_dim: int) -> tuple[float, float, float]:
     """Per-token activation bytes of (one time mixer, one MLP + norms, one layer input)."""
     c, i = cfg.hidden_size, cfg.intermediate_size
-    mixer = MIXER_BF16_TENSORS * c * BF16 + (1 + head_dim / 64) * c * FP32
+    d = cfg.num_attention_heads * head_dim  # the mixer's width: not the hidden size in Qwen3's 0.6B, 4B, 32B
+    mixer = (c + (MIXER_BF16_TENSORS - 1) * d) * BF16 + (1 + head_dim / 64) * d * FP32
     mlp = (c + MLP_BF16_INTERMEDIATES * i) * BF16 + NORM_RESIDUAL_TENSORS * c * BF16
     return mixer, mlp, c * BF16
 
