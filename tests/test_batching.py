@@ -179,3 +179,17 @@ def test_presets_by_teacher_size_from_the_library():
     assert (short[2]["seq_len"], short[3]["seq_len"]) == (1024, 1024)
     with pytest.raises(ValueError, match="unknown preset 'tiny'; choose one of auto, cpu-smoke"):
         preset_steps("tiny", smol)
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_not_changed_silently(caplog):
+    step3 = dataclasses.replace(ConvertConfig().step3, global_batch_size=4)
+    with caplog.at_level("WARNING", logger="radlads"):
+        sized, _ = batching.size_step(step3, 3, torch.device("cpu"), 8, "unused", "rad-rwkv7")
+    assert sized.batch_size * sized.grad_accum * 8 == 8  # one sequence per process at least
+    assert "global batch of 4 sequences does not split over 8 processes; each update takes 8" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="radlads"):
+        batching.size_step(
+            dataclasses.replace(step3, global_batch_size=16), 3, torch.device("cpu"), 8, "", ""
+        )
+    assert "does not split" not in caplog.text

@@ -247,5 +247,13 @@ def size_step(
         choice = choose(cfg.global_batch_size, world_size, None, None, cfg.optimizer)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         log.info(choice.describe(step, cfg, world_size))
+        asked = cfg.global_batch_size if cfg.batch_size is None else None
+        if asked is not None and asked % world_size:  # every process takes as many sequences
+            log.warning(
+                f"step {step}: a global batch of {asked} sequences does not split over {world_size} "
+                f"processes; each update takes {choice.micro_batch * choice.grad_accum * world_size}. "
+                f"To keep {asked}, give a multiple of {world_size} (--global-batch-size for steps 1-2, "
+                f"step{step}: {{global_batch_size: N}} in --config) or a process count that divides it"
+            )
     sized = dict(batch_size=choice.micro_batch, grad_accum=choice.grad_accum, optimizer=choice.optimizer)
     return dataclasses.replace(cfg, **sized), choice
