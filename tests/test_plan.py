@@ -209,3 +209,12 @@ def test_mixer_activations_scale_with_heads_times_head_dim_not_the_hidden_size(t
     (plan_32, kept_32), (plan_64, kept_64) = per_layer(32), per_layer(64)  # width 128, then 256
     assert kept_64 / kept_32 > 1.7
     assert plan_64 / plan_32 > 1.7
+
+
+@pytest.mark.parametrize("n", [0, 3, 9])
+def test_plan_checks_auto_n_as_convert_does(tmp_path, capsys, n):
+    """auto:N keeps 1 to layers - 1 softmax layers (convert's check); plan said nothing of auto:0 and
+    named layers the user never gave for auto:9."""
+    make_teacher("qwen2").config.save_pretrained(tmp_path)  # 3 layers
+    assert main(["plan", "--teacher", str(tmp_path), "--softmax-layers", f"auto:{n}"]) == 2
+    assert f"auto:{n} must keep between 1 and 2 of the teacher's 3 layers" in capsys.readouterr().err

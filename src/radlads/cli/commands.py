@@ -206,9 +206,13 @@ def plan(args: argparse.Namespace) -> int:
     if args.gpu_memory_gb is None:
         args.gpu_memory_gb = round(_local_gpu_memory_gb(), 1)
     n = auto_count(args.softmax_layers)
+    if n is not None:  # any N layers (memory does not depend on which), checked as convert checks N
+        from ..convert.layer_choice import strongest
+        from ..convert.plan import load_config
+
+        auto = tuple(strongest([0.0] * load_config(args.teacher).num_hidden_layers, n))
     options = dict(
-        # for auto:N, any N layers: memory does not depend on which ones keep softmax attention
-        softmax_layers=tuple(range(n)) if n is not None else tuple(args.softmax_layers),
+        softmax_layers=auto if n is not None else tuple(args.softmax_layers),
         softmax_window=args.softmax_window,
         softmax_sinks=args.softmax_sinks,
         keep_kernel_intermediates=args.keep_kernel_intermediates,
