@@ -193,3 +193,17 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_not_changed_si
             dataclasses.replace(step3, global_batch_size=16), 3, torch.device("cpu"), 8, "", ""
         )
     assert "does not split" not in caplog.text
+
+
+@pytest.mark.parametrize("field", ["global_batch_size", "batch_size", "grad_accum", "seq_len"])
+def test_batch_sizes_of_zero_or_less_are_refused_before_a_run(field):
+    """A global batch of 0 failed at step 1 with a bare StopIteration (CPU) or a claim that one
+    sequence does not fit (GPU); negative ones ran `plan` to negative memory."""
+    with pytest.raises(ValueError, match=f"{field} 0 is not a count: give 1 or more"):
+        dataclasses.replace(ConvertConfig().step1, **{field: 0})
+    if field == "grad_accum":  # not a flag of plan's
+        return
+    from radlads.cli.main import main
+
+    with pytest.raises(SystemExit):  # plan's flags: argparse's error
+        main(["plan", "--teacher", "unused", f"--{field.replace('_', '-')}", "-4"])

@@ -225,24 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seq-len",
-        type=int,
+        type=count,
         help="sequence length of steps 1 and 2 (default: convert's for this teacher in the one-GPU "
         "table, 512 in the table of GPU counts)",
     )
     p.add_argument(
         "--step3-seq-len",
-        type=int,
+        type=count,
         help="default: the teacher's trained context, up to 16384, as convert runs it",
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=count,
         help="sequences per micro-batch (steps 1 and 2; default: the largest that fits one GPU, as "
         "convert chooses it, and 8 in the table of GPU counts)",
     )
     p.add_argument(
         "--global-batch-size",
-        type=int,
+        type=count,
         help="sequences per optimizer update (steps 1 and 2; default: convert's for this teacher)",
     )
     p.add_argument(

@@ -77,6 +77,12 @@ class StepConfig:
                 f"repeat_fraction {self.repeat_fraction} is not a fraction: give a value from 0 to 1 "
                 "(--stepK-repeat-fraction)"
             )
+        for name in ("seq_len", "global_batch_size", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(
+                    f"{name} {value} is not a count: give 1 or more (--{name.replace('_', '-')})"
+                )
         self.tokens = parse_tokens(self.tokens)
         self.warmup_tokens = parse_tokens(self.warmup_tokens)
         self.checkpoint_every = parse_tokens(self.checkpoint_every)
