@@ -114,6 +114,22 @@ def test_an_update_out_of_memory_runs_again_with_smaller_micro_batches():
         trainer.train_step(itertools.repeat(copy.copy(batch)), 1e-2)
 
 
+def test_an_optimizer_step_out_of_memory_is_not_run_again():
+    """The step may have updated some parameter groups before it ran out: running the update
+    again would apply theirs twice, and a smaller micro-batch would not shrink its memory."""
+    batch = torch.randint(0, 320, (8, 16), generator=torch.Generator().manual_seed(1))
+    trainer, steps = _trainer(micro_batch=4), []
+
+    def step_out_of_memory(*args, **kwargs):
+        steps.append(trainer.micro_batch)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    trainer.optimizer.step = step_out_of_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train_step(itertools.repeat(batch), 1e-2)
+    assert steps == [4] and trainer.micro_batch == 4
+
+
 def _config(argv):
     from radlads.cli.main import build_parser, config_from_args
 

@@ -246,18 +246,23 @@ class Trainer:
         reads it once the next update is queued). bench/training.py times this method as `run`
         calls it: keep `run`'s work in it.
 
-        An update that runs out of GPU memory is run again from the same batch with half the
-        micro-batch (one process only: under torchrun the other ranks would wait in a collective),
-        so nothing is lost but the time of the failed try."""
+        A forward or backward that runs out of GPU memory is run again from the same batch with
+        half the micro-batch (one process only: under torchrun the other ranks would wait in a
+        collective), so nothing is lost but the time of the failed try. The optimizer's step is not
+        retried: it may have updated some parameter groups before it ran out, and its memory does
+        not depend on the micro-batch."""
         batch = next(batches)
         while True:
             try:
-                return self._update(batch, lr)
+                total, finite = self._gradients(batch)
+                break
             except torch.OutOfMemoryError:
                 if self.micro_batch == 1 or self.dist.enabled:
                     raise
             # Out of the except block, so that the error's frames (and the tensors they hold) are gone.
             self._retry_smaller()
+        self._step(lr, finite)
+        return total
 
     def _retry_smaller(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -270,13 +275,9 @@ class Trainer:
             self.micro_batch,
         )
 
-    def _update(self, batch: Tensor, lr: float) -> Tensor:
-        for group in self.optimizer.param_groups:
-            group_lr = lr * group.get("lr_scale", 1.0)
-            if isinstance(group["lr"], Tensor):  # torchao's: a tensor, so its compiled update takes any LR
-                group["lr"].fill_(group_lr)
-            else:
-                group["lr"] = group_lr
+    def _gradients(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch's mean loss and whether it and the clipped gradients are finite, both on the
+        device, with the gradients accumulated in the parameters."""
         # Summed on the device and read once per update: a read per micro-batch would stall the
         # host until the GPU drains, leaving the GPU idle while the next micro-batch is launched.
         total = torch.zeros((), device=self.device)
@@ -291,6 +292,16 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
             # A finite loss can still come with an inf or NaN gradient (clip 0: unchecked).
             finite &= torch.isfinite(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        return total, finite
+
+    def _step(self, lr: float, finite: Tensor) -> None:
+        """The optimizer's update at `lr` (times each group's scale), skipped where not `finite`."""
+        for group in self.optimizer.param_groups:
+            group_lr = lr * group.get("lr_scale", 1.0)
+            if isinstance(group["lr"], Tensor):  # torchao's: a tensor, so its compiled update takes any LR
+                group["lr"].fill_(group_lr)
+            else:
+                group["lr"] = group_lr
         if self.optimizer.defaults.get("fused"):
             # The fused kernels skip a non-finite update on the device, so the loss is read after
             # the optimizer's kernels are queued: reading it first would leave the GPU idle while
@@ -300,7 +311,6 @@ class Trainer:
         elif finite.item():  # others (torchao's, the benchmark's baseline): a wait on the GPU per update
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
 
     def _log(self, record: dict) -> None:
         """Log on rank 0; on CUDA add every rank's peak memory in this step so far (a collective:
