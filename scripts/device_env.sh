@@ -13,8 +13,10 @@
 # tilelang (~50 MB, relayed), z3-solver, apache-tvm-ffi and torch-c-dlpack-ext; the host has nvcc.
 extra=$(ls .wheels-extra/*.whl /root/stash/*.whl 2> /dev/null || true)
 if [ ! -f /tmp/site/.installed ]; then
+  # a failed install is not marked done, and the caller stops (without fla, CUDA runs fall back to a slow kernel)
   # shellcheck disable=SC2086  # one word per wheel
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl $extra
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl $extra \
+    || { echo "device_env.sh: the wheels did not install (is .wheels carried?)" >&2; return 1; }
   touch /tmp/site/.installed
 fi
 export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}

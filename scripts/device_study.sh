@@ -37,7 +37,8 @@ if [ "${1:-}" = collect ]; then
 fi
 
 : "${STUDY:?one line of device_convert.sh knobs per run}"
-source scripts/device_env.sh  # once, before the runs add their autotuning results to the cache
+# once, before the runs add their autotuning results to the cache; "study done" ends `collect` early
+source scripts/device_env.sh || { echo "== $(date +%T) study done: no run started"; exit 1; }
 GPUS=${GPUS:-$(nvidia-smi -L 2> /dev/null | wc -l)}
 ((GPUS > 0)) || GPUS=1
 declare -A busy  # GPU index -> pid of the run on it
