@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Source on the remote GPU host (no network): installs the carried fla/gguf wheels (once per host,
-# so that runs started side by side do not install over each other) and puts the checkout's src/
-# on the path.  Usage: `source scripts/device_env.sh` (carry .wheels).
+# so that runs started side by side do not install over each other; again when a carried wheel is
+# new to the host, e.g. .wheels-extra sent after the first job) and puts the checkout's src/ on the
+# path.  Usage: `source scripts/device_env.sh` (carry .wheels).
 # Triton's and TorchInductor's caches live under /tmp/gpu-cache. `save_gpu_cache` packs Triton's
 # autotuning results (small JSON files; the compiled kernels, ~200 MB after a training benchmark,
 # are too big to bring back) into $OUT/gpu-cache.tgz. Copy that file to .gpu-cache/ here and send
@@ -12,12 +13,14 @@
 # scripts/relay.sh, for wheels over the host's file-size limit), e.g. fla's TileLang backend:
 # tilelang (~50 MB, relayed), z3-solver, apache-tvm-ffi and torch-c-dlpack-ext; the host has nvcc.
 extra=$(ls .wheels-extra/*.whl /root/stash/*.whl 2> /dev/null || true)
-if [ ! -f /tmp/site/.installed ]; then
+new=0  # a carried wheel that /tmp/site/.installed does not list
+for w in .wheels/*.whl $extra; do grep -qxF "${w##*/}" /tmp/site/.installed 2> /dev/null || new=1; done
+if ((new)); then
   # a failed install is not marked done, and the caller stops (without fla, CUDA runs fall back to a slow kernel)
   # shellcheck disable=SC2086  # one word per wheel
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl $extra \
     || { echo "device_env.sh: the wheels did not install (is .wheels carried?)" >&2; return 1; }
-  touch /tmp/site/.installed
+  for w in .wheels/*.whl $extra; do echo "${w##*/}"; done >> /tmp/site/.installed
 fi
 export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
