@@ -269,36 +269,6 @@ def test_an_empty_held_out_split_says_why_and_what_to_do(tmp_path: Path, tiny_to
     assert "held-out split is empty" not in caplog.text
 
 
-def test_documents_end_in_the_pretraining_end_of_text_not_a_chat_eos(tmp_path: Path, tiny_tok: Path) -> None:
-    """A chat tokenizer's EOS ends a turn (<|im_end|>); documents end in its <|endoftext|>, as in
-    pretraining. Shards made with the chat EOS are tokenized again, not reused."""
-    from tokenizers import Tokenizer, models
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from radlads.data.tokenizer import document_separator
-
-    chat = AutoTokenizer.from_pretrained(tiny_tok)
-    chat.add_special_tokens({"eos_token": "<|im_end|>"})
-    end_of_text = chat.convert_tokens_to_ids("<|endoftext|>")
-    assert document_separator(chat) == end_of_text != chat.eos_token_id
-    write_jsonl(tmp_path / "src" / "docs.jsonl", DOCS)
-    index = prepare_shards(tmp_path / "src", chat, tmp_path / "a", held_out_fraction=0.0, progress=False)
-    train = read_split(index, "train")
-    assert index.eos_id == end_of_text and (train == end_of_text).sum() == len(DOCS)
-    assert not (train == chat.eos_token_id).any()
-    # shards of an earlier radlads, documents ended by the chat EOS
-    record = json.loads((tmp_path / "a" / "index.json").read_text())
-    (tmp_path / "a" / "index.json").write_text(json.dumps({**record, "eos_id": chat.eos_token_id}))
-    again = prepare_shards(tmp_path / "src", chat, tmp_path / "a", held_out_fraction=0.0, progress=False)
-    assert again.eos_id == end_of_text
-
-    plain = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "</s>": 1, "<unk>": 2}, unk_token="<unk>")),
-        eos_token="</s>",
-    )
-    assert document_separator(plain) == 1  # no end-of-text token: its EOS
-
-
 def test_held_out_is_disjoint_from_train_and_seeded(tmp_path: Path, tiny_tok: Path) -> None:
     write_jsonl(tmp_path / "src" / "docs.jsonl", DOCS)
     index = prepare_shards(tmp_path / "src", tiny_tok, tmp_path / "a", held_out_fraction=0.3, progress=False)

@@ -27,7 +27,6 @@ from radlads.data.text import (
 )
 from radlads.data.tokenizer import (
     TokenizerLike,
-    document_separator,
     load_tokenizer,
     made_with,
     tokenizer_hash,
@@ -66,7 +65,7 @@ def prepare_shards(
     a valid index for the same tokenizer, sources and settings, it is returned untouched.
     """
     tok = load_tokenizer(tokenizer)
-    if append_eos and document_separator(tok) is None:
+    if append_eos and tok.eos_token_id is None:
         raise ValueError(f"tokenizer '{tok.name_or_path}' has no EOS token; pass append_eos=False")
     settings = PrepareSettings(held_out_fraction, held_out_tokens, append_eos, seed)
     source_infos = [describe_source(s) for s in normalise_sources(sources)]
@@ -84,7 +83,7 @@ def prepare_shards(
         tokenizer_hash=tokenizer_hash(tok),
         tokenizer_ids_hash=tokenizer_ids_hash(tok),
         vocab_size=vocab_size,
-        eos_id=document_separator(tok),  # what ends each document in the token files
+        eos_id=tok.eos_token_id,
         settings=settings,
         splits={split: SplitInfo(file=f"{split}.bin") for split in SPLITS},
         sources=source_infos,
@@ -137,7 +136,6 @@ def reusable_index(
         return None
     same = (
         index.settings == settings
-        and index.eos_id == (document_separator(tok) if settings.append_eos else index.eos_id)
         and [source_identity(s) for s in index.sources] == [source_identity(s) for s in sources]
         and made_with(index, tok)
     )
@@ -252,7 +250,7 @@ def tokenize_documents(
     texts: Iterator[str], tok: PreTrainedTokenizerBase, append_eos: bool
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(text, token ids) per document; batched because fast tokenizers encode batches in parallel."""
-    eos = [document_separator(tok)] if append_eos else []
+    eos = [tok.eos_token_id] if append_eos else []
     while batch := list(islice(texts, TOKENIZE_BATCH_DOCUMENTS)):
         # No BOS/special tokens: documents are separated by EOS in the packed stream.
         encoded = tok(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)

@@ -11,7 +11,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..data import PackedLoader, ShardIndex, check_tokenizer, iter_documents
-from ..data.tokenizer import document_separator
 from ..models.configuration import window_overrides
 from .copying import PREFIX, SPAN, evaluate_copying
 from .passkey import evaluate_passkey
@@ -105,7 +104,7 @@ def heldout_windows(source: str, tokenizer, settings: EvalSettings) -> Iterator[
         return
     tokens: list[int] = []
     for doc in iter_documents(path):
-        tokens += tokenizer(doc, add_special_tokens=False)["input_ids"] + [document_separator(tokenizer)]
+        tokens += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     usable = min(len(tokens) // settings.seq_len, settings.max_windows)
     if usable == 0:
         raise ValueError(f"{source} holds {len(tokens)} tokens: fewer than one window of {settings.seq_len}")
