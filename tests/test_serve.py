@@ -248,6 +248,12 @@ BAD = [
     ("two choices", {"model": "student", "prompt": "hi", "n": 2}, 400, None),
     ("five stop strings", {"model": "student", "prompt": "hi", "stop": list("abcde")}, 400, None),
     ("seed past 64 bits", {"model": "student", "prompt": "hi", "seed": 2**64}, 400, None),
+    (
+        "stream_options without stream",
+        {"model": "student", "prompt": "hi", "stream_options": {"include_usage": True}},
+        400,
+        None,
+    ),
     ("logprobs", {"model": "student", "prompt": "hi", "logprobs": 2}, 400, "unsupported_parameter"),
     ("echo", {"model": "student", "prompt": "hi", "echo": True}, 400, "unsupported_parameter"),
     ("best_of", {"model": "student", "prompt": "hi", "best_of": 3}, 400, "unsupported_parameter"),

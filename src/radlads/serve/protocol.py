@@ -43,11 +43,19 @@ class Sampling(BaseModel):
         """OpenAI's schema lets these be null, meaning their default (some clients send every field)."""
         return cls.model_fields[info.field_name].default if value is None else value
 
+    @field_validator("stream_options")
+    @classmethod
+    def only_when_streaming(cls, value, info: ValidationInfo):
+        """As OpenAI answers it: options of a stream on a request that does not stream are a mistake."""
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def include_usage(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(Sampling):
