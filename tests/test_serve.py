@@ -244,6 +244,8 @@ BAD = [
     ("max_tokens negative", {"model": "student", "prompt": "hi", "max_tokens": -3}, 400, None),
     ("max_tokens absurd", {"model": "student", "prompt": "hi", "max_tokens": 10**9}, 400, None),
     ("token out of vocab", {"model": "student", "prompt": [10**6]}, 400, None),
+    ("token ids as floats", {"model": "student", "prompt": [5.0, 6.0]}, 400, None),
+    ("token ids as booleans", {"model": "student", "prompt": [True]}, 400, None),
     ("empty prompt", {"model": "student", "prompt": ""}, 400, None),
     ("two choices", {"model": "student", "prompt": "hi", "n": 2}, 400, None),
     ("five stop strings", {"model": "student", "prompt": "hi", "stop": list("abcde")}, 400, None),

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, StrictInt, ValidationInfo, field_validator
 
 
 class APIError(Exception):
@@ -59,7 +59,7 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[StrictInt] | list[str]  # strict: 1.0 or true are not token ids
 
 
 class TextPart(BaseModel):
