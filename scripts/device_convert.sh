@@ -8,9 +8,10 @@
 # 10,20), SEQ_LEN and GLOBAL_BATCH (steps 1-2: --seq-len, --global-batch-size), EXTRA (more
 # convert flags, apart by spaces or joined by "+": --a=1+--b=2, for a STUDY line), PASSKEY
 # (lengths), COPY (copying-probe distances), WINDOWS (held-out windows of 2048). Tokenized shards
-# packed as $STASH/data.tar.xz (`tar cJf data.tar.xz data` where they were made, then relay.sh; 37 MB for the SmolLM2 corpus against 39 MB of text) are used
-# instead of tokenizing the corpus here, if they were made with this host's tokenizer (the same
-# transformers release as here: GGUF imports differ between releases); else the corpus is.
+# packed as $STASH/data.tar.xz (`tar cJf data.tar.xz data` where they were made, then relay.sh;
+# 37 MB for the SmolLM2 corpus against 39 MB of text) are used instead of tokenizing the corpus
+# here, if they were made with this host's tokenizer (the same transformers release as here: GGUF
+# imports differ between releases); else the corpus is.
 # With STEP3 > 0 the student after step 2 is evaluated too (step 3 on/off from one run).
 set -euo pipefail
 source scripts/device_env.sh

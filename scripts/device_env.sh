@@ -12,15 +12,15 @@
 # server's and torchao's) and /root/stash (relayed there by
 # scripts/relay.sh, for wheels over the host's file-size limit), e.g. fla's TileLang backend:
 # tilelang (~50 MB, relayed), z3-solver, apache-tvm-ffi and torch-c-dlpack-ext; the host has nvcc.
-extra=$(ls .wheels-extra/*.whl /root/stash/*.whl 2> /dev/null || true)
+# shellcheck disable=SC2206  # one word per wheel
+wheels=(.wheels/*.whl $(ls .wheels-extra/*.whl /root/stash/*.whl 2> /dev/null || true))
 new=0  # a carried wheel that /tmp/site/.installed does not list
-for w in .wheels/*.whl $extra; do grep -qxF "${w##*/}" /tmp/site/.installed 2> /dev/null || new=1; done
+for w in "${wheels[@]}"; do grep -qxF "${w##*/}" /tmp/site/.installed 2> /dev/null || new=1; done
 if ((new)); then
   # a failed install is not marked done, and the caller stops (without fla, CUDA runs fall back to a slow kernel)
-  # shellcheck disable=SC2086  # one word per wheel
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl $extra \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
     || { echo "device_env.sh: the wheels did not install (is .wheels carried?)" >&2; return 1; }
-  for w in .wheels/*.whl $extra; do echo "${w##*/}"; done >> /tmp/site/.installed
+  for w in "${wheels[@]}"; do echo "${w##*/}"; done >> /tmp/site/.installed
 fi
 export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1

@@ -73,16 +73,13 @@ class ShardIndex:
     def empty_heldout(self) -> str | None:
         """Why the held-out split is empty and what to do, or None if it is not: documents are held
         out whole, so a corpus of few large ones often holds none out."""
-        chosen = self.settings.held_out_tokens
-        if (
-            self.splits["heldout"].tokens
-            or (self.settings.held_out_fraction if chosen is None else chosen) == 0
-        ):
+        fraction, tokens = self.settings.held_out_fraction, self.settings.held_out_tokens
+        if self.splits["heldout"].tokens or (fraction if tokens is None else tokens) == 0:
             return None  # not empty, or asked to be
         share = (
-            f"{self.settings.held_out_tokens} tokens of whole documents"
-            if self.settings.held_out_tokens is not None
-            else f"each with probability {self.settings.held_out_fraction:g}, by a hash of its text"
+            f"each with probability {fraction:g}, by a hash of its text"
+            if tokens is None
+            else f"{tokens} tokens of whole documents"
         )
         return (
             f"the held-out split is empty: none of the corpus's {self.splits['train'].documents} "

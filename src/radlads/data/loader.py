@@ -56,8 +56,8 @@ class PackedLoader:
         self.repeat_fraction = repeat_fraction if self.shuffle else 0.0
         available = index.splits[split].tokens
         needed = seq_len if self.shuffle else seq_len * self.global_batch
-        if available < needed and not self.shuffle and index.empty_heldout():
-            raise ValueError(f"{shard_dir}: {index.empty_heldout()}")
+        if available < needed and not self.shuffle and (why := index.empty_heldout()):
+            raise ValueError(f"{shard_dir}: {why}")
         if available < needed:
             what = (
                 f"one window of seq_len={seq_len}"

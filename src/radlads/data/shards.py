@@ -90,8 +90,8 @@ def prepare_shards(
         directory=out,
     )
     write_shards(index, tok, progress)
-    if index.empty_heldout():
-        logger.warning(index.empty_heldout())
+    if why := index.empty_heldout():
+        logger.warning(why)
     return index
 
 

@@ -84,15 +84,16 @@ def list_input_files(path: StrPath) -> list[Path]:
     return files.accepted
 
 
+def opener(path: Path):
+    """open, or gzip.open / lzma.open for a compressed file, by its name."""
+    name = path.name.lower()
+    return gzip.open if name.endswith(".gz") else lzma.open if name.endswith(".xz") else open
+
+
 def open_text(path: Path) -> TextIO:
     """UTF-8 text, without the byte-order mark that some editors write first (it would break a
     JSONL file's first line and become part of a text file's first document)."""
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    if name.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
+    return opener(path)(path, "rt", encoding="utf-8-sig")
 
 
 def read_documents(path: Path) -> Iterator[str]:
@@ -119,10 +120,8 @@ def read_documents(path: Path) -> Iterator[str]:
 
 def first_invalid_utf8(path: Path) -> tuple[int, int]:
     """(byte offset, line number) of the first byte of `path`, decompressed, that is not UTF-8."""
-    name = path.name.lower()
-    opener = gzip.open if name.endswith(".gz") else lzma.open if name.endswith(".xz") else open
     offset = lineno = 0
-    with opener(path, "rb") as f:
+    with opener(path)(path, "rb") as f:
         # A newline byte is never part of a multi-byte character, so lines decode on their own.
         for lineno, line in enumerate(f, start=1):
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -90,17 +91,10 @@ def heldout_windows(source: str, tokenizer, settings: EvalSettings) -> Iterator[
     path = Path(source)
     if (path / "index.json").is_file():
         check_tokenizer(ShardIndex.load(path), tokenizer)
-        # One window per loader batch, grouped here: the loader's held-out pass keeps only full
-        # batches, which would drop the last windows (or refuse a split of fewer than batch_size).
+        # One window per loader batch: the loader's held-out pass keeps only full batches, which
+        # would drop the last windows (or refuse a split of fewer than batch_size).
         loader = PackedLoader(path, settings.seq_len, 1, split="heldout")
-        batch: list[torch.Tensor] = []
-        for _, window in zip(range(settings.max_windows), loader):
-            batch.append(window)
-            if len(batch) == settings.batch_size:
-                yield torch.cat(batch)
-                batch = []
-        if batch:
-            yield torch.cat(batch)
+        yield from torch.cat(list(islice(loader, settings.max_windows))).split(settings.batch_size)
         return
     tokens: list[int] = []
     for doc in iter_documents(path):

@@ -12,6 +12,8 @@ from ..kernels import autocast_dtype
 from .configuration import RadladsConfig
 from .families import family_of
 
+ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
 
 class LowRank(nn.Module):
     """x -> act(x A) B. A starts at zero and B small, so the map outputs exactly 0 at step 0 while
@@ -28,7 +30,7 @@ class LowRank(nn.Module):
 
     def up_from(self, h: Tensor) -> Tensor:
         """The map's second half, from h = x A computed elsewhere (fused_linears)."""
-        act = {"tanh": torch.tanh, "sigmoid": torch.sigmoid}.get(self.activation)
+        act = ACTIVATIONS.get(self.activation)
         return self.up(act(h) if act else h)
 
     def init_parameters(self) -> None:

@@ -155,18 +155,13 @@ class RadladsModel(RadladsPreTrainedModel):
             outputs.append(out)
             prefill.keep_tail(outputs, logits_to_keep)
         hidden = torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0]
-        if output_hidden_states:
-            # As in transformers' decoders, the last hidden state is the final norm's output.
+        if output_hidden_states:  # as in transformers' decoders, the last is the final norm's output
             hidden = self.norm(hidden)
             all_hidden = all_hidden[:-1] + (hidden,)
-            return RadladsOutput(
-                last_hidden_state=hidden[:, -logits_to_keep:] if logits_to_keep else hidden,
-                cache=cache,
-                hidden_states=all_hidden,
-            )
-        # Slice before the norm: a long prefill that needs one position's logits normalises one position.
-        hidden = self.norm(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        return RadladsOutput(last_hidden_state=hidden, cache=cache, hidden_states=all_hidden)
+        # Else slice before the norm: a long prefill that needs one position's logits normalises one.
+        hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        last = hidden if output_hidden_states else self.norm(hidden)
+        return RadladsOutput(last_hidden_state=last, cache=cache, hidden_states=all_hidden)
 
     def run_layers(
         self,

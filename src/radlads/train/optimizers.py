@@ -64,14 +64,11 @@ def param_groups(
     decay the groups are those above."""
     is_new = {id(p) for p in new} if new_lr_scale != 1 else set()
     spared = {id(p) for p in params if p.ndim < 2} if weight_decay else set()
-    groups = [
-        {"params": [p for p in params if id(p) not in is_new and id(p) not in spared], "lr_scale": 1.0},
-        {"params": [p for p in params if id(p) not in is_new and id(p) in spared], "lr_scale": 1.0},
-        {"params": [p for p in params if id(p) in is_new and id(p) not in spared], "lr_scale": new_lr_scale},
-        {"params": [p for p in params if id(p) in is_new and id(p) in spared], "lr_scale": new_lr_scale},
-    ]
-    for group in groups[1::2]:
-        group["weight_decay"] = 0.0
+    groups = []
+    for new_ones, scale in ((False, 1.0), (True, new_lr_scale)):
+        for spare in (False, True):
+            members = [p for p in params if (id(p) in is_new) == new_ones and (id(p) in spared) == spare]
+            groups.append({"params": members, "lr_scale": scale} | ({"weight_decay": 0.0} if spare else {}))
     return [g for g in groups if g["params"]]
 
 
