@@ -407,6 +407,36 @@ def far_gradients(op, args, tail: int, far: int, **kwargs) -> list[torch.Tensor]
     return [x.grad[:, :far] for x in leaves[1:]]
 
 
+def dropped_state_outputs(args, chunk: int) -> torch.Tensor:
+    """The loop's outputs with the state zeroed at every chunk start: what a kernel that loses the
+    carried state would give."""
+    return torch.cat(
+        [
+            recurrent_loop(*[x[:, s : s + chunk] for x in args], scale=0.125)[0]
+            for s in range(0, args[0].shape[1], chunk)
+        ],
+        1,
+    )
+
+
+@pytest.mark.gpu
+@needs_fla
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_fla_outputs_keep_far_context(grad):
+    """Slow decays (trained students'), 512 tokens: fla's outputs, as evaluation (no autograd:
+    radlads::recurrence_fwd) and training (autograd: radlads::rwkv7_chunk) call it, must match the
+    fp32 loop's and sit far from those of a kernel that drops the state between chunks."""
+    args = slow_decay_inputs(512, seed=5, device="cuda", dtype=torch.bfloat16)
+    ref_args = [x.float() for x in args]
+    with torch.set_grad_enabled(grad):
+        y = rwkv7_recurrence(*args, scale=0.125, backend="fla", log_w_min=LOG_W_MIN)[0]
+    y_ref = recurrent_loop(*ref_args, scale=0.125)[0]
+    tail = slice(448, 512)
+    dropped = rel_err(dropped_state_outputs(ref_args, 64)[:, tail], y_ref[:, tail])
+    assert dropped > 0.3, dropped  # the test's power: the carried state matters here
+    assert rel_err(y[:, tail], y_ref[:, tail]) < 2e-2, rel_err(y[:, tail], y_ref[:, tail])
+
+
 def test_chunked_gradients_reach_across_chunks():
     args = slow_decay_inputs(160, seed=3)
     loop = far_gradients(recurrent_loop, args, tail=16, far=96)
