@@ -1,0 +1,146 @@
+"""Step 1's attention alignment for a few layers, measured by position within a window: does a
+student option (the output GroupNorm) or a longer step-1 sequence fit the teacher's attention
+better far into a window?
+
+Each arm is a RAD-RWKV7 student of TEACHER whose listed layers' time mixers train on step 1's loss
+(`layer_alignment_loss` against the teacher's attention outputs, the library's step-1 optimizer
+settings), all arms on the same batches. Before and after training, each evaluated layer's
+alignment loss, cosine and output-norm ratio (student / teacher) are averaged over position
+buckets of held-out windows (2,048 tokens), and written to OUT (JSON) and printed.
+
+    python scripts/align_by_position.py TEACHER SHARDS OUT.json --arms off,on --updates 150
+    python scripts/align_by_position.py TEACHER SHARDS OUT.json --arms off --seq-len 2048 --batch 1
+
+--arms: "off" (no output norm, y * N^-1/2: the default) and "on" (`groupnorm: true`). Layer 0 is
+always trained as well: it makes the `v_first` the other layers mix in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from radlads.convert.alignment import layer_alignment_loss, teacher_attention_io
+from radlads.convert.transfer import load_teacher, transfer
+from radlads.data import PackedLoader
+from radlads.train.config import StepConfig
+from radlads.train.optimizers import build_optimizer, param_groups
+from radlads.train.trainer import learning_rate
+
+BUCKETS = [(0, 64), (64, 256), (256, 512), (512, 1024), (1024, 2048)]
+
+
+def mixer_outputs(student, io, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Each listed layer's time-mixer output on the teacher's inputs to that layer."""
+    x0 = io.inputs[0]
+    position_embeddings = student.model.rotary_emb(x0, torch.arange(x0.shape[1])[None])
+    outputs, v_first = {}, None
+    for i in sorted(set(layers) | {0}):
+        y, v, _ = student.model.layers[i].self_attn(io.inputs[i], position_embeddings, v_first=v_first)
+        v_first = v if i == 0 else v_first
+        outputs[i] = y
+    return outputs
+
+
+@torch.no_grad()
+def by_position(student, io, layers: list[int], buckets) -> dict[int, list[dict[str, float]]]:
+    outputs = mixer_outputs(student, io, layers)
+    result = {}
+    for i in layers:
+        y_t, y_s = io.outputs[i].float(), outputs[i].float()
+        loss = (y_t - y_s).norm(dim=-1) * y_t.shape[-1] ** -0.5  # step 1's per-token term
+        cos = F.cosine_similarity(y_s, y_t, dim=-1)
+        n_s, n_t = y_s.norm(dim=-1), y_t.norm(dim=-1)
+        result[i] = [
+            {
+                "loss": loss[:, a:b].mean().item(),
+                "cos": cos[:, a:b].mean().item(),
+                "norm_ratio": (n_s[:, a:b].mean() / n_t[:, a:b].mean()).item(),
+            }
+            for a, b in buckets
+        ]
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("teacher")
+    p.add_argument("shards")
+    p.add_argument("out", type=Path)
+    p.add_argument("--arms", default="off,on", help="output GroupNorm per arm: off, on or both")
+    p.add_argument("--layers", default="2,10,20,28", help="layers trained and measured (0 is trained too)")
+    p.add_argument("--updates", type=int, default=150)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heldout-windows", type=int, default=4)
+    p.add_argument("--eval-len", type=int, default=2048, help="held-out window length (buckets cut to it)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    arms = args.arms.split(",")
+    if not set(arms) <= {"off", "on"}:
+        p.error(f"--arms takes off and/or on, got {args.arms!r}")
+    layers = [int(x) for x in args.layers.split(",")]
+    trained = sorted(set(layers) | {0})
+    tokens = args.updates * args.seq_len * args.batch
+    step = StepConfig(  # step 1's defaults (LR 1e-3 falling to 1e-5, clip 1, no weight decay)
+        tokens=tokens,
+        lr=1e-3,
+        lr_final=1e-5,
+        seq_len=args.seq_len,
+        global_batch_size=args.batch,
+        batch_size=args.batch,
+    )
+
+    teacher = load_teacher(args.teacher)
+    students = {}
+    for arm in arms:
+        torch.manual_seed(args.seed)
+        student = transfer(teacher, arch="rad-rwkv7", groupnorm=arm == "on").float().requires_grad_(False)
+        params = [q.requires_grad_() for i in trained for q in student.model.layers[i].self_attn.parameters()]
+        optimizer = build_optimizer("adamw", param_groups(params, [], 1.0, step.weight_decay), step)
+        students[arm] = (student, params, optimizer)
+
+    buckets = [(a, min(b, args.eval_len)) for a, b in BUCKETS if a < args.eval_len]
+    heldout = next(iter(PackedLoader(args.shards, args.eval_len, args.heldout_windows, split="heldout")))
+    eval_io = teacher_attention_io(teacher, heldout)
+    report = {"settings": vars(args) | {"out": str(args.out)}, "buckets": buckets, "arms": {}}
+    for arm, (student, _, _) in students.items():
+        report["arms"][arm] = {"init": by_position(student, eval_io, layers, buckets), "train_loss": []}
+
+    batches = iter(PackedLoader(args.shards, args.seq_len, args.batch, split="train", seed=args.seed))
+    start = time.time()
+    for update in range(args.updates):
+        io = teacher_attention_io(teacher, next(batches))
+        lr = learning_rate(step, update * args.seq_len * args.batch)
+        for arm, (student, params, optimizer) in students.items():
+            outputs = mixer_outputs(student, io, trained)
+            loss = torch.stack([layer_alignment_loss(outputs[i], io.outputs[i]) for i in trained]).sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, step.clip)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            report["arms"][arm]["train_loss"].append(loss.item())
+        if update % 10 == 0 or update == args.updates - 1:
+            losses = {arm: round(report["arms"][arm]["train_loss"][-1], 4) for arm in arms}
+            print(f"update {update}: {losses} ({time.time() - start:.0f} s)", flush=True)
+
+    for arm, (student, _, _) in students.items():
+        report["arms"][arm]["trained"] = by_position(student, eval_io, layers, buckets)
+    args.out.write_text(json.dumps(report, indent=1))
+    print("layer arm when     " + " ".join(f"{a}-{b - 1}".rjust(10) for a, b in buckets))
+    for i in layers:
+        for arm in arms:
+            for when in ("init", "trained"):
+                cells = report["arms"][arm][when][i]
+                print(f"{i:<5} {arm:<3} {when:<8} " + " ".join(f"{c['loss']:10.3f}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
