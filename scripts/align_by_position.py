@@ -1,6 +1,6 @@
 """Step 1's attention alignment for a few layers, measured by position within a window: does a
-student option (the output GroupNorm) or a longer step-1 sequence fit the teacher's attention
-better far into a window?
+student option (the output GroupNorm, the decay init) or a longer step-1 sequence fit the
+teacher's attention better far into a window?
 
 Each arm is a RAD-RWKV7 student of TEACHER whose listed layers' time mixers train on step 1's loss
 (`layer_alignment_loss` against the teacher's attention outputs, the library's step-1 optimizer
@@ -8,11 +8,12 @@ settings), all arms on the same batches. Before and after training, each evaluat
 alignment loss, cosine and output-norm ratio (student / teacher) are averaged over position
 buckets of held-out windows (2,048 tokens), and written to OUT (JSON) and printed.
 
-    python scripts/align_by_position.py TEACHER SHARDS OUT.json --arms off,on --updates 150
-    python scripts/align_by_position.py TEACHER SHARDS OUT.json --arms off --seq-len 2048 --batch 1
+    python scripts/align_by_position.py TEACHER SHARDS OUT.json --arms default,groupnorm
+    python scripts/align_by_position.py TEACHER SHARDS OUT.json --arms default --seq-len 2048 --batch 1
 
---arms: "off" (no output norm, y * N^-1/2: the default) and "on" (`groupnorm: true`). Layer 0 is
-always trained as well: it makes the `v_first` the other layers mix in.
+--arms, from ARMS: "default" (no output norm, y * N^-1/2; the decay schedule across heads),
+"groupnorm" (`groupnorm: true`), "per-head-decay" (`decay_init: per-head`). Layer 0 is always
+trained as well: it makes the `v_first` the other layers mix in.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from radlads.train.config import StepConfig
 from radlads.train.optimizers import build_optimizer, param_groups
 from radlads.train.trainer import learning_rate
 
+ARMS = {"default": {}, "groupnorm": {"groupnorm": True}, "per-head-decay": {"decay_init": "per-head"}}
 BUCKETS = [(0, 64), (64, 256), (256, 512), (512, 1024), (1024, 2048)]
 
 
@@ -72,7 +74,7 @@ def main() -> None:
     p.add_argument("teacher")
     p.add_argument("shards")
     p.add_argument("out", type=Path)
-    p.add_argument("--arms", default="off,on", help="output GroupNorm per arm: off, on or both")
+    p.add_argument("--arms", default="default,groupnorm", help=f"comma-separated, from {', '.join(ARMS)}")
     p.add_argument("--layers", default="2,10,20,28", help="layers trained and measured (0 is trained too)")
     p.add_argument("--updates", type=int, default=150)
     p.add_argument("--seq-len", type=int, default=512)
@@ -82,8 +84,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     arms = args.arms.split(",")
-    if not set(arms) <= {"off", "on"}:
-        p.error(f"--arms takes off and/or on, got {args.arms!r}")
+    if not set(arms) <= set(ARMS):
+        p.error(f"--arms takes names from {', '.join(ARMS)}, got {args.arms!r}")
     layers = [int(x) for x in args.layers.split(",")]
     trained = sorted(set(layers) | {0})
     tokens = args.updates * args.seq_len * args.batch
@@ -100,7 +102,7 @@ def main() -> None:
     students = {}
     for arm in arms:
         torch.manual_seed(args.seed)
-        student = transfer(teacher, arch="rad-rwkv7", groupnorm=arm == "on").float().requires_grad_(False)
+        student = transfer(teacher, arch="rad-rwkv7", **ARMS[arm]).float().requires_grad_(False)
         params = [q.requires_grad_() for i in trained for q in student.model.layers[i].self_attn.parameters()]
         optimizer = build_optimizer("adamw", param_groups(params, [], 1.0, step.weight_decay), step)
         students[arm] = (student, params, optimizer)
@@ -134,12 +136,12 @@ def main() -> None:
     for arm, (student, _, _) in students.items():
         report["arms"][arm]["trained"] = by_position(student, eval_io, layers, buckets)
     args.out.write_text(json.dumps(report, indent=1))
-    print("layer arm when     " + " ".join(f"{a}-{b - 1}".rjust(10) for a, b in buckets))
+    print("layer arm            when     " + " ".join(f"{a}-{b - 1}".rjust(10) for a, b in buckets))
     for i in layers:
         for arm in arms:
             for when in ("init", "trained"):
                 cells = report["arms"][arm][when][i]
-                print(f"{i:<5} {arm:<3} {when:<8} " + " ".join(f"{c['loss']:10.3f}" for c in cells))
+                print(f"{i:<5} {arm:<14} {when:<8} " + " ".join(f"{c['loss']:10.3f}" for c in cells))
 
 
 if __name__ == "__main__":

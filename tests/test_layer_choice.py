@@ -139,9 +139,9 @@ def test_layer_fit_swaps_and_trains_a_group_of_layers(tmp_path, monkeypatch):
 
 
 def test_align_by_position_trains_both_arms_and_reports_each_bucket(tmp_path, monkeypatch):
-    """scripts/align_by_position.py: with and without the output GroupNorm, step 1's loss falls on
-    the same batches, and every layer's held-out figures come per position bucket, cut to the
-    window."""
+    """scripts/align_by_position.py: in each arm (the default student, the output GroupNorm, the
+    per-head decay init) step 1's loss falls on the same batches, and every layer's held-out
+    figures come per position bucket, cut to the window."""
     import runpy
     import sys
     from pathlib import Path
@@ -152,6 +152,8 @@ def test_align_by_position_trains_both_arms_and_reports_each_bucket(tmp_path, mo
     script = Path(__file__).parents[1] / "scripts" / "align_by_position.py"
     out = tmp_path / "report.json"
     argv = [
+        "--arms",
+        "default,groupnorm,per-head-decay",
         "--layers",
         "1",
         "--updates",
@@ -169,7 +171,7 @@ def test_align_by_position_trains_both_arms_and_reports_each_bucket(tmp_path, mo
     runpy.run_path(str(script), run_name="__main__")
     report = json.loads(out.read_text())
     assert report["buckets"] == [[0, 64], [64, 96]]
-    for arm in ("off", "on"):
+    for arm in ("default", "groupnorm", "per-head-decay"):
         losses = report["arms"][arm]["train_loss"]
         assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), (arm, losses)
         for when in ("init", "trained"):
@@ -179,7 +181,7 @@ def test_align_by_position_trains_both_arms_and_reports_each_bucket(tmp_path, mo
             when: sum(c["loss"] for c in report["arms"][arm][when]["1"]) for when in ("init", "trained")
         }
         assert held_out["trained"] < held_out["init"], (arm, held_out)
-    # the norm is what differs between the arms: their first outputs differ
-    assert report["arms"]["off"]["init"]["1"][0]["loss"] != pytest.approx(
-        report["arms"]["on"]["init"]["1"][0]["loss"]
-    )
+    # each arm's option takes effect: their first outputs differ from the default's
+    first = {arm: report["arms"][arm]["init"]["1"][0]["loss"] for arm in report["arms"]}
+    assert first["groupnorm"] != pytest.approx(first["default"])
+    assert first["per-head-decay"] != pytest.approx(first["default"])

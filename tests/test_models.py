@@ -294,6 +294,27 @@ def test_new_parameters_start_at_their_documented_values():
     assert mixer.w0[0] < mixer.w0[-1]  # the decay-speed schedule rises across channels
 
 
+@pytest.mark.parametrize("arch", ["rad-rwkv7", "rad-rwkv6"])
+def test_decay_init_per_head_gives_every_head_the_whole_schedule(arch, tmp_path):
+    """Across heads (RWKV-7's schedule, the default) the first head starts slowest and the last
+    fastest; per head, every head runs from slowest to fastest, the same range overall, and the
+    choice survives save_pretrained."""
+    teacher = make_teacher("qwen2")  # GQA: query heads share KV heads
+    w0 = {}
+    for init in ("across-heads", "per-head"):
+        student = transfer(teacher, arch=arch, decay_init=init)
+        mixer = student.model.layers[1].self_attn
+        w0[init] = mixer.w0.detach().view(mixer.num_heads, -1)
+    across, per_head = w0["across-heads"], w0["per-head"]
+    assert across[0].max() < across[-1].min()  # head 0 entirely slower than the last head
+    assert torch.equal(per_head, per_head[:1].expand_as(per_head))  # every head alike
+    assert per_head[0, 0] == across.min() and per_head[0, -1] == across.max()
+    student.save_pretrained(tmp_path)
+    assert RadladsForCausalLM.from_pretrained(tmp_path).config.decay_init == "per-head"
+    with pytest.raises(ValueError, match="decay_init 'fast'"):
+        transfer(teacher, arch=arch, decay_init="fast")
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_layers_train_like_eager_ones(checkpointing):
     """compile_layers (the training path on CUDA) breaks each graph at the recurrence kernel and

@@ -87,12 +87,14 @@ class TeacherProjections(nn.Module):
 
 
 def decay_speed_schedule(
-    layer_idx: int, num_layers: int, dim: int, base: float, span: float, power
+    layer_idx: int, num_layers: int, dim: int, base: float, span: float, power, heads: int = 1
 ) -> Tensor:
-    """RWKV's per-channel decay speeds: slow in early channels, fast in late ones, varying by depth."""
+    """RWKV's per-channel decay speeds: slow in early channels, fast in late ones, varying by depth.
+    With `heads` > 1 each head's channels run the whole schedule (see RadladsConfig.decay_init)."""
     depth = layer_idx / max(num_layers - 1, 1)
-    n = torch.arange(dim, dtype=torch.float32) / max(dim - 1, 1)
-    return base + span * n ** power(depth)
+    per = dim // heads
+    n = torch.arange(per, dtype=torch.float32) / max(per - 1, 1)
+    return (base + span * n ** power(depth)).repeat(heads)
 
 
 def fused_linears(x: Tensor, maps: list[nn.Linear]) -> list[Tensor]:
@@ -145,6 +147,14 @@ class LinearMixer(TeacherProjections):
     @property
     def scale(self) -> float:
         return 1.0 if self.out_norm is not None else self.head_dim**-0.5
+
+    def decay_schedule(self, base: float, span: float, power) -> Tensor:
+        """This layer's w0 at init: decay_speed_schedule over its heads' channels, as decay_init says."""
+        heads = self.num_heads if self.config.decay_init == "per-head" else 1
+        dim = self.num_heads * self.head_dim
+        return decay_speed_schedule(
+            self.layer_idx, self.config.num_hidden_layers, dim, base, span, power, heads
+        )
 
     def read_input(self, x: Tensor, *maps: nn.Linear) -> list[Tensor]:
         """The teacher's q, k, v projections of x, then each of `maps` applied to x (fused_linears)."""

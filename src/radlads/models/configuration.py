@@ -8,6 +8,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 ARCHS = ("rad-rwkv7", "rad-rwkv6")
+DECAY_INITS = ("across-heads", "per-head")
 
 # Fields copied from the teacher to the top level so that generic HF code (generate, pipelines,
 # lm-eval) finds them where it looks for them.
@@ -69,6 +70,7 @@ class RadladsConfig(PretrainedConfig):
         value_rank: int | None = None,
         gate_rank: int | str | None = None,
         groupnorm: bool = False,
+        decay_init: str = "across-heads",
         kernel_backend: str = "auto",
         cuda_graph_decode: bool = True,
         compile_decode: bool = True,
@@ -91,6 +93,12 @@ class RadladsConfig(PretrainedConfig):
         self.softmax_window = softmax_window
         self.softmax_sinks = softmax_sinks
         self.groupnorm = groupnorm
+        if decay_init not in DECAY_INITS:
+            raise ValueError(f"decay_init {decay_init!r}: choose one of {', '.join(DECAY_INITS)}")
+        # The decay speeds' init (SPEC: RWKV-7's schedule): "across-heads" runs it once over all
+        # heads' channels, so the first heads start slow and the last fast (with GQA, whole KV
+        # groups); "per-head" runs it within each head, so every head starts with both.
+        self.decay_init = decay_init
         self.kernel_backend = kernel_backend
         # Decode one token per step through a captured CUDA graph (pure linear students on CUDA).
         self.cuda_graph_decode = cuda_graph_decode

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from transformers import initialization as init
 
 from ..kernels import gla_recurrence, kernel_inputs
-from .common import LinearMixer, LowRank, decay_speed_schedule
+from .common import LinearMixer, LowRank
 from .configuration import RadladsConfig
 
 
@@ -26,15 +26,7 @@ class RadRWKV6Mixer(LinearMixer):
 
     def init_parameters(self) -> None:
         """Start near the teacher: LoRAs output 0, decay from RWKV-6's speed schedule, gate 1/2."""
-        schedule = decay_speed_schedule(
-            self.layer_idx,
-            self.config.num_hidden_layers,
-            self.w0.numel(),
-            base=-6.0,
-            span=5.0,
-            power=lambda d: 0.7 + 1.3 * d,
-        )
-        init.copy_(self.w0, schedule)
+        init.copy_(self.w0, self.decay_schedule(base=-6.0, span=5.0, power=lambda d: 0.7 + 1.3 * d))
         self.w_lora.init_parameters()
         self.gate.init_parameters()
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from transformers import initialization as init
 
 from ..kernels import kernel_inputs, rwkv7_recurrence
-from .common import LinearMixer, LowRank, decay_speed_schedule
+from .common import LinearMixer, LowRank
 from .configuration import RadladsConfig
 
 # log_decay's values lie in (-exp(-0.5), 0) = (-0.6065, 0); a floor just below lets fla's chunked
@@ -47,16 +47,7 @@ class RadRWKV7Mixer(LinearMixer):
 
     def init_parameters(self) -> None:
         """Start near the teacher: LoRAs output 0, decay from RWKV-7's speed schedule, gate 1/2."""
-        D = self.w0.numel()
-        schedule = decay_speed_schedule(
-            self.layer_idx,
-            self.config.num_hidden_layers,
-            D,
-            base=-6.5,
-            span=5.0,
-            power=lambda d: 0.85 + d**0.5,
-        )
-        init.copy_(self.w0, schedule)
+        init.copy_(self.w0, self.decay_schedule(base=-6.5, span=5.0, power=lambda d: 0.85 + d**0.5))
         init.constant_(self.a0, self.config.init_a0)
         init.constant_(self.k_k, self.config.init_k_k)
         init.constant_(self.k_a, self.config.init_k_a)
