@@ -175,6 +175,25 @@ def test_beam_search_without_a_cache_equals_with_one():
     assert torch.equal(*runs)
 
 
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv7-hybrid"])
+def test_a_forward_returns_its_cache_outside_training_as_transformers_models_do(variant):
+    """model(ids) hands back the state (a LlamaForCausalLM hands back its KV cache), and the next
+    token fed with it scores as in one longer forward; not while training, nor when the config
+    or the call says no."""
+    student = perturbed_student(**VARIANTS[variant])
+    ids = torch.randint(1, 320, (2, 9), generator=torch.Generator().manual_seed(4))
+    out = student(ids[:, :8])
+    assert isinstance(out.cache, RadladsCache) and out.cache.seen_tokens == 8
+    step = student(ids[:, 8:], cache=out.cache).logits[:, -1]
+    torch.testing.assert_close(step, student(ids, use_cache=False).logits[:, -1], rtol=1e-4, atol=1e-4)
+    assert student(ids, use_cache=False).cache is None
+    student.config.use_cache = False
+    assert student(ids).cache is None
+    student.config.use_cache = True
+    student.train()
+    assert student(ids).cache is None
+
+
 def test_recurrent_state_does_not_grow_with_context():
     student = perturbed_student(arch="rad-rwkv7")
     cache = student(torch.zeros(1, 8, dtype=torch.long), use_cache=True).cache

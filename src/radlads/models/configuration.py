@@ -76,6 +76,7 @@ class RadladsConfig(PretrainedConfig):
         compile_decode: bool = True,
         compile_prefill: bool = True,
         prefill_chunk_tokens: int | None = 65536,
+        use_cache: bool = True,
         init_k_k: float = 0.85,
         init_k_a: float = 1.0,
         init_a0: float = 0.0,
@@ -111,6 +112,9 @@ class RadladsConfig(PretrainedConfig):
         # positions long; a windowed hybrid's at most its window, models.prefill.piece_tokens).
         # Other hybrids and forwards returning all hidden states run in one pass.
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        # A forward given no use_cache returns the state (a cache) outside training, as
+        # transformers' decoders return their KV cache (RadladsModel.forward).
+        self.use_cache = use_cache
         self.init_k_k, self.init_k_a, self.init_a0, self.init_v0 = init_k_k, init_k_a, init_a0, init_v0
         for key in _MIRRORED:
             if key not in kwargs and key in self.teacher_config:

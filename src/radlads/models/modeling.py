@@ -129,6 +129,10 @@ class RadladsModel(RadladsPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = hidden.shape[:2]
+        if use_cache is None:
+            # Not while training: fla's training kernel (a custom op that compiled layers keep in
+            # their graph) returns no final state, so a cache would cost training its fast path.
+            use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = RadladsCache(self.config.num_hidden_layers)
         past = cache.seen_tokens if cache is not None else 0
