@@ -44,11 +44,14 @@ def copy_probe(generator: torch.Generator, token_ids: torch.Tensor, distance: in
 def span_nll(model, ids: torch.Tensor, distance: int) -> tuple[float, float]:
     """Mean NLL over the span's first occurrence and over its repeat, leaving out each one's first
     token (in the repeat only the tokens after it can be copied)."""
-    logits = model(input_ids=ids[None].to(model.device)).logits[0].float()
-    nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:].to(logits.device), reduction="none")
-    # nll[p] scores token p + 1: a span starting at s is scored from nll[s] (its second token) on.
-    first, repeat = PREFIX, PREFIX + SPAN + distance
-    return nll[first : first + SPAN - 1].mean().item(), nll[repeat : repeat + SPAN - 1].mean().item()
+    logits = model(input_ids=ids[None].to(model.device)).logits[0]
+
+    def mean_nll(start: int) -> float:
+        # Only the span's rows in fp32: the whole [T, vocab] would be gigabytes at long distances.
+        rows = logits[start : start + SPAN - 1].float()  # row p predicts token p + 1
+        return torch.nn.functional.cross_entropy(rows, ids[start + 1 : start + SPAN].to(rows.device)).item()
+
+    return mean_nll(PREFIX), mean_nll(PREFIX + SPAN + distance)
 
 
 def ordinary_token_ids(tokenizer) -> torch.Tensor:
