@@ -152,3 +152,30 @@ def test_triton_kl_terms_match_the_reference(vocab):
     torch.testing.assert_close(grad, want_grad, rtol=1.6e-2, atol=1e-5)
     with pytest.raises(ValueError, match="unit column stride"):
         kl_terms_triton(s.T, t.T)
+
+
+@pytest.mark.parametrize("objective", ["distillation", "context extension"])
+def test_held_out_losses_run_the_student_without_a_cache(objective, monkeypatch):
+    """Held-out evaluation runs steps 2 and 3's losses with the student in eval mode, where a bare
+    forward returns a cache: the losses ask for none, so that evaluation keeps no state and the
+    compiled layers compile no graph for one."""
+    from radlads.convert.steps import ContextExtension, Distillation
+    from radlads.convert.transfer import transfer
+    from radlads.models import modeling
+    from tiny_models import make_teacher
+
+    teacher = make_teacher("qwen2").eval()
+    student = transfer(teacher, arch="rad-rwkv7").eval()
+    loss = (
+        Distillation(teacher, compile=False)
+        if objective == "distillation"
+        else ContextExtension(compile=False)
+    )
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("a loss built a cache")
+
+    monkeypatch.setattr(modeling, "RadladsCache", no_cache)
+    batch = torch.randint(0, teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(loss.loss(student, batch))

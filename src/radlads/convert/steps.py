@@ -74,7 +74,9 @@ class Distillation:
         return list(student.parameters())
 
     def loss(self, student: RadladsForCausalLM, batch: Tensor) -> Tensor:
-        with_grad = student.model(input_ids=batch).last_hidden_state
+        # No cache, in held-out evaluation (eval mode) too: a loss needs no state, and a cache
+        # would have the compiled layers compile another graph.
+        with_grad = student.model(input_ids=batch, use_cache=False).last_hidden_state
         with torch.no_grad():
             teacher_hidden = teacher_hidden_states(self.teacher, batch)
         return chunked_kl(
@@ -96,5 +98,5 @@ class ContextExtension:
         return list(student.parameters())
 
     def loss(self, student: RadladsForCausalLM, batch: Tensor) -> Tensor:
-        hidden = student.model(input_ids=batch).last_hidden_state
+        hidden = student.model(input_ids=batch, use_cache=False).last_hidden_state
         return chunked_cross_entropy(hidden, student.lm_head, batch, self.chunk_tokens, self.compile)
