@@ -11,9 +11,10 @@ buckets of held-out windows (2,048 tokens), and written to OUT (JSON) and printe
     python scripts/align_by_position.py TEACHER SHARDS OUT.json --arms default,groupnorm
     python scripts/align_by_position.py TEACHER SHARDS OUT.json --arms default --seq-len 2048 --batch 1
 
---arms, from ARMS: "default" (no output norm, y * N^-1/2; the decay schedule across heads),
-"groupnorm" (`groupnorm: true`), "per-head-decay" (`decay_init: per-head`). Layer 0 is always
-trained as well: it makes the `v_first` the other layers mix in.
+--arms, from ARMS: "default" (no output norm, y * N^-1/2; the decay schedule across heads; a0 = 0),
+"groupnorm" (`groupnorm: true`), "per-head-decay" (`decay_init: per-head`), "iclr-low" and
+"iclr-high" (`init_a0: -2` and `2`). Layer 0 is always trained as well: it makes the `v_first` the
+other layers mix in.
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from radlads.train.config import StepConfig
 from radlads.train.optimizers import build_optimizer, param_groups
 from radlads.train.trainer import learning_rate
 
-ARMS = {"default": {}, "groupnorm": {"groupnorm": True}, "per-head-decay": {"decay_init": "per-head"}}
+ARMS = {
+    "default": {},
+    "groupnorm": {"groupnorm": True},
+    "per-head-decay": {"decay_init": "per-head"},
+    # the in-context rate a = sigmoid(a0 + ...) at init: 0.12 and 0.88 around the default 0.5
+    "iclr-low": {"init_a0": -2.0},
+    "iclr-high": {"init_a0": 2.0},
+}
 BUCKETS = [(0, 64), (64, 256), (256, 512), (512, 1024), (1024, 2048)]
 
 
