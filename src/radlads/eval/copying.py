@@ -44,7 +44,7 @@ def copy_probe(generator: torch.Generator, token_ids: torch.Tensor, distance: in
 def span_nll(model, ids: torch.Tensor, distance: int) -> tuple[float, float]:
     """Mean NLL over the span's first occurrence and over its repeat, leaving out each one's first
     token (in the repeat only the tokens after it can be copied)."""
-    logits = model(input_ids=ids[None].to(model.device)).logits[0]
+    logits = model(input_ids=ids[None].to(model.device), use_cache=False).logits[0]
 
     def mean_nll(start: int) -> float:
         # Only the span's rows in fp32: the whole [T, vocab] would be gigabytes at long distances.
