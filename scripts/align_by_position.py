@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from radlads.convert.alignment import layer_alignment_loss, teacher_attention_io
+from radlads.convert.alignment import layer_alignment_loss, student_attention_outputs, teacher_attention_io
 from radlads.convert.transfer import load_teacher, transfer
 from radlads.data import PackedLoader
 from radlads.train.config import StepConfig
-from radlads.train.optimizers import build_optimizer, param_groups
+from radlads.train.optimizers import build_optimizer, param_groups, set_lr
 from radlads.train.trainer import learning_rate
 
 ARMS = {
@@ -45,21 +45,9 @@ ARMS = {
 BUCKETS = [(0, 64), (64, 256), (256, 512), (512, 1024), (1024, 2048)]
 
 
-def mixer_outputs(student, io, layers: list[int]) -> dict[int, torch.Tensor]:
-    """Each listed layer's time-mixer output on the teacher's inputs to that layer."""
-    x0 = io.inputs[0]
-    position_embeddings = student.model.rotary_emb(x0, torch.arange(x0.shape[1])[None])
-    outputs, v_first = {}, None
-    for i in sorted(set(layers) | {0}):
-        y, v, _ = student.model.layers[i].self_attn(io.inputs[i], position_embeddings, v_first=v_first)
-        v_first = v if i == 0 else v_first
-        outputs[i] = y
-    return outputs
-
-
 @torch.no_grad()
 def by_position(student, io, layers: list[int], buckets) -> dict[int, list[dict[str, float]]]:
-    outputs = mixer_outputs(student, io, layers)
+    outputs = student_attention_outputs(student, io, layers=layers)
     result = {}
     for i in layers:
         y_t, y_s = io.outputs[i].float(), outputs[i].float()
@@ -128,12 +116,11 @@ def main() -> None:
         io = teacher_attention_io(teacher, next(batches))
         lr = learning_rate(step, update * args.seq_len * args.batch)
         for arm, (student, params, optimizer) in students.items():
-            outputs = mixer_outputs(student, io, trained)
+            outputs = student_attention_outputs(student, io, layers=trained)
             loss = torch.stack([layer_alignment_loss(outputs[i], io.outputs[i]) for i in trained]).sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, step.clip)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+            set_lr(optimizer, lr)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             report["arms"][arm]["train_loss"].append(loss.item())

@@ -185,3 +185,22 @@ def test_align_by_position_trains_both_arms_and_reports_each_bucket(tmp_path, mo
     first = {arm: report["arms"][arm]["init"]["1"][0]["loss"] for arm in report["arms"]}
     assert first["groupnorm"] != pytest.approx(first["default"])
     assert first["per-head-decay"] != pytest.approx(first["default"])
+
+
+@pytest.mark.parametrize("arch", ["rad-rwkv7", "rad-rwkv6"])
+def test_step1_outputs_of_listed_layers_are_those_of_all_layers(arch):
+    """student_attention_outputs(layers=...): the listed mixers' outputs as when every mixer runs
+    (the first mixer runs anyway: its v is the others' v_first), None for the rest."""
+    from radlads.convert.alignment import student_attention_outputs, teacher_attention_io
+    from radlads.convert.transfer import transfer
+
+    teacher = make_teacher("qwen2", num_hidden_layers=4).eval()
+    student = transfer(teacher, arch=arch, softmax_layers=[0]).eval()
+    ids = torch.randint(0, teacher.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    io = teacher_attention_io(teacher, ids)
+    with torch.no_grad():
+        every = student_attention_outputs(student, io)
+        listed = student_attention_outputs(student, io, layers=[3])
+    assert every[0] is None and all(y is not None for y in every[1:])
+    assert listed[0] is None and listed[2] is None and listed[1] is not None  # 1: the first mixer
+    torch.testing.assert_close(listed[3], every[3], rtol=0, atol=0)

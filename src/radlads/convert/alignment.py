@@ -6,6 +6,7 @@ exactly what the teacher computes, whatever its transformers version passes betw
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +50,13 @@ def teacher_attention_io(teacher, input_ids: Tensor, attention_mask: Tensor | No
 
 
 def student_attention_outputs(
-    student: RadladsForCausalLM, io: AttentionIO, position_ids: Tensor | None = None
+    student: RadladsForCausalLM,
+    io: AttentionIO,
+    position_ids: Tensor | None = None,
+    layers: Collection[int] | None = None,
 ) -> list[Tensor | None]:
-    """Each student time mixer applied to its teacher layer's input; None for kept softmax layers.
+    """Each student time mixer applied to its teacher layer's input; None for kept softmax layers
+    (and, given `layers`, for mixers not listed: the first mixer runs anyway, for v_first).
 
     The value residual's v_first comes from the student's own first mixer on the teacher's input,
     as it would in the student's forward. With the student's gradient checkpointing on, each mixer
@@ -61,13 +66,14 @@ def student_attention_outputs(
     if position_ids is None:
         position_ids = torch.arange(x0.shape[1], device=x0.device)[None]
     position_embeddings = student.model.rotary_emb(x0, position_ids)
-    outs, v_first = [], None
+    outs, v_first, first_ran = [], None, False
     # transformers >= 5.2x renamed the flag
     checkpointing = getattr(student, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = student.is_gradient_checkpointing
     for idx, layer in enumerate(student.model.layers):
-        if student.config.is_softmax_layer(idx):
+        unlisted = layers is not None and idx not in layers and first_ran
+        if student.config.is_softmax_layer(idx) or unlisted:
             outs.append(None)
             continue
         mixer = layer.self_attn
@@ -78,6 +84,7 @@ def student_attention_outputs(
         else:
             y, v_first, _ = mixer(io.inputs[idx], position_embeddings, v_first=v_first)
         outs.append(y)
+        first_ran = True
     return outs
 
 

@@ -219,22 +219,19 @@ class SplitWriter:
             self.index.splits[split].tokens += len(tokens)
 
     def commit(self) -> None:
-        with self.writing():
-            self._commit()
-
-    def _commit(self) -> None:
-        for f in self.files.values():
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the index says they are complete
-            f.close()
         directory = self.index.directory
         assert directory is not None
-        # The old index goes first: an interruption from here on leaves no index rather than
-        # an index describing token files that were already replaced.
-        (directory / INDEX_NAME).unlink(missing_ok=True)
-        for split, path in self.temp_paths.items():
-            os.replace(path, self.index.split_path(split))
-        self.index.save(directory)
+        with self.writing():
+            for f in self.files.values():
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the index says they are complete
+                f.close()
+            # The old index goes first: an interruption from here on leaves no index rather than
+            # an index describing token files that were already replaced.
+            (directory / INDEX_NAME).unlink(missing_ok=True)
+            for split, path in self.temp_paths.items():
+                os.replace(path, self.index.split_path(split))
+            self.index.save(directory)
 
     def __exit__(self, *exc: object) -> None:
         for f in self.files.values():

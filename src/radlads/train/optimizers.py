@@ -87,6 +87,16 @@ def build_optimizer(
     return _bf16_state_adamw()(params, **hyper)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Each group's LR to `lr` times the group's `lr_scale` (param_groups)."""
+    for group in optimizer.param_groups:
+        group_lr = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):  # torchao's: a tensor, so its compiled update takes any LR
+            group["lr"].fill_(group_lr)
+        else:
+            group["lr"] = group_lr
+
+
 def _torchao_optim(name: str):
     try:
         import torchao.optim

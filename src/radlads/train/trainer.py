@@ -23,7 +23,7 @@ from .config import StepConfig
 from .distributed import Distributed
 from .metrics import MetricsLog
 from .optimizers import DEFAULT as DEFAULT_OPTIMIZER
-from .optimizers import build_optimizer, param_groups, resolve_optimizer
+from .optimizers import build_optimizer, param_groups, resolve_optimizer, set_lr
 
 logger = logging.getLogger(__name__)
 
@@ -296,12 +296,7 @@ class Trainer:
 
     def _step(self, lr: float, finite: Tensor) -> None:
         """The optimizer's update at `lr` (times each group's scale), skipped where not `finite`."""
-        for group in self.optimizer.param_groups:
-            group_lr = lr * group.get("lr_scale", 1.0)
-            if isinstance(group["lr"], Tensor):  # torchao's: a tensor, so its compiled update takes any LR
-                group["lr"].fill_(group_lr)
-            else:
-                group["lr"] = group_lr
+        set_lr(self.optimizer, lr)
         if self.optimizer.defaults.get("fused"):
             # The fused kernels skip a non-finite update on the device, so the loss is read after
             # the optimizer's kernels are queued: reading it first would leave the GPU idle while
