@@ -65,11 +65,13 @@ def entry(run: Path, label: str) -> dict:
     steps = trained_steps(summary, label)
     # Older runs' radlads.json predate the knob: their step 2 trained everything at one LR.
     new_lr_scale = summary["config"]["step2"].get("new_lr_scale", 1.0)
+    repeat_fraction = summary["config"]["step2"].get("repeat_fraction", 0.0)
     return {
         "name": f"{run.name}:{label}",
         "arch": summary["arch"] + (f" + softmax layers {softmax}{over}" if softmax else ""),
         "tokens": {k: v["tokens"] for k, v in steps.items()},
         "step2_new_lr_scale": new_lr_scale,
+        "step2_repeat_fraction": repeat_fraction,
         "ppl_student": student["perplexity"]["ppl"],
         "ppl_teacher": teacher["perplexity"]["ppl"],
         "nll_student_by_position": s_buckets,
@@ -143,6 +145,8 @@ def plot_scaling(entries: list[dict], out: Path) -> None:
         recipe = "steps 1-3" if "3" in e["tokens"] else "steps 1-2"
         if e["step2_new_lr_scale"] != 1:
             recipe += f", new parameters at {e['step2_new_lr_scale']:g}x LR in step 2"
+        if e["step2_repeat_fraction"]:
+            recipe += f", spans repeated in {e['step2_repeat_fraction']:.0%} of windows"
         series.setdefault(f"{e['arch']}, {recipe}", []).append(e)
     for name, mine in sorted(series.items()):
         mine.sort(key=lambda e: sum(e["tokens"].values()))
@@ -175,6 +179,9 @@ def main() -> None:
     parser.add_argument("results", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--best", help="NAME:LABEL of the recommended student")
+    parser.add_argument(
+        "--positions", help="comma-separated NAME:LABELs to draw in the position figure (default: all)"
+    )
     args = parser.parse_args()
     entries = [
         entry(run, path.stem.removeprefix("results-"))
@@ -185,7 +192,10 @@ def main() -> None:
         e["best"] = e["name"] == args.best
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(entries, indent=1) + "\n")
-    plot_positions(args.results, entries, args.out / "position_loss.png")
+    drawn = set(args.positions.split(",")) if args.positions else {e["name"] for e in entries}
+    if missing := drawn - {e["name"] for e in entries}:
+        parser.error(f"--positions names runs that have no results: {', '.join(sorted(missing))}")
+    plot_positions(args.results, [e for e in entries if e["name"] in drawn], args.out / "position_loss.png")
     plot_scaling(entries, args.out / "scaling.png")
     print(table(entries))
 
