@@ -295,6 +295,41 @@ def test_the_same_teacher_written_another_way_resumes(workspace, tmp_path, monke
         assert main(convert_args(spelled, corpus, out, *extra)) == 0
 
 
+def test_heldout_loss_of_a_compiled_student_reuses_the_training_graphs():
+    """With compiled layers, held-out scoring runs the graphs training compiled (train mode,
+    autograd on), in micro-batches: eval mode or no_grad would compile every layer again in each
+    step. The loss is the one the eval-mode path gives."""
+    import dataclasses
+    import itertools
+
+    from torch._dynamo.utils import counters
+
+    from radlads.convert.steps import ContextExtension
+    from radlads.convert.transfer import transfer
+    from radlads.train.config import ConvertConfig
+    from radlads.train.trainer import Trainer
+    from tiny_models import make_teacher
+
+    torch.manual_seed(0)
+    student = transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7").train()
+    torch.compiler.reset()
+    for layer in student.model.layers:  # as compile_layers does, with a backend that compiles in seconds
+        layer.compile(backend="aot_eager")
+        layer.self_attn.compile(backend="aot_eager")
+    cfg = dataclasses.replace(ConvertConfig().steps()[3], seq_len=16, batch_size=2, lr=1e-4)
+    heldout = [torch.randint(0, student.config.vocab_size, (4, 16))]  # two micro-batches
+    trainer = Trainer(
+        ContextExtension(), student, cfg, None, heldout, None, None, torch.device("cpu"), False, compiled=True
+    )
+    trainer.train_step(itertools.repeat(torch.randint(0, student.config.vocab_size, (2, 16))), cfg.lr)
+    graphs = counters["stats"]["unique_graphs"]
+    through_training = trainer.heldout_loss()
+    assert counters["stats"]["unique_graphs"] == graphs
+    trainer.compiled = False
+    assert trainer.heldout_loss() == pytest.approx(through_training, rel=1e-5)
+    assert counters["stats"]["unique_graphs"] > graphs  # what the training graphs spare
+
+
 def test_new_lr_scale_moves_the_new_parameters_that_much_faster():
     """Adam's first update moves every parameter with a gradient by about its LR: the parameters
     step 0 created by new_lr_scale x LR, those copied from the teacher by LR."""

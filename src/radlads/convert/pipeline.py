@@ -237,6 +237,7 @@ class Conversion:
             self.device,
             self.progress,
             self.dist,
+            compiled=compile_layers,
         )
         result = trainer.run()
         if not self.dist.is_main:

@@ -104,12 +104,15 @@ class Trainer:
         device: torch.device,
         progress: bool = True,
         dist: Distributed | None = None,
+        compiled: bool = False,
     ):
         # Under torchrun the loader yields this rank's part of each global batch, the student is
         # sharded here (the teacher by the caller), and only rank 0 logs.
         # The loader, held-out batches, checkpoint folder and metrics serve `run` only:
-        # `train_step` alone may go without them.
+        # `train_step` alone may go without them. `compiled`: the student's layers (or the loss) are
+        # torch.compile'd, which changes how the held-out batches are scored (heldout_loss).
         self.objective, self.student, self.cfg = objective, student, cfg
+        self.compiled = compiled
         self.loader, self.heldout = loader, heldout_batches
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.metrics = metrics
@@ -134,14 +137,30 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @torch.no_grad()
     def heldout_loss(self) -> float | None:
         if not self.heldout:
             return None
+        if self.compiled:
+            return self._heldout_through_training_graphs()
         self.student.eval()
-        with self.autocast():
+        with torch.no_grad(), self.autocast():
             losses = [self.loss(b.to(self.device)).float() for b in self.heldout]
         self.student.train()
+        return self.dist.mean(torch.stack(losses).mean()).item()
+
+    def _heldout_through_training_graphs(self) -> float:
+        """The held-out loss as training computes it: train mode, autograd on, micro-batches of
+        the update's size. In eval mode or under no_grad, torch.compile would build and compile a
+        second version of every compiled layer and loss, in every step. Each loss is detached at
+        once, so no batch's activations outlive its forward."""
+        losses = []
+        for batch in self.heldout:
+            batch = batch.to(self.device)
+            with self.autocast():
+                parts = [
+                    self.loss(part).detach().float() * len(part) for part in batch.split(self.micro_batch)
+                ]
+            losses.append(torch.stack(parts).sum() / len(batch))
         return self.dist.mean(torch.stack(losses).mean()).item()
 
     def _batches(self) -> Iterator[Tensor]:
