@@ -12,7 +12,8 @@
 # 37 MB for the SmolLM2 corpus against 39 MB of text) are used instead of tokenizing the corpus
 # here, if they were made with this host's tokenizer (the same transformers release as here: GGUF
 # imports differ between releases); else the corpus is.
-# With STEP3 > 0 the student after step 2 is evaluated too (step 3 on/off from one run).
+# With STEP3 > 0 the student after step 2 is evaluated too (step 3 on/off from one run), unless
+# EVAL_STEP2=0 (the export and evaluation take ~2 minutes of a job's time).
 set -euo pipefail
 source scripts/device_env.sh
 ARCH=${ARCH:-rad-rwkv7}; NAME=${NAME:-$ARCH}
@@ -57,7 +58,7 @@ evaluate() {  # evaluate MODEL_DIR LABEL
 # still leaves its training record and the result that matters most.
 cp "$RUN/$NAME/metrics.jsonl" "$RUN/$NAME/radlads.json" "$RUN/results/$NAME/"
 evaluate "$RUN/$NAME" final
-if [ "$STEP3" != 0 ]; then
+if [ "$STEP3" != 0 ] && [ "${EVAL_STEP2:-1}" != 0 ]; then
   radlads export --checkpoint "$RUN/$NAME/checkpoints/step2" --out "$RUN/$NAME-step2" --teacher "$TEACHER" --quiet
   evaluate "$RUN/$NAME-step2" step2
 fi
