@@ -80,7 +80,13 @@ def entry(run: Path, label: str) -> dict:
         "passkey": {length_label(n): [s_keys[n], t_keys.get(n)] for n in s_keys},
         "gpu_minutes": sum(v["wall_s"] for v in steps.values()) / 60,
         "best": False,
-    }
+    } | hardware(steps)
+
+
+def hardware(steps: dict[str, dict]) -> dict:
+    """What the steps ran on, as each recorded it (runs from before that record have no key)."""
+    names = sorted({v["hardware"] for v in steps.values() if "hardware" in v})
+    return {"hardware": names} if names else {}
 
 
 def table(entries: list[dict]) -> str:

@@ -64,6 +64,7 @@ def test_step1_loss_falls_5x_and_step2_kl_falls(converted):
     assert s2["heldout_end"] < s2["heldout_start"], s2
     assert s1["tokens"] >= 120_000 and s2["tokens"] >= 40_000
     assert len(summary["steps"]["0"]["layer_cosines"]) == 3
+    assert s1["hardware"] == s2["hardware"] == "1 x cpu"  # where each step's wall_s was measured
 
 
 def test_metrics_jsonl_has_step_tokens_and_loss(converted):

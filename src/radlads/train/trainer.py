@@ -245,8 +245,14 @@ class Trainer:
             self.heldout_loss(),
             state.get("wall_s", 0.0) + time.perf_counter() - started,
         )
-        self._save({**result.to_dict(), "complete": True})
+        self._save({**result.to_dict(), "complete": True, "hardware": self.hardware()})
         return result
+
+    def hardware(self) -> str:
+        """What the step ran on, recorded beside its wall time ("1 x NVIDIA H100 80GB HBM3");
+        a step resumed elsewhere records where it finished."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return f"{self.dist.world_size} x {name}"
 
     def _read_loss(self, loss: Tensor, tokens: int) -> float:
         value = loss.item()
