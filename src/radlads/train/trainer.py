@@ -109,7 +109,7 @@ class Trainer:
         # Under torchrun the loader yields this rank's part of each global batch, the student is
         # sharded here (the teacher by the caller), and only rank 0 logs.
         # The loader, held-out batches, checkpoint folder and metrics serve `run` only:
-        # `train_step` alone may go without them. `compiled`: the student's layers (or the loss) are
+        # `train_step` alone may go without them. `compiled`: the student's layers are
         # torch.compile'd, which changes how the held-out batches are scored (heldout_loss).
         self.objective, self.student, self.cfg = objective, student, cfg
         self.compiled = compiled
