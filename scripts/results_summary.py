@@ -1,7 +1,7 @@
 """Summarise real-teacher conversions packed by scripts/device_convert.sh into a results page's
 figures: summary.json (one object per evaluated student), a markdown table, and two plots.
 
-    python3 scripts/results_summary.py RESULTS_DIR OUT_DIR [--best NAME:LABEL]
+    python3 scripts/results_summary.py RESULTS_DIR OUT_DIR [--best NAME:LABEL] [--positions NAME:LABEL,...]
 
 RESULTS_DIR holds one folder per run (results-<label>.json, radlads.json, metrics.jsonl). GPU
 minutes are the training steps' wall time from radlads.json (tokenization and evaluation left out).
