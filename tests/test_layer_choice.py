@@ -138,6 +138,31 @@ def test_layer_fit_swaps_and_trains_a_group_of_layers(tmp_path, monkeypatch):
     assert group["0,2"]["heldout_nll_swapped"] != pytest.approx(one["2"]["heldout_nll_swapped"], abs=1e-3)
 
 
+def test_layer_fit_centre_keys_leaves_no_mean_key():
+    """scripts/layer_fit.py's centre_keys: over the inputs it was given, every KV head's keys
+    (with a bias, as Qwen has) average to zero afterwards, from far off zero before."""
+    import runpy
+    from pathlib import Path
+
+    from radlads.convert.transfer import transfer
+    from tiny_models import make_teacher
+
+    centre_keys = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "layer_fit.py"))["centre_keys"]
+    student = transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7")
+    cfg = student.config
+    inputs = torch.randn(2, 3, 16, cfg.hidden_size) + 2.0  # a shared offset gives the keys a mean
+
+    def mean_keys() -> torch.Tensor:
+        return torch.stack(
+            [layer.self_attn.k_proj(x).mean((0, 1)) for layer, x in zip(student.model.layers, inputs)]
+        ).detach()
+
+    before = mean_keys()
+    centre_keys(student, inputs)
+    assert before.abs().max() > 0.1
+    assert mean_keys().abs().max() < 1e-4 * before.abs().max()
+
+
 def test_align_by_position_trains_both_arms_and_reports_each_bucket(tmp_path, monkeypatch):
     """scripts/align_by_position.py: in each arm (the default student, the output GroupNorm, the
     per-head decay init) step 1's loss falls on the same batches, and every layer's held-out
