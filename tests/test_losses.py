@@ -156,9 +156,8 @@ def test_triton_kl_terms_match_the_reference(vocab):
 
 @pytest.mark.parametrize("objective", ["distillation", "context extension"])
 def test_held_out_losses_run_the_student_without_a_cache(objective, monkeypatch):
-    """Held-out evaluation runs steps 2 and 3's losses with the student in eval mode, where a bare
-    forward returns a cache: the losses ask for none, so that evaluation keeps no state and the
-    compiled layers compile no graph for one."""
+    """Held-out evaluation of an uncompiled student runs steps 2 and 3's losses in eval mode, where
+    a bare forward returns a cache: the losses ask for none, so that evaluation keeps no state."""
     from radlads.convert.steps import ContextExtension, Distillation
     from radlads.convert.transfer import transfer
     from radlads.models import modeling

@@ -74,8 +74,8 @@ class Distillation:
         return list(student.parameters())
 
     def loss(self, student: RadladsForCausalLM, batch: Tensor) -> Tensor:
-        # No cache, in held-out evaluation (eval mode) too: a loss needs no state, and a cache
-        # would have the compiled layers compile another graph.
+        # No cache, in eval mode too (held-out scoring of an uncompiled student): a loss needs no
+        # state, and building one costs memory and time.
         with_grad = student.model(input_ids=batch, use_cache=False).last_hidden_state
         with torch.no_grad():
             teacher_hidden = teacher_hidden_states(self.teacher, batch)
