@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import math
@@ -479,6 +480,19 @@ def test_generate_eval_and_bench_generate_commands(converted, workspace, tmp_pat
     assert table.count("student") == 2 and table.count("teacher") == 2
 
 
+class RepeatingLoader:
+    """What Trainer needs of a loader: one batch over and over."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __iter__(self):
+        return itertools.repeat(self.batch)
+
+    def state_dict(self):
+        return {}
+
+
 class CountingObjective:
     """Update k's loss is k (NaN at `nan_at`), with a gradient of 0 for every parameter."""
 
@@ -508,7 +522,6 @@ def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, mon
     update's too, read right after the one before it; a one-update run too), first and last are
     right, and a NaN stops the run naming the tokens of the update that produced it."""
     import dataclasses
-    import itertools
 
     from radlads.convert.transfer import transfer
     from radlads.train.config import ConvertConfig
@@ -521,15 +534,7 @@ def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, mon
         ConvertConfig().steps()[3], seq_len=8, batch_size=2, tokens=updates * 16, log_every=1
     )
     batch = torch.randint(0, student.config.vocab_size, (2, 8))
-
-    class Loader:  # what Trainer needs of a loader
-        def __iter__(self):
-            return itertools.repeat(batch)
-
-        def state_dict(self):
-            return {}
-
-    loader = Loader()
+    loader = RepeatingLoader(batch)
     objective = CountingObjective(nan_at)
     monkeypatch.setattr("radlads.train.trainer.time", objective)
     metrics = MetricsLog(tmp_path)
@@ -545,4 +550,41 @@ def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, mon
     records = [json.loads(line) for line in metrics.path.read_text().splitlines()]
     assert [(r["tokens"], r["loss"]) for r in records] == [(16 * k, float(k)) for k in range(1, updates + 1)]
     assert [r["tokens_per_s"] for r in records] == [16.0] * updates  # 16 tokens a second each
+    assert [r["elapsed_s"] for r in records] == [float(k) for k in range(1, updates + 1)]
     assert (result.first_loss, result.last_loss, result.updates) == (1.0, float(updates), updates)
+
+
+def test_a_steps_wall_time_counts_its_heldout_scoring(tmp_path, monkeypatch):
+    """wall_s (the GPU minutes of the results pages) is the whole step: with compiled layers the
+    held-out scoring before the first update is where the training graphs compile. Each loss,
+    held-out or not, takes one second of the objective's clock: 2 updates and 3 held-out batches
+    before and after them make 8 seconds."""
+    import dataclasses
+
+    from radlads.convert.transfer import transfer
+    from radlads.train.config import ConvertConfig
+    from radlads.train.metrics import MetricsLog
+    from radlads.train.trainer import Trainer
+    from tiny_models import make_teacher
+
+    student = transfer(make_teacher("qwen2", num_hidden_layers=1), "rad-rwkv7").train()
+    cfg = dataclasses.replace(ConvertConfig().steps()[3], seq_len=8, batch_size=2, tokens=32, log_every=1)
+    batch = torch.randint(0, student.config.vocab_size, (2, 8))
+    objective = CountingObjective()
+    monkeypatch.setattr("radlads.train.trainer.time", objective)
+    metrics = MetricsLog(tmp_path)
+    trainer = Trainer(
+        objective,
+        student,
+        cfg,
+        RepeatingLoader(batch),
+        [batch] * 3,
+        tmp_path / "ckpt",
+        metrics,
+        torch.device("cpu"),
+        False,
+    )
+    result = trainer.run()
+    assert result.wall_s == 8.0
+    records = [json.loads(line) for line in metrics.path.read_text().splitlines()]
+    assert [r["elapsed_s"] for r in records] == [4.0, 5.0]  # the updates after 3 s of held-out scoring

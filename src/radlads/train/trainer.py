@@ -172,6 +172,9 @@ class Trainer:
         if self.device.type == "cuda":  # the logged peak memory is this step's
             torch.cuda.reset_peak_memory_stats(self.device)
         state = self._resume()
+        # The step's wall time counts its held-out scoring too: with compiled layers the first
+        # held-out batch compiles the training graphs.
+        started = time.perf_counter() - state.get("wall_s", 0.0)  # a resumed step's clock goes on
         tokens, updates = state.get("tokens", 0), state.get("updates", 0)
         first_loss, last_loss = state.get("first_loss"), state.get("last_loss")
         heldout_start = state["heldout_start"] if "heldout_start" in state else self.heldout_loss()
@@ -185,7 +188,7 @@ class Trainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        batches, started = self._batches(), time.perf_counter()
+        batches = self._batches()
         window = _Window()  # training since the last log (no checkpoints, no evaluation)
         self.student.train()
         queued: list[tuple[int, int, float, Tensor, float | None]] = []  # losses still on the device
@@ -219,7 +222,10 @@ class Trainer:
                         micro_batch=self.micro_batch,
                         optimizer=self.optimizer_name,
                     )
-                    self._log({**record, "tokens_per_s": window.rate(finished)})
+                    # elapsed_s shows where a step's time went: compiling, checkpoints, held-out scoring.
+                    self._log(
+                        {**record, "tokens_per_s": window.rate(finished), "elapsed_s": finished - started}
+                    )
             if checkpoint:
                 self._save(
                     dict(
@@ -229,7 +235,7 @@ class Trainer:
                         last_loss=last_loss,
                         heldout_start=heldout_start,
                         complete=False,
-                        wall_s=state.get("wall_s", 0.0) + time.perf_counter() - started,
+                        wall_s=time.perf_counter() - started,
                     )
                 )
                 next_checkpoint += cfg.checkpoint_every
@@ -243,7 +249,7 @@ class Trainer:
             last_loss,
             heldout_start,
             self.heldout_loss(),
-            state.get("wall_s", 0.0) + time.perf_counter() - started,
+            time.perf_counter() - started,
         )
         self._save({**result.to_dict(), "complete": True, "hardware": self.hardware()})
         return result
