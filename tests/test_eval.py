@@ -422,6 +422,39 @@ def test_lm_eval_adapter_import_guard():
         register_lm_eval_model()
 
 
+def test_lm_eval_scoring_builds_no_cache(tmp_path, monkeypatch):
+    """The adapter's model scores batches without building a state it would throw away, and still
+    generates with one. lm-eval's HFLM is stood in for by what the adapter uses of it: a class
+    whose constructor loads `pretrained` into `self.model`, and a registry."""
+    import sys
+    import types
+
+    class HFLM:
+        def __init__(self, pretrained):
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(pretrained)
+
+    modules = {
+        "lm_eval": types.ModuleType("lm_eval"),
+        "lm_eval.api": types.ModuleType("lm_eval.api"),
+        "lm_eval.api.registry": types.SimpleNamespace(register_model=lambda name: lambda cls: cls),
+        "lm_eval.models": types.ModuleType("lm_eval.models"),
+        "lm_eval.models.huggingface": types.SimpleNamespace(HFLM=HFLM),
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    from radlads.convert.transfer import transfer
+    from tiny_models import make_teacher
+
+    transfer(make_teacher("qwen2", num_hidden_layers=2), "rad-rwkv7").save_pretrained(tmp_path)
+    lm = register_lm_eval_model.__wrapped__("radlads-test")(pretrained=str(tmp_path))
+    ids = torch.randint(0, lm.model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        out = lm.model(ids)
+        assert out.past_key_values is None and out.logits.shape[:2] == (2, 12)
+        generated = lm.model.generate(ids[:1], max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == 15
+
+
 def test_report_tables_loss_by_position_range_and_the_gap(tmp_path):
     from radlads.eval.perplexity import PerplexityResult
     from radlads.eval.report import position_buckets

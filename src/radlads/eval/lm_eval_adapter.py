@@ -32,4 +32,11 @@ def register_lm_eval_model(name: str = "radlads") -> type:
     class RadladsLM(HFLM):
         """HFLM for radlads checkpoints; loglikelihood tasks right-pad, which the recurrent student needs."""
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # The harness scores each batch with one forward and reads only its logits: each would
+            # otherwise build a recurrent state (and a hybrid's KV cache) and drop it. generate()
+            # asks for its cache itself.
+            self.model.config.use_cache = False
+
     return RadladsLM
