@@ -9,9 +9,10 @@
 # convert flags, apart by spaces or joined by "+": --a=1+--b=2, for a STUDY line), PASSKEY
 # (lengths), COPY (copying-probe distances), WINDOWS (held-out windows of 2048). Tokenized shards
 # packed as $STASH/data.tar.xz (`tar cJf data.tar.xz data` where they were made, then relay.sh;
-# 37 MB for the SmolLM2 corpus against 39 MB of text) are used instead of tokenizing the corpus
-# here, if they were made with this host's tokenizer (the same transformers release as here: GGUF
-# imports differ between releases); else the corpus is.
+# 36 MB for the SmolLM2 corpus against 39 MB of text) are used instead of tokenizing the corpus
+# here, if this host's import of the teacher gives the ids they hold
+# (radlads.data.check_tokenizer; GGUF imports differ between transformers releases); else the
+# corpus is tokenized, and must be stashed too.
 # With STEP3 > 0 the student after step 2 is evaluated too (step 3 on/off from one run), unless
 # EVAL_STEP2=0 (the export and evaluation take ~2 minutes of a job's time).
 set -euo pipefail
