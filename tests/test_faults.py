@@ -102,7 +102,7 @@ def files_under(root: Path) -> set[str]:
 
 def metrics(out: Path) -> list[dict]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in records]
 
 
 def assert_weights_equal(out: Path, reference: dict[str, torch.Tensor]) -> None:
