@@ -29,7 +29,4 @@ export TRITON_CACHE_AUTOTUNING=1  # Triton >= 3.3: autotuning results go to the 
 mkdir -p /tmp/gpu-cache
 if [ -f .gpu-cache/gpu-cache.tgz ]; then tar xzf .gpu-cache/gpu-cache.tgz -C /tmp; fi
 radlads() { python3 -m radlads "$@"; }
-save_gpu_cache() {  # what comes back from $OUT is at most 16 MiB a file
-  (cd /tmp && find gpu-cache -name '*.autotune.json' -print0 | tar czf "$OUT/gpu-cache.tgz" --null -T -)
-  echo "saved $(tar tzf "$OUT/gpu-cache.tgz" | wc -l) autotuning results ($(du -h "$OUT/gpu-cache.tgz" | cut -f1))"
-}
+source scripts/gpu_cache.sh

@@ -14,11 +14,14 @@
 # Then, in each following job (it keeps the host warm and brings back whatever is done so far,
 # even if the job hits its time limit):
 #   bash scripts/device_study.sh collect 570    # $OUT/results.tgz every few seconds, up to 570 s
+# Each collect brings back the autotuning results so far too ($OUT/gpu-cache.tgz, see
+# device_env.sh): a study cut short by the host's time limit still saves the next one the tuning.
 set -uo pipefail
 RUN=${RUN:-/root/run}; LOG=${LOG:-/root/study.log}
 
 if [ "${1:-}" = collect ]; then
   : "${OUT:?collect writes into the job output folder OUT}"
+  source scripts/gpu_cache.sh
   end=$((SECONDS + ${2:-570}))
   while ((SECONDS < end)); do
     finished=0
@@ -29,6 +32,7 @@ if [ "${1:-}" = collect ]; then
     done
     tar czf "$OUT/results.tmp" -C "$(dirname "$RUN")" "$(basename "$RUN")/results" -C "$(dirname "$LOG")" "$(basename "$LOG")" 2> /dev/null
     mv "$OUT/results.tmp" "$OUT/results.tgz"
+    save_gpu_cache > /dev/null 2>&1
     ((finished)) && break
     sleep 8
   done
