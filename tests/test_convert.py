@@ -407,14 +407,20 @@ def test_a_non_finite_update_changes_no_weight_nor_optimizer_state(fused, bad):
     assert all(torch.equal(s["step"], t) for s, t in zip(trainer.optimizer.state.values(), steps))
 
 
-def test_prepare_data_then_convert_from_shards(workspace, tmp_path, capsys):
+def test_prepare_data_then_convert_from_shards(workspace, tmp_path, capsys, caplog):
     teacher, corpus = workspace
     shards = tmp_path / "shards"
     assert main(["prepare-data", "--teacher", str(teacher), "--data", str(corpus), "--out", str(shards)]) == 0
     assert "train:" in capsys.readouterr().out and (shards / "index.json").is_file()
     args = convert_args(teacher, shards, tmp_path / "out", "--step1-tokens", "5k", "--step2-tokens", "0")
-    assert main(args) == 0
+    with caplog.at_level(logging.INFO, logger="radlads"):
+        assert main(args) == 0
     assert not (tmp_path / "out" / "data").exists()  # the given shards are used, not copied
+    # each step's end says how long it took and its held-out losses, to 4 significant digits
+    done = [r.getMessage() for r in caplog.records if " done in " in r.getMessage()]
+    assert len(done) == 1 and re.fullmatch(
+        r"step 1 done in \d+\.\d min: loss \S+ -> \S+ \(held-out [\d.]+ -> [\d.]+\)", done[0]
+    )
     assert main(["prepare-data", "--teacher", str(teacher), "--out", str(tmp_path / "none")]) == 2
 
 

@@ -242,13 +242,18 @@ class Conversion:
         result = trainer.run()
         if not self.dist.is_main:
             return
+        heldout = (
+            "no held-out text"
+            if result.heldout_start is None
+            else f"held-out {result.heldout_start:.4g} -> {result.heldout_end:.4g}"
+        )
         log.info(
-            "step %d done: loss %.4g -> %.4g (held-out %s -> %s)",
+            "step %d done in %.1f min: loss %.4g -> %.4g (%s)",
             step,
+            result.wall_s / 60,
             result.first_loss,
             result.last_loss,
-            result.heldout_start,
-            result.heldout_end,
+            heldout,
         )
 
     def sized(self, step: int) -> StepConfig:
