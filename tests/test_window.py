@@ -252,3 +252,36 @@ def test_a_hybrids_unpadded_prompt_prefills_without_a_mask(monkeypatch):
         assert torch.equal(student(ids, attention_mask=ones).logits, unmasked)
         student(ids, attention_mask=padded)
     assert [m is None for m in masks] == [True, True, True, True, False, False]
+
+
+def test_a_window_that_covers_the_sequence_runs_causal_attention_without_a_mask(monkeypatch):
+    """Training windows no longer than the window (no cache, no padding) take SDPA's causal path, as
+    a whole-context layer does, and give what the masked path gives; a longer sequence or a padded
+    batch builds the window's mask."""
+    import torch.nn.functional as F
+
+    import radlads.models.attention as attention
+
+    masks, attend = [], F.scaled_dot_product_attention
+
+    def sdpa(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return attend(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", sdpa)
+    whole = perturbed_student(**WHOLE)
+    ids = torch.randint(0, 320, (2, 30), generator=torch.Generator().manual_seed(5))
+    padded = torch.ones_like(ids)
+    padded[1, :3] = 0
+    with torch.no_grad():
+        for window in (30, 29):
+            windowed = perturbed_student(**{**WINDOWED, "softmax_window": window, "softmax_sinks": 0})
+            windowed.load_state_dict(whole.state_dict())
+            masks.clear()
+            logits = windowed(ids).logits
+            assert all((m is None) == (window == 30) for m in masks) and masks, window
+            if window == 30:
+                torch.testing.assert_close(logits, whole(ids).logits)
+                masks.clear()
+                windowed(ids, attention_mask=padded)
+                assert masks and all(m is not None for m in masks)

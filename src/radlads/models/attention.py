@@ -233,12 +233,19 @@ class SoftmaxAttention(TeacherProjections):
             cols, ranks = new_columns(q, attention_mask, old_cols, old_ranks)
             k, v = torch.cat([old_k, k], 1), torch.cat([old_v, v], 1)
             key_cols, key_ranks = torch.cat([old_cols, cols], 1), torch.cat([old_ranks, ranks], 1)
-        mask = window_mask(key_cols, key_ranks, cols, self.window, self.sinks)
+        # Where the window covers every key (no earlier keys, no padding, no more tokens than the
+        # window), SDPA's causal kernels rather than a [T, S] mask: training at up to the window's
+        # length then costs what a whole-context layer costs.
+        if state is None and attention_mask is None and q.shape[1] <= self.window:
+            mask, causal = None, True
+        else:
+            mask, causal = window_mask(key_cols, key_ranks, cols, self.window, self.sinks), False
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             self.expand_kv(k).transpose(1, 2),
             self.expand_kv(v).transpose(1, 2),
             attn_mask=mask,
+            is_causal=causal,
         )
         return self.output(y), self.still_seen(k, v, key_cols, key_ranks) if use_cache else None
 
