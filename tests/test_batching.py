@@ -197,6 +197,44 @@ def test_presets_by_teacher_size_from_the_library():
         preset_steps("tiny", smol)
 
 
+def test_small_teachers_get_a_windowed_hybrid_by_default_from_the_library():
+    from radlads.convert.presets import preset_student
+
+    smol = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, vocab_size=49152)
+    qwen7b = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, vocab_size=152064)
+    hybrid = {"softmax_layers": "auto:2"}
+    assert preset_student("auto", smol | {"max_position_embeddings": 8192}) == hybrid | {
+        "softmax_window": 8192
+    }
+    # the window is step 3's length: the trained context, up to the paper's 16,384
+    assert preset_student("small", smol | {"max_position_embeddings": 32768}) == hybrid | {
+        "softmax_window": 16384
+    }
+    assert preset_student("auto", smol | {"num_hidden_layers": 15}) == {}  # 2 layers would be over 1/8
+    assert preset_student("auto", qwen7b) == preset_student("cpu-smoke", smol) == {}
+
+
+def test_the_preset_shapes_the_student_unless_its_layers_are_named(tmp_path):
+    from tiny_models import make_teacher_folder
+
+    teacher = make_teacher_folder(tmp_path / "teacher", num_hidden_layers=16)  # trained context 512
+    base = ["--teacher", str(teacher), "--data", "d", "--out", "o"]
+    assert _config(base).student == {"softmax_layers": "auto:2", "softmax_window": 512}
+    assert _config([*base, "--softmax-window", "64"]).student == {
+        "softmax_layers": "auto:2",
+        "softmax_window": 64,
+    }
+    assert _config([*base, "--softmax-layers", "none"]).student == {"softmax_layers": []}
+    assert _config([*base, "--softmax-layers", "3,9"]).student == {"softmax_layers": [3, 9]}
+    assert _config([*base, "--preset", "cpu-smoke"]).student == {}
+    (tmp_path / "run.yaml").write_text("student: {softmax_layers: [4]}\n")
+    assert _config([*base, "--config", str(tmp_path / "run.yaml"), "--preset", "auto"]).student == {
+        "softmax_layers": [4]
+    }
+    small = make_teacher_folder(tmp_path / "small")  # 2 layers: the student stays pure
+    assert _config(["--teacher", str(small), "--data", "d", "--out", "o"]).student == {}
+
+
 def test_a_global_batch_that_does_not_split_over_the_processes_is_not_changed_silently(caplog):
     step3 = dataclasses.replace(ConvertConfig().step3, global_batch_size=4)
     with caplog.at_level("WARNING", logger="radlads"):

@@ -150,6 +150,16 @@ def test_cli_prints_decode_memory_up_to_the_trained_context(tmp_path, capsys):
     assert 0 < student < teacher
 
 
+def test_cli_plans_the_student_convert_shapes_by_default(tmp_path, capsys):
+    """Without --softmax-layers, plan sizes the student `convert --preset auto` builds: for a small
+    teacher of 16 layers, two softmax layers windowed at step 3's length (the trained 8,192)."""
+    folder = make_teacher_folder(tmp_path, max_position_embeddings=8192, num_hidden_layers=16)
+    assert main(["plan", "--teacher", str(folder)]) == 0
+    assert "KV cache for its window and sinks (8,196 tokens)" in capsys.readouterr().out
+    assert main(["plan", "--teacher", str(folder), "--softmax-layers", "none"]) == 0
+    assert "(student: 0.1 MB of recurrent state;" in capsys.readouterr().out  # no KV cache
+
+
 def test_step3_plans_at_the_teachers_trained_context_unless_told(tmp_path):
     make_teacher("llama", max_position_embeddings=8192).config.save_pretrained(tmp_path)
     assert plan(tmp_path).step3_seq_len == 8192  # as convert runs step 3 for this teacher

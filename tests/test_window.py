@@ -285,3 +285,27 @@ def test_a_window_that_covers_the_sequence_runs_causal_attention_without_a_mask(
                 masks.clear()
                 windowed(ids, attention_mask=padded)
                 assert masks and all(m is not None for m in masks)
+
+
+def test_convert_gives_a_small_teacher_its_induction_layers_windowed_by_default(tmp_path):
+    """With no --softmax-layers, `convert` (--preset auto) keeps a small teacher's two strongest
+    induction layers as softmax attention windowed at step 3's length (the teacher's trained 512
+    here), so the exported student's cache stops growing there; `--softmax-layers none` converts a
+    pure student."""
+    from radlads.cli.main import main
+    from test_convert import convert_args
+    from tiny_models import make_teacher_folder, write_corpus
+
+    teacher = make_teacher_folder(tmp_path, num_hidden_layers=16)
+    corpus = write_corpus(tmp_path / "corpus", documents=60)
+    budgets = ["--step1-tokens", "2k", "--step2-tokens", "2k", "--step3-tokens", "0"]
+    assert main(convert_args(teacher, corpus, tmp_path / "hybrid", *budgets)) == 0
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "hybrid").eval()
+    layers = student.config.softmax_layers
+    assert len(layers) == 2 and student.config.softmax_window == 512
+    with torch.no_grad():
+        cache = student(torch.randint(0, 300, (1, 600)), use_cache=True).cache
+    assert cache.states[layers[0]][0].shape[1] == 512 + student.config.softmax_sinks
+    assert main(convert_args(teacher, corpus, tmp_path / "pure", *budgets, "--softmax-layers", "none")) == 0
+    pure = json.loads((tmp_path / "pure" / "config.json").read_text())
+    assert pure["softmax_layers"] == [] and pure["softmax_window"] is None

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..convert.layer_choice import auto_count
 from ..convert.pipeline import Conversion, export_checkpoint, resolve_device
-from ..convert.presets import preset_steps
+from ..convert.presets import preset_steps, preset_student
 from ..convert.verify import verify as verify_conversion
 from ..data import prepare_shards
 from ..data.sources import build_corpus
@@ -22,10 +22,12 @@ from ..teachers import load_teacher_tokenizer, resolve_teacher
 from ..train.config import ConvertConfig
 
 
-def preset(name: str, teacher: str, random_weights: bool = False) -> dict[int, dict]:
-    """The preset's step settings for this teacher (a folder, .gguf or random-weights config)."""
+def preset(name: str, teacher: str, random_weights: bool = False) -> tuple[dict[int, dict], dict]:
+    """The preset's step settings and student options for this teacher (a folder, .gguf or
+    random-weights config)."""
     folder = resolve_teacher(teacher, random_weights=random_weights)
-    return preset_steps(name, json.loads((folder / "config.json").read_text()))
+    config = json.loads((folder / "config.json").read_text())
+    return preset_steps(name, config), preset_student(name, config)
 
 
 def convert(cfg: ConvertConfig, steps: tuple[int, ...], progress: bool = True) -> int:
@@ -205,12 +207,18 @@ def plan(args: argparse.Namespace) -> int:
 
     if args.gpu_memory_gb is None:
         args.gpu_memory_gb = round(_local_gpu_memory_gb(), 1)
+    from ..convert.plan import load_config
+
+    teacher_config = load_config(args.teacher).to_dict()
+    if args.softmax_layers is None:  # as `radlads convert --preset auto` shapes the student
+        student = preset_student("auto", teacher_config)
+        args.softmax_layers = student.get("softmax_layers", [])
+        args.softmax_window = args.softmax_window or student.get("softmax_window")
     n = auto_count(args.softmax_layers)
     if n is not None:  # any N layers (memory does not depend on which), checked as convert checks N
         from ..convert.layer_choice import strongest
-        from ..convert.plan import load_config
 
-        auto = tuple(strongest([0.0] * load_config(args.teacher).num_hidden_layers, n))
+        auto = tuple(strongest([0.0] * teacher_config["num_hidden_layers"], n))
     options = dict(
         softmax_layers=auto if n is not None else tuple(args.softmax_layers),
         softmax_window=args.softmax_window,

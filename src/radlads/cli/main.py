@@ -20,14 +20,19 @@ from . import commands
 
 
 def parse_layers(value: str) -> list[int] | str:
-    """--softmax-layers: "10,20", or "auto:2" (its N is checked against the teacher's layers later)."""
+    """--softmax-layers: "10,20", "auto:2" (its N is checked against the teacher's layers later), or
+    "none" for a pure student."""
     try:
+        if value == "none":
+            return []
         if value.startswith("auto"):
             auto_count(value)
             return value
         return [int(x) for x in value.split(",") if x]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: give layer numbers (e.g. 10,20) or auto:N") from None
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give layer numbers (e.g. 10,20), auto:N or none"
+        ) from None
 
 
 def _add_window_args(
@@ -56,10 +61,12 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--softmax-layers",
         type=parse_layers,
-        help="comma-separated layers that keep softmax attention (negative counts from the end), or "
-        "auto:N for the N layers with the teacher's strongest induction heads (recommended: auto:2)",
+        help="comma-separated layers that keep softmax attention (negative counts from the end), "
+        "auto:N for the N layers with the teacher's strongest induction heads, or none for a pure "
+        "student (default: the preset's; --preset auto keeps auto:2, windowed at step 3's length, "
+        "for teachers under 1B parameters with 16 layers or more, and no layer for others)",
     )
-    _add_window_args(p, default="the whole context")
+    _add_window_args(p, default="the whole context, or the preset's with its layers")
     budgets = {1: "100M", 2: "250M", 3: "0; 10M under --preset auto for teachers under 1B parameters"}
     for k in (1, 2, 3):
         p.add_argument(
@@ -248,10 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--softmax-layers",
         type=parse_layers,
-        default=[],
-        help="comma-separated layers that keep softmax attention, or auto:N",
+        help="comma-separated layers that keep softmax attention, auto:N or none (default: as "
+        "`radlads convert --preset auto` shapes the student)",
     )
-    _add_window_args(p, default="the whole context")
+    _add_window_args(p, default="the whole context, or the preset's with its layers")
     p.add_argument(
         "--keep-kernel-intermediates",
         action="store_true",
@@ -334,9 +341,12 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     preset = args.preset or (None if args.config else "auto")  # a YAML config says all itself
     if preset:
         random_weights = data.get("random_teacher_weights", False)
-        for k, values in commands.preset(preset, data["teacher"], random_weights).items():
+        by_step, student_shape = commands.preset(preset, data["teacher"], random_weights)
+        for k, values in by_step.items():
             steps[k].update(values)
             steps[k].update(written.get(f"step{k}") or {})
+        if "softmax_layers" not in data["student"]:  # the preset's shape unless the layers are named
+            data["student"] = {**student_shape, **data["student"]}
     for k in (1, 2, 3):
         flags = {
             "tokens": getattr(args, f"step{k}_tokens"),
