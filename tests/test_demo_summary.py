@@ -18,6 +18,8 @@ def test_summary_shows_steps_perplexities_positions_samples_and_where_to_look(tm
     step = dict(tokens=6144, updates=12, wall_s=61.0, heldout_start=150.0, heldout_end=20.0)
     run = {"teacher": "/x/SmolLM2-135M-Instruct-hf", "arch": "rad-rwkv7", "steps": {"1": step, "2": step}}
     (tmp_path / "radlads.json").write_text(json.dumps(run))
+    shape = {"num_hidden_layers": 30, "softmax_layers": [17, 18], "softmax_window": 8192}
+    (tmp_path / "config.json").write_text(json.dumps(shape))
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
     loss = {"teacher": np.full(511, 3.0), "student": np.linspace(4.0, 5.0, 511)}
@@ -28,6 +30,9 @@ def test_summary_shows_steps_perplexities_positions_samples_and_where_to_look(tm
     (eval_dir / "results.json").write_text(json.dumps(results))
     text = summary(tmp_path, eval_dir / "report.md", {"teacher": " Moses", "student": "\n\n"}, 300.0)
     assert "SmolLM2-135M-Instruct-hf -> rad-rwkv7 in 5.0 min" in text
+    assert (
+        "student: layers 17, 18 kept as softmax attention, over the last 8,192 tokens; the other 28" in text
+    )
     assert "6,144 tokens in 12 updates of 512 tokens" in text and "150 -> 20" in text
     assert "NLL @1-16" in text and "NLL @257-511" in text  # buckets end at the window's length
     teacher_row = next(line for line in text.splitlines() if line.strip().startswith("teacher"))
@@ -64,6 +69,7 @@ def test_demo_runs_end_to_end_on_a_tiny_gguf_teacher(tmp_path, monkeypatch, caps
     assert main(["demo", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "tiny-hf -> rad-rwkv7" in text and "step 2 distillation (KL): 512 tokens" in text
+    assert "student: all 2 layers time mixers" in text  # too few layers for the preset's hybrid
     table = text[text.index("held-out text") :].splitlines()
     assert [line.split()[0] for line in table[2:4]] == ["teacher", "student"]
     assert "greedy continuation" in text and RESULTS_PAGE in text

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from ..convert.presets import preset_student
 from ..eval.suite import EvalSettings, evaluate_conversion, load_model
 from ..teachers import default_teacher_gguf, resolve_teacher
 from ..train.config import ConvertConfig
@@ -22,7 +23,8 @@ RESULTS_PAGE = "docs/results/smollm2-135m.md"
 GPU_RESULT = (
     "On one GPU (an H200), 40M + 100M + 10M tokens of a 57M-token corpus (18 GPU-minutes) gave "
     "held-out perplexity 9.05 against the teacher's 9.72 with its layers 17 and 18 kept softmax "
-    "(--softmax-layers auto:2), and 10.74 with every layer a time mixer"
+    "(--softmax-layers auto:2, what convert keeps by default for small teachers), and 10.74 with every "
+    "layer a time mixer"
 )
 PROMPT = "The LORD said unto Moses,"
 # Step budgets per device. On 2 CPU cores one 512-token update takes seconds; activation
@@ -49,12 +51,15 @@ def run_demo(out: Path, arch: str, device: torch.device, progress: bool = True) 
     started = time.perf_counter()
     teacher = resolve_teacher(default_teacher_gguf())
     budget = BUDGETS["cuda" if device.type == "cuda" else "cpu"]
+    # the student `convert` builds for this teacher by default (its two induction layers kept)
+    student = preset_student("auto", json.loads((teacher / "config.json").read_text()))
     cfg = ConvertConfig.from_dict(
         dict(
             teacher=str(teacher),
             data=str(DEMO_CORPUS),
             out=str(out),
             arch=arch,
+            student=student,
             device=str(device),
             step3=dict(tokens=0),
             held_out_fraction=0.05,
@@ -84,6 +89,7 @@ def summary(out: Path, report: Path, samples: dict[str, str], wall_s: float) -> 
     lines = [
         "",
         f"== radlads demo: {Path(run['teacher']).name} -> {run['arch']} in {wall_s / 60:.1f} min ==",
+        _shape_line(json.loads((out / "config.json").read_text())),
         *(_step_line(k, run["steps"][k]) for k in ("1", "2") if k in run["steps"]),
         "",
         "held-out text the steps never trained on:",
@@ -96,6 +102,17 @@ def summary(out: Path, report: Path, samples: dict[str, str], wall_s: float) -> 
         f"{GPU_RESULT}: see {RESULTS_PAGE}.",
     ]
     return "\n".join(lines)
+
+
+def _shape_line(config: dict) -> str:
+    layers, n = config.get("softmax_layers") or [], config["num_hidden_layers"]
+    if not layers:
+        return f"student: all {n} layers time mixers"
+    window = f", over the last {config['softmax_window']:,} tokens" if config.get("softmax_window") else ""
+    kept = ", ".join(map(str, layers))
+    return (
+        f"student: layers {kept} kept as softmax attention{window}; the other {n - len(layers)} time mixers"
+    )
 
 
 def _step_line(step: str, s: dict) -> str:
