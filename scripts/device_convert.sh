@@ -5,7 +5,8 @@
 # Start it detached (setsid) so that it outlives one job-size limit; it logs to stdout.
 #   NAME=rwkv7 STEP1=16M STEP2=32M STEP3=8M setsid bash scripts/device_convert.sh > /root/rwkv7.log 2>&1 &
 # Knobs (environment): ARCH, STEP1/2/3 (token budgets), SOFTMAX (layers kept as softmax, e.g.
-# 10,20 or none for a pure student; unset, the preset's: auto:2 windowed for this teacher), SEQ_LEN and GLOBAL_BATCH (steps 1-2: --seq-len, --global-batch-size), EXTRA (more
+# 10,20, or none for a pure student; unset, the preset's: auto:2 windowed, for this teacher),
+# SEQ_LEN and GLOBAL_BATCH (steps 1-2: --seq-len, --global-batch-size), EXTRA (more
 # convert flags, apart by spaces or joined by "+": --a=1+--b=2, for a STUDY line), PASSKEY
 # (lengths), COPY (copying-probe distances), WINDOWS (held-out windows of 2048). Tokenized shards
 # packed as $STASH/data.tar.xz (`tar cJf data.tar.xz data` where they were made, then relay.sh;

@@ -329,9 +329,12 @@ class Conversion:
                 k for k in ("teacher", "arch", "student") if not same_setting(k, old.get(k), new.get(k))
             ]
             if changed:
+                # A run begun when the default student was pure resumes with --softmax-layers none.
+                again = " (--softmax-layers none for a pure student)" if "student" in changed else ""
                 raise ValueError(
                     f"{self.out} holds a run with another {', '.join(changed)} "
-                    f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); use a new --out or delete it"
+                    f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); give the options it was "
+                    f"made with{again}, use a new --out, or delete it"
                 )
             if old != new:  # other settings this time (budgets, batch): keep the record of the last run
                 n = 1 + sum(1 for _ in self.out.glob("config.*.yaml"))
