@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..convert.layer_choice import auto_count
+from ..convert.layer_choice import auto_count, strongest
 from ..convert.pipeline import Conversion, export_checkpoint, resolve_device
 from ..convert.presets import preset_steps, preset_student
 from ..convert.verify import verify as verify_conversion
@@ -202,26 +202,32 @@ def _local_gpu_memory_gb(default: float = 80.0) -> float:
     return torch.cuda.get_device_properties(0).total_memory / 1e9
 
 
+def _planned_softmax(args: argparse.Namespace) -> tuple[tuple[int, ...], int | None]:
+    """The softmax layers and window `plan` sizes: as given, else as `convert --preset auto` shapes
+    the student; auto:N as any N layers (memory does not depend on which), checked as convert
+    checks N."""
+    from ..convert.plan import load_config
+
+    teacher_config = load_config(args.teacher).to_dict()
+    layers, window = args.softmax_layers, args.softmax_window
+    if layers is None:
+        student = preset_student("auto", teacher_config)
+        layers, window = student.get("softmax_layers", []), window or student.get("softmax_window")
+    n = auto_count(layers)
+    if n is not None:
+        layers = strongest([0.0] * teacher_config["num_hidden_layers"], n)
+    return tuple(layers), window
+
+
 def plan(args: argparse.Namespace) -> int:
     from ..convert.plan import plan as make_plan
 
     if args.gpu_memory_gb is None:
         args.gpu_memory_gb = round(_local_gpu_memory_gb(), 1)
-    from ..convert.plan import load_config
-
-    teacher_config = load_config(args.teacher).to_dict()
-    if args.softmax_layers is None:  # as `radlads convert --preset auto` shapes the student
-        student = preset_student("auto", teacher_config)
-        args.softmax_layers = student.get("softmax_layers", [])
-        args.softmax_window = args.softmax_window or student.get("softmax_window")
-    n = auto_count(args.softmax_layers)
-    if n is not None:  # any N layers (memory does not depend on which), checked as convert checks N
-        from ..convert.layer_choice import strongest
-
-        auto = tuple(strongest([0.0] * teacher_config["num_hidden_layers"], n))
+    softmax_layers, softmax_window = _planned_softmax(args)
     options = dict(
-        softmax_layers=auto if n is not None else tuple(args.softmax_layers),
-        softmax_window=args.softmax_window,
+        softmax_layers=softmax_layers,
+        softmax_window=softmax_window,
         softmax_sinks=args.softmax_sinks,
         keep_kernel_intermediates=args.keep_kernel_intermediates,
         tilelang=args.tilelang,

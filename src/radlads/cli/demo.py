@@ -11,11 +11,10 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from ..convert.presets import preset_student
 from ..eval.suite import EvalSettings, evaluate_conversion, load_model
 from ..teachers import default_teacher_gguf, resolve_teacher
 from ..train.config import ConvertConfig
-from .commands import convert
+from .commands import convert, preset
 
 DEMO_CORPUS = Path(__file__).resolve().parent.parent / "data" / "samples" / "demo-corpus.jsonl.xz"
 RESULTS_PAGE = "docs/results/smollm2-135m.md"
@@ -52,7 +51,7 @@ def run_demo(out: Path, arch: str, device: torch.device, progress: bool = True) 
     teacher = resolve_teacher(default_teacher_gguf())
     budget = BUDGETS["cuda" if device.type == "cuda" else "cpu"]
     # the student `convert` builds for this teacher by default (its two induction layers kept)
-    student = preset_student("auto", json.loads((teacher / "config.json").read_text()))
+    student = preset("auto", str(teacher))[1]
     cfg = ConvertConfig.from_dict(
         dict(
             teacher=str(teacher),
