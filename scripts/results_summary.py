@@ -20,7 +20,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from radlads.convert.presets import PRESETS  # noqa: E402
+
 BUCKETS = ((0, 63), (64, 255), (256, 511), (512, 1023), (1024, 2047))
+# Every run here but one distilled at the small-teacher recipe's step-2 length; a series names any other.
+STEP2_SEQ_LEN = PRESETS["small"][2]["seq_len"]
 
 
 def bucket_means(loss_by_position: list[float]) -> dict[str, float]:
@@ -72,6 +76,7 @@ def entry(run: Path, label: str) -> dict:
         "tokens": {k: v["tokens"] for k, v in steps.items()},
         "step2_new_lr_scale": new_lr_scale,
         "step2_repeat_fraction": repeat_fraction,
+        "step2_seq_len": summary["config"]["step2"]["seq_len"],
         "ppl_student": student["perplexity"]["ppl"],
         "ppl_teacher": teacher["perplexity"]["ppl"],
         "nll_student_by_position": s_buckets,
@@ -145,20 +150,26 @@ def plot_positions(results_dir: Path, entries: list[dict], out: Path) -> None:
 
 def plot_scaling(entries: list[dict], out: Path) -> None:
     """One line per student and recipe (with or without step 3), against total tokens."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5.2))
     series: dict[str, list[dict]] = {}
     for e in entries:
         recipe = "steps 1-3" if "3" in e["tokens"] else "steps 1-2"
         if e["step2_new_lr_scale"] != 1:
             recipe += f", new parameters at {e['step2_new_lr_scale']:g}x LR in step 2"
+        if e["step2_seq_len"] != STEP2_SEQ_LEN:
+            recipe += f", step 2 at {e['step2_seq_len']} tokens"
         if e["step2_repeat_fraction"]:
             recipe += f", spans repeated in {e['step2_repeat_fraction']:.0%} of windows"
         series.setdefault(f"{e['arch']}, {recipe}", []).append(e)
-    for name, mine in sorted(series.items()):
+    # One legend line per series, below both panels: the figure grows with the legend.
+    legend_in = 0.16 * (len(series) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2 + legend_in))
+    colors = plt.get_cmap("tab20").colors  # the default cycle repeats after 10 series
+    for (name, mine), color in zip(sorted(series.items()), itertools.cycle(colors[::2] + colors[1::2])):
         mine.sort(key=lambda e: sum(e["tokens"].values()))
         tokens = [sum(e["tokens"].values()) / 1e6 for e in mine]
-        axes[0].plot(tokens, [e["ppl_teacher"] / e["ppl_student"] for e in mine], "o-", label=name)
-        axes[1].plot(tokens, [e["nll_gap_1024_2047"] for e in mine], "o-", label=name)
+        ratios = [e["ppl_teacher"] / e["ppl_student"] for e in mine]
+        axes[0].plot(tokens, ratios, "o-", color=color, label=name)
+        axes[1].plot(tokens, [e["nll_gap_1024_2047"] for e in mine], "o-", color=color, label=name)
     axes[0].axhline(0.9, ls="--", color="grey", label="target")
     axes[1].axhline(0.1, ls="--", color="grey", label="target")
     axes[0].set_ylabel("teacher / student perplexity")
@@ -173,8 +184,8 @@ def plot_scaling(entries: list[dict], out: Path) -> None:
         ax.minorticks_off()
         ax.set_xlabel("total training tokens (M)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.2, 1, 1))  # the legend below both panels, clear of the points
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, (legend_in + 0.1) / (4.2 + legend_in), 1, 1))
     fig.savefig(out, dpi=110)
 
 
