@@ -594,3 +594,20 @@ def test_a_steps_wall_time_counts_its_heldout_scoring(tmp_path, monkeypatch):
     assert result.wall_s == 8.0
     records = [json.loads(line) for line in metrics.path.read_text().splitlines()]
     assert [r["elapsed_s"] for r in records] == [4.0, 5.0]  # the updates after 3 s of held-out scoring
+
+
+def test_metrics_record_the_allocators_peak_beside_the_tensors_peak(tmp_path, monkeypatch):
+    """On CUDA each record holds both peaks per rank: what tensors took and what the allocator
+    held for them, the difference the micro-batch choice's margin has to cover."""
+    from radlads.train.metrics import MetricsLog
+    from radlads.train.trainer import Trainer
+
+    peaks = {"max_memory_allocated": 72.4e9, "max_memory_reserved": 75.1e9}
+    for name, value in peaks.items():
+        monkeypatch.setattr(torch.cuda, name, lambda device, value=value: value)
+    trainer = Trainer.__new__(Trainer)  # _log needs only its device, processes and log
+    trainer.device, trainer.metrics = torch.device("cuda", 0), MetricsLog(tmp_path)
+    trainer.dist = type("OneProcess", (), {"is_main": True, "gather": staticmethod(lambda v: [v])})()
+    trainer._log({"step": 2})
+    record = json.loads(trainer.metrics.path.read_text())
+    assert record == {"step": 2, "max_memory_allocated_gb": [72.4], "max_memory_reserved_gb": [75.1]}

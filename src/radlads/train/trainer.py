@@ -339,11 +339,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _log(self, record: dict) -> None:
-        """Log on rank 0; on CUDA add every rank's peak memory in this step so far (a collective:
-        every rank calls this)."""
+        """Log on rank 0; on CUDA add every rank's peak memory in this step so far (collectives:
+        every rank calls this): what tensors held, and what the allocator held for them, whose
+        difference (fragmentation) convert.batching's margin must cover."""
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 1e9
-            record["max_memory_allocated_gb"] = self.dist.gather(peak)
+            for name, peak in (
+                ("allocated", torch.cuda.max_memory_allocated),
+                ("reserved", torch.cuda.max_memory_reserved),
+            ):
+                record[f"max_memory_{name}_gb"] = self.dist.gather(peak(self.device) / 1e9)
         if self.dist.is_main:
             self.metrics.log(record)
 
