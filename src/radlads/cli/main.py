@@ -88,7 +88,11 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
             "student learns to copy from context as its teacher does (default 0)",
         )
     p.add_argument("--seq-len", type=int, help="sequence length of steps 1 and 2")
-    p.add_argument("--step3-seq-len", type=int, help="sequence length of step 3 (default 16384)")
+    p.add_argument(
+        "--step3-seq-len",
+        type=int,
+        help="sequence length of step 3 (default: the teacher's trained context, at most 16384)",
+    )
     p.add_argument(
         "--global-batch-size",
         type=int,
