@@ -67,7 +67,9 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
         "for teachers under 1B parameters with 16 layers or more, and no layer for others)",
     )
     _add_window_args(p, default="the whole context, or the preset's with its layers")
-    budgets = {1: "100M", 2: "250M", 3: "0; 10M under --preset auto for teachers under 1B parameters"}
+    small = "under --preset auto for teachers under 1B parameters"
+    budgets = {1: "100M", 2: "250M", 3: f"0; 10M {small}"}
+    new_lr_scales = {1: "1", 2: f"1; 10 {small}", 3: "1"}
     for k in (1, 2, 3):
         p.add_argument(
             f"--step{k}-tokens",
@@ -79,7 +81,7 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
             f"--step{k}-new-lr-scale",
             type=float,
             help=f"step {k}'s LR multiplier for the parameters step 0 creates (decay, in-context rate, "
-            "value residual, gate; default 1)",
+            f"value residual, gate; default {new_lr_scales[k]})",
         )
         p.add_argument(
             f"--step{k}-repeat-fraction",
@@ -87,7 +89,9 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
             help=f"fraction of step {k}'s training windows shown as a span of text twice, so that the "
             "student learns to copy from context as its teacher does (default 0)",
         )
-    p.add_argument("--seq-len", type=int, help="sequence length of steps 1 and 2")
+    p.add_argument(
+        "--seq-len", type=int, help=f"sequence length of steps 1 and 2 (default 512; 2048 in step 2 {small})"
+    )
     p.add_argument(
         "--step3-seq-len",
         type=int,
