@@ -167,8 +167,9 @@ def plot_scaling(entries: list[dict], out: Path) -> None:
     for (name, mine), color in zip(sorted(series.items()), itertools.cycle(colors[::2] + colors[1::2])):
         mine.sort(key=lambda e: sum(e["tokens"].values()))
         tokens = [sum(e["tokens"].values()) / 1e6 for e in mine]
-        ratios = [e["ppl_teacher"] / e["ppl_student"] for e in mine]
-        axes[0].plot(tokens, ratios, "o-", color=color, label=name)
+        axes[0].plot(
+            tokens, [e["ppl_teacher"] / e["ppl_student"] for e in mine], "o-", color=color, label=name
+        )
         axes[1].plot(tokens, [e["nll_gap_1024_2047"] for e in mine], "o-", color=color, label=name)
     axes[0].axhline(0.9, ls="--", color="grey", label="target")
     axes[1].axhline(0.1, ls="--", color="grey", label="target")

@@ -521,18 +521,16 @@ class CountingObjective:
         return value + 0 * sum(p.sum() for p in student.parameters())
 
 
-@pytest.mark.parametrize("updates,nan_at", [(5, None), (1, None), (5, 3)])
-def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, monkeypatch, updates, nan_at):
-    """Trainer.run reads update k's loss only once update k + 1 is queued (no GPU idle between
-    updates): every loss still reaches the log in order with its update's throughput (the last
-    update's too, read right after the one before it; a one-update run too), first and last are
-    right, and a NaN stops the run naming the tokens of the update that produced it."""
+def counting_trainer(tmp_path, monkeypatch, objective, updates: int, heldout_batches: int):
+    """A Trainer of a one-layer student for `updates` updates of 2 x 8 tokens, logging each, whose
+    clock is `objective`'s (CountingObjective: a second per loss), with `heldout_batches` batches
+    of held-out text."""
     import dataclasses
 
     from radlads.convert.transfer import transfer
     from radlads.train.config import ConvertConfig
     from radlads.train.metrics import MetricsLog
-    from radlads.train.trainer import Trainer, TrainingDiverged
+    from radlads.train.trainer import Trainer
     from tiny_models import make_teacher
 
     student = transfer(make_teacher("qwen2", num_hidden_layers=1), "rad-rwkv7").train()
@@ -540,20 +538,38 @@ def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, mon
         ConvertConfig().steps()[3], seq_len=8, batch_size=2, tokens=updates * 16, log_every=1
     )
     batch = torch.randint(0, student.config.vocab_size, (2, 8))
-    loader = RepeatingLoader(batch)
-    objective = CountingObjective(nan_at)
     monkeypatch.setattr("radlads.train.trainer.time", objective)
-    metrics = MetricsLog(tmp_path)
-    trainer = Trainer(
-        objective, student, cfg, loader, [], tmp_path / "ckpt", metrics, torch.device("cpu"), False
+    heldout = [batch] * heldout_batches
+    return Trainer(
+        objective,
+        student,
+        cfg,
+        RepeatingLoader(batch),
+        heldout,
+        tmp_path / "ckpt",
+        MetricsLog(tmp_path),
+        torch.device("cpu"),
+        False,
     )
+
+
+@pytest.mark.parametrize("updates,nan_at", [(5, None), (1, None), (5, 3)])
+def test_run_reads_each_loss_after_queuing_the_next_and_loses_none(tmp_path, monkeypatch, updates, nan_at):
+    """Trainer.run reads update k's loss only once update k + 1 is queued (no GPU idle between
+    updates): every loss still reaches the log in order with its update's throughput (the last
+    update's too, read right after the one before it; a one-update run too), first and last are
+    right, and a NaN stops the run naming the tokens of the update that produced it."""
+    from radlads.train.trainer import TrainingDiverged
+
+    objective = CountingObjective(nan_at)
+    trainer = counting_trainer(tmp_path, monkeypatch, objective, updates, heldout_batches=0)
     if nan_at is not None:
         with pytest.raises(TrainingDiverged, match=f"nan after {nan_at * 16} tokens"):
             trainer.run()
         assert objective.calls == nan_at + 1  # the next update was queued before the read
         return
     result = trainer.run()
-    records = [json.loads(line) for line in metrics.path.read_text().splitlines()]
+    records = [json.loads(line) for line in trainer.metrics.path.read_text().splitlines()]
     assert [(r["tokens"], r["loss"]) for r in records] == [(16 * k, float(k)) for k in range(1, updates + 1)]
     assert [r["tokens_per_s"] for r in records] == [16.0] * updates  # 16 tokens a second each
     assert [r["elapsed_s"] for r in records] == [float(k) for k in range(1, updates + 1)]
@@ -565,34 +581,10 @@ def test_a_steps_wall_time_counts_its_heldout_scoring(tmp_path, monkeypatch):
     held-out scoring before the first update is where the training graphs compile. Each loss,
     held-out or not, takes one second of the objective's clock: 2 updates and 3 held-out batches
     before and after them make 8 seconds."""
-    import dataclasses
-
-    from radlads.convert.transfer import transfer
-    from radlads.train.config import ConvertConfig
-    from radlads.train.metrics import MetricsLog
-    from radlads.train.trainer import Trainer
-    from tiny_models import make_teacher
-
-    student = transfer(make_teacher("qwen2", num_hidden_layers=1), "rad-rwkv7").train()
-    cfg = dataclasses.replace(ConvertConfig().steps()[3], seq_len=8, batch_size=2, tokens=32, log_every=1)
-    batch = torch.randint(0, student.config.vocab_size, (2, 8))
-    objective = CountingObjective()
-    monkeypatch.setattr("radlads.train.trainer.time", objective)
-    metrics = MetricsLog(tmp_path)
-    trainer = Trainer(
-        objective,
-        student,
-        cfg,
-        RepeatingLoader(batch),
-        [batch] * 3,
-        tmp_path / "ckpt",
-        metrics,
-        torch.device("cpu"),
-        False,
-    )
+    trainer = counting_trainer(tmp_path, monkeypatch, CountingObjective(), updates=2, heldout_batches=3)
     result = trainer.run()
     assert result.wall_s == 8.0
-    records = [json.loads(line) for line in metrics.path.read_text().splitlines()]
+    records = [json.loads(line) for line in trainer.metrics.path.read_text().splitlines()]
     assert [r["elapsed_s"] for r in records] == [4.0, 5.0]  # the updates after 3 s of held-out scoring
 
 

@@ -46,9 +46,7 @@ def test_summary_holds_each_evaluated_student_with_the_keys_the_results_page_pro
     student, teacher = (np.asarray(raw[k]["perplexity"]["loss_by_position"]) for k in ("student", "teacher"))
     gap = student[1024:2048].mean() - teacher[1024:2048].mean()
     assert np.isclose(entries["rwkv7-12m-s512:final"]["nll_gap_1024_2047"], gap)
-    assert (tmp_path / "out" / "scaling.png").stat().st_size and (
-        tmp_path / "out" / "position_loss.png"
-    ).stat().st_size
+    assert all((tmp_path / "out" / png).stat().st_size for png in ("scaling.png", "position_loss.png"))
 
 
 def test_a_position_curve_of_a_run_without_results_is_refused(tmp_path):
