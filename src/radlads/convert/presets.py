@@ -43,10 +43,7 @@ SMALL_HYBRID = "auto:2"
 def preset_steps(name: str, teacher_config: dict) -> dict[int, dict]:
     """StepConfig fields per step for preset `name` ("auto": by the teacher's size), given the
     teacher's config.json as a dict; steps 2 and 3 stay within the teacher's trained context."""
-    if name == "auto":
-        name = size_class(teacher_config)
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    name = resolve_preset(name, teacher_config)
     steps = {k: dict(v) for k, v in PRESETS[name].items()}
     if name != "cpu-smoke":
         trained = teacher_config.get("max_position_embeddings")
@@ -59,12 +56,19 @@ def preset_steps(name: str, teacher_config: dict) -> dict[int, dict]:
 def preset_student(name: str, teacher_config: dict) -> dict:
     """RadladsConfig options of preset `name` for this teacher (config.json as a dict): for small
     teachers of 16 layers or more, a hybrid of SMALL_HYBRID's layers windowed at step 3's length."""
-    if name == "auto":
-        name = size_class(teacher_config)
-    if name != "small" or teacher_config["num_hidden_layers"] < 16:
+    if resolve_preset(name, teacher_config) != "small" or teacher_config["num_hidden_layers"] < 16:
         return {}
     window = step3_seq_len(teacher_config.get("max_position_embeddings"))
     return {"softmax_layers": SMALL_HYBRID, "softmax_window": window}
+
+
+def resolve_preset(name: str, teacher_config: dict) -> str:
+    """The preset `name` stands for with this teacher: "auto" by its size; an unknown name is refused."""
+    if name == "auto":
+        name = size_class(teacher_config)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    return name
 
 
 def step3_seq_len(trained_context: int | None) -> int:
